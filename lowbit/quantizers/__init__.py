@@ -1,0 +1,74 @@
+"""Weight formats: specs, round-to-nearest quantize / dequantize, bit packing and exact storage cost.
+
+Formats (FORMATS): int2/3/4/8 (symmetric or asymmetric), nf2/3/4 (NormalFloat), fp8_e4m3, fp8_e5m2 and
+fp4_e2m1, each group-wise (group_size) or per-channel, with scales in fp16/bf16/fp32 or
+double-quantized. A quantized matrix is a QTensor (packed codes + scales + zeros + spec).
+"""
+
+from lowbit.quantizers.cost import bits_per_weight, storage_bits
+from lowbit.quantizers.groups import (
+    effective_group_size,
+    expand_groups,
+    from_group_view,
+    group_absmax,
+    group_minmax,
+    group_reduce,
+    group_view,
+    round_scales,
+)
+from lowbit.quantizers.packing import pack, packed_row_bytes, unpack
+from lowbit.quantizers.qtensor import TENSOR_FIELDS, QTensor
+from lowbit.quantizers.quantize import (
+    codebook,
+    decode,
+    decode_scales,
+    dequantize,
+    encode,
+    fit_scales,
+    pack_qtensor,
+    quantize,
+    unpack_codes,
+)
+from lowbit.quantizers.spec import (
+    DQ_BLOCK,
+    FORMATS,
+    SCALE_DTYPES,
+    FormatInfo,
+    QuantInputError,
+    QuantSpec,
+    SpecError,
+)
+
+__all__ = [
+    "DQ_BLOCK",
+    "FORMATS",
+    "SCALE_DTYPES",
+    "TENSOR_FIELDS",
+    "FormatInfo",
+    "QTensor",
+    "QuantInputError",
+    "QuantSpec",
+    "SpecError",
+    "bits_per_weight",
+    "codebook",
+    "decode",
+    "decode_scales",
+    "dequantize",
+    "effective_group_size",
+    "encode",
+    "expand_groups",
+    "fit_scales",
+    "from_group_view",
+    "group_absmax",
+    "group_minmax",
+    "group_reduce",
+    "group_view",
+    "pack",
+    "pack_qtensor",
+    "packed_row_bytes",
+    "quantize",
+    "round_scales",
+    "storage_bits",
+    "unpack",
+    "unpack_codes",
+]

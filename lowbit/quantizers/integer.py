@@ -1,0 +1,64 @@
+"""Uniform integer formats INT2/3/4/8, symmetric and asymmetric, group-wise (round to nearest).
+
+The b-bit affine grid of GPTQ (Frantar et al. 2023, "GPTQ", its `quantize`: q = clamp(round(w / s) + z))
+with per-group statistics:
+
+asymmetric: s = (max - min) / (2^b - 1),  z = clamp(round(-min / s), 0, 2^b - 1),
+            c = clamp(round(w / s) + z, 0, 2^b - 1),        w_hat = s * (c - z);
+symmetric:  s = absmax / (2^(b-1) - 1),
+            c = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1) + 2^(b-1),  w_hat = s * (c - 2^(b-1)).
+
+min and max are those of the group's real columns, extended to include 0 (GPTQ's convention): 0 is
+then exactly representable and the zero point needs no clamping except at rounding ties. s is rounded
+to its storage (scale dtype or double quantization) before z and c are computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.quantizers.groups import (
+    absmax_scales,
+    effective_group_size,
+    expand_groups,
+    group_minmax,
+    round_scales,
+)
+from lowbit.quantizers.spec import QuantSpec
+
+
+def _levels(spec: QuantSpec) -> tuple[int, int]:
+    """(qmax, half): largest code 2^b - 1 and the symmetric offset 2^(b-1)."""
+    return (1 << spec.bits) - 1, 1 << (spec.bits - 1)
+
+
+def fit_scales(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales s [N, G] (as stored) and, if asymmetric, integer zero points z [N, G] (float32)."""
+    qmax, half = _levels(spec)
+    if spec.symmetric:
+        return absmax_scales(w, spec, half - 1), None
+    lo, hi = group_minmax(w, effective_group_size(spec, w.shape[1]))  # [N, G] each
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    s = round_scales((hi - lo) / qmax, spec)
+    z = torch.round(-lo / s).clamp_(0, qmax)
+    return s, z
+
+
+def encode(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Codes uint8 [N, K] of w [N, K] against scales s [N, G] (and zeros z [N, G])."""
+    k = w.shape[1]
+    gs = effective_group_size(spec, k)
+    qmax, half = _levels(spec)
+    x = w.float() / expand_groups(s, k, gs)  # [N, K]
+    if spec.symmetric:
+        return (torch.round(x).clamp_(-half, half - 1) + half).to(torch.uint8)
+    return (torch.round(x) + expand_groups(z, k, gs)).clamp_(0, qmax).to(torch.uint8)
+
+
+def decode(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """w_hat float32 [N, K] from codes uint8 [N, K], scales s [N, G] and zeros z [N, G]."""
+    k = codes.shape[1]
+    gs = effective_group_size(spec, k)
+    _, half = _levels(spec)
+    offset = half if spec.symmetric else expand_groups(z, k, gs)
+    return expand_groups(s, k, gs) * (codes.float() - offset)
