@@ -1,0 +1,437 @@
+"""Checkpoints: a compressed model as one safetensors file, the model's config and a JSON manifest.
+
+A checkpoint folder holds `model.safetensors` (the model's state dict: each QLinear as
+`{layer}.codes`, `.scales`, `.zeros`, `.dq_absmax`, `.l1`, `.l2`, `.smooth`, `.bias`, only those that
+exist; every other tensor as it was; tied copies left out and re-tied on load), the model's own
+`config.json`, the tokenizer's files when given, and `lowbit_config.json`, the manifest checked by
+`validate_manifest`. `docs/formats.md` describes the layout. No file is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import shutil
+import struct
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path, PurePosixPath
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.compress.qlinear import PLAN_KEYS, QLinear, replace_linears, stored_layout
+from lowbit.kernels.dispatch import resolve_backend
+from lowbit.quantizers import TENSOR_FIELDS, QuantSpec, SpecError
+
+FORMAT_VERSION = 1
+MANIFEST = "lowbit_config.json"
+WEIGHTS = "model.safetensors"
+MANIFEST_KEYS = ("format_version", "lowbit_version", "recipe", "layers", "files")
+MANIFEST_TYPES = (
+    ("lowbit_version", str, "a string"),
+    ("recipe", (dict, type(None)), "an object or null"),
+    ("layers", dict, "an object mapping layer names to entries"),
+    ("files", dict, "an object mapping file names to sha256 digests"),
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read: bad manifest, missing or corrupt file, wrong layout."""
+
+
+def _lowbit_version() -> str:
+    try:
+        return version("lowbit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _check_layer_entry(fqn: str, e: object) -> None:
+    where = f"manifest layer {fqn!r}"
+    if not isinstance(e, dict) or set(e) != set(PLAN_KEYS):
+        raise CheckpointError(f"{where} must be an object with keys {', '.join(PLAN_KEYS)}")
+    if not isinstance(e["spec"], dict):
+        raise CheckpointError(f"{where}: spec must be an object, got {e['spec']!r}")
+    try:
+        QuantSpec.from_dict(e["spec"])
+    except (SpecError, TypeError) as err:
+        raise CheckpointError(f"{where}: bad spec: {err}") from None
+    shape = e["shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v > 0 for v in shape)):
+        raise CheckpointError(f"{where}: shape must be [out_features, in_features], got {shape!r}")
+    if not (_is_int(e["rank"]) and e["rank"] >= 0):
+        raise CheckpointError(f"{where}: rank must be a non-negative integer, got {e['rank']!r}")
+    for key in ("bias", "smooth"):
+        if not isinstance(e[key], bool):
+            raise CheckpointError(f"{where}: {key} must be true or false, got {e[key]!r}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_manifest(d: dict) -> dict:
+    """Check a manifest's keys, types and format version; return it unchanged or raise CheckpointError.
+
+    Schema (format_version 1): {"format_version": int, "lowbit_version": str, "recipe": object | null,
+    "layers": {fqn: {"spec": QuantSpec dict, "shape": [N, K], "rank": int, "bias": bool, "smooth": bool}},
+    "files": {relative path: sha256 hex}}; "files" names model.safetensors and config.json.
+    """
+    if not isinstance(d, dict):
+        raise CheckpointError("manifest must be a JSON object")
+    v = d.get("format_version")
+    if not _is_int(v) or v < 1:
+        raise CheckpointError(f"manifest format_version must be a positive integer, got {v!r}")
+    if v > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format_version {v} is newer than this lowbit "
+            f"(supports {FORMAT_VERSION}); upgrade lowbit"
+        )
+    if set(d) != set(MANIFEST_KEYS):
+        missing, unknown = set(MANIFEST_KEYS) - set(d), set(d) - set(MANIFEST_KEYS)
+        raise CheckpointError(f"manifest keys wrong: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    for key, types, what in MANIFEST_TYPES:
+        if not isinstance(d[key], types):
+            raise CheckpointError(f"manifest {key} must be {what}, got {type(d[key]).__name__}")
+    for fqn, e in d["layers"].items():
+        _check_layer_entry(fqn, e)
+    files = d["files"]
+    for name, digest in files.items():
+        p = PurePosixPath(name)
+        if p.is_absolute() or ".." in p.parts or name in ("", MANIFEST) or "\\" in name:
+            raise CheckpointError(f"manifest lists a bad file name {name!r}")
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")):
+            raise CheckpointError(f"manifest sha256 of {name} is not 64 lowercase hex digits")
+    if missing := sorted({WEIGHTS, "config.json"} - set(files)):
+        raise CheckpointError(f"manifest files do not list {', '.join(missing)}")
+    return d
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a lowbit checkpoint folder (it holds a manifest)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The validated manifest of the checkpoint folder `path`."""
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        raise CheckpointError(f"{path} is not a lowbit checkpoint (no {MANIFEST})")
+    try:
+        d = json.loads(f.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{MANIFEST} in {path} is not valid JSON ({e})") from None
+    return validate_manifest(d)
+
+
+def model_plan(model: nn.Module) -> dict[str, dict]:
+    """The per-layer plan of every QLinear in `model`, by fully qualified name, in module order."""
+    return {name: m.layer_plan() for name, m in model.named_modules() if isinstance(m, QLinear)}
+
+
+def _saveable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict, tied copies dropped (first name kept), each tensor contiguous, on the CPU, unshared."""
+    state, seen, storages = {}, set(), set()
+    for name, t in model.state_dict().items():
+        if t.device.type == "meta":
+            raise CheckpointError(f"tensor {name} is on the meta device (never loaded); cannot save it")
+        t = t.detach()
+        if t.numel():
+            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            if key in seen:
+                continue
+            seen.add(key)
+            storage = (t.device, t.untyped_storage().data_ptr())
+            t = t.clone() if storage in storages else t
+            storages.add(storage)
+        state[name] = t.contiguous().cpu()
+    return state
+
+
+def _write_files(model: nn.Module, tmp: Path, tokenizer) -> dict[str, str]:
+    """Write weights, config and tokenizer into `tmp`; return {relative name: sha256} of every file."""
+    save_file(_saveable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    return {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+
+
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        tmp.rename(out_dir)
+        return
+    if not overwrite:
+        raise CheckpointError(f"output folder {out_dir} exists; pass overwrite=True to replace it")
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise CheckpointError(f"{out_dir} exists and is not a folder; refusing to replace it")
+    old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
+    out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_plan(plan: dict, actual: dict) -> None:
+    """The plan given to save must describe exactly the model's QLinears."""
+    for fqn in sorted(set(plan) | set(actual)):
+        if fqn not in actual:
+            raise CheckpointError(f"plan names layer {fqn!r}, which is not a QLinear of the model")
+        if fqn not in plan:
+            raise CheckpointError(f"QLinear layer {fqn!r} of the model is missing from the plan")
+        if plan[fqn] != actual[fqn]:
+            raise CheckpointError(
+                f"plan entry of layer {fqn!r} does not match the model's QLinear: {actual[fqn]}"
+            )
+
+
+def save(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    plan: dict,
+    recipe: dict | None = None,
+    tokenizer=None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` (QLinears per `plan`) as a checkpoint folder `out_dir`; return its path.
+
+    Everything is written into a hidden sibling folder first and renamed into place, so a failure
+    never leaves a half-written `out_dir`; an existing `out_dir` is replaced only with overwrite=True.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
+        raise CheckpointError(f"output folder {out_dir} exists; pass overwrite=True to replace it")
+    if not hasattr(getattr(model, "config", None), "save_pretrained"):
+        raise CheckpointError("model has no transformers config; cannot write a loadable checkpoint")
+    _check_plan(plan, model_plan(model))
+    manifest = {"format_version": FORMAT_VERSION, "lowbit_version": _lowbit_version()}
+    manifest.update(recipe=recipe, layers=plan)
+    try:
+        json.dumps(manifest)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"recipe or plan is not JSON-serialisable ({e})") from None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        manifest["files"] = _write_files(model, tmp, tokenizer)
+        (tmp / MANIFEST).write_text(json.dumps(validate_manifest(manifest), indent=2) + "\n")
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, after checking that the file holds every byte it declares."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise CheckpointError(f"checkpoint file {path.name} is truncated ({size} bytes, header cut off)")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError):
+            raise CheckpointError(f"checkpoint file {path.name} has a corrupt safetensors header") from None
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise CheckpointError(f"checkpoint file {path.name} is {what} ({size} of {expected} bytes)")
+    return header
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Every file of the manifest exists, has its sha256, and safetensors files are complete."""
+    for name, digest in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {name} is missing from {path}")
+        if name.endswith(".safetensors"):
+            read_safetensors_header(f)
+        if sha256(f) != digest:
+            raise CheckpointError(f"checkpoint file {name} is corrupt (sha256 does not match the manifest)")
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that are one object (tied weights), each group in module order."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _fill_tied(state: dict, groups: list[list[str]]) -> list[tuple[str, str]]:
+    """Point each tied name the file left out at its saved twin; return the (name, twin) pairs."""
+    retie = []
+    for group in groups:
+        present = [n for n in group if n in state]
+        for name in group:
+            if present and name not in state:
+                state[name] = state[present[0]]
+                retie.append((name, present[0]))
+    return retie
+
+
+def _skeleton(path: Path, plan: dict, backend: str) -> nn.Module:
+    """The model from config.json with empty (meta) weights, tied as configured, QLinears swapped in."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"config.json in {path} cannot be read ({str(e).splitlines()[0]})") from None
+    with init_empty_weights(include_buffers=False):  # non-persistent buffers (rotary inv_freq) stay real
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    return replace_linears(model, plan, device="meta", backend=backend)
+
+
+def _read_state(path: Path, plan: dict, device: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Tensors of model.safetensors on `device`; floating ones other than quantized fields cast to dtype."""
+    try:
+        state = load_file(str(path / WEIGHTS), device=device)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint file {WEIGHTS} cannot be read ({e})") from None
+    quantized = set()
+    for fqn, e in plan.items():
+        layout = stored_layout(QuantSpec.from_dict(e["spec"]), *e["shape"])
+        for field, (shape, field_dtype) in layout.items():
+            key = f"{fqn}.{field}"
+            t = state.get(key)
+            if t is None or tuple(t.shape) != shape or t.dtype != field_dtype:
+                got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+                raise CheckpointError(f"tensor {key} is {got}; the plan expects {shape} {field_dtype}")
+            quantized.add(key)
+    if dtype is not None:
+        state = {
+            k: t.to(dtype) if t.is_floating_point() and k not in quantized else t for k, t in state.items()
+        }
+    return state
+
+
+def load(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> nn.Module:
+    """The model stored in checkpoint folder `path`, in eval mode, its QLinears running on `backend`.
+
+    dtype: cast every floating tensor except quantized codes, scales, zeros (None keeps stored dtypes).
+    Raises CheckpointError on a bad manifest, a missing, truncated or altered file, or a layout mismatch.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    resolve_backend(backend)
+    device = str(torch.device(device))
+    plan = manifest["layers"]
+    model = _skeleton(path, plan, backend)
+    state = _read_state(path, plan, device, dtype)
+    retie = _fill_tied(state, _alias_groups(model))
+    expected = set(model.state_dict())
+    missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unknown:
+        raise CheckpointError(
+            f"{WEIGHTS} does not fit the model: missing {missing[:3]}, unexpected {unknown[:3]}"
+        )
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{WEIGHTS} does not fit the model ({' '.join(str(e).split())[:300]})"
+        ) from None
+    for name, src in retie:
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(src))
+    model.to(device)
+    if dtype is not None:
+        model.config.dtype = dtype
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved with the checkpoint at `path`, or None when it has no tokenizer files."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _layer_info(fqn: str, e: dict, nbytes: dict[str, int]) -> dict:
+    spec = QuantSpec.from_dict(e["spec"])
+    if f"{fqn}.codes" not in nbytes:
+        raise CheckpointError(f"{WEIGHTS} has no tensor {fqn}.codes for quantized layer {fqn!r}")
+    b = {f: nbytes.get(f"{fqn}.{f}", 0) for f in (*TENSOR_FIELDS, "l1", "l2", "smooth")}
+    parts = {
+        "codes_bytes": b["codes"],
+        "scales_bytes": b["scales"] + b["dq_absmax"],
+        "zeros_bytes": b["zeros"],
+        "lowrank_bytes": b["l1"] + b["l2"],
+        "smooth_bytes": b["smooth"],
+    }
+    total = sum(parts.values())
+    N, K = e["shape"]
+    fields = ("format", "bits", "group_size", "symmetric", "double_quant")
+    info = {"spec": spec.short(), **{k: getattr(spec, k) for k in fields}, "shape": [N, K], "rank": e["rank"]}
+    return {**info, "bytes": total, **parts, "bits_per_weight": 8 * total / (N * K)}
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    """Per-layer formats and exact stored sizes of a checkpoint, and totals.
+
+    A layer's bytes count its codes, scales (with second-level scales), zeros, low-rank factors and
+    smoothing vector, not its bias; totals["bits_per_weight"] is 8 * those bytes / quantized weights.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    f = path / WEIGHTS
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint file {WEIGHTS} is missing from {path}")
+    header = read_safetensors_header(f)
+    nbytes = {
+        k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"
+    }
+    layers = {fqn: _layer_info(fqn, e, nbytes) for fqn, e in manifest["layers"].items()}
+    params = sum(x["shape"][0] * x["shape"][1] for x in layers.values())
+    quantized = sum(x["bytes"] for x in layers.values())
+    tensors = sum(nbytes.values())
+    return {
+        "path": str(path),
+        "format_version": manifest["format_version"],
+        "lowbit_version": manifest["lowbit_version"],
+        "recipe": manifest["recipe"],
+        "layers": layers,
+        "totals": {
+            "layers": len(layers),
+            "params": params,
+            "quantized_bytes": quantized,
+            "bits_per_weight": 8 * quantized / params if params else 0.0,
+            "other_bytes": tensors - quantized,
+            "tensor_bytes": tensors,
+            "file_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+        },
+    }

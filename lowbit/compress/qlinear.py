@@ -1,0 +1,226 @@
+"""QLinear: the one quantized Linear module, W [N, K] ~ Q + L1 L2 with optional input smoothing.
+
+Its state is exactly what a checkpoint stores for the layer: the QTensor's fields as persistent buffers
+(`codes`, `scales`, `zeros`, `dq_absmax`, only those the spec uses), the low-rank factors `l1` [N, r]
+and `l2` [r, K] and the `bias` [N] as parameters, and the SVDQuant smoothing vector `smooth` [K] as a
+buffer. The forward pass is `lowbit.kernels.qlinear`, whose reference backend defines it:
+
+    y = (x / smooth) @ dequantize(Q).T + ((x / smooth) @ l2.T) @ l1.T + bias
+
+Layers are swapped in by fully qualified name (`set_submodule`, `replace_linears`); nothing patches a
+module's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.kernels import qlinear
+from lowbit.kernels.dispatch import resolve_backend
+from lowbit.quantizers import DQ_BLOCK, SCALE_DTYPES, TENSOR_FIELDS, QTensor, QuantSpec, packed_row_bytes
+
+PLAN_KEYS = ("spec", "shape", "rank", "bias", "smooth")
+
+
+class QLinearError(ValueError):
+    """A quantized layer that does not fit its model or its parts (shapes, dtypes, names)."""
+
+
+def stored_layout(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, tuple]:
+    """Shape and dtype of every stored QTensor field of W [N, K] under `spec`, by field name.
+
+    codes [N, ceil(K / 8) * bits] uint8; scales [N, G] in the scale dtype (uint8 second-level codes
+    under double quantization); zeros [N, G] uint8 (asymmetric INT only); dq_absmax
+    [ceil(N * G / DQ_BLOCK)] float32 (double quantization only).
+    """
+    N, K = out_features, in_features
+    G = spec.groups(K)
+    layout = {"codes": ((N, packed_row_bytes(K, spec.bits)), torch.uint8)}
+    layout["scales"] = ((N, G), torch.uint8 if spec.double_quant else SCALE_DTYPES[spec.scale_dtype])
+    if spec.kind == "int" and not spec.symmetric:
+        layout["zeros"] = ((N, G), torch.uint8)
+    if spec.double_quant:
+        layout["dq_absmax"] = ((-(-(N * G) // DQ_BLOCK),), torch.float32)
+    return layout
+
+
+class QLinear(nn.Module):
+    """A Linear layer whose weight is stored quantized (plus optional low-rank part and smoothing).
+
+    in_features K, out_features N; rank r (0: no low-rank part); dtype: of l1, l2, smooth and bias.
+    The constructor makes zero-filled tensors of the right shapes so a state dict can be loaded into
+    it (on the meta device too, with `load_state_dict(..., assign=True)`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        rank: int = 0,
+        has_bias: bool = False,
+        has_smooth: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or v <= 0:
+                raise QLinearError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(rank, int) or rank < 0:
+            raise QLinearError(f"rank must be a non-negative integer, got {rank!r}")
+        resolve_backend(backend)
+        self.in_features, self.out_features = in_features, out_features
+        self.spec, self.rank, self.backend = spec, rank, backend
+        layout = stored_layout(spec, out_features, in_features)
+        for field in TENSOR_FIELDS:
+            t = None
+            if field in layout:
+                shape, field_dtype = layout[field]
+                t = torch.zeros(shape, dtype=field_dtype, device=device)
+            self.register_buffer(field, t)
+        kw = dict(dtype=dtype, device=device)
+        self.l1 = nn.Parameter(torch.zeros(out_features, rank, **kw)) if rank else None
+        self.l2 = nn.Parameter(torch.zeros(rank, in_features, **kw)) if rank else None
+        self.register_buffer("smooth", torch.ones(in_features, **kw) if has_smooth else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if has_bias else None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        q: QTensor,
+        l1: torch.Tensor | None = None,
+        l2: torch.Tensor | None = None,
+        smooth: torch.Tensor | None = None,
+        backend: str = "auto",
+    ) -> QLinear:
+        """The QLinear replacing `linear`: weight ~ Q + l1 l2 on input x / smooth, the linear's bias kept.
+
+        Tensors keep their dtypes (cast l1, l2 and smooth beforehand if needed) and move to the device
+        of the linear's weight.
+        """
+        N, K = linear.out_features, linear.in_features
+        if tuple(q.shape) != (N, K):
+            raise QLinearError(f"quantized weight has shape {tuple(q.shape)}, the linear layer is {(N, K)}")
+        if (l1 is None) != (l2 is None):
+            raise QLinearError("give both low-rank factors l1 and l2, or neither")
+        rank = 0 if l1 is None else l1.shape[-1]
+        if l1 is not None and (tuple(l1.shape) != (N, rank) or tuple(l2.shape) != (rank, K)):
+            raise QLinearError(
+                f"low-rank factors {tuple(l1.shape)}, {tuple(l2.shape)} do not fit [{N}, r], [r, {K}]"
+            )
+        if smooth is not None and tuple(smooth.shape) != (K,):
+            raise QLinearError(f"smoothing vector has shape {tuple(smooth.shape)}, expected ({K},)")
+        device = linear.weight.device
+        m = cls(
+            K,
+            N,
+            q.spec,
+            rank,
+            linear.bias is not None,
+            smooth is not None,
+            linear.weight.dtype,
+            "meta",
+            backend,
+        )
+        for field, t in q.tensors().items():
+            expected = m._buffers.get(field)
+            if expected is None or t.shape != expected.shape or t.dtype != expected.dtype:
+                want = "absent" if expected is None else f"{tuple(expected.shape)} {expected.dtype}"
+                raise QLinearError(
+                    f"QTensor field {field!r} is {tuple(t.shape)} {t.dtype}; {q.spec.short()} expects {want}"
+                )
+            m._buffers[field] = t.detach().to(device)
+        missing = set(stored_layout(q.spec, N, K)) - set(q.tensors())
+        if missing:
+            raise QLinearError(f"QTensor lacks field(s) {sorted(missing)} that {q.spec.short()} stores")
+        if rank:
+            m.l1 = nn.Parameter(l1.detach().to(device))
+            m.l2 = nn.Parameter(l2.detach().to(device))
+        if smooth is not None:
+            m.smooth = smooth.detach().to(device)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone())
+        return m
+
+    @classmethod
+    def from_plan(
+        cls, entry: dict, dtype: torch.dtype, device: torch.device | str | None = None, backend: str = "auto"
+    ) -> QLinear:
+        """An empty QLinear for one per-layer plan entry (see `layer_plan`)."""
+        N, K = entry["shape"]
+        spec = QuantSpec.from_dict(entry["spec"])
+        return cls(K, N, spec, entry["rank"], entry["bias"], entry["smooth"], dtype, device, backend)
+
+    def qtensor(self) -> QTensor:
+        """The stored quantized weight as a QTensor (views of this module's buffers)."""
+        return QTensor(
+            codes=self.codes,
+            scales=self.scales,
+            zeros=self.zeros,
+            dq_absmax=self.dq_absmax,
+            spec=self.spec,
+            shape=(self.out_features, self.in_features),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        return qlinear(x, self.qtensor(), self.l1, self.l2, self.smooth, self.bias, backend=self.backend)
+
+    def layer_plan(self) -> dict:
+        """The JSON-able per-layer entry of a checkpoint manifest."""
+        return {
+            "spec": self.spec.to_dict(),
+            "shape": [self.out_features, self.in_features],
+            "rank": self.rank,
+            "bias": self.bias is not None,
+            "smooth": self.smooth is not None,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.short()}, "
+            f"rank={self.rank}, bias={self.bias is not None}, smooth={self.smooth is not None}"
+        )
+
+
+def set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    """Replace the submodule at fully qualified name `fqn` (e.g. 'model.layers.0.mlp.up_proj')."""
+    parent_name, _, child = fqn.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        raise QLinearError(f"model has no module {parent_name!r} (parent of {fqn!r})") from None
+    if not child or child not in parent._modules:
+        raise QLinearError(f"model has no module {fqn!r}")
+    setattr(parent, child, module)
+
+
+def replace_linears(
+    model: nn.Module,
+    plan: dict[str, dict],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+) -> nn.Module:
+    """Swap an empty QLinear in for every layer of `plan` (fqn -> entry); returns `model`.
+
+    Each target must be an nn.Linear (or QLinear) of the entry's shape; dtype and device default to
+    those of the layer being replaced.
+    """
+    for fqn, entry in plan.items():
+        try:
+            old = model.get_submodule(fqn)
+        except AttributeError:
+            raise QLinearError(f"layer {fqn!r} of the plan is not a module of the model") from None
+        if not isinstance(old, (nn.Linear, QLinear)):
+            raise QLinearError(f"layer {fqn!r} of the plan is a {type(old).__name__}, not a Linear")
+        if [old.out_features, old.in_features] != list(entry["shape"]):
+            shape = [old.out_features, old.in_features]
+            raise QLinearError(f"layer {fqn!r} is {shape}, the plan says {list(entry['shape'])}")
+        ref = old.weight if isinstance(old, nn.Linear) else old.codes
+        layer_dtype = dtype or (ref.dtype if isinstance(old, nn.Linear) else torch.float32)
+        set_submodule(model, fqn, QLinear.from_plan(entry, layer_dtype, device or ref.device, backend))
+    return model
