@@ -6,6 +6,7 @@ double-quantized. A quantized matrix is a QTensor (packed codes + scales + zeros
 """
 
 from lowbit.quantizers.cost import bits_per_weight, storage_bits
+from lowbit.quantizers.gptq import GPTQError, gptq
 from lowbit.quantizers.groups import (
     effective_group_size,
     expand_groups,
@@ -45,6 +46,7 @@ __all__ = [
     "SCALE_DTYPES",
     "TENSOR_FIELDS",
     "FormatInfo",
+    "GPTQError",
     "QTensor",
     "QuantInputError",
     "QuantSpec",
@@ -58,6 +60,7 @@ __all__ = [
     "encode",
     "expand_groups",
     "fit_scales",
+    "gptq",
     "from_group_view",
     "group_absmax",
     "group_minmax",

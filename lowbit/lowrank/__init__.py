@@ -1,0 +1,90 @@
+"""Low-bit plus low-rank decompositions W ~ Q + L1 L2, with optional SVDQuant smoothing.
+
+    d = decompose(W, QuantSpec("nf3", 64), 16, "lqlora")
+    W_hat = d.weight()                       # (dequantize(d.q) + d.l1 @ d.l2) / d.smooth
+    d.info["frobenius_error"], d.info["output_error"]   # the latter when H is given
+
+Methods (METHODS): "none" (Q only), "lorc" (ZeroQuant-V2), "lqlora" and "lqlora-fisher" (LQ-LoRA),
+"svdquant" (SVDQuant). Every Q step rounds to nearest or, with rounding="gptq", by GPTQ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.lowrank.decomposition import (
+    ROUNDINGS,
+    DecomposeError,
+    DecomposeOptions,
+    Decomposition,
+    Stats,
+    quantize_only,
+    reconstruct,
+)
+from lowbit.lowrank.error import errors, fisher_error, frobenius_error, output_error
+from lowbit.lowrank.lorc import lorc
+from lowbit.lowrank.lqlora import lqlora, lqlora_fisher
+from lowbit.lowrank.svd import LowRankError, fisher_weights, randomized_svd, svd_r, weighted_svd_r
+from lowbit.lowrank.svdquant import smoothing_factors, svdquant
+from lowbit.quantizers import QuantSpec
+
+METHODS = {
+    "none": quantize_only,
+    "lorc": lorc,
+    "lqlora": lqlora,
+    "lqlora-fisher": lqlora_fisher,
+    "svdquant": svdquant,
+}
+
+
+def decompose(
+    W: torch.Tensor,
+    spec: QuantSpec,
+    rank: int,
+    method: str,
+    *,
+    H: torch.Tensor | None = None,
+    act_max: torch.Tensor | None = None,
+    fisher: torch.Tensor | None = None,
+    rounding: str = "nearest",
+    iterations: int = 20,
+    alpha: float | None = None,
+) -> Decomposition:
+    """Decompose W [N, K] into a quantized part in `spec` plus a rank-`rank` part by `method`.
+
+    H: [K, K] input Hessian X^T X (GPTQ rounding, SVDQuant's alpha search, output_error);
+    act_max: [K] per-input-channel max |x| (SVDQuant); fisher: [N, K] diagonal Fisher (lqlora-fisher).
+    rounding: "nearest" or "gptq"; iterations: LQ-LoRA's cap; alpha: SVDQuant's migration strength
+    (None: searched when H is given, else 0.5).
+    """
+    if method not in METHODS:
+        raise DecomposeError(f"unknown decompose method {method!r}; choose one of {', '.join(METHODS)}")
+    opts = DecomposeOptions(rounding=rounding, iterations=iterations, alpha=alpha)
+    return METHODS[method](W, spec, rank, Stats(H=H, act_max=act_max, fisher=fisher), opts)
+
+
+__all__ = [
+    "METHODS",
+    "ROUNDINGS",
+    "DecomposeError",
+    "DecomposeOptions",
+    "Decomposition",
+    "LowRankError",
+    "Stats",
+    "decompose",
+    "errors",
+    "fisher_error",
+    "fisher_weights",
+    "frobenius_error",
+    "lorc",
+    "lqlora",
+    "lqlora_fisher",
+    "output_error",
+    "quantize_only",
+    "randomized_svd",
+    "reconstruct",
+    "smoothing_factors",
+    "svd_r",
+    "svdquant",
+    "weighted_svd_r",
+]

@@ -1,0 +1,162 @@
+"""The result of every decomposition, W ~ Q + L1 L2 (with optional SVDQuant smoothing), and its Q step.
+
+Convention: a layer computes y = x_s @ (dequantize(q) + l1 @ l2).T with x_s = x / smooth, so
+dequantize(q) + l1 @ l2 approximates W' = W * smooth[None, :] and the effective weight in the layer's
+original input space is W_hat = (dequantize(q) + l1 @ l2) / smooth[None, :]. Without smoothing,
+smooth is None and W_hat = dequantize(q) + l1 @ l2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.lowrank.error import errors
+from lowbit.quantizers import QTensor, QuantSpec, dequantize, quantize
+from lowbit.quantizers.gptq import gptq
+
+ROUNDINGS = ("nearest", "gptq")
+
+
+class DecomposeError(ValueError):
+    """A decomposition that cannot be computed as asked (unknown method, missing statistics, bad shapes)."""
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Calibration statistics of one linear layer with weight W [N, K], as plain tensors.
+
+    H: [K, K] fp32 input Hessian X^T X. act_max: [K] per-input-channel max |x|.
+    fisher: [N, K] diagonal empirical Fisher (mean squared gradient of each weight).
+    """
+
+    H: torch.Tensor | None = None
+    act_max: torch.Tensor | None = None
+    fisher: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DecomposeOptions:
+    """How a decomposition runs.
+
+    rounding: "nearest" (round to nearest) or "gptq" (GPTQ error feedback, needs H) for every Q step.
+    iterations: cap on LQ-LoRA's alternating steps. tol: LQ-LoRA stops when an iterate improves the
+    error by less than this fraction. alpha: SVDQuant migration strength; None searches ALPHAS when H
+    is given and uses 0.5 otherwise.
+    """
+
+    rounding: str = "nearest"
+    iterations: int = 20
+    tol: float = 1e-4
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise DecomposeError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise DecomposeError(f"iterations must be a positive integer, got {self.iterations!r}")
+        if not self.tol >= 0:
+            raise DecomposeError(f"tol must be >= 0, got {self.tol!r}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise DecomposeError(f"alpha must lie in [0, 1], got {self.alpha!r}")
+
+
+NO_STATS = Stats()
+DEFAULT_OPTIONS = DecomposeOptions()
+
+
+@dataclass
+class Decomposition:
+    """W [N, K] ~ (dequantize(q) + l1 @ l2) / smooth[None, :].
+
+    q: the quantized part. l1: [N, r] and l2: [r, K] float32, None when r = 0. smooth: [K] float32
+    SVDQuant smoothing factors (inputs are divided by them), None without smoothing.
+    info: method, rank, errors of W_hat against W (frobenius_error, and output_error / fisher_error
+    when H / the Fisher were given) and method-specific entries (iterations, alpha).
+    """
+
+    q: QTensor
+    l1: torch.Tensor | None
+    l2: torch.Tensor | None
+    smooth: torch.Tensor | None
+    info: dict = field(default_factory=dict)
+
+    def weight(self) -> torch.Tensor:
+        """The effective weight W_hat [N, K] float32 in the layer's original input space."""
+        return reconstruct(dequantize(self.q), self.l1, self.l2, self.smooth)
+
+
+def reconstruct(
+    Qd: torch.Tensor, L1: torch.Tensor | None, L2: torch.Tensor | None, smooth: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(Qd + L1 @ L2) / smooth[None, :] for a dequantized Qd [N, K]."""
+    W_hat = Qd if L1 is None or L1.shape[1] == 0 else Qd + L1 @ L2
+    return W_hat if smooth is None else W_hat / smooth[None, :]
+
+
+def quantize_step(W: torch.Tensor, spec: QuantSpec, rounding: str, H: torch.Tensor | None) -> QTensor:
+    """The Q step of every method: round-to-nearest, or GPTQ against the Hessian H [K, K] of the inputs."""
+    if rounding == "gptq":
+        if H is None:
+            raise DecomposeError("rounding='gptq' needs the input Hessian H")
+        return gptq(W, H, spec)
+    return quantize(W, spec)
+
+
+def finish(
+    W: torch.Tensor,
+    q: QTensor,
+    L1: torch.Tensor | None,
+    L2: torch.Tensor | None,
+    stats: Stats,
+    smooth: torch.Tensor | None = None,
+    **info,
+) -> Decomposition:
+    """Bundle a decomposition of W [N, K]; empty factors (r = 0) become None; errors go into info."""
+    if L1 is not None and L1.shape[1] == 0:
+        L1 = L2 = None
+    d = Decomposition(q, L1, L2, smooth, {"rank": 0 if L1 is None else int(L1.shape[1]), **info})
+    d.info.update(errors(W, d.weight(), stats.H, stats.fisher))
+    return d
+
+
+def _check_stat(t: torch.Tensor | None, shape: tuple[int, ...], name: str) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise DecomposeError(f"{name} must have shape {list(shape)}, got {got}")
+    if not bool(torch.isfinite(t).all()):
+        raise DecomposeError(f"{name} contains NaN/Inf")
+
+
+def check_inputs(W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats) -> torch.Tensor:
+    """Validate a decomposition's inputs; returns W as float32 [N, K]."""
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.numel() == 0 or not W.is_floating_point():
+        raise DecomposeError(
+            f"W must be a non-empty float matrix [N, K], got {getattr(W, 'shape', type(W).__name__)}"
+        )
+    if not bool(torch.isfinite(W).all()):
+        raise DecomposeError("W contains NaN/Inf")
+    if not isinstance(spec, QuantSpec):
+        raise DecomposeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    N, K = W.shape
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= min(N, K):
+        raise DecomposeError(
+            f"rank must be an integer in [0, {min(N, K)}] for W of shape {(N, K)}, got {rank!r}"
+        )
+    _check_stat(stats.H, (K, K), "H")
+    _check_stat(stats.act_max, (K,), "act_max")
+    _check_stat(stats.fisher, (N, K), "fisher")
+    return W.detach().float()
+
+
+def quantize_only(
+    W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats, opts: DecomposeOptions = DEFAULT_OPTIONS
+) -> Decomposition:
+    """W ~ Q, no low-rank part (method "none"): rank must be 0."""
+    W = check_inputs(W, spec, rank, stats)
+    if rank:
+        raise DecomposeError(f"method 'none' has no low-rank part, but rank={rank} was asked")
+    return finish(W, quantize_step(W, spec, opts.rounding, stats.H), None, None, stats, method="none")

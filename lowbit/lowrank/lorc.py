@@ -1,0 +1,39 @@
+"""LoRC, low-rank compensation (Yao et al. 2023, "ZeroQuant-V2", sec. 5): quantize first, then the best
+rank-r approximation of the quantization error.
+
+    Q = quantize(W),   L1 L2 = SVD_r(W - Q)
+
+L1 L2 minimises ||W - Q - L1 L2||_F for this Q (Eckart-Young), so the error never exceeds plain
+quantization's and falls with the rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.lowrank.decomposition import (
+    DEFAULT_OPTIONS,
+    NO_STATS,
+    DecomposeOptions,
+    Decomposition,
+    Stats,
+    check_inputs,
+    finish,
+    quantize_step,
+)
+from lowbit.lowrank.svd import svd_r
+from lowbit.quantizers import QuantSpec, dequantize
+
+
+def lorc(
+    W: torch.Tensor,
+    spec: QuantSpec,
+    rank: int,
+    stats: Stats = NO_STATS,
+    opts: DecomposeOptions = DEFAULT_OPTIONS,
+) -> Decomposition:
+    """W [N, K] ~ Q + L1 L2 with Q = quantize(W) (or GPTQ) and L1 L2 = SVD_r(W - Q)."""
+    W = check_inputs(W, spec, rank, stats)
+    q = quantize_step(W, spec, opts.rounding, stats.H)
+    L1, L2 = svd_r(W - dequantize(q), rank)  # [N, r], [r, K]
+    return finish(W, q, L1, L2, stats, method="lorc")

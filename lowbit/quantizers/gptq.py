@@ -1,0 +1,127 @@
+"""GPTQ rounding: Hessian-aware error feedback (Frantar et al. 2022, "GPTQ", Algorithm 1).
+
+Minimises the layer's output error ||W X^T - Q X^T||^2 = tr((W - Q) H (W - Q)^T), H = X^T X, column by
+column: column j is rounded to its nearest code, and the rounding error, divided by the j-th diagonal
+entry of the upper Cholesky factor U of H^-1, is spread over the not yet quantized columns along U's
+row j (eq. 3 with the Cholesky reformulation of sec. 4, "Step 3"). Updates are applied lazily in blocks
+of `block_size` columns ("Step 2"). H is dampened by `damp * mean(diag(H))` on the diagonal.
+
+Group scales: without act-order, each group's scales (and zeros) are fitted when the loop reaches the
+group's first column, from the current error-updated weights, as the reference implementation does.
+With act-order (columns visited by descending H_jj) or double quantization, all scales are fitted on
+the original W before the loop ("static groups"): the stored groups stay contiguous and the
+double-quantization blocks see every scale at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.quantizers.qtensor import QTensor
+from lowbit.quantizers.quantize import decode, encode, fit_scales, pack_qtensor
+from lowbit.quantizers.spec import QuantInputError, QuantSpec
+
+DAMP_RETRIES = 4
+
+
+class GPTQError(QuantInputError):
+    """GPTQ cannot run on the given inputs (bad Hessian shape, non-finite values, bad parameters)."""
+
+
+def _check_inputs(W: torch.Tensor, H: torch.Tensor, block_size: int, damp: float) -> None:
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.numel() == 0:
+        raise GPTQError(f"W must be a non-empty matrix [N, K], got {getattr(W, 'shape', type(W).__name__)}")
+    K = W.shape[1]
+    if not isinstance(H, torch.Tensor) or tuple(H.shape) != (K, K):
+        raise GPTQError(f"H must be [{K}, {K}] for W [N, {K}], got {getattr(H, 'shape', type(H).__name__)}")
+    if not bool(torch.isfinite(H).all()):
+        raise GPTQError("H contains NaN/Inf")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise GPTQError(f"block_size must be a positive integer, got {block_size!r}")
+    if not damp >= 0:
+        raise GPTQError(f"damp must be >= 0, got {damp!r}")
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, U^T U = H_damped^-1: [K, K].
+
+    When H is too ill-conditioned for float32 Cholesky, the dampening is raised tenfold (from at least
+    0.01), a few times.
+    """
+    K = H.shape[0]
+    eye = torch.eye(K, dtype=H.dtype, device=H.device)
+    base = float(torch.diag(H).mean())
+    damps = [damp] + [max(damp, 0.01) * 10**a for a in range(1, DAMP_RETRIES)]
+    for d in damps:
+        L, info = torch.linalg.cholesky_ex(H + d * base * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                return U
+    raise GPTQError(f"H is not positive definite even with dampening {damps[-1]}")
+
+
+def _block_size(spec: QuantSpec, K: int, block_size: int, static: bool) -> int:
+    """Block width such that a group fitted inside the loop starts at a block start or lies in one block."""
+    gs = min(spec.group_size or K, K)
+    if static or gs == K:
+        return block_size
+    if gs <= block_size:
+        return block_size // gs * gs
+    return max(d for d in range(1, block_size + 1) if gs % d == 0)
+
+
+def gptq(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> QTensor:
+    """Quantize W [N, K] with GPTQ error feedback against the input Hessian H [K, K] (X^T X, fp32).
+
+    Dead input channels (H_jj = 0) get H_jj = 1: they are decoupled from the others, rounded to
+    nearest, and pass no error on. With H = identity (and no act-order) the result equals `quantize`.
+    """
+    _check_inputs(W, H, block_size, damp)
+    W = W.detach().float().clone()  # [N, K]
+    H = H.detach().float().clone()  # [K, K]
+    N, K = W.shape
+    dead = torch.diag(H) <= 0
+    H[dead, dead] = 1.0
+    static = act_order or spec.double_quant
+    s, z = fit_scales(W, spec)  # [N, G]; refitted per group below unless static
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(K)
+    if act_order:
+        W, H = W[:, perm.to(W.device)], H[perm][:, perm]
+    order = perm.tolist()  # order[j]: original column quantized j-th
+    U = inverse_cholesky(H, damp)  # [K, K] upper
+    gs = min(spec.group_size or K, K)
+    B = _block_size(spec, K, block_size, static)
+    codes = torch.empty(N, K, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = W[:, i1:i2].clone()  # [N, B] current weights of the block
+        Err1 = torch.zeros_like(W1)  # [N, B] scaled rounding errors
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            col = order[j]
+            g = col // gs
+            if not static and j % gs == 0:
+                cur = W[:, j : j + gs] if i == 0 else W1[:, i : i + gs]  # [N, <= gs]
+                sg, zg = fit_scales(cur, spec)
+                s[:, g : g + 1] = sg
+                if z is not None:
+                    z[:, g : g + 1] = zg
+            sg, zg = s[:, g : g + 1], None if z is None else z[:, g : g + 1]
+            w = W1[:, i : i + 1]  # [N, 1]
+            c = encode(w, sg, zg, spec)  # [N, 1]
+            err = (w - decode(c, sg, zg, spec))[:, 0] / U1[i, i]  # [N]
+            codes[:, col] = c[:, 0]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return pack_qtensor(codes, s, z, spec)
