@@ -1,0 +1,276 @@
+"""Run a decoder-only transformer block by block over calibration tokens, collecting per-layer statistics.
+
+GPTQ's sequential protocol (Frantar et al. 2022): the inputs of the first decoder block are captured once
+(a hook on the block records them and stops the model's forward there), then each block in turn runs those
+inputs with hooks on its linear layers, and its outputs become the next block's inputs. Only one set of
+hidden states ([S, L, D]) and the activations of one micro-batch inside one block are alive at a time, so
+memory does not grow with depth.
+
+The blocks' other inputs (attention mask, position_embeddings (cos, sin), position_ids, ...) are computed
+once by the model and reused for every block; models whose blocks differ in attention kind
+(config.layer_types, e.g. sliding-window layers) get the inputs of the first block of each kind.
+
+After a block's statistics are in, `on_block(index, block, block_stats)` may replace the block's linears
+(by quantized ones, say). With propagate="quantized" the next block then sees the outputs of the modified
+block, so later layers are calibrated on the errors earlier ones make (GPTQ's protocol); with
+propagate="original" it sees the outputs of the unmodified block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lowbit.calibration.data import calibration_blocks
+from lowbit.calibration.stats import (
+    CalibrationError,
+    CalibrationStats,
+    LayerFilter,
+    LayerStats,
+    check_kinds,
+    check_tokens,
+    find_blocks,
+    fisher_diagonal,
+    select_linears,
+)
+
+PROPAGATE = ("quantized", "original")
+DEFAULT_SOURCE = "builtin:lee-news"
+
+OnBlock = Callable[[int, nn.Module, dict[str, LayerStats]], None]
+
+
+class _Captured(Exception):
+    """Raised by the capture hook once a block's inputs are recorded, to stop the model's forward there."""
+
+
+@dataclass(eq=False)
+class BlockInputs:
+    """What the model passes its decoder blocks for one micro-batch.
+
+    hidden:  [B, L, D] hidden states entering the current block (replaced by each block's outputs in turn)
+    context: per attention kind, the block's other positional args and keyword args (attention mask,
+             position_embeddings (cos, sin), position_ids, cache_position, ...)
+    by_name: the hidden states go in as the keyword `hidden_states` rather than the first positional arg
+    """
+
+    hidden: Tensor
+    context: dict[str, tuple[tuple, dict]]
+    by_name: bool = False
+
+    def run(self, block: nn.Module, kind: str) -> Tensor:
+        """The block's output hidden states [B, L, D] on these inputs."""
+        args, kwargs = self.context[kind]
+        if self.by_name:
+            out = block(*args, hidden_states=self.hidden, **kwargs)
+        else:
+            out = block(self.hidden, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def block_kinds(model: nn.Module, n: int) -> list[str]:
+    """Attention kind of each of the n blocks: config.layer_types when set, else one kind for all."""
+    types = getattr(model.config, "layer_types", None)
+    if not types or len(types) < n:
+        return ["all"] * n
+    return [str(t) for t in types[:n]]
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict, bool]:
+    """(hidden states, other args, other kwargs, hidden passed by name) of one block call."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs), False
+    if "hidden_states" in kwargs:
+        rest = dict(kwargs)
+        return rest.pop("hidden_states"), (), rest, True
+    raise CalibrationError(
+        "a decoder block was called without hidden states (positional or 'hidden_states=')"
+    )
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, kinds: list[str], data: Tensor, batch_size: int
+) -> list[BlockInputs]:
+    """Run the model on each micro-batch of data [S, L] up to the first block of every attention kind.
+
+    Returns the inputs of block 0 (and the context each attention kind gets), one entry per micro-batch.
+    """
+    firsts: dict[str, int] = {}
+    for i, kind in enumerate(kinds):
+        firsts.setdefault(kind, i)
+    last = max(firsts.values())
+    record: dict[str, tuple] = {}
+
+    def hook(index: int, kind: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        record[kind] = _split_hidden(args, kwargs)
+        if index == last:
+            raise _Captured
+
+    handles = [
+        blocks[i].register_forward_pre_hook(partial(hook, i, k), with_kwargs=True) for k, i in firsts.items()
+    ]
+    device = model.get_input_embeddings().weight.device
+    inputs = []
+    try:
+        for start in range(0, data.shape[0], batch_size):
+            record.clear()
+            try:
+                model(input_ids=data[start : start + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+            if len(record) < len(firsts):
+                raise CalibrationError(f"the model's forward never called its decoder block {last}")
+            hidden, _, _, by_name = record[kinds[0]]
+            inputs.append(BlockInputs(hidden, {k: (r[1], r[2]) for k, r in record.items()}, by_name))
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+def _record(stats: LayerStats, kinds: tuple[str, ...], module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a linear layer: fold its input x: [B, L, K] into its statistics."""
+    if not args:
+        raise CalibrationError(f"{type(module).__name__} was called without a positional input")
+    stats.update(args[0], kinds)
+
+
+@torch.no_grad()
+def _run_block(
+    block: nn.Module,
+    kind: str,
+    inputs: list[BlockInputs],
+    linears: dict[str, nn.Module],
+    kinds: tuple[str, ...],
+    write: bool,
+) -> dict[str, LayerStats]:
+    """Run every micro-batch through `block` with hooks on `linears`.
+
+    The block's outputs replace the micro-batches' hidden states when `write`.
+    """
+    stats = {name: LayerStats() for name in linears}
+    handles = [
+        m.register_forward_pre_hook(partial(_record, stats[name], kinds)) for name, m in linears.items()
+    ]
+    try:
+        for inp in inputs:
+            out = inp.run(block, kind)  # [B, L, D]
+            if write:
+                inp.hidden = out
+            del out  # a discarded output must not outlive its micro-batch
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def calibrate_sequential(
+    model: nn.Module,
+    data: Tensor,
+    stats: tuple[str, ...] = ("act", "hessian"),
+    layers: LayerFilter = None,
+    on_block: OnBlock | None = None,
+    propagate: str = "quantized",
+    batch_size: int = 8,
+    keep: bool = True,
+    progress: bool = True,
+) -> dict[str, LayerStats]:
+    """Collect input statistics ('act', 'hessian') of the selected linears, one decoder block at a time.
+
+    data: token blocks [S, L], run in micro-batches of `batch_size`. layers: None (every linear inside
+    the blocks), names, or a predicate. on_block(index, block, block_stats) is called after each block's
+    statistics are collected and may modify the block; propagate picks whether the next block sees the
+    outputs of the modified block ("quantized") or of the unmodified one ("original"). keep=False drops
+    each block's statistics after on_block (returns {}), so only one block's Hessians are alive at a time.
+    The model's training flag is restored.
+    """
+    kinds = check_kinds(stats, ("act", "hessian"))
+    if propagate not in PROPAGATE:
+        raise CalibrationError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
+    if batch_size < 1:
+        raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
+    data = check_tokens(model, data)
+    prefix, blocks = find_blocks(model)
+    attn = block_kinds(model, len(blocks))
+    selected = select_linears(model, layers)
+    write = on_block is None or propagate == "original"
+    was_training = model.training
+    result: dict[str, LayerStats] = {}
+    try:
+        model.eval()
+        inputs = capture_block_inputs(model, blocks, attn, data, batch_size)
+        for i in tqdm(range(len(blocks)), desc="calibrate", disable=not progress):
+            names = {n for n, _ in blocks[i].named_modules(prefix=f"{prefix}.{i}" if prefix else str(i))}
+            linears = {n: m for n, m in selected.items() if n in names}
+            block_stats = (
+                _run_block(blocks[i], attn[i], inputs, linears, kinds, write) if linears or write else {}
+            )
+            if on_block is not None:
+                on_block(i, blocks[i], block_stats)
+                if propagate == "quantized":
+                    _run_block(blocks[i], attn[i], inputs, {}, kinds, write=True)
+            if keep:
+                result.update(block_stats)
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _token_blocks(
+    data: Tensor | str | Path, samples: int, seq_len: int, seed: int, tokenizer
+) -> tuple[Tensor, str]:
+    """(token blocks [S, L], source name) from a tensor of blocks or a text source."""
+    if isinstance(data, Tensor):
+        return data, "tensor"
+    if isinstance(data, (str, Path)):
+        if tokenizer is None:
+            raise CalibrationError(f"calibration source {str(data)!r} is text: pass a tokenizer")
+        return calibration_blocks(tokenizer, str(data), samples, seq_len, seed=seed), str(data)
+    raise CalibrationError(
+        f"calibration data must be token blocks [S, L] or a text source, got {type(data).__name__}"
+    )
+
+
+def calibrate(
+    model: nn.Module,
+    data: Tensor | str | Path = DEFAULT_SOURCE,
+    samples: int = 128,
+    seq_len: int = 512,
+    stats: tuple[str, ...] = ("act", "hessian"),
+    seed: int = 0,
+    tokenizer=None,
+    layers: LayerFilter = None,
+    progress: bool = True,
+    batch_size: int = 8,
+) -> CalibrationStats:
+    """Calibration statistics of a decoder-only transformer's linear layers; the model is left as it was.
+
+    data: token blocks [S, L] (used as given), or a text source understood by
+    `lowbit.calibration.data.calibration_blocks` (a local file, a dataset, "builtin:lee-news"), cut into
+    `samples` blocks of `seq_len` tokens with `tokenizer` and `seed`.
+    stats: any of "act" (max |x|, mean x^2) and "hessian" (X^T X), both collected block by block, and
+    "fisher" (squared gradients, from full-model backward passes).
+    layers: None (every linear inside the decoder blocks, not lm_head), names, or a predicate on names.
+    """
+    kinds = check_kinds(stats)
+    tokens, source = _token_blocks(data, samples, seq_len, seed, tokenizer)
+    tokens = check_tokens(model, tokens, min_len=2 if "fisher" in kinds else 1)
+    names = list(select_linears(model, layers))
+    result = {name: LayerStats() for name in names}
+    sequential = tuple(k for k in kinds if k != "fisher")
+    if sequential:
+        result.update(
+            calibrate_sequential(model, tokens, sequential, names, batch_size=batch_size, progress=progress)
+        )
+    if "fisher" in kinds:
+        for name, F in fisher_diagonal(model, tokens, names, progress=progress).items():
+            result[name].fisher, result[name].fisher_samples = F, tokens.shape[0]
+    S, L = tokens.shape
+    return CalibrationStats(result, samples=S, seq_len=L, tokens=S * L, source=source, seed=seed)
