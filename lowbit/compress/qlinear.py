@@ -133,15 +133,17 @@ class QLinear(nn.Module):
                 raise QLinearError(
                     f"QTensor field {field!r} is {tuple(t.shape)} {t.dtype}; {q.spec.short()} expects {want}"
                 )
-            m._buffers[field] = t.detach().to(device)
+            m._buffers[field] = t.detach().to(device).contiguous()
         missing = set(stored_layout(q.spec, N, K)) - set(q.tensors())
         if missing:
             raise QLinearError(f"QTensor lacks field(s) {sorted(missing)} that {q.spec.short()} stores")
         if rank:
-            m.l1 = nn.Parameter(l1.detach().to(device))
-            m.l2 = nn.Parameter(l2.detach().to(device))
+            # contiguous copies: the saved tensors are contiguous, and a strided view would take
+            # another matmul path whose rounding differs from the reloaded model's
+            m.l1 = nn.Parameter(l1.detach().to(device).contiguous())
+            m.l2 = nn.Parameter(l2.detach().to(device).contiguous())
         if smooth is not None:
-            m.smooth = smooth.detach().to(device)
+            m.smooth = smooth.detach().to(device).contiguous()
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().clone())
         return m

@@ -1,0 +1,191 @@
+"""The `lowbit` command line: compress, eval, info.
+
+Every command exits 0 only on success; bad input prints one `lowbit: error: ...` line and exits 2
+(set LOWBIT_DEBUG=1 for the full traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from lowbit.compress.recipe import PRESETS, Recipe, load_recipe, preset
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DATA = "builtin:lee-news"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lowbit", description="Compress LLMs into low-bit + low-rank checkpoints."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model into a lowbit checkpoint")
+    c.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"built-in name, local folder/.gguf or hub id (default {DEFAULT_MODEL})",
+    )
+    c.add_argument("--recipe", help="recipe file (.yaml/.json); see lowbit.compress.recipe")
+    c.add_argument("--preset", help=f"named recipe: {', '.join(PRESETS)} (default int4-g128)")
+    c.add_argument("--data", help=f"calibration text source (default: the recipe's, {DEFAULT_DATA})")
+    c.add_argument("--out", required=True, help="output checkpoint folder")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument(
+        "--eval", action="store_true", help="reload the checkpoint and compare perplexity with the original"
+    )
+    c.add_argument("--eval-tokens", type=int, default=None, help="cap on held-out tokens for --eval")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    e = sub.add_parser("eval", help="perplexity of a model or checkpoint on held-out text")
+    e.add_argument(
+        "target", nargs="?", default=DEFAULT_MODEL, help="lowbit checkpoint folder, model name or path"
+    )
+    e.add_argument("--data", default=DEFAULT_DATA, help=f"text source (default {DEFAULT_DATA})")
+    e.add_argument("--tokens", type=int, default=None, help="evaluate at most this many held-out tokens")
+    e.add_argument("--seq-len", type=int, default=512, help="window length (non-overlapping windows)")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    i = sub.add_parser("info", help="per-layer formats and sizes of a lowbit checkpoint")
+    i.add_argument("checkpoint", help="lowbit checkpoint folder")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def resolve_recipe(args: argparse.Namespace) -> Recipe:
+    if args.recipe and args.preset:
+        raise ValueError("give either --recipe or --preset, not both")
+    recipe = load_recipe(args.recipe) if args.recipe else preset(args.preset or "int4-g128")
+    if args.data:
+        recipe = replace(recipe, calibration=replace(recipe.calibration, data=args.data))
+    return recipe
+
+
+def cmd_compress(args: argparse.Namespace) -> dict:
+    from lowbit.compress.pipeline import compress
+
+    recipe = resolve_recipe(args)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"output folder {out} exists; pass --overwrite to replace it")
+    progress = not args.json
+    _, report = compress(args.model, recipe, out, overwrite=args.overwrite, progress=progress)
+    result = {
+        "out": str(out),
+        "model": args.model,
+        "bits_per_weight": report.bits_per_weight,
+        "quantized_params": report.quantized_params,
+        "seconds": round(report.seconds, 1),
+        "size_bytes": _folder_bytes(out),
+    }
+    if args.eval:
+        data = args.data or recipe.calibration.data
+        result["original"] = evaluate_target(args.model, data, args.eval_tokens, progress=progress)
+        result["compressed"] = evaluate_target(str(out), data, args.eval_tokens, progress=progress)
+    return result
+
+
+def evaluate_target(
+    target: str, data: str, tokens: int | None, seq_len: int = 512, batch_size: int = 4, progress: bool = True
+) -> dict:
+    """Perplexity of a lowbit checkpoint (reloaded with lowbit.load) or of a plain model."""
+    from lowbit.calibration.data import eval_tokens
+    from lowbit.compress.checkpoint import checkpoint_info, is_checkpoint, load, load_tokenizer
+    from lowbit.compress.evaluate import dense_bits_per_weight, perplexity
+    from lowbit.compress.models import load_model
+
+    t0 = time.perf_counter()
+    if is_checkpoint(target):
+        model, tokenizer = load(target), load_tokenizer(target)
+        if tokenizer is None:
+            raise ValueError(f"checkpoint {target} has no tokenizer files; cannot tokenize evaluation text")
+        bpw = checkpoint_info(target)["totals"]["bits_per_weight"]
+    else:
+        model, tokenizer = load_model(target)
+        bpw = dense_bits_per_weight(model)
+    ids = eval_tokens(tokenizer, data, max_tokens=tokens)
+    r = perplexity(model, ids, seq_len=seq_len, batch_size=batch_size, progress=progress)
+    return {
+        "target": target,
+        "data": data,
+        "perplexity": r["perplexity"],
+        "tokens": r["tokens"],
+        "bits_per_weight": bpw,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    return evaluate_target(
+        args.target, args.data, args.tokens, args.seq_len, args.batch_size, progress=not args.json
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    from lowbit.compress.checkpoint import checkpoint_info
+
+    return checkpoint_info(args.checkpoint)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def print_text(command: str, r: dict) -> None:
+    if command == "info":
+        print(f"{'layer':<48} {'format':<18} {'rank':>4} {'bpw':>6} {'bytes':>10}")
+        for name, x in r["layers"].items():
+            print(f"{name:<48} {x['spec']:<18} {x['rank']:>4} {x['bits_per_weight']:>6.3f} {x['bytes']:>10}")
+        t = r["totals"]
+        print(
+            f"{len(r['layers'])} quantized layers, {t['params']} weights, "
+            f"{t['bits_per_weight']:.3f} bits per weight, {t['file_bytes'] / 2**20:.1f} MiB on disk"
+        )
+    elif command == "eval":
+        print(
+            f"{r['target']}: perplexity {r['perplexity']:.3f} on {r['tokens']} held-out tokens of "
+            f"{r['data']} ({r['bits_per_weight']:.2f} bits per weight, {r['seconds']} s)"
+        )
+    else:
+        print(
+            f"wrote {r['out']}: {r['bits_per_weight']:.3f} bits per weight over {r['quantized_params']} "
+            f"quantized weights, {r['size_bytes'] / 2**20:.1f} MiB on disk, {r['seconds']} s"
+        )
+    if "original" in r:
+        o, c = r["original"], r["compressed"]
+        print(f"perplexity on {c['tokens']} held-out tokens of {c['data']}:")
+        print(f"  original   {o['perplexity']:9.3f}  ({o['bits_per_weight']:.2f} bits per weight)")
+        print(
+            f"  compressed {c['perplexity']:9.3f}  ({c['bits_per_weight']:.2f} bits per weight, "
+            f"{100 * (c['perplexity'] / o['perplexity'] - 1):+.1f}%)"
+        )
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.command](args)
+    except (ValueError, OSError) as e:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_text(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Recipes: what to do to a model, as frozen dataclasses serialised to versioned YAML/JSON.
+
+A recipe file looks like this (every key optional; defaults shown)::
+
+    version: 1
+    quantize:            # rounding: nearest | gptq
+      {format: int4, group_size: 128, symmetric: false, scale_dtype: float16, double_quant: false,
+       rounding: nearest}
+    decompose:           # method: none | lorc | lqlora | lqlora-fisher | svdquant
+      {method: none, rank: 0, iterations: 20}
+    calibration: {data: "builtin:lee-news", samples: 128, seq_len: 512, seed: 0}
+    exclude: ["lm_head"] # fnmatch patterns of layers left as they are
+    overrides:           # per-layer quantize settings, first match wins
+      - {match: "*.down_proj", quantize: {format: int8}}
+
+`PRESETS` names the common recipes (`--preset int4-g128`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from lowbit.quantizers import QuantSpec, SpecError
+
+RECIPE_VERSION = 1
+ROUNDINGS = ("nearest", "gptq")
+DECOMPOSE_METHODS = ("none", "lorc", "lqlora", "lqlora-fisher", "svdquant")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used: unknown key, unknown preset, bad value."""
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """The weight format of quantized layers and how codes are rounded (nearest or GPTQ)."""
+
+    format: str = "int4"
+    group_size: int | None = 128
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+    double_quant: bool = False
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise RecipeError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+        self.spec()  # validates format, group size and scale dtype
+
+    def spec(self) -> QuantSpec:
+        try:
+            return QuantSpec(
+                format=self.format,
+                group_size=self.group_size,
+                symmetric=self.symmetric,
+                scale_dtype=self.scale_dtype,
+                double_quant=self.double_quant,
+            )
+        except SpecError as e:
+            raise RecipeError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class DecomposeConfig:
+    """W ~ Q + L1 L2: which decomposition, its rank and the LQ-LoRA iteration cap."""
+
+    method: str = "none"
+    rank: int = 0
+    iterations: int = 20
+
+    def __post_init__(self) -> None:
+        if self.method not in DECOMPOSE_METHODS:
+            raise RecipeError(
+                f"unknown decompose method {self.method!r}; choose one of {', '.join(DECOMPOSE_METHODS)}"
+            )
+        if self.rank < 0 or self.iterations < 1:
+            raise RecipeError("decompose.rank must be >= 0 and decompose.iterations >= 1")
+        if self.method == "none" and self.rank:
+            raise RecipeError("decompose.rank > 0 needs a decompose.method (lorc, lqlora, ...)")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which text calibrates the model and how much of it."""
+
+    data: str = "builtin:lee-news"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.seq_len < 2:
+            raise RecipeError("calibration.samples must be >= 1 and calibration.seq_len >= 2")
+
+
+@dataclass(frozen=True)
+class Override:
+    """Quantize settings for the layers whose fully qualified name matches `match` (fnmatch)."""
+
+    match: str
+    quantize: QuantizeConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    exclude: tuple[str, ...] = ("lm_head",)
+    overrides: tuple[Override, ...] = ()
+    version: int = RECIPE_VERSION
+
+    def needs_calibration(self) -> bool:
+        """True when some stage reads calibration statistics (GPTQ, SVDQuant, Fisher weights)."""
+        roundings = {self.quantize.rounding} | {o.quantize.rounding for o in self.overrides}
+        return "gptq" in roundings or self.decompose.method in ("svdquant", "lqlora-fisher")
+
+    def layer_config(self, name: str) -> QuantizeConfig | None:
+        """The quantize settings for one linear layer, or None when the layer stays as it is."""
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return None
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(name, o.match):
+                return o.quantize
+        return self.quantize
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        d["overrides"] = [{"match": o.match, "quantize": asdict(o.quantize)} for o in self.overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        if not isinstance(d, dict):
+            raise RecipeError("a recipe must be a mapping of sections (quantize, decompose, ...)")
+        _check_keys(d, cls, "recipe")
+        version = d.get("version", RECIPE_VERSION)
+        if version > RECIPE_VERSION:
+            raise RecipeError(
+                f"recipe version {version} is newer than this lowbit (supports {RECIPE_VERSION})"
+            )
+        base = cls()
+        quantize = _section(QuantizeConfig, d.get("quantize"), "quantize", base.quantize)
+        overrides = []
+        for o in d.get("overrides") or ():
+            if not isinstance(o, dict) or set(o) != {"match", "quantize"}:
+                raise RecipeError("each override needs exactly the keys 'match' and 'quantize'")
+            overrides.append(
+                Override(str(o["match"]), _section(QuantizeConfig, o["quantize"], "override", quantize))
+            )
+        return cls(
+            quantize=quantize,
+            decompose=_section(DecomposeConfig, d.get("decompose"), "decompose", base.decompose),
+            calibration=_section(CalibrationConfig, d.get("calibration"), "calibration", base.calibration),
+            exclude=tuple(d.get("exclude", base.exclude)),
+            overrides=tuple(overrides),
+            version=version,
+        )
+
+
+def _check_keys(d: dict, cls: type, where: str) -> None:
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise RecipeError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}")
+
+
+def _section(cls: type, d: dict | None, where: str, base):
+    if d is None:
+        return base
+    if not isinstance(d, dict):
+        raise RecipeError(f"recipe section {where!r} must be a mapping")
+    _check_keys(d, cls, where)
+    try:
+        return replace(base, **d)
+    except (TypeError, SpecError) as e:
+        raise RecipeError(f"bad value in {where}: {e}") from None
+
+
+def _preset(fmt: str, group_size: int | None, method: str = "none", rank: int = 0, **quant) -> Recipe:
+    return Recipe(
+        quantize=QuantizeConfig(format=fmt, group_size=group_size, **quant),
+        decompose=DecomposeConfig(method=method, rank=rank),
+    )
+
+
+PRESETS: dict[str, Recipe] = {
+    "int8": _preset("int8", None, symmetric=True),
+    "int4-g128": _preset("int4", 128),
+    "int4-g64": _preset("int4", 64),
+    "int3-g128": _preset("int3", 128),
+    "int3-g64": _preset("int3", 64),
+    "int2-g64": _preset("int2", 64),
+    "nf4-g64": _preset("nf4", 64),
+    "nf4-g64-dq": _preset("nf4", 64, double_quant=True),
+    "nf3-g64": _preset("nf3", 64),
+    "nf2-g64": _preset("nf2", 64),
+    "fp8": _preset("fp8_e4m3", None),
+    "fp8-e5m2": _preset("fp8_e5m2", None),
+    "fp4-g32": _preset("fp4_e2m1", 32),
+    "int4-g128-gptq": _preset("int4", 128, rounding="gptq"),
+    "int3-g128-gptq": _preset("int3", 128, rounding="gptq"),
+    "int3-g128-lqlora-r32": _preset("int3", 128, "lqlora", 32),
+    "int3-g128-lqlora-fisher-r32": _preset("int3", 128, "lqlora-fisher", 32),
+    "int4-g128-svdquant-r32": _preset("int4", 128, "svdquant", 32),
+    "int3-g128-svdquant-r32": _preset("int3", 128, "svdquant", 32),
+    "nf3-g64-lorc-r16": _preset("nf3", 64, "lorc", 16),
+}
+
+
+def preset(name: str) -> Recipe:
+    if name not in PRESETS:
+        raise RecipeError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe from a .yaml/.yml/.json file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        text = path.read_text()
+        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise RecipeError(f"cannot parse recipe {path}: {str(e).splitlines()[0]}") from None
+    return Recipe.from_dict(d or {})
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    path = Path(path)
+    d = recipe.to_dict()
+    path.write_text(json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False))

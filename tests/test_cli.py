@@ -1,0 +1,152 @@
+"""The CLI end to end on a tiny random Llama with a real tokenizer, and its bad-input errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lowbit.compress.cli import main
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_llama_dir, news_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "int4"
+    code = main(
+        [
+            "compress",
+            "--model",
+            str(tiny_llama_dir),
+            "--preset",
+            "int4-g128",
+            "--data",
+            str(news_file),
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_compress_eval_info_end_to_end(capsys, tiny_llama_dir, news_file, tmp_path):
+    out = tmp_path / "nf4"
+    code, stdout, _ = run(
+        capsys,
+        "compress",
+        "--model",
+        tiny_llama_dir,
+        "--preset",
+        "nf4-g64",
+        "--data",
+        news_file,
+        "--out",
+        out,
+        "--eval",
+        "--json",
+    )
+    assert code == 0
+    r = json.loads(stdout)
+    assert (out / "lowbit_config.json").is_file() and (out / "model.safetensors").is_file()
+    assert 4.0 < r["bits_per_weight"] < 5.0  # 4-bit codes + one fp16 scale per 64 weights
+    assert r["original"]["tokens"] == r["compressed"]["tokens"] > 0
+    assert math.isfinite(r["compressed"]["perplexity"])
+    # a random model's perplexity moves, but a 4-bit copy stays close to the original
+    assert abs(math.log(r["compressed"]["perplexity"] / r["original"]["perplexity"])) < 0.2
+
+    code, stdout, _ = run(capsys, "eval", out, "--data", news_file, "--json")
+    assert code == 0
+    e = json.loads(stdout)
+    assert set(e) >= {"perplexity", "tokens", "bits_per_weight"}
+    assert e["perplexity"] == pytest.approx(r["compressed"]["perplexity"], rel=1e-5)
+
+    code, stdout, _ = run(capsys, "info", out, "--json")
+    assert code == 0
+    info = json.loads(stdout)
+    assert len(info["layers"]) == 2 * 7  # q, k, v, o, gate, up, down per block; lm_head excluded
+    assert info["totals"]["bits_per_weight"] == pytest.approx(r["bits_per_weight"])
+
+
+def test_text_output_and_loaded_model_matches(capsys, compressed, news_file):
+    import lowbit
+    from lowbit.compress.qlinear import QLinear
+
+    code, stdout, _ = run(capsys, "info", compressed)
+    assert code == 0 and "int4-g128" in stdout and "bits per weight" in stdout
+    model = lowbit.load(compressed)
+    assert sum(isinstance(m, QLinear) for m in model.modules()) == 14
+    assert not isinstance(model.lm_head, QLinear)
+    ids = torch.arange(1, 17)[None]
+    assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "int5-g128"], "unknown preset"),
+        (["--recipe", "missing.yaml"], "recipe file not found"),
+        (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    ],
+)
+def test_compress_bad_input(capsys, tiny_llama_dir, tmp_path, argv, message):
+    argv = [a.replace("missing.yaml", str(tmp_path / "missing.yaml")) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(tiny_llama_dir)]
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "compress", *argv, "--out", out)
+    assert code != 0
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_group_size_not_multiple_of_8(capsys, tiny_llama_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quantize: {format: int4, group_size: 100}\n")
+    code, _, err = run(
+        capsys, "compress", "--model", tiny_llama_dir, "--recipe", recipe, "--out", tmp_path / "o"
+    )
+    assert code == 2 and "multiple of 8" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_overwrite(capsys, tiny_llama_dir, compressed, tmp_path):
+    before = sorted(p.name for p in compressed.iterdir())
+    code, _, err = run(capsys, "compress", "--model", tiny_llama_dir, "--out", compressed)
+    assert code == 2 and "exists" in err and "--overwrite" in err
+    assert sorted(p.name for p in compressed.iterdir()) == before
+
+
+def test_nan_weight_is_refused(capsys, tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    bad = tmp_path / "nan-model"
+    model.save_pretrained(bad)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(bad)
+    code, _, err = run(capsys, "compress", "--model", bad, "--out", tmp_path / "o")
+    assert code == 2 and "model.layers.1.mlp.up_proj" in err and "NaN" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_and_info_bad_checkpoints(capsys, compressed, tmp_path):
+    code, _, err = run(capsys, "info", tmp_path / "nothing-here")
+    assert code == 2 and "nothing-here" in err
+    code, _, err = run(capsys, "eval", compressed, "--data", "no-such-file.jsonl")
+    assert code == 2 and "no-such-file.jsonl" in err
+
+
+def test_help_on_every_command(capsys):
+    for cmd in ([], ["compress"], ["eval"], ["info"]):
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: lowbit" in capsys.readouterr().out
