@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import NEWS, make_tokenizer
+from tests.conftest import NEWS, make_tokenizer
 
 from lowbit.calibration.data import (
     DataError,

