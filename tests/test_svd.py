@@ -74,7 +74,9 @@ def test_randomized_only_for_small_rank_of_large_matrices():
     assert use_randomized((4096, 11008), 64)
     assert use_randomized((1024, 1024), 128)
     assert not use_randomized((1024, 1024), 129)
-    assert not use_randomized((576, 1536), 8)
+    assert use_randomized((576, 1536), 72)
+    assert not use_randomized((576, 1536), 73)
+    assert not use_randomized((256, 1536), 8)
 
 
 @pytest.mark.parametrize("r", [1, 4, 16])

@@ -40,7 +40,8 @@ class Stats:
 class DecomposeOptions:
     """How a decomposition runs.
 
-    rounding: "nearest" (round to nearest) or "gptq" (GPTQ error feedback, needs H) for every Q step.
+    rounding: "nearest" (round to nearest) or "gptq" (GPTQ error feedback, needs H) for the final Q
+        step (LQ-LoRA's alternating steps and SVDQuant's alpha search round to nearest).
     iterations: cap on LQ-LoRA's alternating steps. tol: LQ-LoRA stops when an iterate improves the
     error by less than this fraction. alpha: SVDQuant migration strength; None searches ALPHAS when H
     is given and uses 0.5 otherwise.
@@ -48,7 +49,7 @@ class DecomposeOptions:
 
     rounding: str = "nearest"
     iterations: int = 20
-    tol: float = 1e-4
+    tol: float = 1e-3
     alpha: float | None = None
 
     def __post_init__(self) -> None:

@@ -7,6 +7,8 @@ min over Q, L1, L2 of ||W - (Q + L1 L2)||_F, Q quantized, rank(L1 L2) <= r, by a
 from Q = 0 as in the paper, stopping when the error rises or improves by less than a fraction `tol`
 (at most `iterations` steps). The best iterate is kept, and LoRC's point (Q = quantize(W),
 L1 L2 = SVD_r(W - Q)) competes with the iterates, so the result is never worse than LoRC's.
+The alternating steps round to nearest; with GPTQ rounding, Q is re-quantized once by GPTQ against
+the chosen L1 L2 (one GPTQ solve per layer instead of one per iteration).
 
 The data-aware variant (sec. 3.3) minimises the Fisher-weighted error ||sqrt(F) * (W - Q - L1 L2)||_F:
 F [N, K] is approximated by a rank-1 outer product of row and column weights, which makes the L step an
@@ -32,7 +34,7 @@ from lowbit.lowrank.decomposition import (
 )
 from lowbit.lowrank.error import fisher_error, frobenius_error
 from lowbit.lowrank.svd import fisher_weights, svd_r, weighted_svd_r
-from lowbit.quantizers import QuantSpec, dequantize
+from lowbit.quantizers import QuantSpec, dequantize, quantize
 
 LowRank = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Objective = Callable[[torch.Tensor], float]
@@ -51,14 +53,14 @@ def alternate(
 
     lowrank: A [N, K] -> (L1 [N, r], L2 [r, K]); objective: W_hat [N, K] -> error to minimise.
     """
-    q = quantize_step(W, spec, opts.rounding, stats.H)
+    q = quantize(W, spec)
     L1, L2 = lowrank(W - dequantize(q))
     best = (objective(dequantize(q) + L1 @ L2), q, L1, L2, "lorc")
     Qd = torch.zeros_like(W)  # dequantized Q, Q(0) = 0
     prev = float("inf")
     for t in range(1, opts.iterations + 1):
         L1, L2 = lowrank(W - Qd)
-        q = quantize_step(W - L1 @ L2, spec, opts.rounding, stats.H)
+        q = quantize(W - L1 @ L2, spec)
         Qd = dequantize(q)
         err = objective(Qd + L1 @ L2)
         if err < best[0]:
@@ -67,6 +69,8 @@ def alternate(
             break
         prev = err
     _, q, L1, L2, source = best
+    if opts.rounding != "nearest":
+        q = quantize_step(W - L1 @ L2, spec, opts.rounding, stats.H)
     return finish(W, q, L1, L2, stats, method=method, iterations=t, best=source)
 
 

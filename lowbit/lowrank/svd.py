@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 # Randomized SVD pays off when the rank is a small fraction of a large matrix.
-RANDOMIZED_MIN_DIM = 1024
+RANDOMIZED_MIN_DIM = 512
 RANDOMIZED_MAX_FRACTION = 8
 OVERSAMPLE = 10
 POWER_ITERS = 4
@@ -34,7 +34,7 @@ def _check(A: torch.Tensor, r: int) -> None:
 
 
 def use_randomized(shape: tuple[int, int], r: int) -> bool:
-    """True when r <= min(N, K) / 8 and min(N, K) >= 1024: then randomized SVD is used by default."""
+    """True when r <= min(N, K) / 8 and min(N, K) >= 512: then randomized SVD is used by default."""
     m = min(shape)
     return m >= RANDOMIZED_MIN_DIM and r * RANDOMIZED_MAX_FRACTION <= m
 
