@@ -150,3 +150,37 @@ def test_help_on_every_command(capsys):
             main([*cmd, "--help"])
         assert e.value.code == 0
         assert "usage: lowbit" in capsys.readouterr().out
+
+
+def corrupt_copy(src, dst, how: str):
+    import shutil
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    if how == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif how == "missing":
+        weights.unlink()
+    elif how == "tampered":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif how == "newer":
+        manifest = json.loads((dst / "lowbit_config.json").read_text())
+        manifest["format_version"] += 1
+        (dst / "lowbit_config.json").write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [("truncated", "truncated"), ("missing", "missing"), ("tampered", "sha256"), ("newer", "newer")],
+)
+def test_eval_and_info_refuse_broken_checkpoints(capsys, compressed, tmp_path, how, message):
+    broken = corrupt_copy(compressed, tmp_path / how, how)
+    code, _, err = run(capsys, "eval", broken)
+    assert code == 2 and message in err.lower() and err.count("\n") == 1
+    if how != "tampered":  # info reads the manifest and headers, not every byte
+        code, _, err = run(capsys, "info", broken)
+        assert code == 2 and message in err.lower()
