@@ -4,10 +4,14 @@
     model, report = lowbit.compress("smollm2-135m", lowbit.preset("int4-g128"), out="out/int4")
     model = lowbit.load("out/int4")
 
-The public names are imported lazily so that `import lowbit.quantizers` stays light.
+The public names are imported lazily so that `import lowbit.quantizers` stays light. Importing lowbit
+registers its quantizer with transformers (as soon as transformers' quantizer registry is imported),
+so `AutoModelForCausalLM.from_pretrained(lowbit_checkpoint)` works.
 """
 
 from importlib import import_module
+
+from lowbit.compress.hf import register_when_imported
 
 __version__ = "0.1.0"
 
@@ -26,6 +30,8 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+register_when_imported()
 
 
 def __getattr__(name: str):

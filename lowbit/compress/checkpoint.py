@@ -160,10 +160,14 @@ def _saveable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_files(model: nn.Module, tmp: Path, tokenizer) -> dict[str, str]:
-    """Write weights, config and tokenizer into `tmp`; return {relative name: sha256} of every file."""
+def _write_files(model: nn.Module, tmp: Path, tokenizer, plan: dict) -> dict[str, str]:
+    """Write weights, config (with the transformers quantization config) and tokenizer into `tmp`;
+    return {relative name: sha256} of every file."""
+    from lowbit.compress.hf import add_quantization_config
+
     save_file(_saveable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
     model.config.save_pretrained(tmp)
+    add_quantization_config(tmp / "config.json", plan)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     return {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -230,7 +234,7 @@ def save(
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        manifest["files"] = _write_files(model, tmp, tokenizer)
+        manifest["files"] = _write_files(model, tmp, tokenizer, plan)
         (tmp / MANIFEST).write_text(json.dumps(validate_manifest(manifest), indent=2) + "\n")
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:

@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from lowbit.compress.export import add_export_parser, cmd_export, print_export
 from lowbit.compress.recipe import PRESETS, Recipe, load_recipe, preset
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512, help="window length (non-overlapping windows)")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    add_export_parser(sub)
 
     i = sub.add_parser("info", help="per-layer formats and sizes of a lowbit checkpoint")
     i.add_argument("checkpoint", help="lowbit checkpoint folder")
@@ -148,6 +151,8 @@ def print_text(command: str, r: dict) -> None:
             f"{len(r['layers'])} quantized layers, {t['params']} weights, "
             f"{t['bits_per_weight']:.3f} bits per weight, {t['file_bytes'] / 2**20:.1f} MiB on disk"
         )
+    elif command == "export":
+        print_export(r)
     elif command == "eval":
         print(
             f"{r['target']}: perplexity {r['perplexity']:.3f} on {r['tokens']} held-out tokens of "
@@ -168,7 +173,7 @@ def print_text(command: str, r: dict) -> None:
         )
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

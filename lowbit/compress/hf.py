@@ -1,0 +1,145 @@
+"""transformers integration: `AutoModelForCausalLM.from_pretrained(dir)` loads a lowbit checkpoint natively.
+
+A checkpoint's `config.json` carries `quantization_config = {"quant_method": "lowbit", "format_version": 1,
+"layers": {fqn: plan entry}}` (the manifest's per-layer plan, see `lowbit.compress.checkpoint`). Once
+`register()` has run, transformers maps `quant_method: "lowbit"` to `LowbitConfig` and `LowbitHfQuantizer`
+through its public registration functions (`transformers.quantizers.auto.register_quantization_config` and
+`register_quantizer`). The quantizer swaps an empty `QLinear` in for every layer of the plan on the meta
+device before the weights load, so the stored codes, scales, zeros, low-rank factors and smoothing vectors
+load into them by name, each keeping its stored dtype; the model then runs exactly as `lowbit.load(dir)`.
+
+Importing this module costs nothing (no transformers or torch import): `register_when_imported()` registers
+at once when transformers' quantizer registry is already imported, else right after it is first imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+QUANT_METHOD = "lowbit"
+REGISTRY_MODULE = "transformers.quantizers.auto"
+
+
+class HfIntegrationError(ValueError):
+    """A lowbit quantization config that transformers cannot load (bad plan, not pre-quantized)."""
+
+
+def quantization_config(plan: dict) -> dict:
+    """The `quantization_config` entry of config.json for a checkpoint with per-layer `plan`."""
+    from lowbit.compress.checkpoint import FORMAT_VERSION
+
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": plan}
+
+
+def add_quantization_config(config_json: str | Path, plan: dict) -> None:
+    """Write `quantization_config(plan)` into a saved config.json (replacing any quantization config)."""
+    path = Path(config_json)
+    d = json.loads(path.read_text())
+    d["quantization_config"] = quantization_config(plan)
+    path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def _check_plan(layers: object, format_version: object) -> None:
+    from lowbit.compress.checkpoint import FORMAT_VERSION, CheckpointError, _check_layer_entry
+
+    if not isinstance(format_version, int) or not 1 <= format_version <= FORMAT_VERSION:
+        raise HfIntegrationError(
+            f"lowbit quantization_config format_version {format_version!r} is not supported "
+            f"(this lowbit reads 1..{FORMAT_VERSION}); upgrade lowbit"
+        )
+    if not isinstance(layers, dict) or not layers:
+        raise HfIntegrationError("lowbit quantization_config needs 'layers', the per-layer plan")
+    for fqn, entry in layers.items():
+        try:
+            _check_layer_entry(fqn, entry)
+        except CheckpointError as e:
+            raise HfIntegrationError(f"lowbit quantization_config: {e}") from None
+
+
+@functools.cache
+def _classes() -> tuple[type, type]:
+    """(LowbitConfig, LowbitHfQuantizer), built on first use so that importing this module stays free."""
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    from lowbit.compress.checkpoint import FORMAT_VERSION
+    from lowbit.compress.qlinear import replace_linears
+
+    class LowbitConfig(QuantizationConfigMixin):
+        """transformers' view of a lowbit checkpoint: the per-layer plan (fqn -> spec, shape, rank, ...)."""
+
+        def __init__(self, layers: dict | None = None, format_version: int = FORMAT_VERSION, **kwargs):
+            _check_plan(layers, format_version)
+            self.quant_method = QUANT_METHOD
+            self.format_version = format_version
+            self.layers = layers
+
+        def to_dict(self) -> dict:
+            head = {"quant_method": QUANT_METHOD, "format_version": self.format_version}
+            return {**head, "layers": self.layers}
+
+    class LowbitHfQuantizer(HfQuantizer):
+        """Loads pre-quantized lowbit checkpoints: QLinear swapped in by name before the weights load."""
+
+        requires_calibration = True  # only pre-quantized checkpoints: compress with `lowbit compress`
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            # model is on the meta device here; each QLinear takes the dtype of the Linear it replaces
+            replace_linears(model, self.quantization_config.layers, device="meta")
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            return model
+
+        def is_serializable(self) -> bool:
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    return LowbitConfig, LowbitHfQuantizer
+
+
+def register() -> None:
+    """Make transformers load `quant_method: "lowbit"` checkpoints; idempotent."""
+    from transformers.quantizers import auto
+
+    config_cls, quantizer_cls = _classes()
+    if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        auto.register_quantization_config(QUANT_METHOD)(config_cls)
+    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
+        auto.register_quantizer(QUANT_METHOD)(quantizer_cls)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Runs `register()` right after transformers' quantizer registry module is first imported."""
+
+    def find_spec(self, name, path, target=None):
+        if name != REGISTRY_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            register()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def register_when_imported() -> None:
+    """Register now if transformers' quantizer registry is imported, else as soon as it is; idempotent."""
+    if REGISTRY_MODULE in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
