@@ -184,3 +184,23 @@ def test_eval_and_info_refuse_broken_checkpoints(capsys, compressed, tmp_path, h
     if how != "tampered":  # info reads the manifest and headers, not every byte
         code, _, err = run(capsys, "info", broken)
         assert code == 2 and message in err.lower()
+
+
+def test_eval_reads_a_compressed_tensors_export_with_its_adapter(capsys, tiny_llama_dir, news_file, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "quantize: {format: int4, group_size: 32, symmetric: true}\ndecompose: {method: lorc, rank: 4}\n"
+    )
+    ck, ct = tmp_path / "ck", tmp_path / "ct"
+    assert (
+        run(capsys, "compress", "--model", tiny_llama_dir, "--recipe", recipe, "--out", ck, "--json")[0] == 0
+    )
+    code, _, err = run(capsys, "export", ck, "--to", "compressed-tensors", "--out", ct, "--json")
+    assert code == 0, err
+    assert (ct / "adapter" / "adapter_config.json").is_file()
+    ppl = {}
+    for target in (ck, ct):
+        code, stdout, _ = run(capsys, "eval", target, "--data", news_file, "--json")
+        assert code == 0
+        ppl[target] = json.loads(stdout)["perplexity"]
+    assert ppl[ct] == pytest.approx(ppl[ck], rel=1e-4)

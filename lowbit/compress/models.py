@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 import transformers
 
-CHECKPOINT_MANIFEST = "lowbit_config.json"
+from lowbit.compress.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+from lowbit.compress.export import ADAPTER_DIR
+
 # owner/name or name, as the hub spells ids; anything else that does not exist locally is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -89,7 +91,10 @@ def _load_folder(path: Path, model: str, dtype: torch.dtype) -> tuple[torch.nn.M
     if (path / CHECKPOINT_MANIFEST).is_file():
         raise ModelError(f"{model!r} is a lowbit checkpoint; load it with lowbit.load")
     if (path / "config.json").is_file():
-        return _from_pretrained(str(path), model, dtype)
+        net, tokenizer = _from_pretrained(str(path), model, dtype)
+        if (path / ADAPTER_DIR / "adapter_config.json").is_file():
+            net = _attach_adapter(net, path / ADAPTER_DIR, model)
+        return net, tokenizer
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return _load_gguf(ggufs[0], dtype), _gguf_tokenizer(str(ggufs[0].resolve()))
@@ -105,6 +110,18 @@ def _from_pretrained(source: str, model: str, dtype: torch.dtype) -> tuple[torch
     net = _call(model, "load model", lambda: auto_model.from_pretrained(source, dtype=dtype))
     tokenizer = _call(model, "load the tokenizer of", lambda: auto_tokenizer.from_pretrained(source))
     return net.eval(), tokenizer
+
+
+def _attach_adapter(net: torch.nn.Module, adapter: Path, model: str) -> torch.nn.Module:
+    """Wrap `net` with the PEFT LoRA adapter that `lowbit export --to compressed-tensors` writes
+    beside the quantized base (the low-rank part L1 L2 of each layer)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelError(f"{model!r} has a LoRA adapter; install peft to load it") from None
+    with torch.no_grad():  # one forward decompresses compressed-tensors layers so PEFT can wrap them
+        net(torch.zeros(1, 1, dtype=torch.long))
+    return _call(model, "attach the adapter of", lambda: PeftModel.from_pretrained(net, str(adapter))).eval()
 
 
 def _call(model: str, verb: str, load):
