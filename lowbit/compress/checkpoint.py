@@ -43,7 +43,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read: bad manifest, missing or corrupt file, wrong layout."""
 
 
-def _lowbit_version() -> str:
+def lowbit_version() -> str:
     try:
         return version("lowbit")
     except PackageNotFoundError:
@@ -224,7 +224,7 @@ def save(
     if not hasattr(getattr(model, "config", None), "save_pretrained"):
         raise CheckpointError("model has no transformers config; cannot write a loadable checkpoint")
     _check_plan(plan, model_plan(model))
-    manifest = {"format_version": FORMAT_VERSION, "lowbit_version": _lowbit_version()}
+    manifest = {"format_version": FORMAT_VERSION, "lowbit_version": lowbit_version()}
     manifest.update(recipe=recipe, layers=plan)
     try:
         json.dumps(manifest)

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output checkpoint folder")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument(
+        "--budget", type=float, help="average bits per weight: allocate format, group and rank per layer"
+    )
+    c.add_argument("--budgets", help="several budgets, e.g. 2.5,3,3.5,4.25: one checkpoint each under --out")
+    c.add_argument("--restart", action="store_true", help="discard the work area of an earlier run")
+    c.add_argument("--work-dir", help="where finished stages are kept (default: .lowbit-work beside --out)")
+    c.add_argument(
         "--eval", action="store_true", help="reload the checkpoint and compare perplexity with the original"
     )
     c.add_argument("--eval-tokens", type=int, default=None, help="cap on held-out tokens for --eval")
@@ -75,11 +81,21 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     from lowbit.compress.pipeline import compress
 
     recipe = resolve_recipe(args)
+    budgets = parse_budgets(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"output folder {out} exists; pass --overwrite to replace it")
     progress = not args.json
-    _, report = compress(args.model, recipe, out, overwrite=args.overwrite, progress=progress)
+    _, report = compress(
+        args.model,
+        recipe,
+        out,
+        budgets=budgets,
+        overwrite=args.overwrite,
+        restart=args.restart,
+        work_dir=args.work_dir,
+        progress=progress,
+    )
     result = {
         "out": str(out),
         "model": args.model,
@@ -88,17 +104,75 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         "seconds": round(report.seconds, 1),
         "size_bytes": _folder_bytes(out),
     }
-    if args.eval:
-        data = args.data or recipe.calibration.data
-        result["original"] = evaluate_target(args.model, data, args.eval_tokens, progress=progress)
-        result["compressed"] = evaluate_target(str(out), data, args.eval_tokens, progress=progress)
+    if report.budgets:
+        keys = ("budget", "bits_per_weight", "out", "error", "solver_status", "solve_seconds")
+        result["budgets"] = [{k: b[k] for k in keys} for b in report.budgets]
+    if args.eval or len(report.budgets) > 1:
+        shapes = [tuple(e["shape"]) for e in report.layers.values()]
+        result.update(evaluate_compressed(args, recipe, result, shapes, progress))
     return result
 
 
-def evaluate_target(
-    target: str, data: str, tokens: int | None, seq_len: int = 512, batch_size: int = 4, progress: bool = True
+def parse_budgets(args: argparse.Namespace) -> list[float] | None:
+    if args.budget is not None and args.budgets:
+        raise ValueError("give either --budget or --budgets, not both")
+    if args.budget is not None:
+        return [args.budget]
+    if not args.budgets:
+        return None
+    try:
+        return [float(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise ValueError(f"--budgets must be comma-separated numbers, got {args.budgets!r}") from None
+
+
+def evaluate_compressed(
+    args: argparse.Namespace, recipe: Recipe, result: dict, shapes: list[tuple[int, int]], progress: bool
 ) -> dict:
-    """Perplexity of a lowbit checkpoint (reloaded with lowbit.load) or of a plain model."""
+    """Perplexity of the original, of every written checkpoint and of round-to-nearest baselines at
+    similar sizes; several budgets also get report.json + pareto.png in --out."""
+    from lowbit.compress.pipeline import compress
+    from lowbit.compress.report import RTN_BASELINES, nearest_baseline, write_report
+
+    data = args.data or recipe.calibration.data
+    evaluated = {"original": evaluate_target(args.model, data, args.eval_tokens, progress=progress)}
+    budgets = result.get("budgets") or [{"out": result["out"], "budget": None}]
+    for b in budgets:
+        evaluated[b["out"]] = evaluate_target(b["out"], data, args.eval_tokens, progress=progress)
+    rtn_bpw = {name: _uniform_bits_per_weight(name, shapes) for name in RTN_BASELINES}
+    wanted = RTN_BASELINES if len(budgets) > 1 else [nearest_baseline(result["bits_per_weight"], rtn_bpw)]
+    rtn = {}
+    for name in wanted:
+        model, _ = compress(args.model, preset(name), progress=progress)
+        rtn[name] = evaluate_target(args.model, data, args.eval_tokens, progress=progress, model=model)
+    if len(budgets) == 1:
+        return {"original": evaluated["original"], "compressed": evaluated[result["out"]], "rtn": rtn}
+    points = [{"label": "original", "kind": "original", **evaluated["original"]}]
+    points += [{"label": f"budget {b['budget']:g}", "kind": "budget", **evaluated[b["out"]]} for b in budgets]
+    points += [{"label": name, "kind": "rtn", **r} for name, r in rtn.items()]
+    files = write_report(Path(args.out), points, {"model": args.model, "data": data})
+    return {"points": points, "report": [str(f) for f in files]}
+
+
+def _uniform_bits_per_weight(name: str, shapes: list[tuple[int, int]]) -> float:
+    """Bits per weight of a uniform preset over layers of these shapes."""
+    from lowbit.quantizers import storage_bits
+
+    spec = preset(name).quantize.spec()
+    return sum(storage_bits(spec, s) for s in shapes) / sum(n * k for n, k in shapes)
+
+
+def evaluate_target(
+    target: str,
+    data: str,
+    tokens: int | None,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    progress: bool = True,
+    model=None,
+) -> dict:
+    """Perplexity of a lowbit checkpoint (reloaded with lowbit.load) or of a plain model; `model`, when
+    given, is evaluated in place of the target's weights (the target still gives the tokenizer)."""
     from lowbit.calibration.data import eval_tokens
     from lowbit.compress.checkpoint import checkpoint_info, is_checkpoint, load, load_tokenizer
     from lowbit.compress.evaluate import dense_bits_per_weight, perplexity
@@ -106,15 +180,17 @@ def evaluate_target(
 
     t0 = time.perf_counter()
     if is_checkpoint(target):
-        model, tokenizer = load(target), load_tokenizer(target)
+        net, tokenizer = load(target), load_tokenizer(target)
         if tokenizer is None:
             raise ValueError(f"checkpoint {target} has no tokenizer files; cannot tokenize evaluation text")
         bpw = checkpoint_info(target)["totals"]["bits_per_weight"]
     else:
-        model, tokenizer = load_model(target)
-        bpw = dense_bits_per_weight(model)
+        net, tokenizer = load_model(target)
+        bpw = dense_bits_per_weight(net)
+    if model is not None:
+        net, bpw = model, _model_bits_per_weight(model)
     ids = eval_tokens(tokenizer, data, max_tokens=tokens)
-    r = perplexity(model, ids, seq_len=seq_len, batch_size=batch_size, progress=progress)
+    r = perplexity(net, ids, seq_len=seq_len, batch_size=batch_size, progress=progress)
     return {
         "target": target,
         "data": data,
@@ -123,6 +199,14 @@ def evaluate_target(
         "bits_per_weight": bpw,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _model_bits_per_weight(model) -> float:
+    from lowbit.compress.checkpoint import model_plan
+    from lowbit.compress.pipeline import plan_bits
+
+    plan = model_plan(model)
+    return plan_bits(model, plan) / sum(e["shape"][0] * e["shape"][1] for e in plan.values())
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -163,7 +247,11 @@ def print_text(command: str, r: dict) -> None:
             f"wrote {r['out']}: {r['bits_per_weight']:.3f} bits per weight over {r['quantized_params']} "
             f"quantized weights, {r['size_bytes'] / 2**20:.1f} MiB on disk, {r['seconds']} s"
         )
-    if "original" in r:
+    for p in r.get("points", []):
+        print(f"  {p['label']:<12} {p['perplexity']:9.3f}  ({p['bits_per_weight']:.2f} bits per weight)")
+    if r.get("report"):
+        print("wrote " + ", ".join(r["report"]))
+    if "compressed" in r:
         o, c = r["original"], r["compressed"]
         print(f"perplexity on {c['tokens']} held-out tokens of {c['data']}:")
         print(f"  original   {o['perplexity']:9.3f}  ({o['bits_per_weight']:.2f} bits per weight)")
@@ -171,6 +259,10 @@ def print_text(command: str, r: dict) -> None:
             f"  compressed {c['perplexity']:9.3f}  ({c['bits_per_weight']:.2f} bits per weight, "
             f"{100 * (c['perplexity'] / o['perplexity'] - 1):+.1f}%)"
         )
+        for name, b in r["rtn"].items():
+            print(
+                f"  {'rtn ' + name:<10} {b['perplexity']:9.3f}  ({b['bits_per_weight']:.2f} bits per weight)"
+            )
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}
@@ -178,6 +270,10 @@ COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "expor
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json:  # machine-readable runs print nothing but the result
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         result = COMMANDS[args.command](args)
     except (ValueError, OSError) as e:

@@ -9,6 +9,10 @@ A recipe file looks like this (every key optional; defaults shown)::
     decompose:           # method: none | lorc | lqlora | lqlora-fisher | svdquant
       {method: none, rank: 0, iterations: 20}
     calibration: {data: "builtin:lee-news", samples: 128, seq_len: 512, seed: 0}
+    allocate:            # per-layer format / bits / group / rank by ILP under `budget` bits per weight
+      {budget: null, formats: [int, nf], bits: [2, 3, 4, 8], group_sizes: [32, 64, 128],
+       ranks: [0, 8, 16, 32, 64], metric: output, solver: ilp,
+       pins: {}, forbid: [], min_bits: {}}                    # e.g. min_bits: {"*.down_proj": 4}
     exclude: ["lm_head"] # fnmatch patterns of layers left as they are
     overrides:           # per-layer quantize settings, first match wins
       - {match: "*.down_proj", quantize: {format: int8}}
@@ -30,6 +34,8 @@ from lowbit.quantizers import QuantSpec, SpecError
 RECIPE_VERSION = 1
 ROUNDINGS = ("nearest", "gptq")
 DECOMPOSE_METHODS = ("none", "lorc", "lqlora", "lqlora-fisher", "svdquant")
+METRICS = ("output", "fisher", "frobenius")
+SOLVERS = ("ilp", "greedy")
 
 
 class RecipeError(ValueError):
@@ -99,6 +105,46 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class AllocateConfig:
+    """Bit allocation (LQ-LoRA's ILP, with ranks): the candidate grid, the error metric and the budget.
+
+    budget: average stored bits per quantized weight (codes, scales, zeros, low-rank counted); None
+    means no allocation: every layer takes the recipe's quantize / decompose settings.
+    pins: {layer pattern: {format / bits / group_size / rank: value}} restricts matching layers to the
+    candidates with those values; forbid: [{match: pattern, bits / format / group_size / rank: value}]
+    removes candidates; min_bits: {layer pattern: bits}.
+    """
+
+    budget: float | None = None
+    formats: tuple[str, ...] = ("int", "nf")
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    group_sizes: tuple[int, ...] = (32, 64, 128)
+    ranks: tuple[int, ...] = (0, 8, 16, 32, 64)
+    metric: str = "output"
+    solver: str = "ilp"
+    pins: dict = field(default_factory=dict)
+    forbid: tuple = ()
+    min_bits: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("formats", "bits", "group_sizes", "ranks", "forbid"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.metric not in METRICS:
+            raise RecipeError(f"unknown allocate.metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+        if self.solver not in SOLVERS:
+            raise RecipeError(f"unknown allocate.solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if self.budget is not None and not self.budget > 0:
+            raise RecipeError(
+                f"allocate.budget must be a positive number of bits per weight, got {self.budget}"
+            )
+        if not (self.formats and self.bits and self.group_sizes and self.ranks):
+            raise RecipeError("allocate needs at least one format, bit width, group size and rank")
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(asdict(self), sort_keys=True, default=str))
+
+
+@dataclass(frozen=True)
 class Override:
     """Quantize settings for the layers whose fully qualified name matches `match` (fnmatch)."""
 
@@ -111,6 +157,7 @@ class Recipe:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    allocate: AllocateConfig = field(default_factory=AllocateConfig)
     exclude: tuple[str, ...] = ("lm_head",)
     overrides: tuple[Override, ...] = ()
     version: int = RECIPE_VERSION
@@ -118,7 +165,8 @@ class Recipe:
     def needs_calibration(self) -> bool:
         """True when some stage reads calibration statistics (GPTQ, SVDQuant, Fisher weights)."""
         roundings = {self.quantize.rounding} | {o.quantize.rounding for o in self.overrides}
-        return "gptq" in roundings or self.decompose.method in ("svdquant", "lqlora-fisher")
+        allocating = self.allocate.budget is not None and self.allocate.metric != "frobenius"
+        return "gptq" in roundings or self.decompose.method in ("svdquant", "lqlora-fisher") or allocating
 
     def layer_config(self, name: str) -> QuantizeConfig | None:
         """The quantize settings for one linear layer, or None when the layer stays as it is."""
@@ -132,6 +180,7 @@ class Recipe:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["exclude"] = list(self.exclude)
+        d["allocate"] = json.loads(json.dumps(d["allocate"]))  # tuples -> lists
         d["overrides"] = [{"match": o.match, "quantize": asdict(o.quantize)} for o in self.overrides]
         return d
 
@@ -158,6 +207,7 @@ class Recipe:
             quantize=quantize,
             decompose=_section(DecomposeConfig, d.get("decompose"), "decompose", base.decompose),
             calibration=_section(CalibrationConfig, d.get("calibration"), "calibration", base.calibration),
+            allocate=_section(AllocateConfig, d.get("allocate"), "allocate", base.allocate),
             exclude=tuple(d.get("exclude", base.exclude)),
             overrides=tuple(overrides),
             version=version,

@@ -1,0 +1,151 @@
+"""Compressing to a bits-per-weight budget: ILP allocation, resumable stages, cached error table."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lowbit.compress.pipeline as pipeline
+from lowbit.compress.allocate import AllocationError
+from lowbit.compress.checkpoint import checkpoint_info
+from lowbit.compress.cli import main
+from lowbit.compress.recipe import Recipe
+
+GRID = {"formats": ["int"], "bits": [2, 3, 4], "group_sizes": [32, 64], "ranks": [0, 4]}
+
+
+def recipe_file(tmp_path, **allocate):
+    path = tmp_path / "recipe.json"
+    recipe = {"allocate": {**GRID, **allocate}, "calibration": {"samples": 4, "seq_len": 32}}
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+def run_cli(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_budget_is_respected_in_the_written_checkpoint(tiny_llama_dir, news_file, tmp_path):
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "multi"
+    args = ["compress", "--model", tiny_llama_dir, "--recipe", recipe, "--data", news_file, "--out", out]
+    assert run_cli(*args, "--budgets", "2.5,3.5", "--json") == 0
+    assert (out / "report.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    kinds = sorted({p["kind"] for p in report["points"]})
+    assert kinds == ["budget", "original", "rtn"]
+    bpw = {}
+    for b in (2.5, 3.5):
+        info = checkpoint_info(out / f"bpw-{b:g}")  # recounted from the files
+        bpw[b] = info["totals"]["bits_per_weight"]
+        assert bpw[b] <= b
+    assert bpw[2.5] < bpw[3.5]
+
+
+def test_new_budget_reuses_calibration_and_error_table(tiny_llama_dir, news_file, tmp_path, monkeypatch):
+    recipe = recipe_file(tmp_path)
+    base = ["compress", "--model", tiny_llama_dir, "--recipe", recipe, "--data", news_file, "--json"]
+    assert run_cli(*base, "--budget", "3", "--out", tmp_path / "a") == 0
+    assert (tmp_path / ".lowbit-work").is_dir()
+
+    def forbidden(*a, **k):
+        raise AssertionError("the second run must not recompute this")
+
+    monkeypatch.setattr(pipeline, "calibrate", forbidden)
+    monkeypatch.setattr(pipeline, "error_row", forbidden)
+    assert run_cli(*base, "--budget", "2.5", "--out", tmp_path / "b") == 0
+    assert checkpoint_info(tmp_path / "b")["totals"]["bits_per_weight"] <= 2.5
+    # --restart discards the work area, so the same run now has to calibrate again
+    with pytest.raises(AssertionError, match="must not recompute"):
+        main([*map(str, base), "--budget", "2.5", "--out", str(tmp_path / "c"), "--restart"])
+
+
+def test_infeasible_budget_names_the_achievable_range(tiny_llama_dir, news_file, tmp_path, capsys):
+    recipe = recipe_file(tmp_path)
+    code = run_cli(
+        "compress",
+        "--model",
+        tiny_llama_dir,
+        "--recipe",
+        recipe,
+        "--data",
+        news_file,
+        "--budget",
+        "1",
+        "--out",
+        tmp_path / "o",
+        "--json",
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "smallest" in err and "largest" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_api_budget(tmp_path):
+    from tests.conftest import make_tiny_llama
+
+    recipe = Recipe.from_dict({"allocate": {**GRID, "metric": "frobenius"}})
+    model, report = pipeline.compress(make_tiny_llama(300), recipe, budget=3.0, progress=False)
+    assert report.bits_per_weight <= 3.0
+    assert report.budgets[0]["solver_status"] in ("optimal", "feasible")
+    with pytest.raises(AllocationError):
+        pipeline.compress(make_tiny_llama(300), recipe, budget=1.0, progress=False)
+
+
+def tensors(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_after_kill_is_bit_identical(tiny_llama_dir, news_file, tmp_path):
+    recipe = recipe_file(tmp_path, ranks=[0, 4, 8])
+    command = [
+        sys.executable,
+        "-m",
+        "lowbit.compress.cli",
+        "compress",
+        "--model",
+        str(tiny_llama_dir),
+        "--recipe",
+        str(recipe),
+        "--data",
+        str(news_file),
+        "--budget",
+        "3",
+        "--json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    clean = tmp_path / "clean"
+    t0 = time.perf_counter()
+    subprocess.run(
+        [*command, "--out", str(clean), "--work-dir", str(tmp_path / "w1")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    duration = time.perf_counter() - t0
+    out, work = tmp_path / "resumed", str(tmp_path / "w2")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # kill at random moments, each run getting further thanks to the saved stages
+        p = subprocess.Popen(
+            [*command, "--out", str(out), "--work-dir", work],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(duration * (0.3 + 0.6 * torch.rand(1, generator=g).item()))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not out.exists() or (out / "lowbit_config.json").is_file()  # never half-written
+    if not out.exists():
+        subprocess.run(
+            [*command, "--out", str(out), "--work-dir", work], check=True, env=env, capture_output=True
+        )
+    a, b = tensors(clean), tensors(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
