@@ -86,6 +86,6 @@ def test_bits_per_weight_counts_lowrank(blocks):
     lowrank, r8 = compress(
         make_tiny_llama(300), recipe({"format": "int4"}, {"method": "lorc", "rank": 8}), progress=False
     )
-    # each layer [N, K] gains r * (N + K) fp32 low-rank weights
-    extra = sum(8 * sum(e["shape"]) * 32 for e in r8.layers.values())
+    # each layer [N, K] gains r * (N + K) low-rank weights, stored in float16 by default
+    extra = sum(8 * sum(e["shape"]) * 16 for e in r8.layers.values())
     assert r8.bits_per_weight * r8.quantized_params == r0.bits_per_weight * r0.quantized_params + extra

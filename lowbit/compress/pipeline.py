@@ -39,6 +39,7 @@ from lowbit.compress.qlinear import QLinear, set_submodule
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.workarea import WorkArea
 from lowbit.lowrank import Stats, decompose
+from lowbit.quantizers import SCALE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +86,15 @@ def compress_layer(name: str, linear: nn.Linear, recipe: Recipe, stats=None, fis
     dec = recipe.decompose
     H = None if stats is None else stats.hessian_matrix()
     act_max = None if stats is None else stats.act_max
-    return decompose_layer(
-        linear,
-        cfg.spec(),
-        dec.rank,
-        dec.method,
-        cfg.rounding,
-        dec.iterations,
-        Stats(H=H, act_max=act_max, fisher=fisher),
-    )
+    stats = Stats(H=H, act_max=act_max, fisher=fisher)
+    return decompose_layer(linear, cfg.spec(), dec.rank, dec.method, cfg.rounding, recipe, stats)
 
 
 def decompose_layer(
-    linear: nn.Linear, spec, rank: int, method: str, rounding: str, iterations: int, stats: Stats
+    linear: nn.Linear, spec, rank: int, method: str, rounding: str, recipe: Recipe, stats: Stats
 ) -> QLinear:
-    """Decompose one layer's weight W [N, K] into Q + L1 L2 and return the QLinear holding it."""
+    """Decompose one layer's weight W [N, K] into Q + L1 L2 and return the QLinear holding it; the
+    low-rank factors are stored in the recipe's decompose.lowrank_dtype."""
     d = decompose(
         linear.weight.detach().float(),
         spec,
@@ -109,15 +104,15 @@ def decompose_layer(
         act_max=stats.act_max,
         fisher=stats.fisher,
         rounding=rounding,
-        iterations=iterations,
+        iterations=recipe.decompose.iterations,
     )
-    dtype = linear.weight.dtype
+    lowrank = SCALE_DTYPES[recipe.decompose.lowrank_dtype]
     return QLinear.from_linear(
         linear,
         d.q,
-        None if d.l1 is None else d.l1.to(dtype),
-        None if d.l2 is None else d.l2.to(dtype),
-        None if d.smooth is None else d.smooth.to(dtype),
+        None if d.l1 is None else d.l1.to(lowrank),
+        None if d.l2 is None else d.l2.to(lowrank),
+        None if d.smooth is None else d.smooth.to(linear.weight.dtype),
     )
 
 
@@ -308,6 +303,7 @@ def table_stage(linears, recipe: Recipe, stats: dict[str, Stats], work: WorkArea
         rounding=recipe.quantize.rounding,
         iterations=recipe.decompose.iterations,
     )
+    lowrank_bits = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize
     errs, sizes = [], []
     for name, lin in tqdm(linears.items(), desc="error table", disable=not progress):
         row = work.load(f"table/{name}.safetensors")
@@ -316,7 +312,7 @@ def table_stage(linears, recipe: Recipe, stats: dict[str, Stats], work: WorkArea
                 lin.weight.detach().float(),
                 grid,
                 stats=stats.get(name),
-                lowrank_dtype_bits=8 * lin.weight.element_size(),
+                lowrank_dtype_bits=lowrank_bits,
                 **info,
             )
             row = {"errors": torch.from_numpy(e), "sizes": torch.from_numpy(z)}, {}
@@ -347,13 +343,7 @@ def quantize_stage(linears, plan, recipe: Recipe, stats, work: WorkArea, tag: st
         if saved is None:
             c = plan[name]
             q = decompose_layer(
-                lin,
-                c.spec,
-                c.rank,
-                method,
-                recipe.quantize.rounding,
-                recipe.decompose.iterations,
-                stats.get(name, Stats()),
+                lin, c.spec, c.rank, method, recipe.quantize.rounding, recipe, stats.get(name, Stats())
             )
             work.save(f"{tag}/{name}.safetensors", q.state_dict(), q.layer_plan())
         else:
