@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lowbit.lowrank import Stats, decompose, errors, svd_r
+from lowbit.lowrank.decomposition import quantize_step
 from lowbit.quantizers import FORMATS, QuantSpec, SpecError, dequantize, storage_bits
 
 logger = logging.getLogger(__name__)
@@ -154,11 +155,27 @@ def budget_bits(budget_bpw: float, params: int) -> int:
 
 def _lorc_errors(W, spec, ranks, stats: Stats, key: str, rounding: str) -> list[float]:
     """LoRC errors at every rank from one quantization and one SVD: Q is rank-independent and the rank-r
-    truncation of SVD_rmax(W - Q) is SVD_r(W - Q) (exactly so for the full SVD of matrices under 512 wide)."""
-    q = decompose(W, spec, 0, "none", H=stats.H, fisher=stats.fisher, rounding=rounding).q
-    Qd = dequantize(q)  # [N, K]
-    L1, L2 = svd_r(W.float() - Qd, max(ranks))  # [N, rmax], [rmax, K]
-    return [errors(W, Qd + L1[:, :r] @ L2[:r], stats.H, stats.fisher)[key] for r in ranks]
+    truncation of SVD_rmax(W - Q) is SVD_r(W - Q) (exactly so for the full SVD of matrices under 512 wide).
+
+    The output error needs one [N, K] x [K, K] product per spec, not one per rank: with D = W - Q and
+    L = L1 L2, tr((D - L) H (D - L)^T) = tr(D H D^T) - 2 <L, D H> + tr(L1 (L2 H L2^T) L1^T).
+    """
+    W = W.float()
+    q = quantize_step(W, spec, rounding, stats.H)
+    D = W - dequantize(q)  # [N, K]
+    L1, L2 = svd_r(D, max(ranks))  # [N, rmax], [rmax, K]
+    if key != "output_error":
+        return [errors(W, W - D + L1[:, :r] @ L2[:r], stats.H, stats.fisher)[key] for r in ranks]
+    H = stats.H.float()
+    DH = D @ H  # [N, K]
+    base = float((DH * D).sum())
+    out = []
+    for r in ranks:
+        a, b = L1[:, :r], L2[:r]  # [N, r], [r, K]
+        cross = float(((a @ b) * DH).sum())
+        quad = float(((a @ (b @ H @ b.T)) * a).sum())
+        out.append(base - 2 * cross + quad)
+    return out
 
 
 def error_row(
