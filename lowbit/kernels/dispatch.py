@@ -4,8 +4,20 @@
 `lowbit.kernels.reference.qlinear` with the chosen backend. The call goes through
 `torch.library.custom_op` so `torch.compile` sees one opaque op with a shape rule (fake kernel) and
 an analytic backward (gradients for x, l1, l2, smooth and bias; the quantized weight is a constant).
+
+Backends (BACKENDS):
+- "reference": pure torch, the definition; any device and floating dtype.
+- "triton": fused Triton kernels (`lowbit.kernels.triton_qlinear.qlinear`) for float16, bfloat16 and
+  float32 activations on CUDA GPUs; on CPU tensors only under Triton's interpreter
+  (TRITON_INTERPRET=1 set before the kernels are first used), which is how the tests run them.
+- "triton_w8a8": "triton" with FP8 activations for FP8 E4M3 weights (compute capability >= 8.9);
+  an approximation of the reference, so never chosen by "auto".
+- "auto": "triton" for CUDA tensors of a dtype it takes when triton is installed, else "reference".
+triton is imported on first use of a Triton backend, never by `import lowbit`.
 """
 
+import importlib.util
+import os
 from functools import cache
 
 import torch
@@ -13,19 +25,71 @@ import torch
 from lowbit.kernels import reference
 from lowbit.quantizers import QTensor, QuantSpec, dequantize
 
-BACKENDS = {"reference": reference.qlinear}
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# oldest GPU generation the Triton backend is chosen for automatically (Turing)
+MIN_CAPABILITY = (7, 5)
+
+
+def _triton(x, q, l1, l2, smooth, bias):
+    from lowbit.kernels import triton_qlinear
+
+    return triton_qlinear.qlinear(x, q, l1, l2, smooth, bias)
+
+
+def _triton_w8a8(x, q, l1, l2, smooth, bias):
+    from lowbit.kernels import triton_qlinear
+
+    return triton_qlinear.qlinear_w8a8(x, q, l1, l2, smooth, bias)
+
+
+BACKENDS = {"reference": reference.qlinear, "triton": _triton, "triton_w8a8": _triton_w8a8}
 
 
 class BackendError(ValueError):
-    """A kernel backend name that is not known."""
+    """A kernel backend name that is not known, or one that cannot run on the given device or dtype."""
 
 
-def resolve_backend(backend: str, device: torch.device | None = None) -> str:
-    """The concrete backend for `backend` ("auto" or a key of BACKENDS) on `device`."""
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up, not imported
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """A CUDA GPU Triton compiles for, or the CPU under Triton's interpreter.
+
+    (torch.compile folds get_device_properties to a constant while tracing a caller.)
+    """
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type != "cuda":
+        return False
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor) >= MIN_CAPABILITY
+
+
+def resolve_backend(
+    backend: str, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """The concrete backend for `backend` ("auto" or a key of BACKENDS) for inputs on `device` of `dtype`.
+
+    Without a device only the name is checked. A Triton backend that cannot run there raises
+    BackendError.
+    """
     if backend == "auto":
-        return "reference"
+        if device is None or device.type != "cuda" or not TRITON_INSTALLED or dtype not in TRITON_DTYPES:
+            return "reference"
+        return "triton" if _triton_runs_on(device) else "reference"
     if backend not in BACKENDS:
         raise BackendError(f"unknown qlinear backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if backend == "reference" or device is None:
+        return backend
+    if not TRITON_INSTALLED:
+        raise BackendError(f"the {backend} backend needs triton, which is not installed")
+    if not _triton_runs_on(device):
+        raise BackendError(
+            f"the {backend} backend runs on CUDA GPUs of compute capability >= 7.5, not {device}; "
+            "on the CPU set TRITON_INTERPRET=1 before the kernels are first used (slow, for tests)"
+        )
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        raise BackendError(f"the {backend} backend computes in float16, bfloat16 or float32, got {dtype}")
     return backend
 
 
@@ -120,10 +184,10 @@ def qlinear(
 ) -> torch.Tensor:
     """y [..., N] = (x / smooth) @ dequantize(q).T + ((x / smooth) @ l2.T) @ l1.T + bias with `backend`.
 
-    backend: "auto" (the fastest backend available for x.device) or a key of BACKENDS.
+    backend: "auto" (the fastest exact backend for x's device and dtype) or a key of BACKENDS.
     """
-    name = resolve_backend(backend, x.device)
     reference.check_inputs(x, q, l1, l2, smooth, bias)
+    name = resolve_backend(backend, x.device, x.dtype)
     n, k = q.shape
     fields = (q.codes, q.scales, q.zeros, q.dq_absmax)
     return qlinear_op(x, *fields, l1, l2, smooth, bias, *_spec_args(q.spec), n, k, name)
