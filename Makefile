@@ -16,7 +16,7 @@ demo: install
 	$(PYTHON) -m lowbit.compress.cli compress --model smollm2-135m --preset int4-g128 --out $(DEMO_OUT) --overwrite --eval
 
 test: install
-	$(PYTHON) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
 lint:
 	ruff check lowbit tests scripts
