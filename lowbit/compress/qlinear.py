@@ -8,17 +8,34 @@ buffer. The forward pass is `lowbit.kernels.qlinear`, whose reference backend de
     y = (x / smooth) @ dequantize(Q).T + ((x / smooth) @ l2.T) @ l1.T + bias
 
 Layers are swapped in by fully qualified name (`set_submodule`, `replace_linears`); nothing patches a
-module's forward.
+module's forward. For fine-tuning, `FakeQuantLinear` is a QLinear's training form (differentiable
+scales, LSQ / L4Q fake quantization); `QLinear.replace_weight` takes back what it learned.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from lowbit.kernels import qlinear
 from lowbit.kernels.dispatch import resolve_backend
-from lowbit.quantizers import DQ_BLOCK, SCALE_DTYPES, TENSOR_FIELDS, QTensor, QuantSpec, packed_row_bytes
+from lowbit.quantizers import (
+    DQ_BLOCK,
+    SCALE_DTYPES,
+    TENSOR_FIELDS,
+    QTensor,
+    QuantSpec,
+    decode_scales,
+    dequantize,
+    fit_scales,
+    pack_qtensor,
+    packed_row_bytes,
+    round_scales,
+    unpack_codes,
+)
+from lowbit.quantizers.fake import fake_quantize, lsq_grad_scale, peqa_dequantize, requantize
 
 PLAN_KEYS = ("spec", "shape", "rank", "bias", "smooth")
 
@@ -171,6 +188,44 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         return qlinear(x, self.qtensor(), self.l1, self.l2, self.smooth, self.bias, backend=self.backend)
 
+    def replace_weight(
+        self, q: QTensor, l1: torch.Tensor | None = None, l2: torch.Tensor | None = None
+    ) -> None:
+        """Store a new quantized weight (same spec and shape) and low-rank factors (any rank; None: rank 0).
+
+        Fine-tuning calls this when it changes codes, scales or the rank; tensors keep their dtypes and
+        move to the device of the current codes.
+        """
+        N, K = self.out_features, self.in_features
+        if q.spec != self.spec or tuple(q.shape) != (N, K):
+            raise QLinearError(
+                f"new weight is {q.spec.short()} {tuple(q.shape)}; the layer is {self.spec.short()} {(N, K)}"
+            )
+        if (l1 is None) != (l2 is None):
+            raise QLinearError("give both low-rank factors l1 and l2, or neither")
+        rank = 0 if l1 is None else l1.shape[-1]
+        if l1 is not None and (tuple(l1.shape) != (N, rank) or tuple(l2.shape) != (rank, K)):
+            raise QLinearError(
+                f"low-rank factors {tuple(l1.shape)}, {tuple(l2.shape)} do not fit [{N}, r], [r, {K}]"
+            )
+        layout = stored_layout(self.spec, N, K)
+        tensors = q.tensors()
+        if set(tensors) != set(layout):
+            raise QLinearError(
+                f"QTensor holds {sorted(tensors)}; {self.spec.short()} stores {sorted(layout)}"
+            )
+        for field, t in tensors.items():
+            if (tuple(t.shape), t.dtype) != layout[field]:
+                raise QLinearError(
+                    f"QTensor field {field!r} is {tuple(t.shape)} {t.dtype}, not {layout[field]}"
+                )
+        device = self.codes.device
+        for field, t in tensors.items():
+            self._buffers[field] = t.detach().to(device).contiguous()
+        self.rank = rank
+        self.l1 = None if l1 is None else nn.Parameter(l1.detach().to(device).contiguous())
+        self.l2 = None if l2 is None else nn.Parameter(l2.detach().to(device).contiguous())
+
     def layer_plan(self) -> dict:
         """The JSON-able per-layer entry of a checkpoint manifest."""
         return {
@@ -226,3 +281,122 @@ def replace_linears(
         layer_dtype = dtype or (ref.dtype if isinstance(old, nn.Linear) else torch.float32)
         set_submodule(model, fqn, QLinear.from_plan(entry, layer_dtype, device or ref.device, backend))
     return model
+
+
+TRAIN_MODES = ("peqa", "l4q", "lsq")
+
+
+class FakeQuantLinear(nn.Module):
+    """The training form of a QLinear: y = x_s @ W_hat.T (+ (x_s @ l2.T) @ l1.T) + bias, x_s = x / smooth.
+
+    W_hat [N, K] is differentiable in what the mode trains (see `lowbit.quantizers.fake`):
+
+    - peqa (PEQA, Kim et al. 2023): W_hat = s * q(codes, z); codes [N, K] and zeros frozen, the scales
+      s [N, G] trained; the low-rank branch, if any, frozen.
+    - l4q (L4Q, Jeon et al. 2024): W_hat = fake_quantize(W0 + B A, s, z); the latent W0 [N, K] frozen,
+      A [r, K], B [N, r] (B = 0 at the start), s and z trained with LSQ; no low-rank branch: B A is
+      merged into the codes on export, which leaves a rank-0 layer.
+    - lsq (LSQ, Esser et al. 2020): W_hat = fake_quantize(R, s, z) plus the low-rank branch l1 l2, with
+      R = W0 - L1 L2 (the residual at the start) frozen; s, z, l1 and l2 trained.
+
+    W0 is the dense weight in the layer's smoothed domain, W diag(smooth): the caller passes it (the
+    original model's weight), else it is rebuilt as dequantize(Q) + L1 L2. Rebuilt, the residual R of
+    lsq is dequantize(Q) itself, which lies on the grid of the initial scales, so LSQ's gradient of the
+    scales starts at zero there: give the original weight to train the scales of lsq. Scales start from
+    the stored ones (peqa, lsq) or from round-to-nearest scales of W0 (l4q). Trained tensors are fp32
+    parameters; frozen ones are buffers (W0 and R in `dtype`, codes as uint8).
+    """
+
+    def __init__(
+        self,
+        layer: QLinear,
+        mode: str,
+        W0: torch.Tensor | None = None,
+        lora_rank: int = 16,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if mode not in TRAIN_MODES:
+            raise QLinearError(f"unknown training mode {mode!r}; choose one of {', '.join(TRAIN_MODES)}")
+        N, K = layer.out_features, layer.in_features
+        if W0 is not None and tuple(W0.shape) != (N, K):
+            raise QLinearError(f"dense weight has shape {tuple(W0.shape)}, the layer is {(N, K)}")
+        self.in_features, self.out_features, self.spec, self.mode = K, N, layer.spec, mode
+        self.factor_dtype = torch.float32 if layer.l1 is None else layer.l1.dtype
+        self.g = lsq_grad_scale(layer.spec, K)
+        device = layer.codes.device
+        q = layer.qtensor()
+        s, z = (None if t is None else t.clone() for t in decode_scales(q))  # float32 [N, G], own copies
+        self.register_buffer("smooth", layer.smooth)
+        self.bias = layer.bias
+        self.lora_a = self.lora_b = None
+        l1, l2 = layer.l1, layer.l2
+        if mode == "peqa":
+            self.register_buffer("codes", unpack_codes(q))
+            self.register_buffer("z", z)
+            self.register_buffer("l1", None if l1 is None else l1.detach())
+            self.register_buffer("l2", None if l2 is None else l2.detach())
+            self.s = nn.Parameter(s)
+            return
+        lowrank = None if l1 is None else l1.detach().float() @ l2.detach().float()  # [N, K]
+        if W0 is None:
+            W0 = dequantize(q) if mode == "lsq" or lowrank is None else dequantize(q) + lowrank
+        elif mode == "lsq" and lowrank is not None:
+            W0 = W0.float() - lowrank
+        self.register_buffer("w0", W0.detach().to(device, dtype).contiguous())
+        if mode == "l4q":
+            s, z = fit_scales(self.w0.float(), layer.spec)
+            bound = 1 / math.sqrt(K)  # LoRA's Kaiming-uniform A, zero B: training starts from W0
+            a = (torch.rand(lora_rank, K, generator=generator) * 2 - 1) * bound
+            self.lora_a = nn.Parameter(a.to(device))
+            self.lora_b = nn.Parameter(torch.zeros(N, lora_rank, device=device))
+            l1 = l2 = None
+        self.s = nn.Parameter(s)
+        self.z = None if z is None else nn.Parameter(z)
+        self.l1 = None if l1 is None else nn.Parameter(l1.detach().float().clone())
+        self.l2 = None if l2 is None else nn.Parameter(l2.detach().float().clone())
+
+    def latent(self) -> torch.Tensor:
+        """What is fake-quantized: W0 + B A (l4q) or R (lsq), float32 [N, K]."""
+        w = self.w0.float()
+        return w if self.lora_a is None else w + self.lora_b @ self.lora_a
+
+    def weight(self) -> torch.Tensor:
+        """W_hat float32 [N, K], the quantized part of the weight in the smoothed domain."""
+        if self.mode == "peqa":
+            return peqa_dequantize(self.codes, self.s, self.z, self.spec)
+        return fake_quantize(self.latent(), self.s, self.z, self.spec, self.g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        dtype = x.dtype
+        x_s = x if self.smooth is None else x / self.smooth.to(dtype)  # x_s: [..., K]
+        y = x_s @ self.weight().to(dtype).T
+        if self.l1 is not None:
+            y = y + (x_s @ self.l2.to(dtype).T) @ self.l1.to(dtype).T
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y
+
+    @torch.no_grad()
+    def export(self) -> tuple[QTensor, torch.Tensor | None, torch.Tensor | None]:
+        """(QTensor with the learned scales, l1, l2) for `QLinear.replace_weight`; l4q returns no factors.
+
+        peqa keeps the codes (and zeros) bit-identical; l4q and lsq re-encode the latent against the
+        learned scales, so the result computes exactly what this module computes.
+        """
+        if self.mode == "peqa":
+            q = pack_qtensor(self.codes, round_scales(self.s.float(), self.spec), self.z, self.spec)
+        else:
+            q = requantize(self.latent(), self.s, self.z, self.spec)
+        if self.l1 is None:
+            return q, None, None
+        return q, self.l1.to(self.factor_dtype), self.l2.to(self.factor_dtype)
+
+    def extra_repr(self) -> str:
+        lora = f", lora_rank={self.lora_a.shape[0]}" if self.lora_a is not None else ""
+        rank = 0 if self.l1 is None else self.l1.shape[1]
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.short()}, "
+            f"mode={self.mode}, rank={rank}{lora}"
+        )
