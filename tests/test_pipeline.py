@@ -1,5 +1,7 @@
 """The compress pipeline on a tiny random Llama: every decomposition method and rounding, end to end."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -89,3 +91,24 @@ def test_bits_per_weight_counts_lowrank(blocks):
     # each layer [N, K] gains r * (N + K) low-rank weights, stored in float16 by default
     extra = sum(8 * sum(e["shape"]) * 16 for e in r8.layers.values())
     assert r8.bits_per_weight * r8.quantized_params == r0.bits_per_weight * r0.quantized_params + extra
+
+
+def test_recipe_finetune_stage_runs_and_is_validated(blocks):
+    from lowbit.compress.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="finetune"):
+        Recipe.from_dict({"finetune": {"mode": "dance"}})
+    r = Recipe.from_dict(
+        {
+            "quantize": {"format": "int3", "group_size": 32},
+            "decompose": {"method": "lorc", "rank": 4},
+            "finetune": {"mode": "lora", "objective": "distill", "steps": 2, "batch_size": 2, "seq_len": SEQ},
+        }
+    )
+    assert Recipe.from_dict(r.to_dict()) == r
+    model, report = compress(make_tiny_llama(300), r, calib_data=blocks, progress=False)
+    before, _ = compress(make_tiny_llama(300), replace(r, finetune=None), calib_data=blocks, progress=False)
+    name = "model.layers.0.mlp.up_proj"
+    a, b = model.get_submodule(name), before.get_submodule(name)
+    assert torch.equal(a.codes, b.codes) and not torch.equal(a.l1, b.l1)  # lora trains only L1, L2
+    assert report.layers[name]["rank"] == 4

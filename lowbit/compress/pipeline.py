@@ -17,6 +17,7 @@ reuses the calibration and the error table. See `compress_to_budgets`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -209,7 +210,10 @@ def compress(
         report.budgets = [r.__dict__ for r in results]
         plan = results[-1].plan
     else:
+        teacher = copy.deepcopy(model) if recipe.finetune else None
         plan = quantize_model(model, recipe, tokenizer, calib_data=calib_data, progress=progress)
+        if teacher is not None:
+            plan = finetune_stage(model, teacher, recipe, tokenizer, calib_data, progress)
         if out is not None:
             save(model, out, plan=plan, recipe=recipe.to_dict(), tokenizer=tokenizer, overwrite=overwrite)
     report.layers = plan
@@ -218,6 +222,20 @@ def compress(
     report.out = None if out is None else str(out)
     report.seconds = time.perf_counter() - t0
     return model, report
+
+
+def finetune_stage(model, teacher, recipe: Recipe, tokenizer, calib_data, progress: bool) -> dict:
+    """Quantization-aware fine-tuning of the compressed model against the original (the teacher);
+    returns the new per-layer plan (L4Q merges its low-rank factors)."""
+    from lowbit.compress.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig.from_dict(recipe.finetune)
+    if calib_data is None and config.data is None:
+        calib_data = _calibration_data(recipe, tokenizer)
+    report = finetune(
+        model, teacher, config=config, blocks=calib_data, tokenizer=tokenizer, progress=progress
+    )
+    return report.plan
 
 
 def budget_outs(out: Path, budgets: list[float]) -> list[Path]:

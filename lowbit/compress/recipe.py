@@ -13,6 +13,8 @@ A recipe file looks like this (every key optional; defaults shown)::
       {budget: null, formats: [int, nf], bits: [2, 3, 4, 8], group_sizes: [32, 64, 128],
        ranks: [0, 8, 16, 32, 64], metric: output, solver: ilp,
        pins: {}, forbid: [], min_bits: {}}                    # e.g. min_bits: {"*.down_proj": 4}
+    finetune:            # optional: lora | peqa | l4q | lsq, lm or distill (see lowbit.compress.finetune)
+      {mode: lora, objective: distill, steps: 100}
     exclude: ["lm_head"] # fnmatch patterns of layers left as they are
     overrides:           # per-layer quantize settings, first match wins
       - {match: "*.down_proj", quantize: {format: int8}}
@@ -164,6 +166,7 @@ class Recipe:
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     allocate: AllocateConfig = field(default_factory=AllocateConfig)
+    finetune: dict | None = None
     exclude: tuple[str, ...] = ("lm_head",)
     overrides: tuple[Override, ...] = ()
     version: int = RECIPE_VERSION
@@ -214,10 +217,25 @@ class Recipe:
             decompose=_section(DecomposeConfig, d.get("decompose"), "decompose", base.decompose),
             calibration=_section(CalibrationConfig, d.get("calibration"), "calibration", base.calibration),
             allocate=_section(AllocateConfig, d.get("allocate"), "allocate", base.allocate),
+            finetune=_finetune_section(d.get("finetune")),
             exclude=tuple(d.get("exclude", base.exclude)),
             overrides=tuple(overrides),
             version=version,
         )
+
+
+def _finetune_section(d: dict | None) -> dict | None:
+    """The finetune section, validated by FinetuneConfig (kept as a dict: the config lives with the stage)."""
+    if d is None:
+        return None
+    from lowbit.compress.finetune import FinetuneConfig
+
+    if not isinstance(d, dict):
+        raise RecipeError("recipe section 'finetune' must be a mapping")
+    try:
+        return FinetuneConfig.from_dict(d).to_dict()
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"bad value in finetune: {e}") from None
 
 
 def _check_keys(d: dict, cls: type, where: str) -> None:
