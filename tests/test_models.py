@@ -1,13 +1,14 @@
 import importlib.metadata
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
-from tests.conftest import NEWS
 
 from lowbit.compress import models
 from lowbit.compress.models import BUILTIN_MODELS, ModelError, builtin_path, load_model
+from tests.conftest import NEWS
 
 
 def has_builtin() -> bool:
@@ -106,8 +107,10 @@ def test_hub_id_goes_to_from_pretrained(monkeypatch):
             calls.append(("tokenizer", source, kwargs))
             return cls()
 
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", FakeModel)
-    monkeypatch.setattr(transformers, "AutoTokenizer", FakeTokenizer)
+    # patch the module models.py sees, not transformers' lazy module (other tests may have imported
+    # its Auto classes already, and an unpatched lookup would try the network)
+    fake = SimpleNamespace(AutoModelForCausalLM=FakeModel, AutoTokenizer=FakeTokenizer)
+    monkeypatch.setattr(models, "transformers", fake)
     model, tok = load_model("HuggingFaceTB/SmolLM2-360M", dtype=torch.bfloat16)
     assert isinstance(model, FakeModel) and not model.training and isinstance(tok, FakeTokenizer)
     assert calls == [
@@ -124,7 +127,8 @@ def test_unreachable_hub_id_is_a_one_line_model_error(monkeypatch):
                 f"We couldn't connect to 'https://huggingface.co' to load {source}.\nCheck your network"
             )
 
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Offline)
+    fake = SimpleNamespace(AutoModelForCausalLM=Offline, AutoTokenizer=Offline)
+    monkeypatch.setattr(models, "transformers", fake)
     with pytest.raises(ModelError, match="cannot load model 'org/missing': We couldn't connect") as e:
         load_model("org/missing")
     assert "\n" not in str(e.value)
