@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from tests.conftest import NEWS, make_tokenizer
 
 from lowbit.calibration.data import (
     DataError,
@@ -15,6 +14,7 @@ from lowbit.calibration.data import (
     split_documents,
     texts,
 )
+from tests.conftest import NEWS, make_tokenizer
 
 
 class CharTokenizer:

@@ -3,10 +3,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.conftest import make_tiny_llama
 from torch import nn
 
 from lowbit.compress.evaluate import EvalError, dense_bits_per_weight, perplexity, windows
+from tests.conftest import make_tiny_llama
 
 
 class Uniform(nn.Module):

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.conftest import make_tokenizer
 from torch import nn
 from transformers import (
     GPT2Config,
@@ -33,6 +32,7 @@ from lowbit.calibration import (
 )
 from lowbit.calibration.data import calibration_blocks
 from lowbit.calibration.sequential import block_kinds
+from tests.conftest import make_tokenizer
 
 VOCAB = 128
 SHAPE = dict(
