@@ -98,6 +98,32 @@ def test_python_api_budget(tmp_path):
         pipeline.compress(make_tiny_llama(300), recipe, budget=1.0, progress=False)
 
 
+def test_budget_path_fine_tunes_each_budget_and_resumes(tmp_path):
+    from tests.conftest import make_tiny_llama
+
+    blocks = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
+    ft = {"mode": "l4q", "objective": "distill", "steps": 3, "batch_size": 2, "seq_len": 16, "rank": 2}
+    ft |= {"lr": 1e-2, "scale_lr": 1e-2, "warmup": 0, "eval_blocks": 1, "patience": 0}
+    recipe = Recipe.from_dict({"allocate": {**GRID, "metric": "frobenius"}, "finetune": ft})
+    work = tmp_path / "work"
+    kw = dict(budgets=[2.5, 3.5], calib_data=blocks, work_dir=work, progress=False)
+    model, report = pipeline.compress(make_tiny_llama(300), recipe, **kw)
+    assert all(e["rank"] == 0 for b in report.budgets for e in b["plan"].values())  # l4q merged
+    assert (work.glob("*/bpw-2.5-finetune")) and (work.glob("*/bpw-3.5-finetune"))
+    plain, _ = pipeline.compress(
+        make_tiny_llama(300),
+        Recipe.from_dict(recipe.to_dict() | {"finetune": None}),
+        budget=3.5,
+        calib_data=blocks,
+        progress=False,
+    )
+    name = "model.layers.0.mlp.down_proj"
+    a, b = model.get_submodule(name), plain.get_submodule(name)
+    assert not (torch.equal(a.scales, b.scales) and torch.equal(a.codes, b.codes))
+    again, _ = pipeline.compress(make_tiny_llama(300), recipe, **kw)  # resumes from the saved states
+    assert torch.equal(again.get_submodule(name).codes, model.get_submodule(name).codes)
+
+
 def tensors(folder):
     return load_file(str(folder / "model.safetensors"))
 

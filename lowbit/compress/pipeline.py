@@ -224,16 +224,25 @@ def compress(
     return model, report
 
 
-def finetune_stage(model, teacher, recipe: Recipe, tokenizer, calib_data, progress: bool) -> dict:
+def finetune_stage(
+    model, teacher, recipe: Recipe, tokenizer, calib_data, progress: bool, state_dir: Path | None = None
+) -> dict:
     """Quantization-aware fine-tuning of the compressed model against the original (the teacher);
-    returns the new per-layer plan (L4Q merges its low-rank factors)."""
+    returns the new per-layer plan (L4Q merges its low-rank factors). With `state_dir` the run saves
+    its state there and a repeated call resumes from it."""
     from lowbit.compress.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig.from_dict(recipe.finetune)
     if calib_data is None and config.data is None:
         calib_data = _calibration_data(recipe, tokenizer)
     report = finetune(
-        model, teacher, config=config, blocks=calib_data, tokenizer=tokenizer, progress=progress
+        model,
+        teacher,
+        config=config,
+        blocks=calib_data,
+        tokenizer=tokenizer,
+        state_dir=state_dir,
+        progress=progress,
     )
     return report.plan
 
@@ -399,6 +408,7 @@ def compress_to_budgets(
         calib_data = _calibration_data(recipe, tokenizer)
     stats = calibration_stage(model, linears, recipe, calib_data, work, progress)
     table = table_stage(linears, recipe, stats, work, progress)
+    teacher = copy.deepcopy(model) if recipe.finetune else None  # the original, before any swap
     results = []
     for i, (budget, out) in enumerate(zip(budgets, outs, strict=True)):
         plan, alloc = allocation_stage(table, recipe, budget)
@@ -407,6 +417,9 @@ def compress_to_budgets(
         for name, q in qlinears.items():
             set_submodule(model, name, q)
         entries = {name: q.layer_plan() for name, q in qlinears.items()}
+        if teacher is not None:
+            state = work.path(f"bpw-{budget:g}-finetune")
+            entries = finetune_stage(model, teacher, recipe, tokenizer, calib_data, progress, state)
         params = sum(math.prod(e["shape"]) for e in entries.values())
         r = BudgetResult(
             budget,
