@@ -2,16 +2,18 @@
 
 Usage:
     python scripts/finetune_quality.py [--model smollm2-135m] [--preset int3-g128] [--method lqlora]
-        [--rank 16] [--modes lora,peqa,l4q,lsq] [--steps 100] [--batch-size 4] [--seq-len 256]
-        [--samples 64] [--lr 1e-4] [--scale-lr 1e-5] [--lora-rank 16] [--eval-tokens 20000]
+        [--rank 16] [--budget 3.0] [--modes lora,peqa,l4q,lsq] [--steps 100] [--batch-size 4]
+        [--seq-len 256] [--samples 64] [--lr 1e-4] [--scale-lr 1e-5] [--lora-rank 16] [--eval-tokens 20000]
         [--data builtin:lee-news] [--json results.json]
 
 The model is compressed once with --preset (its decompose section replaced by --method / --rank when
---rank > 0, e.g. LQ-LoRA rank 16), then every mode fine-tunes a copy for --steps steps with the distill
-objective (KL to the original model) on --samples calibration blocks of --data. Rows: mode, steps run,
-bits per weight of the quantized layers after fine-tuning (l4q merges its adapters: rank 0), perplexity on
-the held-out part of --data (never trained on), wall time, time per step and peak memory (the process's
-peak RSS on CPU: it includes the original model kept as the teacher). lora needs --rank > 0.
+--rank > 0, e.g. LQ-LoRA rank 16; with --budget, allocated over the preset's candidate grid to that many
+bits per weight, e.g. --preset alloc-int --budget 2.5), then every mode fine-tunes a copy for --steps
+steps with the distill objective (KL to the original model) on --samples calibration blocks of --data.
+Rows: mode, steps run, bits per weight of the quantized layers after fine-tuning (l4q merges its
+adapters: rank 0), perplexity on the held-out part of --data (never trained on), wall time, time per step
+and peak memory (the process's peak RSS on CPU: it includes the original model kept as the teacher).
+lora needs --rank > 0.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main() -> None:
     p.add_argument("--preset", default="int3-g128")
     p.add_argument("--method", default="lqlora", help="decomposition used when --rank > 0")
     p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--budget", type=float, default=None, help="bits per weight for an allocating preset")
     p.add_argument("--modes", default="lora,peqa,l4q,lsq")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
@@ -63,8 +66,11 @@ def main() -> None:
     ids = eval_tokens(tok, args.data, max_tokens=args.eval_tokens)
     blocks = calibration_blocks(tok, args.data, args.samples, args.seq_len, seed=0)
     t0 = time.perf_counter()
-    student, report = compress(copy.deepcopy(base), recipe, tokenizer=tok, calib_data=blocks, progress=False)
-    print(f"compressed with {args.preset} rank {args.rank} in {time.perf_counter() - t0:.1f} s", flush=True)
+    student, report = compress(
+        copy.deepcopy(base), recipe, budget=args.budget, tokenizer=tok, calib_data=blocks, progress=False
+    )
+    how = f"{args.preset} rank {args.rank}" + ("" if args.budget is None else f" budget {args.budget:g}")
+    print(f"compressed with {how} in {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"{'mode':<10} {'steps':>5} {'bpw':>6} {'ppl':>9} {'time s':>8} {'s/step':>7} {'peak MB':>8}")
     rows = [
         dict(
@@ -76,7 +82,7 @@ def main() -> None:
         row["ppl"] = perplexity(model, ids, seq_len=args.seq_len, progress=False)["perplexity"]
         print(row_line(row), flush=True)
     for mode in args.modes.split(","):
-        if mode == "lora" and not args.rank:
+        if mode == "lora" and not any(e["rank"] for e in report.layers.values()):
             print(
                 f"{mode:<10} skipped: the compressed model has no low-rank factors (use --rank)", flush=True
             )

@@ -68,3 +68,25 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def compress_recipes(root: Path, tokenizer, recipes: dict) -> Path:
+    """One checkpoint per recipe under root/<name>, each from a fresh tiny Llama over the tokenizer."""
+    from lowbit.compress.pipeline import compress
+
+    calib = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    for name, recipe in recipes.items():
+        compress(
+            make_tiny_llama(len(tokenizer)),
+            recipe,
+            root / name,
+            tokenizer=tokenizer,
+            calib_data=calib,
+            progress=False,
+        )
+    return root
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()

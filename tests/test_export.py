@@ -13,21 +13,16 @@ import pytest
 import torch
 
 from lowbit.compress.checkpoint import load, save
-from lowbit.compress.export import (
-    ExportError,
-    _pack_int32,
-    _probe_ids,
-    add_export_parser,
-    cmd_export,
-    ct_problem,
-    ct_spec,
-    export,
-)
-from lowbit.compress.pipeline import compress
+from lowbit.compress.cli import main
+from lowbit.compress.ct_export import _pack_int32, ct_problem, ct_spec
+from lowbit.compress.export import add_export_parser, cmd_export, export
+from lowbit.compress.footprint import stored_bits_per_weight
+from lowbit.compress.models import load_model
+from lowbit.compress.prepare import ExportError, probe_ids
 from lowbit.compress.qlinear import QLinear, set_submodule
 from lowbit.compress.recipe import DecomposeConfig, Override, QuantizeConfig, Recipe
 from lowbit.quantizers import QuantSpec, quantize
-from tests.conftest import NEWS, make_tiny_llama, make_tokenizer
+from tests.conftest import NEWS, compress_recipes, logits, make_tiny_llama, make_tokenizer
 
 pytest.importorskip("compressed_tensors")
 peft = pytest.importorskip("peft")
@@ -47,28 +42,26 @@ RECIPES = {
     "asym": Recipe(quantize=QuantizeConfig(format="int4", group_size=32)),
     "nf4": Recipe(quantize=QuantizeConfig(format="nf4", group_size=32)),
     "svdquant": Recipe(quantize=INT4_SYM, decompose=DecomposeConfig(method="svdquant", rank=4)),
+    # asymmetric int4 g32 beside int8 per-channel and fp8 per-channel, LoRC rank 4: several config groups
+    "asym-mixed": Recipe(
+        quantize=QuantizeConfig(format="int4", group_size=32),
+        decompose=DecomposeConfig(method="lorc", rank=4),
+        overrides=(
+            Override("*.down_proj", QuantizeConfig(format="int8", group_size=None, symmetric=True)),
+            Override("*.o_proj", QuantizeConfig(format="fp8_e4m3", group_size=None)),
+        ),
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    tok = make_tokenizer(NEWS)
-    root = tmp_path_factory.mktemp("export")
-    calib = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
-    for name, recipe in RECIPES.items():
-        model = make_tiny_llama(len(tok))
-        compress(model, recipe, root / name, tokenizer=tok, calib_data=calib, progress=False)
-    return root
+    return compress_recipes(tmp_path_factory.mktemp("export"), make_tokenizer(NEWS), RECIPES)
 
 
 @pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
 
 
 def load_ct(path, dequantize=False):
@@ -163,7 +156,7 @@ def test_convert_requantizes_and_reports_errors(ckpts, ids, tmp_path):
     for e in r["layers"].values():
         assert e["target"] == "int4-g32-sym" and "nf4" in e["converted"] and 0 < e["rel_error"] < 0.2
     model, ref = load_ct(out), load(ckpts / "nf4")
-    probe = _probe_ids(ref)  # the tokens the report's logit change was measured on
+    probe = probe_ids(ref)  # the tokens the report's logit change was measured on
     diff = float((logits(model, probe) - logits(ref, probe)).abs().max())
     assert diff == pytest.approx(r["logits_max_abs_diff"], abs=1e-5)
     assert 0 < diff < 0.2 * float(logits(ref, probe).abs().max())
@@ -179,7 +172,7 @@ def test_svdquant_smoothing_is_requantized_never_dropped(ckpts, ids, tmp_path):
     }
     assert smoothed and {n for n, e in r["layers"].items() if e["smooth"] == "re-quantized"} == smoothed
     model, ref = with_adapter(load_ct(out), out, ids), load(ckpts / "svdquant")
-    probe = _probe_ids(ref)
+    probe = probe_ids(ref)
     diff = float((logits(model, probe) - logits(ref, probe)).abs().max())
     assert diff == pytest.approx(r["logits_max_abs_diff"], abs=1e-5)
     assert diff < 0.2 * float(logits(ref, probe).abs().max())
@@ -223,14 +216,14 @@ def test_dense_export_loads_with_plain_from_pretrained(ckpts, ids, tmp_path, nam
     ref_model = load(ckpts / name)
     ref = logits(ref_model, ids)
     assert float((logits(model.float(), ids) - ref).abs().max()) <= tol * float(ref.abs().max())
-    probe = _probe_ids(ref_model)
+    probe = probe_ids(ref_model)
     diff = float((logits(model.float(), probe) - logits(ref_model, probe)).abs().max())
     assert diff == pytest.approx(r["logits_max_abs_diff"], abs=1e-5)
 
 
 def test_bad_requests_fail_with_one_line_errors(ckpts, tmp_path):
-    with pytest.raises(ExportError, match="unknown export target 'gguf'"):
-        export(ckpts / "mixed", tmp_path / "x", "gguf")
+    with pytest.raises(ExportError, match="unknown export target 'onnx'"):
+        export(ckpts / "mixed", tmp_path / "x", "onnx")
     with pytest.raises(ValueError, match="not a lowbit checkpoint"):
         export(tmp_path, tmp_path / "x", "dense")
     (tmp_path / "taken").mkdir()
@@ -250,4 +243,44 @@ def test_cli_parser_and_command(ckpts, tmp_path):
     assert r["target"] == "compressed-tensors" and r["adapter"] is None and r["dtype"] == "float32"
     json.dumps(r)
     with pytest.raises(SystemExit):
-        parser.parse_args(["export", str(ckpts / "asym"), "--to", "gguf", "--out", str(out)])
+        parser.parse_args(["export", str(ckpts / "asym"), "--to", "onnx", "--out", str(out)])
+
+
+def test_lowbit_eval_on_an_asymmetric_export(ckpts, news_file, tmp_path, capsys):
+    """`lowbit eval OUT` loads the packed asymmetric layers (transformers cannot load them compressed) and
+    reports the bits per weight the files store, not the dense model's 32."""
+    out = tmp_path / "ct"
+    export(ckpts / "asym", out, "compressed-tensors")
+    results = []
+    for target in (ckpts / "asym", out):
+        assert main(["eval", str(target), "--data", str(news_file), "--seq-len", "64", "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    ckpt, exported = results
+    assert exported["tokens"] == ckpt["tokens"] > 0
+    assert exported["perplexity"] == pytest.approx(ckpt["perplexity"], rel=1e-4)
+    # per weight: a 4-bit code, a float32 scale per 32 weights (1 bit) and a 4-bit zero point per 32 weights
+    # packed in int32 words (0.125 bits; every N is a multiple of 8, so no padding); the checkpoint stores
+    # float16 scales and uint8 zero points: 4 + 0.5 + 0.25
+    assert exported["bits_per_weight"] == 4 + 1 + 0.125 and ckpt["bits_per_weight"] == 4.75
+
+
+def test_mixed_asymmetric_export_loads_layer_by_layer(ckpts, ids, tmp_path):
+    """Several config groups with asymmetric int4 load through neither of transformers' compressed-tensors
+    paths; load_model decompresses each layer with its own group's scheme and attaches the adapter."""
+    out = tmp_path / "ct"
+    r = export(ckpts / "asym-mixed", out, "compressed-tensors")
+    assert r["converted"] == 0 and r["adapter"] == str(out / "adapter")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(qc["config_groups"]) == 3
+    model, _ = load_model(str(out))
+    assert isinstance(model, peft.PeftModel)
+    assert torch.equal(logits(model, ids), logits(load(ckpts / "asym-mixed"), ids))
+    with pytest.raises(RuntimeError):  # what load_model works around
+        load_ct(out, dequantize=True)
+
+
+def test_stored_bits_of_a_dense_export_are_its_dtype(ckpts, tmp_path):
+    out = tmp_path / "dense"
+    export(ckpts / "mixed", out, "dense", dtype="bfloat16")
+    model, _ = load_model(str(out))  # loaded as float32: the dense model in memory says 32
+    assert stored_bits_per_weight(str(out), model) == 16.0

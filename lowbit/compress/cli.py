@@ -171,11 +171,13 @@ def evaluate_target(
     progress: bool = True,
     model=None,
 ) -> dict:
-    """Perplexity of a lowbit checkpoint (reloaded with lowbit.load) or of a plain model; `model`, when
+    """Perplexity of a lowbit checkpoint (reloaded with lowbit.load) or of a plain model or export
+    (`lowbit.compress.models.load_model`; bits per weight as its files store them); `model`, when
     given, is evaluated in place of the target's weights (the target still gives the tokenizer)."""
     from lowbit.calibration.data import eval_tokens
     from lowbit.compress.checkpoint import checkpoint_info, is_checkpoint, load, load_tokenizer
     from lowbit.compress.evaluate import dense_bits_per_weight, perplexity
+    from lowbit.compress.footprint import stored_bits_per_weight
     from lowbit.compress.models import load_model
 
     t0 = time.perf_counter()
@@ -186,7 +188,8 @@ def evaluate_target(
         bpw = checkpoint_info(target)["totals"]["bits_per_weight"]
     else:
         net, tokenizer = load_model(target)
-        bpw = dense_bits_per_weight(net)
+        bpw = None if model is not None else stored_bits_per_weight(target, net)  # as its files store it
+        bpw = dense_bits_per_weight(net) if bpw is None else bpw
     if model is not None:
         net, bpw = model, _model_bits_per_weight(model)
     ids = eval_tokens(tokenizer, data, max_tokens=tokens)

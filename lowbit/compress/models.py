@@ -10,6 +10,12 @@ weights (~25 s) and converting its tokenizer (~8 s). Within one process both are
 tokenizers are cached, and the built-in model's fp32 weights are kept (~540 MB) and handed out as
 copies, so callers may modify the model they get. Nothing is cached on disk.
 
+The outputs of ``lowbit export`` load here too (``lowbit eval`` checks them this way): a compressed-tensors
+folder through transformers, except that one with asymmetric pack-quantized layers (which transformers 5
+cannot build compressed) is decompressed layer by layer by compressed-tensors into a dense model; the PEFT
+adapter in its ``adapter/`` is attached. In a folder of .gguf files, GGUF LoRA adapters (general.type
+"adapter") are told from the model, which loads dequantized with the adapter's L1 L2 added to its weights.
+
 A lowbit checkpoint folder (with ``lowbit_config.json``) is not loaded here: see
 ``lowbit.compress.checkpoint.load``.
 """
@@ -19,15 +25,18 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.metadata
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import torch
 import transformers
+from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from lowbit.compress.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from lowbit.compress.export import ADAPTER_DIR
+from lowbit.compress.ct_export import ADAPTER_DIR
 
 # owner/name or name, as the hub spells ids; anything else that does not exist locally is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -91,13 +100,21 @@ def _load_folder(path: Path, model: str, dtype: torch.dtype) -> tuple[torch.nn.M
     if (path / CHECKPOINT_MANIFEST).is_file():
         raise ModelError(f"{model!r} is a lowbit checkpoint; load it with lowbit.load")
     if (path / "config.json").is_file():
-        net, tokenizer = _from_pretrained(str(path), model, dtype)
+        if _needs_decompression(path):
+            net, tokenizer = _load_decompressed(path, model, dtype), _tokenizer(str(path), model)
+        else:
+            net, tokenizer = _from_pretrained(str(path), model, dtype)
         if (path / ADAPTER_DIR / "adapter_config.json").is_file():
             net = _attach_adapter(net, path / ADAPTER_DIR, model)
         return net, tokenizer
     ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return _load_gguf(ggufs[0], dtype), _gguf_tokenizer(str(ggufs[0].resolve()))
+    adapters = [p for p in ggufs if _is_gguf_adapter(p)] if len(ggufs) > 1 else []
+    bases = [p for p in ggufs if p not in adapters]
+    if len(bases) == 1 and len(adapters) <= 1:
+        net = _load_gguf(bases[0], dtype)
+        if adapters:
+            net = _merge_gguf_adapter(net, adapters[0], model)
+        return net, _gguf_tokenizer(str(bases[0].resolve()))
     if ggufs:
         names = ", ".join(p.name for p in ggufs)
         raise ModelError(f"model folder {model!r} holds several .gguf files ({names}); name one")
@@ -106,10 +123,62 @@ def _load_folder(path: Path, model: str, dtype: torch.dtype) -> tuple[torch.nn.M
 
 def _from_pretrained(source: str, model: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
     """A local HF folder or a hub id through the Auto classes."""
-    auto_model, auto_tokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
+    auto_model = transformers.AutoModelForCausalLM
     net = _call(model, "load model", lambda: auto_model.from_pretrained(source, dtype=dtype))
-    tokenizer = _call(model, "load the tokenizer of", lambda: auto_tokenizer.from_pretrained(source))
-    return net.eval(), tokenizer
+    return net.eval(), _tokenizer(source, model)
+
+
+def _tokenizer(source: str, model: str):
+    auto_tokenizer = transformers.AutoTokenizer
+    return _call(model, "load the tokenizer of", lambda: auto_tokenizer.from_pretrained(source))
+
+
+def _needs_decompression(path: Path) -> bool:
+    """Whether `path` is a compressed-tensors folder with asymmetric pack-quantized layers, which
+    transformers 5 cannot load compressed (it builds their zero points unpacked; lowbit, like
+    compressed-tensors' own compressor, stores them packed, which is what vLLM reads)."""
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return False
+    groups = (qc.get("config_groups") or {}).values()
+    packed = [g for g in groups if (g.get("format") or qc.get("format")) == "pack-quantized"]
+    return any((g.get("weights") or {}).get("symmetric") is False for g in packed)
+
+
+def _load_decompressed(path: Path, model: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A compressed-tensors folder as a plain dense model, each quantized layer decompressed by
+    compressed-tensors with its own config group's scheme. (transformers' `CompressedTensorsConfig(
+    dequantize=True)` decodes every layer with the first group's scheme, so mixed exports fail there.)"""
+    return _call(model, "decompress", lambda: _decompressed(path, model, dtype))
+
+
+def _decompressed(path: Path, model: str, dtype: torch.dtype) -> torch.nn.Module:
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    qc = config.quantization_config
+    del config.quantization_config
+    state = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for group in qc["config_groups"].values():
+        scheme = QuantizationScheme.model_validate(group)
+        compressor = BaseCompressor.get_value_from_registry(group.get("format") or qc["format"])
+        for name in group["targets"]:  # lowbit targets layers by exact name
+            layer = {k[len(name) + 1 :]: state.pop(k) for k in list(state) if k.startswith(f"{name}.weight")}
+            if "weight_scale" not in layer:
+                raise ModelError(
+                    f"cannot load {model!r}: no quantized tensors for config group target {name}"
+                )
+            state[f"{name}.weight"] = compressor.decompress(layer, scheme)["weight"]
+    net = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    params = net.state_dict(keep_vars=True)
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    lost = [k for k in missing if params[k].data_ptr() not in loaded]  # tied copies are not lost
+    if lost or unexpected:
+        raise ModelError(f"cannot load {model!r}: missing {lost[:5]}, unexpected {unexpected[:5]}")
+    return net.eval()
 
 
 def _attach_adapter(net: torch.nn.Module, adapter: Path, model: str) -> torch.nn.Module:
@@ -133,6 +202,47 @@ def _call(model: str, verb: str, load):
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise ModelError(f"cannot {verb} {model!r}: {msg[0] if msg else type(e).__name__}") from None
+
+
+def _is_gguf_adapter(path: Path) -> bool:
+    """Whether a .gguf file is an adapter (general.type "adapter"), read from its metadata only."""
+    try:
+        metadata, _ = read_gguf_metadata(str(path))
+    except Exception:  # not readable as GGUF: let loading it as a model report why
+        return False
+    return metadata.get("general.type") == "adapter"
+
+
+@torch.no_grad()
+def _merge_gguf_adapter(net: torch.nn.Module, adapter: Path, model: str) -> torch.nn.Module:
+    """Add a GGUF LoRA adapter (as `lowbit export --to gguf` writes it) to the dequantized weights:
+    W += scale * lora_b @ lora_a with llama.cpp's scale (alpha / r, or 1 when alpha is 0), the rows of
+    lora_b for q / k put back from llama.cpp's rotary order into transformers'."""
+    # imported here: gguf_export reads the built-in models' tokenizers, so it imports this module
+    from lowbit.compress.gguf_export import rope_heads, rope_permutation, tensor_names
+
+    reader = gguf.GGUFReader(adapter)
+    field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
+    alpha = float(field.contents()) if field is not None else 0.0
+    names = tensor_names(net.config)
+    linears = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    layers = {names.get_name(f"{n}.weight", try_suffixes=(".weight",)): n for n in linears}
+    tensors = {t.name: t for t in reader.tensors}
+    for name in [n for n in tensors if n.endswith(".lora_a")]:
+        base = name.removesuffix(".lora_a")
+        if base not in layers or base + ".lora_b" not in tensors:
+            raise ModelError(f"cannot apply the adapter {adapter.name} of {model!r}: no layer for {name}")
+        A, B = (  # A: [r, K], B: [N, r]; copied out of the read-only memory map
+            torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type))
+            for t in (tensors[name], tensors[base + ".lora_b"])
+        )
+        heads = rope_heads(base, net.config)
+        if heads is not None:
+            B = B[torch.argsort(rope_permutation(B.shape[0], heads))]
+        weight = net.get_submodule(layers[base]).weight  # [N, K] += [N, r] @ [r, K]
+        scale = alpha / A.shape[0] if alpha else 1.0
+        weight.add_((scale * B.float() @ A.float()).to(weight.dtype))
+    return net
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,239 @@
+"""The GGUF export (llama.cpp) of a Llama-architecture checkpoint: `model.gguf` + `adapter.gguf`.
+
+llama.cpp's legacy quant types cut every row into blocks of 32 weights with an fp16 scale d (and min m):
+
+    Q8_0: w = d q,           q int8         <- symmetric INT8, group 32: q = c - 128, d = s
+    Q4_0: w = d (q - 8),     q in 0..15     <- symmetric INT4, group 32: q = c, d = s
+    Q4_1: w = d q + m,       q in 0..15     <- asymmetric INT4, group 32: q = c, d = s, m = -s z
+
+lowbit's INT grid is s (c - 2^(b-1)) symmetric and s (c - z) asymmetric, so Q8_0 and Q4_0 hold Q exactly
+when its scales are fp16 (other scale dtypes are rounded to fp16), and Q4_1 up to the fp16 rounding of
+m = -s z. Other specs (group sizes other than 32, NF, INT2/3, FP8/FP4, asymmetric INT8) and smoothing that
+cannot be folded into a norm are refused, or with convert=True re-quantized to the nearest of these types
+(`lowbit.compress.prepare`). Unquantized tensors are written in the export dtype (F32, F16 or BF16), 1-D
+ones (norms) in F32 as llama.cpp expects. Rows of the q / k projections are permuted into llama.cpp's
+rotary layout, as convert_hf_to_gguf.py does (readers undo it). The tokenizer goes into the same file
+(`lowbit.compress.gguf_vocab`).
+
+The low-rank branch goes to `adapter.gguf`, a GGUF LoRA adapter laid out like llama.cpp's
+convert_lora_to_gguf.py writes it: general.type "adapter", adapter.type "lora", adapter.lora.alpha, and per
+layer `{tensor}.weight.lora_a` = L2 [r, K] and `.lora_b` = L1 [N, r] (GGUF lists dims reversed: ne = [K, r]
+and [r, N]). llama.cpp scales a layer's branch by alpha / r (r read from lora_b), or by 1 when alpha is 0:
+alpha is r when all layers share one rank, else 0, so every layer's scaling is 1.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import torch
+from torch import nn
+
+from lowbit.compress.gguf_vocab import add_tokenizer, check_tokenizer
+from lowbit.compress.prepare import ExportError, Target, dense_state
+from lowbit.compress.qlinear import QLinear
+from lowbit.quantizers import QuantSpec, decode_scales, unpack_codes
+
+MODEL_FILE = "model.gguf"
+ADAPTER_FILE = "adapter.gguf"
+QK = 32  # weights per block of Q8_0 / Q4_0 / Q4_1
+Q = gguf.GGMLQuantizationType
+GGUF_TYPES = {("int8", True): Q.Q8_0, ("int4", True): Q.Q4_0, ("int4", False): Q.Q4_1}
+FILE_TYPES = {
+    Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+}
+FLOAT_TYPES = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
+DENSE_FILE_TYPES = {
+    torch.float32: gguf.LlamaFileType.ALL_F32,
+    torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+    torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16,
+}
+
+
+def gguf_problem(spec: QuantSpec, in_features: int) -> str | None:
+    """Why no llama.cpp quant type holds Q of this spec as is, or None if Q8_0 / Q4_0 / Q4_1 does."""
+    if spec.kind != "int" or spec.bits not in (4, 8):
+        return f"{spec.format} has no llama.cpp type (Q8_0, Q4_0 and Q4_1 hold INT8 and INT4 only)"
+    if (spec.format, spec.symmetric) not in GGUF_TYPES:
+        return "asymmetric int8 has no llama.cpp type (Q8_0 is symmetric)"
+    if spec.group_size != QK:
+        groups = "per-channel scales" if spec.group_size is None else f"group size {spec.group_size}"
+        return f"{groups} (llama.cpp blocks hold 32 weights)"
+    if in_features % QK:
+        return f"in_features {in_features} is not a multiple of llama.cpp's block of 32"
+    return None
+
+
+def gguf_spec(spec: QuantSpec, in_features: int, dtype: torch.dtype) -> QuantSpec:
+    """The nearest spec a llama.cpp type holds: 8-bit formats -> symmetric INT8 (Q8_0), everything else
+    -> INT4 (Q4_0 symmetric, Q4_1 asymmetric), group 32, fp16 scales; `dtype` plays no part."""
+    if in_features % QK:
+        raise ExportError(f"in_features {in_features} is not a multiple of 32: no llama.cpp type can hold it")
+    bits = 8 if spec.bits == 8 else 4
+    return QuantSpec(f"int{bits}", QK, bits == 8 or spec.symmetric, "float16")
+
+
+def gguf_blocks(m: QLinear) -> tuple[gguf.GGMLQuantizationType, torch.Tensor]:
+    """(llama.cpp type, blocks uint8 [N, K / 32 * block bytes]) of an expressible layer's Q."""
+    qtype = GGUF_TYPES[(m.spec.format, m.spec.symmetric)]
+    N, K = m.out_features, m.in_features
+    q = m.qtensor()
+    c = unpack_codes(q).view(N, K // QK, QK)  # [N, G, 32]
+    s, z = decode_scales(q)  # [N, G]
+    parts = [s.to(torch.float16).unsqueeze(-1).view(torch.uint8)]  # d: [N, G, 2]
+    if qtype == Q.Q8_0:
+        parts.append((c.to(torch.int16) - 128).to(torch.int8).view(torch.uint8))
+    else:
+        if qtype == Q.Q4_1:
+            parts.append((-s * z).to(torch.float16).unsqueeze(-1).view(torch.uint8))  # m
+        parts.append(c[..., : QK // 2] | c[..., QK // 2 :] << 4)  # byte j: q_j | q_{j+16} << 4
+    return qtype, torch.cat(parts, dim=-1).reshape(N, -1).contiguous()
+
+
+def _gguf_weight(m: QLinear, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight as llama.cpp decodes the blocks (gguf-py's reference dequantization), float32."""
+    qtype, blocks = gguf_blocks(m)
+    return torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype)).float()
+
+
+GGUF = Target("GGUF", gguf_problem, gguf_spec, _gguf_weight)
+
+
+def rope_permutation(rows: int, heads: int) -> torch.Tensor:
+    """Row order [rows] of a q / k projection in llama.cpp: in each head, HF's rotate-half pairs (i, i + d/2)
+    become adjacent (2i, 2i + 1); convert_hf_to_gguf.py's LlamaModel.permute. W_gguf = W[perm]."""
+    return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
+def rope_heads(gguf_name: str, config) -> int | None:
+    """The head count that permutes the rows of this GGUF tensor (q: attention heads, k: KV heads)."""
+    if ".attn_q." in gguf_name:
+        return config.num_attention_heads
+    if ".attn_k." in gguf_name:
+        return config.num_key_value_heads
+    return None
+
+
+def tensor_names(config) -> gguf.TensorNameMap:
+    """transformers module / tensor name -> GGUF tensor name for a Llama of this config."""
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+
+
+def check_llama(config) -> None:
+    """Refuse, in one line, what llama.cpp's `llama` architecture (as written here) does not compute."""
+    rope = getattr(config, "rope_parameters", None) or {"rope_type": "default"}
+    found = {
+        f"model type {config.model_type!r}": config.model_type != "llama",
+        f"rope type {rope.get('rope_type')!r}": rope.get("rope_type", "default") != "default",
+        "attention biases": getattr(config, "attention_bias", False),
+        "MLP biases": getattr(config, "mlp_bias", False),
+        f"activation {getattr(config, 'hidden_act', None)!r}": getattr(config, "hidden_act", None) != "silu",
+    }
+    found = [what for what, bad in found.items() if bad]
+    if found:
+        raise ExportError(f"GGUF export writes plain Llama models only; this one has {', '.join(found)}")
+
+
+def _typed(t: torch.Tensor) -> tuple[torch.Tensor, gguf.GGMLQuantizationType]:
+    """(tensor to write, GGUF type) of an unquantized tensor; bfloat16 goes as its raw bytes (uint8)."""
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.uint8), Q.BF16
+    return t, FLOAT_TYPES[t.dtype]
+
+
+def _gguf_tensors(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, tuple], Counter]:
+    """({GGUF name: (numpy data, GGUF type)} of the model file, {quant type: weights it holds})."""
+    config, names = model.config, tensor_names(model.config)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    items = {  # transformers name -> (tensor [rows, ...], GGUF type); norms (1-D) stay float32
+        n: _typed(t if t.ndim == 1 else t.to(dtype))
+        for n, t in dense_state(model, torch.float32, set(layers)).items()
+    }
+    counts: Counter = Counter()
+    for n, m in layers.items():
+        qtype, blocks = gguf_blocks(m)
+        items[f"{n}.weight"] = (blocks, qtype)
+        counts[qtype] += m.out_features * m.in_features
+    gnames = {n: names.get_name(n, try_suffixes=(".weight", ".bias")) for n in items}
+    unknown = [n for n, g in gnames.items() if g is None]
+    if unknown:
+        raise ExportError(f"no GGUF name for {len(unknown)} tensor(s): {', '.join(unknown[:10])}")
+    out = {}
+    for n, (t, qtype) in items.items():
+        heads = rope_heads(gnames[n], config)
+        if heads is not None:
+            t = t[rope_permutation(t.shape[0], heads)]
+        out[gnames[n]] = (t.contiguous().numpy(), qtype)
+    return out, counts
+
+
+def _llama_metadata(w: gguf.GGUFWriter, config, name: str, counts: Counter, dtype: torch.dtype) -> None:
+    """The llama.* hyper-parameters llama.cpp and transformers read (convert_hf_to_gguf.py's keys)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_vocab_size(config.vocab_size)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_file_type(FILE_TYPES[counts.most_common(1)[0][0]] if counts else DENSE_FILE_TYPES[dtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_file(w: gguf.GGUFWriter, tensors: dict[str, tuple]) -> None:
+    for gname, (data, qtype) in tensors.items():
+        w.add_tensor(gname, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _adapter_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, tuple]:
+    """{`{tensor}.weight.lora_a` / `.lora_b`: (data, type)}: L2 [r, K] and L1 [N, r], rows of L1 permuted
+    like the base's for q / k."""
+    names, out = tensor_names(model.config), {}
+    for n, m in model.named_modules():
+        if isinstance(m, QLinear) and m.rank:
+            gname = names.get_name(f"{n}.weight", try_suffixes=(".weight",))
+            heads = rope_heads(gname, model.config)
+            l1 = m.l1.detach().to(dtype).cpu()  # [N, r]
+            l1 = l1 if heads is None else l1[rope_permutation(l1.shape[0], heads)]
+            for key, t in ((".lora_a", m.l2.detach().to(dtype).cpu()), (".lora_b", l1)):
+                t, qtype = _typed(t)
+                out[gname + key] = (t.contiguous().numpy(), qtype)
+    return out
+
+
+def write_gguf(model: nn.Module, tmp: Path, dtype: torch.dtype, tokenizer, name: str) -> None:
+    """Write the prepared `model` (a Llama passing `check_llama`, every QLinear expressible) as
+    `model.gguf` (+ `adapter.gguf`) in `tmp`."""
+    tensors, counts = _gguf_tensors(model, dtype)
+    w = gguf.GGUFWriter(tmp / MODEL_FILE, "llama")
+    _llama_metadata(w, model.config, name, counts, dtype)
+    copied = add_tokenizer(w, tokenizer, model.config.vocab_size)
+    _write_file(w, tensors)
+    if not copied:
+        check_tokenizer(tmp, MODEL_FILE, tokenizer)
+    lora = _adapter_tensors(model, dtype)
+    if lora:
+        ranks = {data.shape[0] for gname, (data, _) in lora.items() if gname.endswith(".lora_a")}  # [r, K]
+        w = gguf.GGUFWriter(tmp / ADAPTER_FILE, "llama")
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(ranks.pop()) if len(ranks) == 1 else 0.0)
+        _write_file(w, lora)

@@ -1,0 +1,212 @@
+"""Preparing a loaded lowbit model for an export format (compressed-tensors, GGUF), in place.
+
+Each quantized layer computes y = (x / smooth) (dequantize(Q) + L1 L2)^T. An export format holds Q only
+in some specs and has no smoothing: `prepare` folds each shared SVDQuant smoothing vector into the norm
+that feeds its layers (the norm's weight divided by `smooth`), then either refuses the layers the format
+cannot hold, with one line listing them, or re-quantizes them (round to nearest) to the nearest spec it
+can: Q' = quantize(dequantize(Q) / smooth), L2' = L2 / smooth. It reports, per layer, the relative error
+||W' - W||_F / ||W||_F of the weight the format's reader computes against the checkpoint's.
+Also the two writing helpers every safetensors export shares (`dense_state`, `write_model`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit.compress.qlinear import QLinear, set_submodule
+from lowbit.quantizers import QuantSpec, dequantize, quantize
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked: unknown target, inexpressible layers, existing output."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one export format can hold.
+
+    name: the format's name in messages ("compressed-tensors", "GGUF").
+    problem(spec, in_features): why the format cannot hold Q of this spec as is, or None.
+    nearest(spec, in_features, dtype): the spec a layer is re-quantized to with convert=True.
+    decoded(layer, dtype): the base weight dequantize(Q) as the format's reader computes it, float32 [N, K].
+    """
+
+    name: str
+    problem: Callable[[QuantSpec, int], str | None]
+    nearest: Callable[[QuantSpec, int, torch.dtype], QuantSpec]
+    decoded: Callable[[QLinear, torch.dtype], torch.Tensor]
+
+
+def probe_ids(model: nn.Module) -> torch.Tensor:
+    """32 fixed random token ids [2, 16]: the input every export checks its logits on."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+
+
+def _keep(store: dict, name: str, value) -> None:
+    """Record a hook's first value; returns None so that the hook changes nothing."""
+    store.setdefault(name, value)
+
+
+@torch.no_grad()
+def _norm_readers(model: nn.Module, ids: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """{norm name: (linear layers whose input is exactly that norm's output, the norm's input)} for the
+    leaf modules with a 1-D weight (RMSNorm, LayerNorm), found by running the model once with hooks."""
+    norms, inputs, hooks = {}, {}, []  # norms: name -> (input, output); tensors kept alive, so ids are unique
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, QLinear)):
+            hooks.append(m.register_forward_pre_hook(lambda _, a, n=name: _keep(inputs, n, a[0])))
+        elif not list(m.children()) and getattr(getattr(m, "weight", None), "ndim", 0) == 1:
+            hooks.append(m.register_forward_hook(lambda _, a, out, n=name: _keep(norms, n, (a[0], out))))
+    try:
+        model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    by_id = {id(out): n for n, (_, out) in norms.items()}
+    readers: dict[str, tuple[list[str], torch.Tensor]] = {}
+    for lin, x in inputs.items():
+        if id(x) in by_id:
+            norm = by_id[id(x)]
+            readers.setdefault(norm, ([], norms[norm][0]))[0].append(lin)
+    return readers
+
+
+@torch.no_grad()
+def _fold_smoothing(model: nn.Module, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Fold each shared smoothing vector into the norm feeding its layers, in place.
+
+    Returns ({folded layer: its former smooth [K]}, {smoothed layer left smoothed: why}). A norm is
+    folded only when every linear reading it is a QLinear with that same smooth or a dense Linear (which
+    absorbs diag(smooth) into its weight) and the folded norm's output checks out as old output / smooth.
+    """
+    folded, why = {}, {}
+    for norm_name, (readers, x) in _norm_readers(model, ids).items():
+        layers = {n: model.get_submodule(n) for n in readers}
+        smoothed = [n for n, m in layers.items() if isinstance(m, QLinear) and m.smooth is not None]
+        if not smoothed:
+            continue
+        smooth = layers[smoothed[0]].smooth
+        plain = [n for n, m in layers.items() if isinstance(m, QLinear) and m.smooth is None]
+        if plain or any(not torch.equal(layers[n].smooth, smooth) for n in smoothed):
+            reason = f"the layers reading {norm_name} do not share one smoothing vector"
+            why.update({n: reason for n in smoothed})
+            continue
+        norm = model.get_submodule(norm_name)
+        before = norm(x)
+        saved = {k: v.clone() for k, v in norm.state_dict().items()}
+        norm.weight.data = norm.weight.data / smooth.to(norm.weight.dtype)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.data = norm.bias.data / smooth.to(norm.bias.dtype)
+        expected = before / smooth.to(before.dtype)
+        if not torch.allclose(norm(x), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())):
+            norm.load_state_dict(saved)
+            why.update({n: f"{norm_name} does not scale linearly with its weight" for n in smoothed})
+            continue
+        for m in layers.values():
+            if isinstance(m, nn.Linear):
+                m.weight.data = m.weight.data * smooth.to(m.weight.dtype)
+        for n in smoothed:
+            layers[n].smooth = None
+            folded[n] = smooth
+    return folded, why
+
+
+def effective_weight(m: QLinear) -> torch.Tensor:
+    """What the layer multiplies its input by: (dequantize(Q) + L1 L2) / smooth, float32 [N, K]."""
+    W = dequantize(m.qtensor())
+    if m.l1 is not None:
+        W = W + m.l1.float() @ m.l2.float()
+    return W if m.smooth is None else W / m.smooth.float()
+
+
+@torch.no_grad()
+def _requantize(m: QLinear, spec: QuantSpec) -> QLinear:
+    """A QLinear of `spec` without smoothing that computes what `m` does, its base re-quantized (RTN):
+    Q' = quantize(dequantize(Q) / smooth), L2' = L2 / smooth, L1 and bias kept."""
+    N, K = m.out_features, m.in_features
+    inv = torch.ones(K, device=m.codes.device) if m.smooth is None else 1 / m.smooth.float()  # [K]
+    dtype = next((t.dtype for t in (m.l1, m.bias, m.smooth) if t is not None), torch.float32)
+    out = QLinear(K, N, spec, m.rank, m.bias is not None, False, dtype, m.codes.device, m.backend)
+    l2 = None if m.l2 is None else (m.l2.float() * inv).to(m.l2.dtype)
+    out.replace_weight(quantize(dequantize(m.qtensor()) * inv, spec), m.l1, l2)
+    if m.bias is not None:
+        out.bias.data.copy_(m.bias)
+    return out
+
+
+def _refuse(target: Target, problems: dict[str, str]) -> None:
+    listed = "; ".join(f"{n}: {p}" for n, p in list(problems.items())[:20])
+    listed += f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise ExportError(
+        f"{len(problems)} layer(s) cannot be exported to {target.name} as they are "
+        f"(pass --convert to re-quantize them): {listed}"
+    )
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, target: Target, convert: bool, dtype: torch.dtype) -> dict[str, dict]:
+    """Fold smoothing and re-quantize what `target` cannot hold (or refuse), in place.
+
+    Returns the per-layer report: source and target spec, rank, what happened to the smoothing, why the
+    layer was converted, and rel_error = ||W' - W|| / ||W|| of the weight the target's reader computes
+    (base as `target.decoded` in `dtype`, plus L1 L2 in `dtype`, seen from the layer's original input).
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    reference = {n: effective_weight(m) for n, m in layers.items()}
+    folded, smooth_why = _fold_smoothing(model, probe_ids(model))
+    for n, m in layers.items():
+        if m.smooth is not None and n not in smooth_why:
+            smooth_why[n] = "its input does not come straight from a norm, so its smoothing cannot be folded"
+    problems = {n: target.problem(m.spec, m.in_features) or smooth_why.get(n) for n, m in layers.items()}
+    problems = {n: p for n, p in problems.items() if p}
+    if problems and not convert:
+        _refuse(target, problems)
+    report = {}
+    for n, m in layers.items():
+        entry = {"source": m.spec.short(), "rank": m.rank, "smooth": "folded" if n in folded else None}
+        if n in problems:
+            m = _requantize(m, target.nearest(m.spec, m.in_features, dtype))
+            set_submodule(model, n, m)
+            entry.update(converted=problems[n], smooth="re-quantized" if n in smooth_why else entry["smooth"])
+        W = target.decoded(m, dtype)
+        if m.l1 is not None:
+            W = W + m.l1.to(dtype).float() @ m.l2.to(dtype).float()
+        if n in folded:
+            W = W / folded[n].float()
+        err = float((W - reference[n]).norm() / reference[n].norm().clamp_min(1e-30))
+        report[n] = {**entry, "target": m.spec.short(), "rel_error": err}
+    return report
+
+
+def dense_state(model: nn.Module, dtype: torch.dtype, skip: set[str]) -> dict[str, torch.Tensor]:
+    """The state dict without the modules in `skip` and without tied copies, floating tensors in `dtype`."""
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if name.rpartition(".")[0] in skip:
+            continue
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if t.numel() and key in seen:  # a tied copy: readers re-tie it on load
+            continue
+        seen.add(key)
+        state[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous().cpu()
+    return state
+
+
+def write_model(tmp: Path, state: dict, config, dtype: torch.dtype, quant_config: dict | None) -> None:
+    """model.safetensors + config.json (the model's config, its quantization_config replaced)."""
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if quant_config is not None:
+        config.quantization_config = quant_config
+    config.dtype = dtype
+    config.save_pretrained(tmp)
