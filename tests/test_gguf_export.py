@@ -264,7 +264,7 @@ def test_convert_requantizes_to_q4_and_reports_errors(ckpts, tmp_path):
 
 
 def test_svdquant_smoothing_is_requantized_never_dropped(ckpts, tmp_path):
-    """Per-layer smoothing vectors (q, k, v each their own) cannot be folded into the shared norm: refused,
+    """Smoothing of layers that read no norm (o_proj, down_proj keep theirs) cannot be folded: refused,
     or with convert re-quantized into Q' and L2' so the GGUF model + adapter computes what lowbit does."""
     with pytest.raises(ExportError, match="smoothing"):
         export(ckpts / "svdquant", tmp_path / "out", "gguf")

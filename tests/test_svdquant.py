@@ -4,9 +4,16 @@ the low-rank branch absorbs them, and the layer's output error falls."""
 import pytest
 import torch
 
-from lowbit.lowrank import DecomposeError, decompose, output_error, smoothing_factors
-from lowbit.lowrank.decomposition import Stats
-from lowbit.lowrank.svdquant import svdquant_smoothed
+from lowbit.lowrank import (
+    DecomposeError,
+    decompose,
+    output_error,
+    shared_smoothing,
+    smoothing_factors,
+    svdquant,
+)
+from lowbit.lowrank.decomposition import DecomposeOptions, Stats
+from lowbit.lowrank.svdquant import ALPHAS, svdquant_smoothed
 from lowbit.quantizers import QuantSpec, dequantize
 
 N, K = 96, 192
@@ -88,3 +95,66 @@ def test_more_rank_lowers_the_output_error():
     errs = [decompose(W, QuantSpec("int3", 32), r, "svdquant", **kw) for r in (0, 16)]
     assert errs[1].info["output_error"] < errs[0].info["output_error"]
     assert errs[0].l1 is None and errs[1].l1.shape == (N, 16)
+
+
+def group(seed: int = 0):
+    """Three weights reading one input X [512, K] with planted outliers (q/k/v-like), each with its own
+    spec and rank; the second has larger columns, so the group's column maxima are not any one member's."""
+    W, X = layer(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    W2 = 3 * torch.randn(N // 2, K, generator=g)
+    W2[:, :8] *= 10
+    Ws = [W, W2, torch.randn(64, K, generator=g)]
+    specs = [QuantSpec("int3", 32), QuantSpec("int4", 64), QuantSpec("nf4", 32)]
+    return Ws, specs, [8, 4, 0], Stats(H=X.T @ X, act_max=X.abs().amax(0))
+
+
+def summed_error(Ws, specs, ranks, smooth, stats) -> float:
+    members = zip(Ws, specs, ranks, strict=True)
+    return sum(
+        svdquant_smoothed(W, s, r, smooth, stats, "nearest").info["output_error"] for W, s, r in members
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_smoothing_beats_every_members_own(seed):
+    Ws, specs, ranks, stats = group(seed)
+    lam, alpha = shared_smoothing(Ws, specs, ranks, stats)
+    torch.testing.assert_close(lam, smoothing_factors(stats.act_max, torch.cat(Ws), alpha))
+    ours = summed_error(Ws, specs, ranks, lam, stats)
+    for W, spec, r in zip(Ws, specs, ranks, strict=True):  # one member's own lambda for the whole group
+        assert ours <= summed_error(Ws, specs, ranks, svdquant(W, spec, r, stats).smooth, stats)
+    for a in ALPHAS:  # and the search found the grid's best
+        assert ours <= summed_error(
+            Ws, specs, ranks, smoothing_factors(stats.act_max, torch.cat(Ws), a), stats
+        )
+    assert ours <= summed_error(Ws, specs, ranks, None, stats)
+
+
+@pytest.mark.parametrize(
+    "stats_kw, opts",
+    [
+        ({"H": True}, DecomposeOptions()),
+        ({"H": True}, DecomposeOptions(rounding="gptq")),
+        ({"H": True}, DecomposeOptions(alpha=0.3)),
+        ({}, DecomposeOptions()),
+    ],
+    ids=["searched", "gptq", "alpha", "no-hessian"],
+)
+def test_a_group_of_one_is_svdquant(stats_kw, opts):
+    W, X = layer(4)
+    stats = Stats(H=X.T @ X if stats_kw else None, act_max=X.abs().amax(0))
+    spec = QuantSpec("int3", 32)
+    d = svdquant(W, spec, 8, stats, opts)
+    lam, alpha = shared_smoothing([W], [spec], [8], stats, opts)
+    assert torch.equal(lam, d.smooth) and alpha == d.info["alpha"]
+    ours = svdquant_smoothed(W, spec, 8, lam, stats, opts.rounding)
+    assert torch.equal(ours.q.codes, d.q.codes) and torch.equal(ours.l1, d.l1)
+
+
+def test_shared_smoothing_refuses_mismatched_groups():
+    Ws, specs, ranks, stats = group()
+    with pytest.raises(DecomposeError, match="one spec and one rank per weight"):
+        shared_smoothing(Ws, specs[:2], ranks, stats)
+    with pytest.raises(DecomposeError, match="H must have shape"):
+        shared_smoothing([Ws[0], Ws[0][:, :-1]], specs[:2], ranks[:2], stats)

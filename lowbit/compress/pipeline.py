@@ -1,7 +1,9 @@
 """The compress pipeline: calibrate -> decompose -> allocate -> finetune -> pack.
 
 Every linear layer that the recipe selects becomes a `QLinear` holding W ~ Q + L1 L2 (Q packed low-bit
-codes, L1 L2 a high-precision low-rank part, optional SVDQuant smoothing).
+codes, L1 L2 a high-precision low-rank part, optional SVDQuant smoothing). Without a budget, SVDQuant's
+smoothing of the layers that read a norm's output is shared per norm and folded into the norm's weight
+(`lowbit.compress.smoothing`); other layers keep their own in their QLinear.
 
 Without a budget every layer takes the recipe's one setting. When that needs calibration statistics
 (GPTQ rounding, SVDQuant, Fisher-weighted LQ-LoRA), the model is run block by block and each block is
@@ -38,6 +40,7 @@ from lowbit.compress.checkpoint import lowbit_version, save
 from lowbit.compress.models import load_model
 from lowbit.compress.qlinear import QLinear, set_submodule
 from lowbit.compress.recipe import Recipe
+from lowbit.compress.smoothing import compress_norm_groups, norm_readers, qlinear_of
 from lowbit.compress.workarea import WorkArea
 from lowbit.lowrank import Stats, decompose
 from lowbit.quantizers import SCALE_DTYPES
@@ -107,23 +110,24 @@ def decompose_layer(
         rounding=rounding,
         iterations=recipe.decompose.iterations,
     )
-    lowrank = SCALE_DTYPES[recipe.decompose.lowrank_dtype]
-    return QLinear.from_linear(
-        linear,
-        d.q,
-        None if d.l1 is None else d.l1.to(lowrank),
-        None if d.l2 is None else d.l2.to(lowrank),
-        None if d.smooth is None else d.smooth.to(linear.weight.dtype),
-    )
+    return qlinear_of(linear, d, recipe)
 
 
 def quantize_model(
-    model: nn.Module, recipe: Recipe, tokenizer=None, *, calib_data=None, progress: bool = True
+    model: nn.Module,
+    recipe: Recipe,
+    tokenizer=None,
+    *,
+    calib_data=None,
+    progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> dict[str, dict]:
     """Replace the selected linears of `model` in place by QLinears; return the per-layer plan.
 
     calib_data: LongTensor [S, L] of token blocks; when None and the recipe needs calibration,
-    blocks are drawn from recipe.calibration.data with `tokenizer`.
+    blocks are drawn from recipe.calibration.data with `tokenizer`. With SVDQuant, the layers that read
+    a norm's output share one smoothing vector per norm, folded into the norm's weight (and into the
+    teacher's, a copy of the original model kept for fine-tuning); see `lowbit.compress.smoothing`.
     """
     linears = select_linears(model, recipe)
     if not recipe.needs_calibration():
@@ -133,13 +137,16 @@ def quantize_model(
 
     if calib_data is None:
         calib_data = _calibration_data(recipe, tokenizer)
-    fisher = {}
+    fisher, readers = {}, {}
     if recipe.decompose.method == "lqlora-fisher":
         fisher = fisher_diagonal(model, calib_data, layers=list(linears), progress=progress)
+    if recipe.decompose.method == "svdquant":
+        readers = norm_readers(model, calib_data[:1, :16].to(model.get_input_embeddings().weight.device))
 
     def on_block(index: int, block: nn.Module, block_stats: dict) -> None:
+        done = compress_norm_groups(model, readers, linears, block_stats, recipe, teacher)
         for name, stats in block_stats.items():
-            if name in linears:
+            if name in linears and name not in done:
                 q = compress_layer(name, linears[name], recipe, stats, fisher.get(name))
                 set_submodule(model, name, q)
 
@@ -211,7 +218,9 @@ def compress(
         plan = results[-1].plan
     else:
         teacher = copy.deepcopy(model) if recipe.finetune else None
-        plan = quantize_model(model, recipe, tokenizer, calib_data=calib_data, progress=progress)
+        plan = quantize_model(
+            model, recipe, tokenizer, calib_data=calib_data, progress=progress, teacher=teacher
+        )
         if teacher is not None:
             plan = finetune_stage(model, teacher, recipe, tokenizer, calib_data, progress)
         if out is not None:

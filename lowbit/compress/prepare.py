@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.compress.qlinear import QLinear, set_submodule
+from lowbit.compress.smoothing import fold_into_norm, norm_readers
 from lowbit.quantizers import QuantSpec, dequantize, quantize
 
 
@@ -50,35 +51,6 @@ def probe_ids(model: nn.Module) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
 
 
-def _keep(store: dict, name: str, value) -> None:
-    """Record a hook's first value; returns None so that the hook changes nothing."""
-    store.setdefault(name, value)
-
-
-@torch.no_grad()
-def _norm_readers(model: nn.Module, ids: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """{norm name: (linear layers whose input is exactly that norm's output, the norm's input)} for the
-    leaf modules with a 1-D weight (RMSNorm, LayerNorm), found by running the model once with hooks."""
-    norms, inputs, hooks = {}, {}, []  # norms: name -> (input, output); tensors kept alive, so ids are unique
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, QLinear)):
-            hooks.append(m.register_forward_pre_hook(lambda _, a, n=name: _keep(inputs, n, a[0])))
-        elif not list(m.children()) and getattr(getattr(m, "weight", None), "ndim", 0) == 1:
-            hooks.append(m.register_forward_hook(lambda _, a, out, n=name: _keep(norms, n, (a[0], out))))
-    try:
-        model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    by_id = {id(out): n for n, (_, out) in norms.items()}
-    readers: dict[str, tuple[list[str], torch.Tensor]] = {}
-    for lin, x in inputs.items():
-        if id(x) in by_id:
-            norm = by_id[id(x)]
-            readers.setdefault(norm, ([], norms[norm][0]))[0].append(lin)
-    return readers
-
-
 @torch.no_grad()
 def _fold_smoothing(model: nn.Module, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Fold each shared smoothing vector into the norm feeding its layers, in place.
@@ -88,7 +60,7 @@ def _fold_smoothing(model: nn.Module, ids: torch.Tensor) -> tuple[dict[str, torc
     absorbs diag(smooth) into its weight) and the folded norm's output checks out as old output / smooth.
     """
     folded, why = {}, {}
-    for norm_name, (readers, x) in _norm_readers(model, ids).items():
+    for norm_name, (readers, x) in norm_readers(model, ids).items():
         layers = {n: model.get_submodule(n) for n in readers}
         smoothed = [n for n, m in layers.items() if isinstance(m, QLinear) and m.smooth is not None]
         if not smoothed:
@@ -99,20 +71,10 @@ def _fold_smoothing(model: nn.Module, ids: torch.Tensor) -> tuple[dict[str, torc
             reason = f"the layers reading {norm_name} do not share one smoothing vector"
             why.update({n: reason for n in smoothed})
             continue
-        norm = model.get_submodule(norm_name)
-        before = norm(x)
-        saved = {k: v.clone() for k, v in norm.state_dict().items()}
-        norm.weight.data = norm.weight.data / smooth.to(norm.weight.dtype)
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.data = norm.bias.data / smooth.to(norm.bias.dtype)
-        expected = before / smooth.to(before.dtype)
-        if not torch.allclose(norm(x), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())):
-            norm.load_state_dict(saved)
+        dense = [m for m in layers.values() if isinstance(m, nn.Linear)]
+        if not fold_into_norm(model.get_submodule(norm_name), x, smooth, dense):
             why.update({n: f"{norm_name} does not scale linearly with its weight" for n in smoothed})
             continue
-        for m in layers.values():
-            if isinstance(m, nn.Linear):
-                m.weight.data = m.weight.data * smooth.to(m.weight.dtype)
         for n in smoothed:
             layers[n].smooth = None
             folded[n] = smooth

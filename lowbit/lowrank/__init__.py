@@ -5,7 +5,8 @@
     d.info["frobenius_error"], d.info["output_error"]   # the latter when H is given
 
 Methods (METHODS): "none" (Q only), "lorc" (ZeroQuant-V2), "lqlora" and "lqlora-fisher" (LQ-LoRA),
-"svdquant" (SVDQuant). Every Q step rounds to nearest or, with rounding="gptq", by GPTQ.
+"svdquant" (SVDQuant; `shared_smoothing` picks one smoothing vector for layers that read one input).
+Every Q step rounds to nearest or, with rounding="gptq", by GPTQ.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lowbit.lowrank.error import errors, fisher_error, frobenius_error, output_e
 from lowbit.lowrank.lorc import lorc
 from lowbit.lowrank.lqlora import lqlora, lqlora_fisher
 from lowbit.lowrank.svd import LowRankError, fisher_weights, randomized_svd, svd_r, weighted_svd_r
-from lowbit.lowrank.svdquant import smoothing_factors, svdquant
+from lowbit.lowrank.svdquant import shared_smoothing, smoothing_factors, svdquant
 from lowbit.quantizers import QuantSpec
 
 METHODS = {
@@ -83,6 +84,7 @@ __all__ = [
     "quantize_only",
     "randomized_svd",
     "reconstruct",
+    "shared_smoothing",
     "smoothing_factors",
     "svd_r",
     "svdquant",

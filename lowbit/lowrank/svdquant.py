@@ -13,6 +13,10 @@ lambda is normalised to geometric mean 1 (x W^T = x' W'^T holds for any scaling)
 grid by the output error E||x W^T - x' (Q + L1 L2)^T||^2 = tr(D H D^T), D = W - (Q + L1 L2) diag(1/lambda),
 over ALPHAS and "no smoothing"; the search rounds to nearest and the chosen alpha is then quantized with
 the requested rounding. GPTQ rounding sees the Hessian of x', diag(1/lambda) H diag(1/lambda).
+
+Layers that read one input (q/k/v after one norm, gate/up after another) can share one lambda, which then
+folds into that norm's weight (x / lambda = (norm.weight / lambda) * normalized x): `shared_smoothing`
+takes eq. 4's max over all the group's rows and searches alpha by the group's summed output error.
 """
 
 from __future__ import annotations
@@ -97,3 +101,39 @@ def svdquant(
         best = svdquant_smoothed(W, spec, rank, best.smooth, stats, opts.rounding)
     best.info["alpha"] = best_alpha
     return best
+
+
+def shared_smoothing(
+    Ws: list[torch.Tensor],
+    specs: list[QuantSpec],
+    ranks: list[int],
+    stats: Stats,
+    opts: DecomposeOptions = DEFAULT_OPTIONS,
+) -> tuple[torch.Tensor | None, float | None]:
+    """One smoothing vector for weights W_i [N_i, K] that read the same input x; returns (lambda [K], alpha).
+
+    lambda_j = max|x_j|^alpha / max_i,n |W_i[n, j]|^(1 - alpha) (eq. 4 over the stacked [sum N_i, K] rows).
+    With H, alpha is searched as in `svdquant` by the summed output error sum_i tr(D_i H D_i^T) (one H: the
+    members share x), each W_i decomposed with its own spec and rank, rounding to nearest; (None, None)
+    when no smoothing wins. stats: the shared input's H [K, K] and act_max [K].
+    """
+    if not Ws or not len(Ws) == len(specs) == len(ranks):
+        raise DecomposeError(
+            f"need one spec and one rank per weight, got {len(Ws)}, {len(specs)}, {len(ranks)}"
+        )
+    stats = Stats(H=stats.H, act_max=stats.act_max)
+    Ws = [check_inputs(W, spec, r, stats) for W, spec, r in zip(Ws, specs, ranks, strict=True)]
+    amax, W_all = act_magnitude(stats), torch.cat(Ws)  # [K], [sum N_i, K]
+    if opts.alpha is not None or stats.H is None:
+        alpha = DEFAULT_ALPHA if opts.alpha is None else opts.alpha
+        return smoothing_factors(amax, W_all, alpha), alpha
+    best = None
+    for alpha in (None, *ALPHAS):
+        smooth = None if alpha is None else smoothing_factors(amax, W_all, alpha)
+        members = zip(Ws, specs, ranks, strict=True)
+        err = sum(
+            svdquant_smoothed(W, s, r, smooth, stats, "nearest").info["output_error"] for W, s, r in members
+        )
+        if best is None or err < best[0]:
+            best = (err, smooth, alpha)
+    return best[1], best[2]
