@@ -1,0 +1,59 @@
+"""Per-layer constraints on the allocation (pins, forbidden candidates, minimum bits) as a bool mask."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import numpy as np
+
+from lowbit.compress.allocate.candidates import AllocationError, Candidate
+
+logger = logging.getLogger(__name__)
+
+
+def constraint_mask(names, candidates, *, pins=None, forbid=(), min_bits=None) -> np.ndarray:
+    """bool [M, C]: True where layer names[m] may take candidates[c]. Patterns are fnmatch patterns.
+
+    pins: {pattern: Candidate or predicate dict}: matching layers take only that candidate (or those
+    matching the predicate); the first matching pattern wins. forbid: [(pattern, predicate)]: matching
+    layers never take a candidate matching the predicate, e.g. ("*.down_proj", {"bits": 2}).
+    min_bits: {pattern: b}: matching layers take only candidates with at least b-bit codes.
+    A predicate maps PREDICATE_KEYS to a value or a list of allowed values.
+    """
+    mask = np.ones((len(names), len(candidates)), dtype=bool)
+
+    def rows(pattern: str) -> list[int]:
+        hit = [m for m, n in enumerate(names) if fnmatch.fnmatchcase(n, pattern)]
+        if not hit:
+            logger.warning("allocation constraint pattern %r matches no layer", pattern)
+        return hit
+
+    pinned = np.zeros(len(names), dtype=bool)
+    for pattern, pin in (pins or {}).items():
+        if isinstance(pin, Candidate) and pin not in candidates:
+            raise AllocationError(
+                f"candidate {pin.short()} pinned for {pattern!r} is not in the candidate grid"
+            )
+        if not isinstance(pin, (Candidate, dict)):
+            raise AllocationError(f"pin for {pattern!r} must be a Candidate or a predicate dict, got {pin!r}")
+        col = np.array([c == pin if isinstance(pin, Candidate) else c.matches(pin) for c in candidates])
+        for m in rows(pattern):
+            if not pinned[m]:
+                mask[m] &= col
+                pinned[m] = True
+    for entry in forbid or ():
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], dict)):
+            raise AllocationError(
+                f"each forbid entry must be a (pattern, predicate dict) pair, got {entry!r}"
+            )
+        col = np.array([c.matches(entry[1]) for c in candidates])
+        mask[rows(entry[0])] &= ~col
+    for pattern, b in (min_bits or {}).items():
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise AllocationError(f"min_bits for {pattern!r} must be an integer, got {b!r}")
+        mask[rows(pattern)] &= np.array([c.spec.bits >= b for c in candidates])
+    empty = np.flatnonzero(~mask.any(1))
+    if empty.size:
+        raise AllocationError(f"the allocation constraints leave layer {names[empty[0]]!r} no candidate")
+    return mask

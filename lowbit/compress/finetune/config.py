@@ -1,0 +1,109 @@
+"""A fine-tuning run's configuration and report, and the modes and objectives it may name."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+MODES = ("lora", "peqa", "l4q", "lsq")
+OBJECTIVES = ("lm", "distill")
+SCHEDULES = ("cosine", "constant")
+
+
+class FinetuneError(ValueError):
+    """Fine-tuning that cannot run as asked: bad config, no data, no teacher, incompatible saved state."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning run. `lr` is for low-rank factors, `scale_lr` for scales and zero points.
+
+    objective: "lm", "distill" or None (distill when `data` is None or "teacher", else lm).
+    data: a text source (see lowbit.calibration.data), "teacher" (sampled from the teacher), or None
+        (the blocks passed to `finetune`). samples: blocks drawn from `data`.
+    eval_every: steps between held-out evaluations (0: only at the start and the end); patience:
+        evaluations without improvement before stopping (0: never stop early).
+    rank: LoRA rank of l4q. save_every: steps between saved states (0: only at the end).
+    """
+
+    mode: str = "lora"
+    objective: str | None = None
+    steps: int = 100
+    lr: float = 1e-4
+    scale_lr: float = 1e-5
+    batch_size: int = 4
+    seq_len: int = 256
+    data: str | None = None
+    samples: int = 128
+    seed: int = 0
+    eval_every: int = 25
+    eval_blocks: int = 4
+    patience: int = 3
+    warmup: int = 10
+    schedule: str = "cosine"
+    rank: int = 16
+    hidden_weight: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 0
+    gradient_checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        for name, choices in (("mode", MODES), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in choices:
+                raise FinetuneError(
+                    f"unknown finetune {name} {getattr(self, name)!r}; choose one of {choices}"
+                )
+        if self.objective not in (None, *OBJECTIVES):
+            raise FinetuneError(f"unknown finetune objective {self.objective!r}; choose one of {OBJECTIVES}")
+        minimum = dict(steps=1, batch_size=1, seq_len=2, samples=1, rank=1)
+        minimum.update(dict.fromkeys(("seed", "eval_every", "eval_blocks", "patience", "warmup"), 0))
+        minimum["save_every"] = 0
+        for name, lo in minimum.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise FinetuneError(f"finetune {name} must be an integer >= {lo}, got {v!r}")
+        for name in ("lr", "scale_lr", "hidden_weight", "weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise FinetuneError(f"finetune {name} must be a non-negative number, got {v!r}")
+        if self.lr <= 0 or self.scale_lr <= 0:
+            raise FinetuneError("finetune lr and scale_lr must be positive")
+
+    def resolved_objective(self) -> str:
+        return self.objective or ("distill" if self.data in (None, "teacher") else "lm")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        if not isinstance(d, dict):
+            raise FinetuneError("the finetune section must be a mapping")
+        if unknown := set(d) - {f.name for f in fields(cls)}:
+            raise FinetuneError(f"unknown finetune key(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@dataclass
+class FinetuneReport:
+    """What a fine-tuning run did. losses: training loss of every step (resumed steps included); evals:
+    [step, held-out loss] pairs; peak_memory_bytes: GPU peak allocated, or the process's peak RSS."""
+
+    mode: str
+    objective: str
+    steps: int = 0
+    start_step: int = 0
+    trainable_params: int = 0
+    trained_layers: int = 0
+    losses: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+    seconds_per_step: float = 0.0
+    peak_memory_bytes: int = 0
+    plan: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,93 @@
+"""Each mode's training form of the QLinear layers: prepared before training, exported (or restored)
+after it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.compress.finetune.config import MODES, FinetuneError
+from lowbit.compress.qlinear import FakeQuantLinear, QLinear, set_submodule
+
+
+def _dense_weight(teacher: nn.Module | None, fqn: str, layer: QLinear) -> torch.Tensor | None:
+    """The teacher's weight of layer `fqn` in the layer's smoothed domain W diag(smooth), or None."""
+    if teacher is None:
+        return None
+    try:
+        lin = teacher.get_submodule(fqn)
+    except AttributeError:
+        return None
+    if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != (layer.out_features, layer.in_features):
+        return None
+    W = lin.weight.detach().to(layer.codes.device, torch.float32)
+    return W if layer.smooth is None else W * layer.smooth.float()[None, :]
+
+
+def prepare_layers(
+    model: nn.Module, mode: str, teacher: nn.Module | None = None, rank: int = 16, seed: int = 0
+) -> dict[str, tuple[QLinear, nn.Module]]:
+    """Put every QLinear of `model` in its training form for `mode`; return {fqn: (QLinear, trained)}.
+
+    lora: the QLinear itself with fp32 factors; other modes: a FakeQuantLinear swapped in by name. Every
+    parameter of the model is frozen except the trained ones (`trainable_tensors`).
+    """
+    if mode not in MODES:
+        raise FinetuneError(f"unknown finetune mode {mode!r}; choose one of {MODES}")
+    qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    if not qlinears:
+        raise FinetuneError("the model has no QLinear layer to fine-tune; compress it first")
+    if mode == "lora" and not any(m.rank for m in qlinears.values()):
+        raise FinetuneError("mode lora trains low-rank factors, but every layer has rank 0")
+    model.requires_grad_(False)  # trainable_tensors turns the trained ones back on
+    generator = torch.Generator().manual_seed(seed)
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.float32 if first is None else first.dtype
+    if mode != "lora":  # every training form is built before the first swap: a failure changes nothing
+        layers = {
+            fqn: (m, FakeQuantLinear(m, mode, _dense_weight(teacher, fqn, m), rank, generator, dtype))
+            for fqn, m in qlinears.items()
+        }
+        for fqn, (_, fake) in layers.items():
+            set_submodule(model, fqn, fake)
+        return layers
+    for m in qlinears.values():
+        if m.rank:  # fp32 copies: the original factors stay as they were until export
+            m.l1 = nn.Parameter(m.l1.detach().float().clone())
+            m.l2 = nn.Parameter(m.l2.detach().float().clone())
+    return {fqn: (m, m) for fqn, m in qlinears.items()}
+
+
+def trainable_tensors(layers: dict[str, tuple[QLinear, nn.Module]]) -> dict[str, nn.Parameter]:
+    """The trained tensors by '{fqn}.{name}', in module order (names: l1, l2, s, z, lora_a, lora_b)."""
+    out = {}
+    for fqn, (_, m) in layers.items():
+        for name, p in m.named_parameters():
+            if name != "bias" and (name in ("l1", "l2") or isinstance(m, FakeQuantLinear)):
+                p.requires_grad_(True)
+                out[f"{fqn}.{name}"] = p
+    return out
+
+
+def export_layers(model: nn.Module, layers: dict[str, tuple[QLinear, nn.Module]], originals: dict) -> dict:
+    """Write what was learned back into the QLinears, swap them in again; return the new plan.
+
+    originals: {fqn: (l1, l2)} the low-rank factors before training (lora casts back to their dtype).
+    """
+    for fqn, (q, m) in layers.items():
+        if isinstance(m, FakeQuantLinear):
+            q.replace_weight(*m.export())
+            set_submodule(model, fqn, q)
+        elif q.rank:
+            d = originals[fqn][0].dtype
+            q.l1, q.l2 = nn.Parameter(q.l1.detach().to(d)), nn.Parameter(q.l2.detach().to(d))
+    return {fqn: q.layer_plan() for fqn, (q, _) in layers.items()}
+
+
+def _restore_layers(model: nn.Module, layers: dict, originals: dict) -> None:
+    """Put the QLinears back as they were before training (training failed)."""
+    for fqn, (q, m) in layers.items():
+        if isinstance(m, FakeQuantLinear):
+            set_submodule(model, fqn, q)
+        elif q.rank:
+            q.l1, q.l2 = originals[fqn]
