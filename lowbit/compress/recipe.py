@@ -11,7 +11,7 @@ A recipe file looks like this (every key optional; defaults shown)::
     calibration: {data: "builtin:lee-news", samples: 128, seq_len: 512, seed: 0}
     allocate:            # per-layer format / bits / group / rank by ILP under `budget` bits per weight
       {budget: null, formats: [int, nf], bits: [2, 3, 4, 8], group_sizes: [32, 64, 128],
-       ranks: [0, 8, 16, 32, 64], metric: output, solver: ilp,
+       ranks: [0, 8, 16, 32, 64], metric: fisher, rounding: null, solver: ilp,
        pins: {}, forbid: [], min_bits: {}}                    # e.g. min_bits: {"*.down_proj": 4}
     finetune:            # optional: lora | peqa | l4q | lsq, lm or distill (see lowbit.compress.finetune)
       {mode: lora, objective: distill, steps: 100}
@@ -121,6 +121,13 @@ class AllocateConfig:
     pins: {layer pattern: {format / bits / group_size / rank: value}} restricts matching layers to the
     candidates with those values; forbid: [{match: pattern, bits / format / group_size / rank: value}]
     removes candidates; min_bits: {layer pattern: bits}.
+    metric: what the ILP adds up over layers. "fisher" (default) weights each weight's squared error by
+    the diagonal empirical Fisher, a second-order estimate of the loss increase (LQ-LoRA sec. 3.3) that is
+    comparable between layers; "output" (the input-Hessian output error of GPTQ) is not: early layers
+    see small activations and look cheap to damage, and on the built-in model at 3.25 bits per weight the
+    allocation it picks scores perplexity 1392 where "fisher" scores 122 (round to nearest, both).
+    rounding: how the error table is measured, None meaning quantize.rounding. "nearest" with a GPTQ
+    recipe measures the table ~10x faster on a CPU; the chosen candidates are still rounded by GPTQ.
     """
 
     budget: float | None = None
@@ -128,7 +135,8 @@ class AllocateConfig:
     bits: tuple[int, ...] = (2, 3, 4, 8)
     group_sizes: tuple[int, ...] = (32, 64, 128)
     ranks: tuple[int, ...] = (0, 8, 16, 32, 64)
-    metric: str = "output"
+    metric: str = "fisher"
+    rounding: str | None = None
     solver: str = "ilp"
     pins: dict = field(default_factory=dict)
     forbid: tuple = ()
@@ -139,6 +147,10 @@ class AllocateConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.metric not in METRICS:
             raise RecipeError(f"unknown allocate.metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+        if self.rounding not in (None, *ROUNDINGS):
+            raise RecipeError(
+                f"unknown allocate.rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}"
+            )
         if self.solver not in SOLVERS:
             raise RecipeError(f"unknown allocate.solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
         if self.budget is not None and not self.budget > 0:
@@ -264,8 +276,12 @@ def _preset(fmt: str, group_size: int | None, method: str = "none", rank: int = 
 
 
 # Joint allocation of bits, group sizes and ranks (INT codes, ranks 0 or 8) under `--budget`; a grid
-# small enough for a CPU (12 candidates per layer, LoRC errors weighted by the calibration Hessian).
-ALLOCATE_INT = AllocateConfig(formats=("int",), bits=(2, 3, 4), group_sizes=(64, 128), ranks=(0, 8))
+# small enough for a CPU (12 candidates per layer, LoRC errors weighted by the Fisher diagonal, measured
+# with round-to-nearest; 16 calibration blocks), the chosen candidates then rounded by GPTQ.
+ALLOCATE_INT = AllocateConfig(
+    formats=("int",), bits=(2, 3, 4), group_sizes=(64, 128), ranks=(0, 8), rounding="nearest"
+)
+ALLOC_QUANTIZE = QuantizeConfig(rounding="gptq")
 
 PRESETS: dict[str, Recipe] = {
     "int8": _preset("int8", None, symmetric=True),
@@ -289,11 +305,15 @@ PRESETS: dict[str, Recipe] = {
     "int3-g128-svdquant-r32": _preset("int3", 128, "svdquant", 32),
     "nf3-g64-lorc-r16": _preset("nf3", 64, "lorc", 16),
     "alloc-int": Recipe(
-        allocate=ALLOCATE_INT, calibration=CalibrationConfig(samples=32), decompose=DecomposeConfig("lorc")
+        quantize=ALLOC_QUANTIZE,
+        allocate=ALLOCATE_INT,
+        calibration=CalibrationConfig(samples=16),
+        decompose=DecomposeConfig("lorc"),
     ),
     "alloc-int-nf": Recipe(
+        quantize=ALLOC_QUANTIZE,
         allocate=replace(ALLOCATE_INT, formats=("int", "nf")),
-        calibration=CalibrationConfig(samples=32),
+        calibration=CalibrationConfig(samples=16),
         decompose=DecomposeConfig("lorc"),
     ),
 }
