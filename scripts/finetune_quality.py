@@ -27,8 +27,9 @@ from dataclasses import replace
 from lowbit.calibration.data import calibration_blocks, eval_tokens
 from lowbit.compress.evaluate import dense_bits_per_weight, perplexity
 from lowbit.compress.finetune import FinetuneConfig, finetune
+from lowbit.compress.footprint import plan_bits
 from lowbit.compress.models import load_model
-from lowbit.compress.pipeline import compress, plan_bits
+from lowbit.compress.pipeline import compress
 from lowbit.compress.recipe import DecomposeConfig, preset
 
 

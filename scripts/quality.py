@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/quality.py [--model smollm2-135m] [--data builtin:lee-news] [--samples 32]
-        [--seq-len 512] [--eval-tokens N] [--only NAME,NAME] [--json results.json]
+        [--seq-len 512] [--eval-tokens N] [--only NAME[:SPEC],...] [--json results.json]
 
 Each row: method, spec, rank, bits per weight of the quantized layers (codes, scales, zeros and low-rank
 factors counted), perplexity on the held-out part of --data (never seen by calibration), and wall time
@@ -62,7 +62,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=None)
-    p.add_argument("--only", default=None, help="comma-separated row names to run")
+    p.add_argument(
+        "--only", default=None, help="comma-separated rows to run: method, or method:spec (gptq:int2-g64)"
+    )
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
 
@@ -77,7 +79,8 @@ def main() -> None:
     print(f"{'original':<16} {'fp32':<14} {0:>4} {rows[0]['bpw']:>6.2f} {ppl:>9.3f} {0:>7}", flush=True)
     only = set(args.only.split(",")) if args.only else None
     for name, quant, dec in ROWS:
-        if only and name not in only:
+        spec = Recipe.from_dict({"quantize": quant}).quantize.spec().short()
+        if only and name not in only and f"{name}:{spec}" not in only:
             continue
         recipe = Recipe.from_dict(
             {
@@ -92,7 +95,6 @@ def main() -> None:
         )
         seconds = time.perf_counter() - t0
         ppl = perplexity(model, ids, progress=False)["perplexity"]
-        spec = recipe.quantize.spec().short()
         row = dict(
             method=name,
             spec=spec,

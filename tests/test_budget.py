@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lowbit.compress.pipeline as pipeline
+import lowbit.compress.budget as budget
 from lowbit.compress.allocate import AllocationError
 from lowbit.compress.checkpoint import checkpoint_info
 from lowbit.compress.cli import main
+from lowbit.compress.pipeline import compress
 from lowbit.compress.recipe import Recipe
 
 GRID = {"formats": ["int"], "bits": [2, 3, 4], "group_sizes": [32, 64], "ranks": [0, 4]}
@@ -57,8 +58,8 @@ def test_new_budget_reuses_calibration_and_error_table(tiny_llama_dir, news_file
     def forbidden(*a, **k):
         raise AssertionError("the second run must not recompute this")
 
-    monkeypatch.setattr(pipeline, "calibrate", forbidden)
-    monkeypatch.setattr(pipeline, "error_row", forbidden)
+    monkeypatch.setattr(budget, "calibrate", forbidden)
+    monkeypatch.setattr(budget, "error_row", forbidden)
     assert run_cli(*base, "--budget", "2.5", "--out", tmp_path / "b") == 0
     assert checkpoint_info(tmp_path / "b")["totals"]["bits_per_weight"] <= 2.5
     # --restart discards the work area, so the same run now has to calibrate again
@@ -91,11 +92,11 @@ def test_python_api_budget(tmp_path):
     from tests.conftest import make_tiny_llama
 
     recipe = Recipe.from_dict({"allocate": {**GRID, "metric": "frobenius"}})
-    model, report = pipeline.compress(make_tiny_llama(300), recipe, budget=3.0, progress=False)
+    model, report = compress(make_tiny_llama(300), recipe, budget=3.0, progress=False)
     assert report.bits_per_weight <= 3.0
     assert report.budgets[0]["solver_status"] in ("optimal", "feasible")
     with pytest.raises(AllocationError):
-        pipeline.compress(make_tiny_llama(300), recipe, budget=1.0, progress=False)
+        compress(make_tiny_llama(300), recipe, budget=1.0, progress=False)
 
 
 def test_budget_path_fine_tunes_each_budget_and_resumes(tmp_path):
@@ -107,10 +108,10 @@ def test_budget_path_fine_tunes_each_budget_and_resumes(tmp_path):
     recipe = Recipe.from_dict({"allocate": {**GRID, "metric": "frobenius"}, "finetune": ft})
     work = tmp_path / "work"
     kw = dict(budgets=[2.5, 3.5], calib_data=blocks, work_dir=work, progress=False)
-    model, report = pipeline.compress(make_tiny_llama(300), recipe, **kw)
+    model, report = compress(make_tiny_llama(300), recipe, **kw)
     assert all(e["rank"] == 0 for b in report.budgets for e in b["plan"].values())  # l4q merged
     assert (work.glob("*/bpw-2.5-finetune")) and (work.glob("*/bpw-3.5-finetune"))
-    plain, _ = pipeline.compress(
+    plain, _ = compress(
         make_tiny_llama(300),
         Recipe.from_dict(recipe.to_dict() | {"finetune": None}),
         budget=3.5,
@@ -120,7 +121,7 @@ def test_budget_path_fine_tunes_each_budget_and_resumes(tmp_path):
     name = "model.layers.0.mlp.down_proj"
     a, b = model.get_submodule(name), plain.get_submodule(name)
     assert not (torch.equal(a.scales, b.scales) and torch.equal(a.codes, b.codes))
-    again, _ = pipeline.compress(make_tiny_llama(300), recipe, **kw)  # resumes from the saved states
+    again, _ = compress(make_tiny_llama(300), recipe, **kw)  # resumes from the saved states
     assert torch.equal(again.get_submodule(name).codes, model.get_submodule(name).codes)
 
 
@@ -184,7 +185,7 @@ def test_table_rounding_is_separate_from_the_final_rounding(monkeypatch):
     with pytest.raises(RecipeError, match="allocate.rounding"):
         Recipe.from_dict({"allocate": {"rounding": "stochastic"}})
     seen = {"table": set(), "final": set()}
-    error_row, decompose_layer = pipeline.error_row, pipeline.decompose_layer
+    error_row, decompose_layer = budget.error_row, budget.decompose_layer
 
     def table_row(*a, rounding, **k):
         seen["table"].add(rounding)
@@ -194,8 +195,8 @@ def test_table_rounding_is_separate_from_the_final_rounding(monkeypatch):
         seen["final"].add(rounding)
         return decompose_layer(lin, spec, rank, method, rounding, *a)
 
-    monkeypatch.setattr(pipeline, "error_row", table_row)
-    monkeypatch.setattr(pipeline, "decompose_layer", final_layer)
+    monkeypatch.setattr(budget, "error_row", table_row)
+    monkeypatch.setattr(budget, "decompose_layer", final_layer)
     recipe = Recipe.from_dict(
         {
             "quantize": {"rounding": "gptq"},
@@ -204,5 +205,5 @@ def test_table_rounding_is_separate_from_the_final_rounding(monkeypatch):
         }
     )
     blocks = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
-    pipeline.compress(make_tiny_llama(300), recipe, budget=3.0, calib_data=blocks, progress=False)
+    compress(make_tiny_llama(300), recipe, budget=3.0, calib_data=blocks, progress=False)
     assert seen == {"table": {"nearest"}, "final": {"gptq"}}

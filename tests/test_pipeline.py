@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.compress.pipeline import CompressError, compress, plan_bits
+from lowbit.compress.footprint import plan_bits
+from lowbit.compress.pipeline import compress
 from lowbit.compress.qlinear import QLinear
 from lowbit.compress.recipe import Recipe
+from lowbit.compress.uniform import CompressError
 from tests.conftest import make_tiny_llama
 
 SEQ = 32

@@ -13,11 +13,12 @@ from torch import nn
 
 import lowbit
 from lowbit.compress.checkpoint import save
-from lowbit.compress.pipeline import compress, quantize_model
+from lowbit.compress.pipeline import compress
 from lowbit.compress.prepare import effective_weight
 from lowbit.compress.qlinear import QLinear
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_into_norm
+from lowbit.compress.uniform import quantize_model
 from tests.conftest import logits, make_tiny_llama
 
 SEQ = 32

@@ -206,7 +206,7 @@ def evaluate_target(
 
 def _model_bits_per_weight(model) -> float:
     from lowbit.compress.checkpoint import model_plan
-    from lowbit.compress.pipeline import plan_bits
+    from lowbit.compress.footprint import plan_bits
 
     plan = model_plan(model)
     return plan_bits(model, plan) / sum(e["shape"][0] * e["shape"][1] for e in plan.values())

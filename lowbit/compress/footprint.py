@@ -12,7 +12,8 @@ from their files (the model in memory is dense, 32 or 16 bits whatever it came f
   mins) plus its `.lora_a` / `.lora_b` in an adapter file beside it, over their weights;
 - with no quantized layer (a dense export, a plain transformers folder, an unquantized GGUF): every
   linear layer's weight (in GGUF: every 2-D tensor but the token embeddings) at its stored dtype.
-Biases are not counted, as in `lowbit info`.
+Biases are not counted, as in `lowbit info`. `plan_bits` counts the same for the quantized layers of a
+model in memory, from their QLinear tensors.
 """
 
 from __future__ import annotations
@@ -90,3 +91,12 @@ def _gguf_bits(files: list[Path]) -> float | None:
     )
     weights = sum(int(tensors[n].n_elements) for n in layers)
     return bits / weights if weights else None
+
+
+def plan_bits(model: nn.Module, plan: dict[str, dict]) -> int:
+    """Exact storage bits of the quantized layers: codes, scales, zeros, low-rank factors, smoothing."""
+    total = 0
+    for name in plan:
+        m = model.get_submodule(name)
+        total += sum(t.numel() * t.element_size() * 8 for n, t in m.state_dict().items() if n != "bias")
+    return total

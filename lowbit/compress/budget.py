@@ -1,0 +1,224 @@
+"""Compression to bits-per-weight budgets: calibrate -> error table -> allocate -> quantize (-> finetune)
+-> pack, once per budget over one error table.
+
+The stages are resumable: calibration statistics, every layer's row of the error table, and every
+compressed layer are saved in a work area (`lowbit.compress.workarea`) as they finish, so a killed job
+resumes where it stopped and a new budget reuses the calibration and the error table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.calibration import CalibrationStats, calibrate
+from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
+from lowbit.compress.checkpoint import lowbit_version, save
+from lowbit.compress.footprint import plan_bits
+from lowbit.compress.qlinear import QLinear, set_submodule
+from lowbit.compress.recipe import Recipe
+from lowbit.compress.uniform import calibration_data, decompose_layer, finetune_stage, select_linears
+from lowbit.compress.workarea import WorkArea
+from lowbit.lowrank import Stats
+from lowbit.quantizers import SCALE_DTYPES
+
+logger = logging.getLogger(__name__)
+
+
+def budget_outs(out: Path, budgets: list[float]) -> list[Path]:
+    """One checkpoint folder per budget: `out` itself for one budget, out/bpw-<b> for several."""
+    return [out] if len(budgets) == 1 else [out / f"bpw-{b:g}" for b in budgets]
+
+
+@contextlib.contextmanager
+def work_area(model_or_id, recipe: Recipe, out, work_dir, restart: bool):
+    """The job's WorkArea: kept beside `out` for a named model, temporary for an in-memory one."""
+    job = {"model": model_or_id if isinstance(model_or_id, str) else None, "lowbit": lowbit_version()}
+    job["recipe"] = {**recipe.to_dict(), "allocate": {**recipe.to_dict()["allocate"], "budget": None}}
+    if work_dir is None and (out is None or job["model"] is None):
+        with tempfile.TemporaryDirectory(prefix="lowbit-work-") as tmp:
+            yield WorkArea(tmp, job)
+        return
+    root = Path(work_dir) if work_dir is not None else Path(out).parent / ".lowbit-work"
+    yield WorkArea(root, job, restart=restart)
+
+
+@dataclass
+class BudgetResult:
+    """One budget's outcome: the chosen candidate per layer, the allocation and the checkpoint."""
+
+    budget: float
+    plan: dict[str, dict]
+    bits_per_weight: float
+    error: float
+    solver_status: str
+    solve_seconds: float
+    out: str | None = None
+
+
+def allocation_method(recipe: Recipe) -> str:
+    """The decomposition behind the error table: the recipe's, or LoRC when ranks compete without one."""
+    method = recipe.decompose.method
+    return "lorc" if method == "none" and any(recipe.allocate.ranks) else method
+
+
+def calibration_stage(
+    model, linears, recipe: Recipe, calib_data, work: WorkArea, progress
+) -> dict[str, Stats]:
+    """Per-layer statistics from the original model (every candidate is measured against the same inputs)."""
+    if not recipe.needs_calibration():
+        return {}
+    path = work.path("calibration.safetensors")
+    if path.is_file():
+        cal = CalibrationStats.load(path)
+    else:
+        fisher = recipe.allocate.metric == "fisher" or allocation_method(recipe) == "lqlora-fisher"
+        kinds = ("act", "hessian", "fisher") if fisher else ("act", "hessian")
+        cal = calibrate(model, calib_data, stats=kinds, layers=list(linears), progress=progress)
+        tmp = path.with_name(path.name + ".tmp")
+        cal.save(tmp)
+        os.replace(tmp, path)
+    return {
+        name: Stats(
+            H=None if st.hessian is None else st.hessian_matrix(), act_max=st.act_max, fisher=st.fisher
+        )
+        for name, st in cal.layers.items()
+    }
+
+
+def table_stage(linears, recipe: Recipe, stats: dict[str, Stats], work: WorkArea, progress) -> ErrorTable:
+    """Every layer's error and exact size under every candidate; one saved row per finished layer."""
+    path = work.path("error_table.safetensors")
+    if path.is_file():
+        return ErrorTable.load(path)
+    a = recipe.allocate
+    grid = candidate_grid(a.formats, a.bits, a.group_sizes, a.ranks, base=recipe.quantize.spec())
+    info = dict(
+        method=allocation_method(recipe),
+        metric=a.metric,
+        rounding=a.rounding or recipe.quantize.rounding,
+        iterations=recipe.decompose.iterations,
+    )
+    lowrank_bits = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize
+    errs, sizes = [], []
+    for name, lin in tqdm(linears.items(), desc="error table", disable=not progress):
+        row = work.load(f"table/{name}.safetensors")
+        if row is None:
+            e, z = error_row(
+                lin.weight.detach().float(),
+                grid,
+                stats=stats.get(name),
+                lowrank_dtype_bits=lowrank_bits,
+                **info,
+            )
+            row = {"errors": torch.from_numpy(e), "sizes": torch.from_numpy(z)}, {}
+            work.save(f"table/{name}.safetensors", *row)
+        errs.append(row[0]["errors"].numpy())
+        sizes.append(row[0]["sizes"].numpy())
+    shapes = [tuple(lin.weight.shape) for lin in linears.values()]
+    table = ErrorTable(list(linears), shapes, grid, np.stack(errs), np.stack(sizes), info)
+    table.save(path)
+    return table
+
+
+def allocation_stage(table: ErrorTable, recipe: Recipe, budget: float):
+    """The ILP (or greedy) choice of one candidate per layer under `budget` bits per weight."""
+    a = recipe.allocate
+    forbid = [(f["match"], {k: v for k, v in f.items() if k != "match"}) for f in a.forbid]
+    allowed = table.mask(pins=a.pins, forbid=forbid, min_bits=a.min_bits)
+    alloc = table.allocate(budget, allowed=allowed, solver=a.solver)
+    return table.plan(alloc), alloc
+
+
+def quantize_stage(linears, plan, recipe: Recipe, stats, work: WorkArea, tag: str, progress) -> dict:
+    """{name: QLinear} for the allocated candidates; each finished layer saved under `tag`."""
+    method = allocation_method(recipe)
+    out = {}
+    for name, lin in tqdm(linears.items(), desc=f"quantize {tag}", disable=not progress):
+        saved = work.load(f"{tag}/{name}.safetensors")
+        if saved is None:
+            c = plan[name]
+            q = decompose_layer(
+                lin, c.spec, c.rank, method, recipe.quantize.rounding, recipe, stats.get(name, Stats())
+            )
+            work.save(f"{tag}/{name}.safetensors", q.state_dict(), q.layer_plan())
+        else:
+            tensors, entry = saved
+            q = QLinear.from_plan(entry, lin.weight.dtype, device=lin.weight.device)
+            q.load_state_dict(tensors, assign=True)
+        out[name] = q
+    return out
+
+
+def compress_to_budgets(
+    model: nn.Module,
+    recipe: Recipe,
+    budgets: list[float],
+    work: WorkArea,
+    *,
+    tokenizer=None,
+    calib_data=None,
+    outs: list[Path | None],
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[BudgetResult]:
+    """calibrate -> error table -> allocate -> quantize -> pack, once per budget over one table.
+
+    The model is left with the last budget's QLinears in place; earlier budgets' checkpoints are
+    written to their `outs` (when given) and their layers swapped back out.
+    """
+    linears = select_linears(model, recipe)
+    recipe = with_budget(recipe, budgets[0])  # so that needs_calibration() sees the allocation
+    if (
+        recipe.needs_calibration()
+        and calib_data is None
+        and not work.path("calibration.safetensors").is_file()
+    ):
+        calib_data = calibration_data(recipe, tokenizer)
+    stats = calibration_stage(model, linears, recipe, calib_data, work, progress)
+    table = table_stage(linears, recipe, stats, work, progress)
+    teacher = copy.deepcopy(model) if recipe.finetune else None  # the original, before any swap
+    results = []
+    for i, (budget, out) in enumerate(zip(budgets, outs, strict=True)):
+        plan, alloc = allocation_stage(table, recipe, budget)
+        logger.info("budget %.3f: %s in %.2f s", budget, alloc.status, alloc.seconds)
+        qlinears = quantize_stage(linears, plan, recipe, stats, work, f"bpw-{budget:g}", progress)
+        for name, q in qlinears.items():
+            set_submodule(model, name, q)
+        entries = {name: q.layer_plan() for name, q in qlinears.items()}
+        if teacher is not None:
+            state = work.path(f"bpw-{budget:g}-finetune")
+            entries = finetune_stage(model, teacher, recipe, tokenizer, calib_data, progress, state)
+        params = sum(math.prod(e["shape"]) for e in entries.values())
+        r = BudgetResult(
+            budget,
+            entries,
+            plan_bits(model, entries) / params,
+            float(alloc.error),
+            alloc.status,
+            float(alloc.seconds),
+        )
+        if out is not None:
+            used = with_budget(recipe, budget).to_dict()
+            save(model, out, plan=entries, recipe=used, tokenizer=tokenizer, overwrite=overwrite)
+            r.out = str(out)
+        if i < len(budgets) - 1:
+            for name, lin in linears.items():
+                set_submodule(model, name, lin)
+        results.append(r)
+    return results
+
+
+def with_budget(recipe: Recipe, budget: float) -> Recipe:
+    return replace(recipe, allocate=replace(recipe.allocate, budget=budget))
