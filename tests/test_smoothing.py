@@ -197,3 +197,25 @@ def test_a_norm_not_linear_in_its_weight_is_left_alone():
     w, W = norm.weight.detach().clone(), lin.weight.detach().clone()
     assert not fold_into_norm(norm, torch.randn(5, 16), torch.rand(16) + 0.5, [lin])
     assert torch.equal(norm.weight, w) and torch.equal(lin.weight, W)
+
+
+def test_budget_path_shares_lambda_per_norm_and_undoes_the_folds_between_budgets(blocks, tmp_path):
+    """Each norm's readers share one lambda searched with their allocated specs and ranks; the second
+    budget (fine-tuned against a folded teacher too) equals that budget compressed alone, so the first
+    budget's folds were undone in the model and the teacher; a resumed run reloads the same lambdas."""
+    original = with_outlier_norms(make_tiny_llama(300))
+    recipe = Recipe.from_dict(
+        svdquant_recipe(exclude=("lm_head", EXCLUDED)).to_dict()
+        | {
+            "allocate": {"formats": ["int"], "bits": [2, 3, 4], "group_sizes": [32], "ranks": [0, 4]},
+            "finetune": {"mode": "peqa", "steps": 2, "batch_size": 2, "seq_len": SEQ, "eval_every": 0},
+        }
+    )
+    kw = dict(calib_data=blocks, work_dir=tmp_path / "work", progress=False)
+    model, report = compress(copy.deepcopy(original), recipe, budgets=[3.5, 5.5], **kw)
+    assert {e["rank"] for b in report.budgets for e in b["plan"].values()} == {0, 4}
+    check_folded(model, original, LLAMA_GROUPS, blocks, tmp_path)
+    alone, _ = compress(copy.deepcopy(original), recipe, budget=5.5, calib_data=blocks, progress=False)
+    assert torch.equal(logits(alone, blocks), logits(model, blocks))
+    again, _ = compress(copy.deepcopy(original), recipe, budgets=[3.5, 5.5], **kw)
+    assert torch.equal(logits(again, blocks), logits(model, blocks))

@@ -3,7 +3,9 @@
 
 The stages are resumable: calibration statistics, every layer's row of the error table, and every
 compressed layer are saved in a work area (`lowbit.compress.workarea`) as they finish, so a killed job
-resumes where it stopped and a new budget reuses the calibration and the error table.
+resumes where it stopped and a new budget reuses the calibration and the error table. With SVDQuant, the
+layers that read a norm's output share one smoothing vector per norm, folded into it, as in the uniform
+path (`smoothing_stage`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from lowbit.compress.checkpoint import lowbit_version, save
 from lowbit.compress.footprint import plan_bits
 from lowbit.compress.qlinear import QLinear, set_submodule
 from lowbit.compress.recipe import Recipe
+from lowbit.compress.smoothing import fold_group, norm_groups, norm_readers, qlinear_of
 from lowbit.compress.uniform import calibration_data, decompose_layer, finetune_stage, select_linears
 from lowbit.compress.workarea import WorkArea
 from lowbit.lowrank import Stats
+from lowbit.lowrank.svdquant import shared_smoothing, svdquant_smoothed
 from lowbit.quantizers import SCALE_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -141,17 +145,65 @@ def allocation_stage(table: ErrorTable, recipe: Recipe, budget: float):
     return table.plan(alloc), alloc
 
 
-def quantize_stage(linears, plan, recipe: Recipe, stats, work: WorkArea, tag: str, progress) -> dict:
-    """{name: QLinear} for the allocated candidates; each finished layer saved under `tag`."""
+@torch.no_grad()
+def smoothing_stage(
+    model: nn.Module, linears, plan, stats: dict[str, Stats], work: WorkArea, tag: str, teacher
+) -> tuple[dict[str, tuple[torch.Tensor, bool]], list]:
+    """SVDQuant's shared smoothing for the allocated layers that read a norm's output.
+
+    One lambda per norm, searched over its readers with each reader's allocated spec and rank
+    (`shared_smoothing`), saved under `tag`, and folded into the norm (and the teacher's) as the uniform
+    path does (`lowbit.compress.smoothing`). The error table measured every candidate with its own
+    lambda. Returns ({layer: (lambda, folded)}, [(module, its state before the fold)]) so that the
+    caller can undo the folds before the next budget.
+    """
+    n_vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(16) % n_vocab)[None].to(model.get_input_embeddings().weight.device)
+    readers = norm_readers(model, ids)
+    smooth, before = {}, []
+    for norm, members in norm_groups(model, readers, linears).items():
+        saved = work.load(f"{tag}/smoothing/{norm}.safetensors")
+        if saved is None:
+            st = stats.get(members[0], Stats())
+            Ws = [linears[n].weight.detach().float() for n in members]
+            specs, ranks = [plan[n].spec for n in members], [plan[n].rank for n in members]
+            lam, _ = shared_smoothing(Ws, specs, ranks, Stats(H=st.H, act_max=st.act_max))
+            saved = ({} if lam is None else {"lambda": lam}), {}
+            work.save(f"{tag}/smoothing/{norm}.safetensors", *saved)
+        lam = saved[0].get("lambda")
+        if lam is None:
+            continue
+        touched = [norm, *(n for n in readers[norm][0] if n not in members)]
+        nets = [(model, touched)] + ([(teacher, [norm, *readers[norm][0]])] if teacher is not None else [])
+        mods = [net.get_submodule(n) for net, names in nets for n in names]
+        before += [(m, {k: v.clone() for k, v in m.state_dict().items()}) for m in mods]
+        folded = fold_group(model, norm, readers, members, lam, teacher)
+        smooth.update({n: (lam, folded) for n in members})
+    return smooth, before
+
+
+def quantize_stage(
+    linears, plan, recipe: Recipe, stats, work: WorkArea, tag: str, progress, smooth=None
+) -> dict:
+    """{name: QLinear} for the allocated candidates; each finished layer saved under `tag`.
+
+    smooth: {layer: (lambda, folded)} from `smoothing_stage`; those layers are SVDQuant with that lambda.
+    """
     method = allocation_method(recipe)
+    smooth = smooth or {}
     out = {}
     for name, lin in tqdm(linears.items(), desc=f"quantize {tag}", disable=not progress):
         saved = work.load(f"{tag}/{name}.safetensors")
         if saved is None:
-            c = plan[name]
-            q = decompose_layer(
-                lin, c.spec, c.rank, method, recipe.quantize.rounding, recipe, stats.get(name, Stats())
-            )
+            c, st = plan[name], stats.get(name, Stats())
+            if name in smooth:
+                lam, folded = smooth[name]
+                d = svdquant_smoothed(
+                    lin.weight.detach().float(), c.spec, c.rank, lam, st, recipe.quantize.rounding
+                )
+                q = qlinear_of(lin, d, recipe, keep_smooth=not folded)
+            else:
+                q = decompose_layer(lin, c.spec, c.rank, method, recipe.quantize.rounding, recipe, st)
             work.save(f"{tag}/{name}.safetensors", q.state_dict(), q.layer_plan())
         else:
             tensors, entry = saved
@@ -193,7 +245,10 @@ def compress_to_budgets(
     for i, (budget, out) in enumerate(zip(budgets, outs, strict=True)):
         plan, alloc = allocation_stage(table, recipe, budget)
         logger.info("budget %.3f: %s in %.2f s", budget, alloc.status, alloc.seconds)
-        qlinears = quantize_stage(linears, plan, recipe, stats, work, f"bpw-{budget:g}", progress)
+        tag, smooth, before = f"bpw-{budget:g}", {}, []
+        if allocation_method(recipe) == "svdquant":
+            smooth, before = smoothing_stage(model, linears, plan, stats, work, tag, teacher)
+        qlinears = quantize_stage(linears, plan, recipe, stats, work, tag, progress, smooth)
         for name, q in qlinears.items():
             set_submodule(model, name, q)
         entries = {name: q.layer_plan() for name, q in qlinears.items()}
@@ -216,6 +271,8 @@ def compress_to_budgets(
         if i < len(budgets) - 1:
             for name, lin in linears.items():
                 set_submodule(model, name, lin)
+            for m, state in before:  # undo the folds of shared smoothing
+                m.load_state_dict(state)
         results.append(r)
     return results
 

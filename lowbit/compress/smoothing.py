@@ -7,9 +7,11 @@ LayerNorm), so lambda folds into the norm and the layer stores no smoothing vect
 reading that norm then sees x / lambda too: the readers share one lambda
 (`lowbit.lowrank.svdquant.shared_smoothing`) and a dense reader takes W diag(lambda).
 
-`norm_readers` finds which linears read which norm (one forward pass with hooks); `fold_into_norm` folds
-a lambda, checked; `compress_norm_groups` is the compress pipeline's SVDQuant step for one decoder
-block; `qlinear_of` turns a decomposition into the QLinear that holds it. The export
+`norm_readers` finds which linears read which norm (one forward pass with hooks); `norm_groups` picks the
+norms whose readers may share a lambda; `fold_into_norm` / `fold_group` fold one, checked;
+`compress_norm_groups` is the uniform pipeline's SVDQuant step for one decoder block (the budget path
+does the same with each layer's allocated spec and rank, `lowbit.compress.budget.smoothing_stage`);
+`qlinear_of` turns a decomposition into the QLinear that holds it. The export
 (`lowbit.compress.prepare`) folds a checkpoint's shared smoothing with the same helpers.
 """
 
@@ -90,28 +92,37 @@ def qlinear_of(linear: nn.Linear, d: Decomposition, recipe: Recipe, keep_smooth:
     )
 
 
-def _compress_group(
+def norm_groups(model: nn.Module, readers: dict, layers) -> dict[str, list[str]]:
+    """{norm: its readers among `layers`} for each norm read by one of `layers` whose other readers are
+    all dense nn.Linear (those take W diag(lambda) when lambda is folded into the norm)."""
+    groups = {}
+    for norm, (names, _) in readers.items():
+        members = [n for n in names if n in layers]
+        others = [model.get_submodule(n) for n in names if n not in members]
+        if members and all(isinstance(m, nn.Linear) for m in others):
+            groups[norm] = members
+    return groups
+
+
+def fold_group(
     model: nn.Module,
     norm: str,
-    readers: dict[str, tuple[list[str], torch.Tensor]],
-    members: dict[str, nn.Linear],
-    stats: Stats,
-    recipe: Recipe,
-    teacher: nn.Module | None,
-) -> None:
-    """SVDQuant of the selected readers `members` of one norm with one shared lambda, folded into the norm."""
+    readers: dict,
+    members: list[str],
+    lam: torch.Tensor,
+    teacher: nn.Module | None = None,
+) -> bool:
+    """Fold lam into `norm`, its readers outside `members` taking W diag(lam); False when it cannot fold.
+
+    The teacher (the original model kept for fine-tuning) gets the same fold with every reader dense, so
+    it computes what it did, with weights W diag(lambda) in the domain of the quantized layers.
+    """
     names, x = readers[norm]
-    cfgs = [recipe.layer_config(n) for n in members]
-    rank = recipe.decompose.rank
-    Ws = [lin.weight.detach().float() for lin in members.values()]  # W_i [N_i, K], as calibrated
-    lam, _ = shared_smoothing(Ws, [c.spec() for c in cfgs], [rank] * len(Ws), stats)
     dense = [model.get_submodule(n) for n in names if n not in members]
-    folded = lam is not None and fold_into_norm(model.get_submodule(norm), x, lam, dense)
-    for (name, lin), W, cfg in zip(members.items(), Ws, cfgs, strict=True):
-        d = svdquant_smoothed(W, cfg.spec(), rank, lam, stats, cfg.rounding)
-        set_submodule(model, name, qlinear_of(lin, d, recipe, keep_smooth=not folded))
+    folded = fold_into_norm(model.get_submodule(norm), x, lam, dense)
     if folded and teacher is not None:
         fold_into_norm(teacher.get_submodule(norm), x, lam, [teacher.get_submodule(n) for n in names])
+    return folded
 
 
 def compress_norm_groups(
@@ -127,18 +138,19 @@ def compress_norm_groups(
 
     readers: from `norm_readers`; linears: the layers the recipe quantizes; block_stats: {name: LayerStats}
     of the block. A norm's dense readers that the recipe leaves out take W diag(lambda). A norm read by a
-    layer that is neither (a QLinear already) is skipped. The teacher (the original model kept for
-    fine-tuning) gets the same fold, so it computes what it did with weights W diag(lambda) in the
-    domain of the quantized layers.
+    layer that is neither (a QLinear already) is skipped.
     """
     done = set()
-    for norm, (names, _) in readers.items():
-        members = {n: linears[n] for n in names if n in linears and n in block_stats}
-        others = [model.get_submodule(n) for n in names if n not in members]
-        if not members or not all(isinstance(m, nn.Linear) for m in others):
-            continue
-        st = block_stats[next(iter(members))]  # the members read one input: their statistics agree
+    rank = recipe.decompose.rank
+    for norm, members in norm_groups(model, readers, [n for n in linears if n in block_stats]).items():
+        st = block_stats[members[0]]  # the members read one input: their statistics agree
         stats = Stats(H=st.hessian_matrix(), act_max=st.act_max)
-        _compress_group(model, norm, readers, members, stats, recipe, teacher)
+        cfgs = [recipe.layer_config(n) for n in members]
+        Ws = [linears[n].weight.detach().float() for n in members]  # W_i [N_i, K], as calibrated
+        lam, _ = shared_smoothing(Ws, [c.spec() for c in cfgs], [rank] * len(Ws), stats)
+        folded = lam is not None and fold_group(model, norm, readers, members, lam, teacher)
+        for name, W, cfg in zip(members, Ws, cfgs, strict=True):
+            d = svdquant_smoothed(W, cfg.spec(), rank, lam, stats, cfg.rounding)
+            set_submodule(model, name, qlinear_of(linears[name], d, recipe, keep_smooth=not folded))
         done.update(members)
     return done
