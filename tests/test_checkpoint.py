@@ -8,16 +8,8 @@ import torch
 from safetensors import safe_open
 
 from lowbit.compress import checkpoint as ckpt
-from lowbit.compress.checkpoint import (
-    CheckpointError,
-    checkpoint_info,
-    is_checkpoint,
-    load,
-    load_tokenizer,
-    read_manifest,
-    save,
-    validate_manifest,
-)
+from lowbit.compress.checkpoint import checkpoint_info, load, load_tokenizer, save
+from lowbit.compress.manifest import CheckpointError, is_checkpoint, read_manifest, validate_manifest
 from lowbit.compress.qlinear import QLinear, set_submodule
 from lowbit.quantizers import QuantSpec, bits_per_weight, quantize
 

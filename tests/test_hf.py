@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from lowbit.compress.checkpoint import load, read_manifest
+from lowbit.compress.checkpoint import load
 from lowbit.compress.hf import QUANT_METHOD, HfIntegrationError, _classes, register, register_when_imported
+from lowbit.compress.manifest import read_manifest
 from lowbit.compress.pipeline import compress
 from lowbit.compress.qlinear import QLinear
 from lowbit.compress.recipe import DecomposeConfig, Override, QuantizeConfig, Recipe

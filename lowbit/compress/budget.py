@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import CalibrationStats, calibrate
 from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
-from lowbit.compress.checkpoint import lowbit_version, save
+from lowbit.compress.checkpoint import save
 from lowbit.compress.footprint import plan_bits
+from lowbit.compress.manifest import lowbit_version
 from lowbit.compress.qlinear import QLinear, set_submodule
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups, norm_readers, qlinear_of

@@ -175,9 +175,10 @@ def evaluate_target(
     (`lowbit.compress.models.load_model`; bits per weight as its files store them); `model`, when
     given, is evaluated in place of the target's weights (the target still gives the tokenizer)."""
     from lowbit.calibration.data import eval_tokens
-    from lowbit.compress.checkpoint import checkpoint_info, is_checkpoint, load, load_tokenizer
+    from lowbit.compress.checkpoint import checkpoint_info, load, load_tokenizer
     from lowbit.compress.evaluate import dense_bits_per_weight, perplexity
     from lowbit.compress.footprint import stored_bits_per_weight
+    from lowbit.compress.manifest import is_checkpoint
     from lowbit.compress.models import load_model
 
     t0 = time.perf_counter()

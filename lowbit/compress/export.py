@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.compress.checkpoint import _move_into_place, load, load_tokenizer, read_manifest
+from lowbit.compress.checkpoint import load, load_tokenizer, move_into_place
 from lowbit.compress.ct_export import ADAPTER_DIR, CT, write_ct
 from lowbit.compress.gguf_export import ADAPTER_FILE, GGUF, check_llama, write_gguf
+from lowbit.compress.manifest import read_manifest
 from lowbit.compress.prepare import (
     ExportError,
     dense_state,
@@ -115,7 +116,7 @@ def export(
     tmp.mkdir()
     try:
         layers, diff = _write(model, tmp, target, convert, torch_dtype, tokenizer, checkpoint.resolve().name)
-        _move_into_place(tmp, out, overwrite)
+        move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

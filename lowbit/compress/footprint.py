@@ -25,8 +25,8 @@ import gguf
 from safetensors import safe_open
 from torch import nn
 
-from lowbit.compress.checkpoint import read_safetensors_header
 from lowbit.compress.ct_export import ADAPTER_DIR
+from lowbit.compress.manifest import read_safetensors_header
 
 Q = gguf.GGMLQuantizationType
 UNQUANTIZED = {Q.F32, Q.F16, Q.BF16, Q.F64, Q.I8, Q.I16, Q.I32, Q.I64}

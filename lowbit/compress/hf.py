@@ -31,7 +31,7 @@ class HfIntegrationError(ValueError):
 
 def quantization_config(plan: dict) -> dict:
     """The `quantization_config` entry of config.json for a checkpoint with per-layer `plan`."""
-    from lowbit.compress.checkpoint import FORMAT_VERSION
+    from lowbit.compress.manifest import FORMAT_VERSION
 
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": plan}
 
@@ -45,7 +45,7 @@ def add_quantization_config(config_json: str | Path, plan: dict) -> None:
 
 
 def _check_plan(layers: object, format_version: object) -> None:
-    from lowbit.compress.checkpoint import FORMAT_VERSION, CheckpointError, _check_layer_entry
+    from lowbit.compress.manifest import FORMAT_VERSION, CheckpointError, check_layer_entry
 
     if not isinstance(format_version, int) or not 1 <= format_version <= FORMAT_VERSION:
         raise HfIntegrationError(
@@ -56,7 +56,7 @@ def _check_plan(layers: object, format_version: object) -> None:
         raise HfIntegrationError("lowbit quantization_config needs 'layers', the per-layer plan")
     for fqn, entry in layers.items():
         try:
-            _check_layer_entry(fqn, entry)
+            check_layer_entry(fqn, entry)
         except CheckpointError as e:
             raise HfIntegrationError(f"lowbit quantization_config: {e}") from None
 
@@ -67,7 +67,7 @@ def _classes() -> tuple[type, type]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from lowbit.compress.checkpoint import FORMAT_VERSION
+    from lowbit.compress.manifest import FORMAT_VERSION
     from lowbit.compress.qlinear import replace_linears
 
     class LowbitConfig(QuantizationConfigMixin):

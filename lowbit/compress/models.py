@@ -35,8 +35,8 @@ import torch
 import transformers
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
-from lowbit.compress.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from lowbit.compress.ct_export import ADAPTER_DIR
+from lowbit.compress.manifest import MANIFEST as CHECKPOINT_MANIFEST
 
 # owner/name or name, as the hub spells ids; anything else that does not exist locally is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
