@@ -127,6 +127,33 @@ def test_each_mode_trains_only_what_it_says(teacher, student, mode):
             assert not same["scales"] and lowrank_same == (rank == 0)
 
 
+def test_lora_adds_new_adapters_where_a_layer_has_none(teacher, student, tmp_path):
+    """QLoRA on rank-0 layers: new factors start at L1 L2 = 0, train, are stored in float16 and reload;
+    the layers that had factors keep their rank and dtype; the quantized part stays bit-identical."""
+    model = fresh(student)
+    before, ranks = snapshot(model), {n: model.get_submodule(n).rank for n in qlinear_names(model)}
+    prepared = fresh(student)
+    layers = prepare_layers(prepared, "lora", adapter_rank=3)
+    for n, (q, _) in layers.items():
+        assert q.rank == (ranks[n] or 3)
+        if not ranks[n]:
+            assert not q.l1.any() and q.l2.abs().max() <= 1 / math.sqrt(q.in_features)
+    torch.testing.assert_close(logits(prepared), logits(student), rtol=1e-5, atol=1e-5)
+    cfg = config("lora", steps=3, adapter_rank=3)
+    report = finetune(model, teacher, config=cfg, blocks=BLOCKS, progress=False)
+    after = snapshot(model)
+    assert report.trained_layers == len(ranks) and report.plan == model_plan(model)
+    for n, r in ranks.items():
+        q = model.get_submodule(n)
+        assert all(
+            torch.equal(before[f"{n}.{f}"], after[f"{n}.{f}"]) for f in QFIELDS if f"{n}.{f}" in before
+        )
+        assert q.rank == (r or 3) and q.l1.dtype == (before[f"{n}.l1"].dtype if r else torch.float16)
+        assert q.l1.any()
+    save(model, tmp_path / "ckpt", plan=report.plan)
+    assert torch.equal(logits(load(tmp_path / "ckpt")), logits(model))
+
+
 @pytest.mark.parametrize("mode", ["lora", "peqa", "l4q", "lsq"])
 def test_fine_tuned_model_saves_and_reloads_to_the_same_outputs(teacher, student, mode, tmp_path):
     model = fresh(student)

@@ -7,7 +7,9 @@ else is frozen:
 
 - lora (QLoRA, Dettmers et al. 2023; LQ-LoRA, Guo et al. 2024): the existing low-rank factors L1, L2.
   Q stays packed and is dequantized on the fly by the qlinear kernel, whose backward gives the factors'
-  gradients. Layers of rank 0 train nothing; a model without low-rank factors is refused.
+  gradients. Layers of rank 0 get new factors of `adapter_rank` (L1 = 0, so training starts from the
+  compressed model; they add to the stored bits) or, with `adapter_rank` 0, train nothing; a model
+  without low-rank factors and without `adapter_rank` is refused.
 - peqa (PEQA, Kim et al. 2023): the per-group scales; codes and zero points stay bit-identical.
 - l4q (L4Q, Jeon et al. 2024): LoRA factors B A (rank `config.rank`, B = 0 at the start) on the frozen
   latent W0 and LSQ step sizes, trained jointly through the quantizer; B A is then merged into the codes,

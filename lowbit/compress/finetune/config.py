@@ -23,7 +23,8 @@ class FinetuneConfig:
         (the blocks passed to `finetune`). samples: blocks drawn from `data`.
     eval_every: steps between held-out evaluations (0: only at the start and the end); patience:
         evaluations without improvement before stopping (0: never stop early).
-    rank: LoRA rank of l4q. save_every: steps between saved states (0: only at the end).
+    rank: LoRA rank of l4q. adapter_rank: lora gives the layers without low-rank factors new ones of this
+        rank (QLoRA); 0 leaves them untrained. save_every: steps between saved states (0: only at the end).
     """
 
     mode: str = "lora"
@@ -42,6 +43,7 @@ class FinetuneConfig:
     warmup: int = 10
     schedule: str = "cosine"
     rank: int = 16
+    adapter_rank: int = 0
     hidden_weight: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -58,7 +60,7 @@ class FinetuneConfig:
             raise FinetuneError(f"unknown finetune objective {self.objective!r}; choose one of {OBJECTIVES}")
         minimum = dict(steps=1, batch_size=1, seq_len=2, samples=1, rank=1)
         minimum.update(dict.fromkeys(("seed", "eval_every", "eval_blocks", "patience", "warmup"), 0))
-        minimum["save_every"] = 0
+        minimum["save_every"] = minimum["adapter_rank"] = 0
         for name, lo in minimum.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:

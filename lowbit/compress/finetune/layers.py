@@ -3,6 +3,8 @@ after it."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -24,21 +26,42 @@ def _dense_weight(teacher: nn.Module | None, fqn: str, layer: QLinear) -> torch.
     return W if layer.smooth is None else W * layer.smooth.float()[None, :]
 
 
+# new adapters are stored like the decomposition's factors by default (DecomposeConfig.lowrank_dtype)
+ADAPTER_DTYPE = torch.float16
+
+
+def new_adapter(n: int, k: int, rank: int, generator: torch.Generator) -> tuple[nn.Parameter, nn.Parameter]:
+    """QLoRA / LoRA initialisation (Hu et al. 2021, sec. 4.1) of factors L1 [n, rank] = 0 (the up
+    projection B) and L2 [rank, k] Kaiming-uniform (the down projection A, bound 1 / sqrt(k)), fp32:
+    L1 L2 = 0, so training starts from the compressed layer."""
+    bound = 1.0 / math.sqrt(k)
+    l2 = (torch.rand(rank, k, generator=generator) * 2 - 1) * bound
+    return nn.Parameter(torch.zeros(n, rank)), nn.Parameter(l2)
+
+
 def prepare_layers(
-    model: nn.Module, mode: str, teacher: nn.Module | None = None, rank: int = 16, seed: int = 0
+    model: nn.Module,
+    mode: str,
+    teacher: nn.Module | None = None,
+    rank: int = 16,
+    seed: int = 0,
+    adapter_rank: int = 0,
 ) -> dict[str, tuple[QLinear, nn.Module]]:
     """Put every QLinear of `model` in its training form for `mode`; return {fqn: (QLinear, trained)}.
 
-    lora: the QLinear itself with fp32 factors; other modes: a FakeQuantLinear swapped in by name. Every
-    parameter of the model is frozen except the trained ones (`trainable_tensors`).
+    lora: the QLinear itself with fp32 factors, and new ones of `adapter_rank` (`new_adapter`) where it
+    has none; other modes: a FakeQuantLinear swapped in by name. Every parameter of the model is frozen
+    except the trained ones (`trainable_tensors`).
     """
     if mode not in MODES:
         raise FinetuneError(f"unknown finetune mode {mode!r}; choose one of {MODES}")
     qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     if not qlinears:
         raise FinetuneError("the model has no QLinear layer to fine-tune; compress it first")
-    if mode == "lora" and not any(m.rank for m in qlinears.values()):
-        raise FinetuneError("mode lora trains low-rank factors, but every layer has rank 0")
+    if mode == "lora" and not adapter_rank and not any(m.rank for m in qlinears.values()):
+        raise FinetuneError(
+            "mode lora trains low-rank factors, but every layer has rank 0 (set adapter_rank to add them)"
+        )
     model.requires_grad_(False)  # trainable_tensors turns the trained ones back on
     generator = torch.Generator().manual_seed(seed)
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -55,6 +78,10 @@ def prepare_layers(
         if m.rank:  # fp32 copies: the original factors stay as they were until export
             m.l1 = nn.Parameter(m.l1.detach().float().clone())
             m.l2 = nn.Parameter(m.l2.detach().float().clone())
+        elif adapter_rank:
+            l1, l2 = new_adapter(m.out_features, m.in_features, adapter_rank, generator)
+            m.l1, m.l2 = nn.Parameter(l1.to(m.codes.device)), nn.Parameter(l2.to(m.codes.device))
+            m.rank = adapter_rank
     return {fqn: (m, m) for fqn, m in qlinears.items()}
 
 
@@ -72,14 +99,15 @@ def trainable_tensors(layers: dict[str, tuple[QLinear, nn.Module]]) -> dict[str,
 def export_layers(model: nn.Module, layers: dict[str, tuple[QLinear, nn.Module]], originals: dict) -> dict:
     """Write what was learned back into the QLinears, swap them in again; return the new plan.
 
-    originals: {fqn: (l1, l2)} the low-rank factors before training (lora casts back to their dtype).
+    originals: {fqn: (l1, l2)} the low-rank factors before training (lora casts back to their dtype;
+    new adapters are stored in ADAPTER_DTYPE).
     """
     for fqn, (q, m) in layers.items():
         if isinstance(m, FakeQuantLinear):
             q.replace_weight(*m.export())
             set_submodule(model, fqn, q)
         elif q.rank:
-            d = originals[fqn][0].dtype
+            d = originals[fqn][0].dtype if fqn in originals else ADAPTER_DTYPE
             q.l1, q.l2 = nn.Parameter(q.l1.detach().to(d)), nn.Parameter(q.l2.detach().to(d))
     return {fqn: q.layer_plan() for fqn, (q, _) in layers.items()}
 
@@ -89,5 +117,8 @@ def _restore_layers(model: nn.Module, layers: dict, originals: dict) -> None:
     for fqn, (q, m) in layers.items():
         if isinstance(m, FakeQuantLinear):
             set_submodule(model, fqn, q)
-        elif q.rank:
+        elif fqn in originals:
             q.l1, q.l2 = originals[fqn]
+        elif q.rank:  # a new adapter
+            q.l1 = q.l2 = None
+            q.rank = 0

@@ -195,7 +195,7 @@ def finetune(
     was_training = model.training
     layers, exported = {}, False
     try:
-        layers = prepare_layers(model, config.mode, teacher, config.rank, config.seed)
+        layers = prepare_layers(model, config.mode, teacher, config.rank, config.seed, config.adapter_rank)
         params = trainable_tensors(layers)
         opt = _optimizer(params, config)
         meta = {  # what a saved state must match to be resumed
