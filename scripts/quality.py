@@ -34,6 +34,7 @@ ROWS = [
     ("lqlora", {"format": "int3", "group_size": 128}, {"method": "lqlora", "rank": 32}),
     ("lqlora-fisher", {"format": "int3", "group_size": 128}, {"method": "lqlora-fisher", "rank": 32}),
     ("svdquant", {"format": "int3", "group_size": 128}, {"method": "svdquant", "rank": 32}),
+    ("lorc+gptq", {"format": "int3", "group_size": 128, "rounding": "gptq"}, {"method": "lorc", "rank": 32}),
     (
         "lqlora+gptq",
         {"format": "int3", "group_size": 128, "rounding": "gptq"},

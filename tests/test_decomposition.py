@@ -74,6 +74,30 @@ def test_rank_gives_strictly_better_than_rank_zero(method):
     assert decompose(W, spec, 8, method, **kw).info["frobenius_error"] < e0
 
 
+@pytest.mark.parametrize("method", ["lorc", "lqlora", "svdquant"])
+def test_gptq_rounding_refits_the_lowrank_part_to_the_output_error(method):
+    """With GPTQ, L1 L2 is refit to the output error after Q: below the same Q-then-L scheme with the
+    plain (Frobenius) low-rank part of each method."""
+    from lowbit.lowrank.svd import svd_r
+    from lowbit.quantizers.gptq import gptq
+
+    W, X, _ = data(1)
+    H, spec, r = X.T @ X, QuantSpec("int3", 32), 6
+    act_max = X.abs().amax(0)
+    d = decompose(W, spec, r, method, H=H, act_max=act_max, rounding="gptq", alpha=0.5)
+    smooth = torch.ones(K) if d.smooth is None else d.smooth
+    Ws, Hs = W * smooth[None, :], H / smooth[:, None] / smooth[None, :]
+    if method == "lorc":
+        Qd = dequantize(gptq(W, H, spec))
+        L1, L2 = svd_r(W - Qd, r)
+    else:
+        start = decompose(W, spec, r, method, act_max=act_max, alpha=0.5)  # the nearest-rounding L1 L2
+        L1, L2 = start.l1, start.l2
+        Qd = dequantize(gptq(Ws - L1 @ L2, Hs, spec))
+    plain = output_error(W, (Qd + L1 @ L2) / smooth[None, :], H)
+    assert d.info["output_error"] < 0.9 * plain
+
+
 def test_none_is_quantize():
     W, _, _ = data()
     spec = QuantSpec("int4", 32)

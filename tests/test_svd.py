@@ -7,6 +7,7 @@ import torch
 from lowbit.lowrank.svd import (
     LowRankError,
     fisher_weights,
+    hessian_svd_r,
     randomized_svd,
     svd_r,
     use_randomized,
@@ -127,3 +128,41 @@ def test_fisher_weights_recover_a_rank_one_fisher_exactly():
     torch.testing.assert_close(row_w[:, None] * col_w[None, :], F)
     with pytest.raises(LowRankError):
         fisher_weights(-F)
+
+
+def output_err(A, B, H) -> float:
+    D = (A - B).double()
+    return float(((D @ H.double()) * D).sum())
+
+
+@pytest.mark.parametrize("r", [1, 6])
+def test_hessian_svd_is_optimal_for_the_output_error(r):
+    """With an outlier-heavy H = X^T X: beats the plain SVD, reaches the closed-form optimum (the tail
+    singular values of A S), and no perturbation of its factors does better."""
+    g = gen(5)
+    X = torch.randn(200, 40, generator=g) * (torch.rand(40, generator=g) ** 3 * 20 + 0.1)
+    H = X.T @ X
+    A = torch.randn(24, 40, generator=g)
+    L1, L2 = hessian_svd_r(A, r, H, damp=0.0)
+    ours = output_err(A, L1 @ L2, H)
+    P1, P2 = svd_r(A, r)
+    assert ours < 0.9 * output_err(A, P1 @ P2, H)
+    S = torch.linalg.cholesky(H.double())
+    assert ours == pytest.approx(float(torch.linalg.svdvals(A.double() @ S)[r:].square().sum()), rel=1e-3)
+    for _ in range(5):
+        B = (L1 + 1e-2 * torch.randn(L1.shape, generator=g)) @ (
+            L2 + 1e-2 * torch.randn(L2.shape, generator=g)
+        )
+        assert output_err(A, B, H) >= ours
+
+
+def test_hessian_svd_with_identity_is_plain_svd_and_checks_h():
+    A = torch.randn(30, 40, generator=gen(6))
+    L1, L2 = hessian_svd_r(A, 5, 3.0 * torch.eye(40))
+    P1, P2 = svd_r(A, 5)
+    torch.testing.assert_close(L1 @ L2, P1 @ P2, atol=1e-4, rtol=1e-4)
+    X = torch.randn(10, 40, generator=gen(7))  # rank-deficient H: the dampening keeps it solvable
+    assert torch.isfinite(torch.cat([f.flatten() for f in hessian_svd_r(A, 5, X.T @ X)])).all()
+    for bad in (torch.eye(39), torch.full((40, 40), float("nan")), -torch.eye(40)):
+        with pytest.raises(LowRankError):
+            hessian_svd_r(A, 5, bad)

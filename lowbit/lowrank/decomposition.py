@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowbit.lowrank.error import errors
+from lowbit.lowrank.error import errors, output_error
+from lowbit.lowrank.svd import hessian_svd_r
 from lowbit.quantizers import QTensor, QuantSpec, dequantize, quantize
 from lowbit.quantizers.gptq import gptq
 
 ROUNDINGS = ("nearest", "gptq")
+GPTQ_ROUNDS = 2  # LQ-LoRA's (Q <- GPTQ, L <- H-weighted SVD) rounds after its nearest-rounding alternation
 
 
 class DecomposeError(ValueError):
@@ -41,7 +43,8 @@ class DecomposeOptions:
     """How a decomposition runs.
 
     rounding: "nearest" (round to nearest) or "gptq" (GPTQ error feedback, needs H) for the final Q
-        step (LQ-LoRA's alternating steps and SVDQuant's alpha search round to nearest).
+        step (LQ-LoRA's alternating steps and SVDQuant's alpha search round to nearest). With "gptq" the
+        low-rank part of LoRC, LQ-LoRA and SVDQuant is then refit to the output error (`gptq_lowrank`).
     iterations: cap on LQ-LoRA's alternating steps. tol: LQ-LoRA stops when an iterate improves the
     error by less than this fraction. alpha: SVDQuant migration strength; None searches ALPHAS when H
     is given and uses 0.5 otherwise.
@@ -103,6 +106,33 @@ def quantize_step(W: torch.Tensor, spec: QuantSpec, rounding: str, H: torch.Tens
             raise DecomposeError("rounding='gptq' needs the input Hessian H")
         return gptq(W, H, spec)
     return quantize(W, spec)
+
+
+def gptq_lowrank(
+    W: torch.Tensor,
+    spec: QuantSpec,
+    rank: int,
+    H: torch.Tensor | None,
+    L1: torch.Tensor,
+    L2: torch.Tensor,
+    rounds: int,
+) -> tuple[QTensor, torch.Tensor, torch.Tensor]:
+    """Output-aware Q + L1 L2 of W [N, K] from a start L1 [N, r], L2 [r, K], alternating as CALDERA does
+    (Saha et al. 2024, Alg. 1, with GPTQ for its LDLQ step): `rounds` times Q <- GPTQ(W - L1 L2) then
+    L1 L2 <- argmin tr((W - Q - L1 L2) H (W - Q - L1 L2)^T) (`hessian_svd_r`), keeping the best round by
+    output error. Each L step is optimal for its Q, so the result is never worse than GPTQ(W - L_start)
+    with the starting factors."""
+    if H is None:
+        raise DecomposeError("rounding='gptq' needs the input Hessian H")
+    best = None
+    for _ in range(rounds):
+        q = gptq(W - L1 @ L2, H, spec)
+        Qd = dequantize(q)
+        L1, L2 = hessian_svd_r(W - Qd, rank, H)
+        err = output_error(W, Qd + L1 @ L2, H)
+        if best is None or err < best[0]:
+            best = (err, q, L1, L2)
+    return best[1], best[2], best[3]
 
 
 def finish(

@@ -4,7 +4,8 @@ rank-r approximation of the quantization error.
     Q = quantize(W),   L1 L2 = SVD_r(W - Q)
 
 L1 L2 minimises ||W - Q - L1 L2||_F for this Q (Eckart-Young), so the error never exceeds plain
-quantization's and falls with the rank.
+quantization's and falls with the rank. With GPTQ rounding, Q = GPTQ(W) and L1 L2 minimises the output
+error tr((W - Q - L1 L2) H (...)^T) for this Q instead (`hessian_svd_r`), the objective GPTQ rounds for.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lowbit.lowrank.decomposition import (
     Stats,
     check_inputs,
     finish,
+    gptq_lowrank,
     quantize_step,
 )
 from lowbit.lowrank.svd import svd_r
@@ -32,8 +34,13 @@ def lorc(
     stats: Stats = NO_STATS,
     opts: DecomposeOptions = DEFAULT_OPTIONS,
 ) -> Decomposition:
-    """W [N, K] ~ Q + L1 L2 with Q = quantize(W) (or GPTQ) and L1 L2 = SVD_r(W - Q)."""
+    """W [N, K] ~ Q + L1 L2 with Q = quantize(W) and L1 L2 = SVD_r(W - Q), or Q = GPTQ(W) and the
+    output-optimal L1 L2."""
     W = check_inputs(W, spec, rank, stats)
+    if opts.rounding == "gptq" and rank:
+        L1, L2 = W.new_zeros(W.shape[0], rank), W.new_zeros(rank, W.shape[1])
+        q, L1, L2 = gptq_lowrank(W, spec, rank, stats.H, L1, L2, rounds=1)
+        return finish(W, q, L1, L2, stats, method="lorc")
     q = quantize_step(W, spec, opts.rounding, stats.H)
     L1, L2 = svd_r(W - dequantize(q), rank)  # [N, r], [r, K]
     return finish(W, q, L1, L2, stats, method="lorc")

@@ -7,8 +7,10 @@ min over Q, L1, L2 of ||W - (Q + L1 L2)||_F, Q quantized, rank(L1 L2) <= r, by a
 from Q = 0 as in the paper, stopping when the error rises or improves by less than a fraction `tol`
 (at most `iterations` steps). The best iterate is kept, and LoRC's point (Q = quantize(W),
 L1 L2 = SVD_r(W - Q)) competes with the iterates, so the result is never worse than LoRC's.
-The alternating steps round to nearest; with GPTQ rounding, Q is re-quantized once by GPTQ against
-the chosen L1 L2 (one GPTQ solve per layer instead of one per iteration).
+The alternating steps round to nearest; with GPTQ rounding, the chosen L1 L2 starts GPTQ_ROUNDS rounds of
+Q <- GPTQ(W - L1 L2), L1 L2 <- the output-optimal rank-r fit of W - Q (`gptq_lowrank`, CALDERA's
+alternation), so that the result minimises the output error GPTQ rounds for. The Fisher-weighted variant
+keeps its weighted L1 L2 and only re-quantizes Q by GPTQ.
 
 The data-aware variant (sec. 3.3) minimises the Fisher-weighted error ||sqrt(F) * (W - Q - L1 L2)||_F:
 F [N, K] is approximated by a rank-1 outer product of row and column weights, which makes the L step an
@@ -23,6 +25,7 @@ import torch
 
 from lowbit.lowrank.decomposition import (
     DEFAULT_OPTIONS,
+    GPTQ_ROUNDS,
     NO_STATS,
     DecomposeError,
     DecomposeOptions,
@@ -30,6 +33,7 @@ from lowbit.lowrank.decomposition import (
     Stats,
     check_inputs,
     finish,
+    gptq_lowrank,
     quantize_step,
 )
 from lowbit.lowrank.error import fisher_error, frobenius_error
@@ -69,7 +73,9 @@ def alternate(
             break
         prev = err
     _, q, L1, L2, source = best
-    if opts.rounding != "nearest":
+    if opts.rounding == "gptq" and method == "lqlora":
+        q, L1, L2 = gptq_lowrank(W, spec, L1.shape[1], stats.H, L1, L2, GPTQ_ROUNDS)
+    elif opts.rounding != "nearest":
         q = quantize_step(W - L1 @ L2, spec, opts.rounding, stats.H)
     return finish(W, q, L1, L2, stats, method=method, iterations=t, best=source)
 

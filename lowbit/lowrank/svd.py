@@ -7,6 +7,9 @@
   (direct SVD of the small projected matrix). Used when r is much smaller than the matrix.
 - weighted_svd_r: min ||diag(sqrt(row_w)) (A - L1 L2) diag(sqrt(col_w))||_F, solved exactly by the SVD of
   the scaled matrix (the rank-1 Fisher approximation of LQ-LoRA, Guo et al. 2023, sec. 3.3).
+- hessian_svd_r: min tr((A - L1 L2) H (A - L1 L2)^T), the output error of a layer whose inputs have
+  Hessian H = X^T X, solved exactly through the Cholesky factor of H (reduced-rank regression; the
+  low-rank update of CALDERA, Saha et al. 2024, sec. 3).
 """
 
 from __future__ import annotations
@@ -109,6 +112,31 @@ def weighted_svd_r(
     dc = _sqrt_weights(col_w, A.shape[1], "column weights")  # [K]
     M1, M2 = svd_r(dr[:, None] * A.float() * dc[None, :], r, randomized=randomized)
     return M1 / dr[:, None], M2 / dc[None, :]
+
+
+def hessian_svd_r(
+    A: torch.Tensor, r: int, H: torch.Tensor, *, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin over rank-r L1 L2 of tr((A - L1 L2) H_d (A - L1 L2)^T), exactly, H_d = H + damp mean(diag H) I.
+
+    With H_d = S S^T (S lower Cholesky) the objective is ||A S - L1 L2 S||_F^2, and L1 L2 S ranges over all
+    rank-r matrices, so L1 L2 S = SVD_r(A S): L1 = M1, L2 = M2 S^-1. The dampening makes H_d positive
+    definite (input directions the data never excites get a small Frobenius weight instead of none).
+    A [N, K], H [K, K] -> (L1 [N, r], L2 [r, K]).
+    """
+    _check(A, r)
+    K = A.shape[1]
+    if H.shape != (K, K):
+        raise LowRankError(f"H must be [{K}, {K}] for A [N, {K}], got {tuple(H.shape)}")
+    H = H.float()
+    if not torch.isfinite(H).all():
+        raise LowRankError("H contains NaN/Inf")
+    Hd = H + damp * float(H.diagonal().mean().clamp_min(1e-12)) * torch.eye(K, device=H.device)
+    S, info = torch.linalg.cholesky_ex(Hd)  # [K, K] lower
+    if int(info):
+        raise LowRankError("H is not positive semi-definite (its Cholesky factorisation failed)")
+    M1, M2 = svd_r(A.float() @ S, r)  # [N, r], [r, K]
+    return M1, torch.linalg.solve_triangular(S.T, M2.T, upper=True).T
 
 
 def fisher_weights(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

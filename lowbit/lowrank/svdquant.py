@@ -12,7 +12,8 @@ quantized (eq. 5):
 lambda is normalised to geometric mean 1 (x W^T = x' W'^T holds for any scaling). alpha is chosen on a
 grid by the output error E||x W^T - x' (Q + L1 L2)^T||^2 = tr(D H D^T), D = W - (Q + L1 L2) diag(1/lambda),
 over ALPHAS and "no smoothing"; the search rounds to nearest and the chosen alpha is then quantized with
-the requested rounding. GPTQ rounding sees the Hessian of x', diag(1/lambda) H diag(1/lambda).
+the requested rounding. GPTQ rounding sees the Hessian of x', diag(1/lambda) H diag(1/lambda), and is
+followed by an output-optimal refit of L1 L2 to W' - Q (`gptq_lowrank`, one round).
 
 Layers that read one input (q/k/v after one norm, gate/up after another) can share one lambda, which then
 folds into that norm's weight (x / lambda = (norm.weight / lambda) * normalized x): `shared_smoothing`
@@ -32,6 +33,7 @@ from lowbit.lowrank.decomposition import (
     Stats,
     check_inputs,
     finish,
+    gptq_lowrank,
     quantize_step,
 )
 from lowbit.lowrank.svd import svd_r
@@ -72,7 +74,10 @@ def svdquant_smoothed(
         if Hs is not None:
             Hs = Hs.float() / smooth[:, None] / smooth[None, :]  # Hessian of x' = x / lambda
     L1, L2 = svd_r(Ws, rank)  # [N, r], [r, K]
-    q = quantize_step(Ws - L1 @ L2, spec, rounding, Hs)
+    if rounding == "gptq" and rank:
+        q, L1, L2 = gptq_lowrank(Ws, spec, rank, Hs, L1, L2, rounds=1)
+    else:
+        q = quantize_step(Ws - L1 @ L2, spec, rounding, Hs)
     return finish(W, q, L1, L2, stats, smooth, method="svdquant")
 
 
