@@ -41,6 +41,11 @@ ROWS = [
         {"method": "lqlora", "rank": 32},
     ),
     (
+        "lqlora-fisher+gptq",
+        {"format": "int3", "group_size": 128, "rounding": "gptq"},
+        {"method": "lqlora-fisher", "rank": 32},
+    ),
+    (
         "svdquant+gptq",
         {"format": "int3", "group_size": 128, "rounding": "gptq"},
         {"method": "svdquant", "rank": 32},
