@@ -177,6 +177,30 @@ def test_gradients_flow_through_the_ste_to_scales_and_lora_factors(teacher, stud
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_l4q_compressed_latent_starts_from_the_compressed_codes(teacher, student):
+    """latent "compressed": W0 = dequantize(Q) with the stored scales, so a rank-0 layer's fake-quant weight
+    is its dequantized weight exactly (codes that are not round-to-nearest of the teacher's weight, as
+    GPTQ's, survive); "original" restarts from round-to-nearest of the teacher's weight."""
+    from lowbit.quantizers.fake import fake_quantize
+
+    other = copy.deepcopy(teacher)  # a teacher whose round-to-nearest codes differ from the student's
+    g = torch.Generator().manual_seed(2)
+    for m in other.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.data += 0.5 * m.weight.std() * torch.randn(m.weight.shape, generator=g)
+    for latent in ("compressed", "original"):
+        model = fresh(student)
+        layers = prepare_layers(model, "l4q", other, rank=4, latent=latent)
+        for n, (q, fake) in layers.items():
+            if q.rank:
+                continue
+            W_hat = fake_quantize(fake.latent(), fake.s, fake.z, fake.spec, fake.g)
+            same = torch.equal(W_hat, dequantize(q.qtensor()))
+            assert same == (latent == "compressed"), (n, latent)
+    with pytest.raises(FinetuneError, match="latent"):
+        FinetuneConfig(latent="teacher")
+
+
 def test_l4q_export_has_no_low_rank_part_and_reloads_to_the_fake_quant_model(teacher, student, tmp_path):
     model = fresh(student)
     layers = prepare_layers(model, "l4q", teacher, rank=4)

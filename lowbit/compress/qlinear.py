@@ -303,7 +303,8 @@ class FakeQuantLinear(nn.Module):
     original model's weight), else it is rebuilt as dequantize(Q) + L1 L2. Rebuilt, the residual R of
     lsq is dequantize(Q) itself, which lies on the grid of the initial scales, so LSQ's gradient of the
     scales starts at zero there: give the original weight to train the scales of lsq. Scales start from
-    the stored ones (peqa, lsq) or from round-to-nearest scales of W0 (l4q). Trained tensors are fp32
+    the stored ones (peqa, lsq, and l4q with a rebuilt W0, which then starts from the layer's own codes)
+    or from round-to-nearest scales of the given W0 (l4q). Trained tensors are fp32
     parameters; frozen ones are buffers (W0 and R in `dtype`, codes as uint8).
     """
 
@@ -340,13 +341,15 @@ class FakeQuantLinear(nn.Module):
             self.s = nn.Parameter(s)
             return
         lowrank = None if l1 is None else l1.detach().float() @ l2.detach().float()  # [N, K]
+        rebuilt = W0 is None
         if W0 is None:
             W0 = dequantize(q) if mode == "lsq" or lowrank is None else dequantize(q) + lowrank
         elif mode == "lsq" and lowrank is not None:
             W0 = W0.float() - lowrank
         self.register_buffer("w0", W0.detach().to(device, dtype).contiguous())
         if mode == "l4q":
-            s, z = fit_scales(self.w0.float(), layer.spec)
+            if not rebuilt:
+                s, z = fit_scales(self.w0.float(), layer.spec)
             bound = 1 / math.sqrt(K)  # LoRA's Kaiming-uniform A, zero B: training starts from W0
             a = (torch.rand(lora_rank, K, generator=generator) * 2 - 1) * bound
             self.lora_a = nn.Parameter(a.to(device))

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 MODES = ("lora", "peqa", "l4q", "lsq")
+LATENTS = ("original", "compressed")
 OBJECTIVES = ("lm", "distill")
 SCHEDULES = ("cosine", "constant")
 
@@ -23,6 +24,9 @@ class FinetuneConfig:
         (the blocks passed to `finetune`). samples: blocks drawn from `data`.
     eval_every: steps between held-out evaluations (0: only at the start and the end); patience:
         evaluations without improvement before stopping (0: never stop early).
+    latent: l4q's frozen latent W0, "original" (the teacher's weight, codes restarted by round-to-nearest
+        of it, as in L4Q) or "compressed" (dequantize(Q) + L1 L2 with the stored scales: training starts
+        from the compressed model's codes, e.g. GPTQ's). lsq always uses the original weight.
     rank: LoRA rank of l4q. adapter_rank: lora gives the layers without low-rank factors new ones of this
         rank (QLoRA); 0 leaves them untrained. save_every: steps between saved states (0: only at the end).
     """
@@ -44,6 +48,7 @@ class FinetuneConfig:
     schedule: str = "cosine"
     rank: int = 16
     adapter_rank: int = 0
+    latent: str = "original"
     hidden_weight: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -51,7 +56,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = True
 
     def __post_init__(self) -> None:
-        for name, choices in (("mode", MODES), ("schedule", SCHEDULES)):
+        for name, choices in (("mode", MODES), ("schedule", SCHEDULES), ("latent", LATENTS)):
             if getattr(self, name) not in choices:
                 raise FinetuneError(
                     f"unknown finetune {name} {getattr(self, name)!r}; choose one of {choices}"

@@ -195,7 +195,9 @@ def finetune(
     was_training = model.training
     layers, exported = {}, False
     try:
-        layers = prepare_layers(model, config.mode, teacher, config.rank, config.seed, config.adapter_rank)
+        layers = prepare_layers(
+            model, config.mode, teacher, config.rank, config.seed, config.adapter_rank, config.latent
+        )
         params = trainable_tensors(layers)
         opt = _optimizer(params, config)
         meta = {  # what a saved state must match to be resumed
