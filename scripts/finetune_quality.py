@@ -4,15 +4,17 @@ Usage:
     python scripts/finetune_quality.py [--model smollm2-135m] [--preset int3-g128] [--method lqlora]
         [--rank 16] [--budget 3.0] [--modes lora,peqa,l4q,lsq] [--steps 100] [--batch-size 4]
         [--seq-len 256] [--samples 64] [--lr 1e-4] [--scale-lr 1e-5] [--lora-rank 16] [--adapter-rank 8]
-        [--eval-tokens 20000]
-        [--data builtin:lee-news] [--json results.json]
+        [--latent compressed] [--eval-tokens 20000]
+        [--data builtin:lee-news] [--compressed DIR] [--json results.json]
 
 The model is compressed once with --preset (its decompose section replaced by --method / --rank when
 --rank > 0, e.g. LQ-LoRA rank 16; with --budget, allocated over the preset's candidate grid to that many
-bits per weight, e.g. --preset alloc-int --budget 2.5), then every mode fine-tunes a copy for --steps
-steps with the distill objective (KL to the original model) on --samples calibration blocks of --data.
-Rows: mode, steps run, bits per weight of the quantized layers after fine-tuning (l4q merges its
-adapters: rank 0), perplexity on the held-out part of --data (never trained on), wall time, time per step
+bits per weight, e.g. --preset alloc-int --budget 2.5; with --compressed DIR, saved there as a checkpoint,
+or loaded from it when DIR already holds one, so that later runs skip the compression), then every mode
+fine-tunes a copy for --steps steps with the distill objective (KL to the original model) on --samples
+calibration blocks of --data.
+Rows: mode, steps run, bits per weight of the quantized layers after fine-tuning (l4q merges its adapters:
+rank 0), perplexity on the held-out part of --data (never trained on), wall time, time per step
 and peak memory (the process's peak RSS on CPU: it includes the original model kept as the teacher).
 lora trains the existing low-rank factors and gives the layers without any new ones of --adapter-rank
 (QLoRA); their bits count in its row.
@@ -27,9 +29,11 @@ import time
 from dataclasses import replace
 
 from lowbit.calibration.data import calibration_blocks, eval_tokens
+from lowbit.compress.checkpoint import load
 from lowbit.compress.evaluate import dense_bits_per_weight, perplexity
 from lowbit.compress.finetune import FinetuneConfig, finetune
 from lowbit.compress.footprint import plan_bits
+from lowbit.compress.manifest import is_checkpoint, read_manifest
 from lowbit.compress.models import load_model
 from lowbit.compress.pipeline import compress
 from lowbit.compress.recipe import DecomposeConfig, preset
@@ -40,6 +44,10 @@ def row_line(r: dict) -> str:
         f"{r['mode']:<10} {r['steps']:>5} {r['bpw']:>6.2f} {r['ppl']:>9.3f} {r['seconds']:>8.1f} "
         f"{r['s_per_step']:>7.2f} {r['peak_mb']:>8}"
     )
+
+
+def quantized_params(plan: dict) -> int:
+    return sum(e["shape"][0] * e["shape"][1] for e in plan.values())
 
 
 def main() -> None:
@@ -58,8 +66,10 @@ def main() -> None:
     p.add_argument("--scale-lr", type=float, default=1e-5)
     p.add_argument("--lora-rank", type=int, default=16, help="adapter rank of l4q")
     p.add_argument("--adapter-rank", type=int, default=8, help="lora: rank of new factors where none exist")
+    p.add_argument("--latent", default="compressed", help="how l4q and lsq start: compressed or original")
     p.add_argument("--eval-tokens", type=int, default=20000)
     p.add_argument("--data", default="builtin:lee-news")
+    p.add_argument("--compressed", default=None, help="checkpoint folder of the compressed model")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
 
@@ -69,23 +79,36 @@ def main() -> None:
         recipe = replace(recipe, decompose=DecomposeConfig(method=args.method, rank=args.rank))
     ids = eval_tokens(tok, args.data, max_tokens=args.eval_tokens)
     blocks = calibration_blocks(tok, args.data, args.samples, args.seq_len, seed=0)
-    t0 = time.perf_counter()
-    student, report = compress(
-        copy.deepcopy(base), recipe, budget=args.budget, tokenizer=tok, calib_data=blocks, progress=False
-    )
     how = f"{args.preset} rank {args.rank}" + ("" if args.budget is None else f" budget {args.budget:g}")
-    print(f"compressed with {how} in {time.perf_counter() - t0:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    if args.compressed and is_checkpoint(args.compressed):
+        student = load(args.compressed)
+        plan = read_manifest(args.compressed)["layers"]
+        compressed_bpw = plan_bits(student, plan) / quantized_params(plan)
+        print(f"loaded the compressed model from {args.compressed} (not checked against {how})", flush=True)
+    else:
+        student, report = compress(
+            copy.deepcopy(base),
+            recipe,
+            args.compressed,
+            budget=args.budget,
+            tokenizer=tok,
+            calib_data=blocks,
+            progress=False,
+        )
+        compressed_bpw = report.bits_per_weight
+        print(f"compressed with {how} in {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"{'mode':<10} {'steps':>5} {'bpw':>6} {'ppl':>9} {'time s':>8} {'s/step':>7} {'peak MB':>8}")
     rows = [
         dict(
             mode="original", steps=0, bpw=dense_bits_per_weight(base), seconds=0.0, s_per_step=0.0, peak_mb=0
         ),
-        dict(mode="compressed", steps=0, bpw=report.bits_per_weight, seconds=0.0, s_per_step=0.0, peak_mb=0),
+        dict(mode="compressed", steps=0, bpw=compressed_bpw, seconds=0.0, s_per_step=0.0, peak_mb=0),
     ]
     for row, model in zip(rows, (base, student), strict=True):
         row["ppl"] = perplexity(model, ids, seq_len=args.seq_len, progress=False)["perplexity"]
         print(row_line(row), flush=True)
-    for mode in args.modes.split(","):
+    for mode in filter(None, args.modes.split(",")):
         config = FinetuneConfig(
             mode=mode,
             objective="distill",
@@ -96,17 +119,17 @@ def main() -> None:
             seq_len=args.seq_len,
             rank=args.lora_rank,
             adapter_rank=args.adapter_rank,
+            latent=args.latent,
             warmup=min(10, args.steps // 10),
             eval_blocks=min(4, args.samples // 8),
             eval_every=max(1, args.steps // 4),
         )
         model = copy.deepcopy(student)
         ft = finetune(model, base, config=config, blocks=blocks, progress=False)
-        quantized = sum(e["shape"][0] * e["shape"][1] for e in ft.plan.values())
         row = dict(
             mode=mode,
             steps=ft.steps,
-            bpw=plan_bits(model, ft.plan) / quantized,
+            bpw=plan_bits(model, ft.plan) / quantized_params(ft.plan),
             ppl=perplexity(model, ids, seq_len=args.seq_len, progress=False)["perplexity"],
             seconds=round(ft.seconds, 1),
             s_per_step=round(ft.seconds_per_step, 2),

@@ -11,6 +11,7 @@ from lowbit.quantizers import (
     decode,
     decode_scales,
     dequantize,
+    encode,
     fit_scales,
     quantize,
     unpack_codes,
@@ -21,11 +22,12 @@ from lowbit.quantizers.fake import (
     lsq_grad_scale,
     peqa_dequantize,
     positive_levels,
+    project_to_codes,
     requantize,
     round_ste,
     stored_scales,
 )
-from lowbit.quantizers.groups import expand_groups
+from lowbit.quantizers.groups import expand_groups, round_scales
 
 SPECS = [
     QuantSpec("int4", 32),
@@ -162,6 +164,51 @@ def test_peqa_dequantize_keeps_codes_and_is_linear_in_the_scales(spec):
     (w_hat * G).sum().backward()
     unit = decode(codes, torch.ones_like(s), z, spec)  # value of each code per unit scale
     torch.testing.assert_close(s.grad, group_sums(G * unit, spec.group_size or K), rtol=1e-4, atol=1e-4)
+
+
+def other_codes(w, s, z, spec):
+    """Codes that are not round-to-nearest of w (as GPTQ's are not): those of w plus noise."""
+    noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
+    S = expand_groups(round_scales(s.detach(), spec), w.shape[1], spec.group_size or w.shape[1])
+    return encode(w + 0.6 * S * noise, round_scales(s.detach(), spec), z, spec)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short())
+def test_project_to_codes_keeps_the_codes_and_moves_as_little_as_possible(spec):
+    w = weight() * 2
+    s, z = fit_scales(weight(), spec)
+    z = None if z is None else z.detach()
+    codes = other_codes(w, s, z, spec)
+    p = project_to_codes(w, codes, s, z, spec)
+    s_hat = round_scales(s, spec)
+    grid = decode(codes, s_hat, z, spec)
+    assert torch.equal(encode(p, s_hat, z, spec), codes)
+    assert torch.equal(fake_quantize(p, s, z, spec), grid)  # training starts at exactly these codes
+    kept = encode(w, s_hat, z, spec) == codes
+    assert 0 < kept.float().mean() < 1
+    assert torch.equal(p[kept], w[kept])
+    assert ((p - w).abs() <= (grid - w).abs()).all()
+    assert ((p - w).abs() < (grid - w).abs())[~kept].float().mean() > 0.5  # off the grid point
+    bf16 = project_to_codes(w, codes, s, z, spec, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(encode(bf16.float(), s_hat, z, spec), codes)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int3", 32), QuantSpec("int4", None, symmetric=True)])
+def test_project_to_codes_clips_into_the_int_rounding_cell(spec):
+    """INT: the cell of code c is v = w / s in [c - o - 1/2, c - o + 1/2] (o: the zero point, or 2^(b-1)
+    symmetric), open-ended at the first and last code, so the projection is w clipped to it."""
+    w = weight() * 2
+    s, z = fit_scales(weight(), spec)
+    codes = other_codes(w, s, z, spec)
+    p = project_to_codes(w, codes, s, z, spec)
+    gs = spec.group_size or K
+    S = expand_groups(round_scales(s, spec), K, gs)
+    o = expand_groups(z, K, gs) if z is not None else torch.full_like(w, 1 << (spec.bits - 1))
+    c = codes.float()
+    lo = torch.where(c == 0, -math.inf, c - o - 0.5)
+    hi = torch.where(c == (1 << spec.bits) - 1, math.inf, c - o + 0.5)
+    expected = torch.minimum(torch.maximum(w / S, lo), hi) * S
+    torch.testing.assert_close(p, expected, rtol=0, atol=1e-4 * S.max().item())
 
 
 def test_stored_scales_round_like_storage_with_straight_through_gradient():

@@ -177,12 +177,13 @@ def test_gradients_flow_through_the_ste_to_scales_and_lora_factors(teacher, stud
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_l4q_compressed_latent_starts_from_the_compressed_codes(teacher, student):
-    """latent "compressed": W0 = dequantize(Q) with the stored scales, so a rank-0 layer's fake-quant weight
-    is its dequantized weight exactly (codes that are not round-to-nearest of the teacher's weight, as
-    GPTQ's, survive); "original" restarts from round-to-nearest of the teacher's weight."""
-    from lowbit.quantizers.fake import fake_quantize
-
+@pytest.mark.parametrize("mode", ["lsq", "l4q"])
+def test_compressed_latent_starts_from_the_compressed_model(teacher, student, mode):
+    """latent "compressed": the teacher's weight clipped into the stored codes' cells, with the stored
+    scales, so training starts at the compressed layer exactly (codes that are not round-to-nearest of the
+    teacher's weight, as GPTQ's, survive; l4q: on rank-0 layers, it merges the others' factors) while the
+    latent lies off the grid, where LSQ's step-size gradient is not zero; "original" restarts the codes
+    from round-to-nearest of the teacher's weight."""
     other = copy.deepcopy(teacher)  # a teacher whose round-to-nearest codes differ from the student's
     g = torch.Generator().manual_seed(2)
     for m in other.modules():
@@ -190,13 +191,18 @@ def test_l4q_compressed_latent_starts_from_the_compressed_codes(teacher, student
             m.weight.data += 0.5 * m.weight.std() * torch.randn(m.weight.shape, generator=g)
     for latent in ("compressed", "original"):
         model = fresh(student)
-        layers = prepare_layers(model, "l4q", other, rank=4, latent=latent)
+        layers = prepare_layers(model, mode, other, rank=4, latent=latent)
         for n, (q, fake) in layers.items():
-            if q.rank:
+            if mode == "l4q" and q.rank:
                 continue
-            W_hat = fake_quantize(fake.latent(), fake.s, fake.z, fake.spec, fake.g)
-            same = torch.equal(W_hat, dequantize(q.qtensor()))
-            assert same == (latent == "compressed"), (n, latent)
+            grid = dequantize(q.qtensor())
+            assert torch.equal(fake.weight(), grid) == (latent == "compressed"), (n, latent)
+            assert (fake.w0 != grid).float().mean() > 0.3, n
+        if mode == "lsq" and latent == "compressed":
+            torch.testing.assert_close(logits(model), logits(student), rtol=1e-4, atol=1e-4)
+            objective_loss(model, other, BLOCKS[:4], "distill").backward()
+            for n, (_, fake) in layers.items():
+                assert fake.s.grad.abs().sum() > 0, n
     with pytest.raises(FinetuneError, match="latent"):
         FinetuneConfig(latent="teacher")
 

@@ -35,7 +35,13 @@ from lowbit.quantizers import (
     round_scales,
     unpack_codes,
 )
-from lowbit.quantizers.fake import fake_quantize, lsq_grad_scale, peqa_dequantize, requantize
+from lowbit.quantizers.fake import (
+    fake_quantize,
+    lsq_grad_scale,
+    peqa_dequantize,
+    project_to_codes,
+    requantize,
+)
 
 PLAN_KEYS = ("spec", "shape", "rank", "bias", "smooth")
 
@@ -284,6 +290,7 @@ def replace_linears(
 
 
 TRAIN_MODES = ("peqa", "l4q", "lsq")
+LATENTS = ("compressed", "original")
 
 
 class FakeQuantLinear(nn.Module):
@@ -299,13 +306,16 @@ class FakeQuantLinear(nn.Module):
     - lsq (LSQ, Esser et al. 2020): W_hat = fake_quantize(R, s, z) plus the low-rank branch l1 l2, with
       R = W0 - L1 L2 (the residual at the start) frozen; s, z, l1 and l2 trained.
 
-    W0 is the dense weight in the layer's smoothed domain, W diag(smooth): the caller passes it (the
-    original model's weight), else it is rebuilt as dequantize(Q) + L1 L2. Rebuilt, the residual R of
-    lsq is dequantize(Q) itself, which lies on the grid of the initial scales, so LSQ's gradient of the
-    scales starts at zero there: give the original weight to train the scales of lsq. Scales start from
-    the stored ones (peqa, lsq, and l4q with a rebuilt W0, which then starts from the layer's own codes)
-    or from round-to-nearest scales of the given W0 (l4q). Trained tensors are fp32
-    parameters; frozen ones are buffers (W0 and R in `dtype`, codes as uint8).
+    W0 is the dense weight in the layer's smoothed domain, W diag(smooth), as the caller passes it (the
+    original model's weight). With `latent` "compressed" training starts from the layer as compressed:
+    the stored scales, and the latent moved into the rounding cells of the stored codes
+    (`project_to_codes`; lsq: of R, l4q: of W0 - L1 L2, the factors then added back), so codes that are
+    not round-to-nearest of W0 (GPTQ's) survive while the latent keeps where W0 lies inside each cell.
+    With "original" the codes restart from round-to-nearest of the latent (L4Q's initialisation): against
+    the stored scales (lsq) or against round-to-nearest scales of W0 (l4q). Without W0 the latent is the
+    layer's reconstruction dequantize(Q) (+ L1 L2 for l4q), on the grid, where LSQ's gradient of the
+    scales starts at zero. Trained tensors are fp32 parameters; frozen ones are buffers (W0 and R in
+    `dtype`, codes as uint8).
     """
 
     def __init__(
@@ -316,10 +326,13 @@ class FakeQuantLinear(nn.Module):
         lora_rank: int = 16,
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
+        latent: str = "compressed",
     ) -> None:
         super().__init__()
         if mode not in TRAIN_MODES:
             raise QLinearError(f"unknown training mode {mode!r}; choose one of {', '.join(TRAIN_MODES)}")
+        if latent not in LATENTS:
+            raise QLinearError(f"unknown latent {latent!r}; choose one of {', '.join(LATENTS)}")
         N, K = layer.out_features, layer.in_features
         if W0 is not None and tuple(W0.shape) != (N, K):
             raise QLinearError(f"dense weight has shape {tuple(W0.shape)}, the layer is {(N, K)}")
@@ -341,14 +354,18 @@ class FakeQuantLinear(nn.Module):
             self.s = nn.Parameter(s)
             return
         lowrank = None if l1 is None else l1.detach().float() @ l2.detach().float()  # [N, K]
-        rebuilt = W0 is None
+        restart = latent == "original" and W0 is not None
         if W0 is None:
-            W0 = dequantize(q) if mode == "lsq" or lowrank is None else dequantize(q) + lowrank
-        elif mode == "lsq" and lowrank is not None:
-            W0 = W0.float() - lowrank
-        self.register_buffer("w0", W0.detach().to(device, dtype).contiguous())
+            W0 = dequantize(q)
+        else:
+            W0 = W0.to(device, torch.float32) - (0 if lowrank is None else lowrank)
+            if latent == "compressed":
+                W0 = project_to_codes(W0, unpack_codes(q), s, z, layer.spec, dtype).float()
+        if mode == "l4q" and lowrank is not None:
+            W0 = W0 + lowrank
+        self.register_buffer("w0", W0.to(dtype).contiguous())
         if mode == "l4q":
-            if not rebuilt:
+            if restart:
                 s, z = fit_scales(self.w0.float(), layer.spec)
             bound = 1 / math.sqrt(K)  # LoRA's Kaiming-uniform A, zero B: training starts from W0
             a = (torch.rand(lora_rank, K, generator=generator) * 2 - 1) * bound

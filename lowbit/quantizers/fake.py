@@ -166,3 +166,50 @@ def requantize(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: Q
         s_hat = round_scales(s.detach().float(), spec)
         z_hat = stored_zeros(None if z is None else z.detach().float(), spec)
         return pack_qtensor(encode(w.detach().float(), s_hat, z_hat, spec), s_hat, z_hat, spec)
+
+
+def project_to_codes(
+    w: torch.Tensor,
+    codes: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor | None,
+    spec: QuantSpec,
+    dtype: torch.dtype = torch.float32,
+    iters: int = 20,
+) -> torch.Tensor:
+    """w [N, K] moved, element by element, to the nearest point that encodes to `codes` [N, K] under the
+    scales s [N, G] (and zeros z) as stored: w clipped into its code's rounding cell, in `dtype`.
+
+    A latent weight for LSQ that starts training exactly at a given quantized model (GPTQ's codes, say):
+    fake_quantize(result, s, z, spec) equals decode(codes, s, z, spec), yet inside each cell the latent
+    keeps where w lies, so LSQ's step-size gradient q(v) - v is not zero as it is at the grid points.
+    A cell is an interval around its grid point c, so the points c + t (w - c), t in [0, 1], that keep
+    the code form an interval from t = 0; `iters` bisection steps find its end (to 2^-iters), and only
+    points checked to encode to `codes` are returned (where none is, the grid point itself).
+    """
+    _check(w, s, z, spec)
+    if tuple(codes.shape) != tuple(w.shape):
+        raise QuantInputError(f"codes have shape {tuple(codes.shape)}, the weight {tuple(w.shape)}")
+    with torch.no_grad():
+        s_hat = round_scales(s.detach().float(), spec)
+        z_hat = stored_zeros(None if z is None else z.detach().float(), spec)
+        center = decode(codes, s_hat, z_hat, spec)  # float32 [N, K]
+        w32 = w.detach().float()
+        step = w32 - center
+
+        def point(t: torch.Tensor) -> torch.Tensor:  # t = 1 is w itself, exactly
+            return torch.where(t == 1, w32, center + t * step).to(dtype)
+
+        def keeps(t: torch.Tensor) -> torch.Tensor:
+            return encode(point(t).float(), s_hat, z_hat, spec) == codes
+
+        ones = torch.ones_like(center)
+        whole = keeps(ones)
+        lo = torch.where(whole, ones, 0.0)
+        hi = ones
+        for _ in range(iters):
+            mid = torch.where(whole, ones, (lo + hi) / 2)
+            ok = keeps(mid)
+            lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+        out = point(lo)
+        return torch.where(encode(out.float(), s_hat, z_hat, spec) == codes, out, center.to(dtype))

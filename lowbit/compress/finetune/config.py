@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from lowbit.compress.qlinear import LATENTS
+
 MODES = ("lora", "peqa", "l4q", "lsq")
-LATENTS = ("original", "compressed")
 OBJECTIVES = ("lm", "distill")
 SCHEDULES = ("cosine", "constant")
 
@@ -24,9 +25,10 @@ class FinetuneConfig:
         (the blocks passed to `finetune`). samples: blocks drawn from `data`.
     eval_every: steps between held-out evaluations (0: only at the start and the end); patience:
         evaluations without improvement before stopping (0: never stop early).
-    latent: l4q's frozen latent W0, "original" (the teacher's weight, codes restarted by round-to-nearest
-        of it, as in L4Q) or "compressed" (dequantize(Q) + L1 L2 with the stored scales: training starts
-        from the compressed model's codes, e.g. GPTQ's). lsq always uses the original weight.
+    latent: how l4q and lsq start from the teacher's weight W0 (`FakeQuantLinear`): "compressed" (the
+        stored codes and scales, W0 clipped into the codes' rounding cells: training starts from the
+        compressed model, GPTQ's codes included) or "original" (codes restarted by round-to-nearest of
+        W0, as in L4Q; l4q also refits the scales).
     rank: LoRA rank of l4q. adapter_rank: lora gives the layers without low-rank factors new ones of this
         rank (QLoRA); 0 leaves them untrained. save_every: steps between saved states (0: only at the end).
     """
@@ -48,7 +50,7 @@ class FinetuneConfig:
     schedule: str = "cosine"
     rank: int = 16
     adapter_rank: int = 0
-    latent: str = "original"
+    latent: str = "compressed"
     hidden_weight: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

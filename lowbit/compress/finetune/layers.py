@@ -46,14 +46,14 @@ def prepare_layers(
     rank: int = 16,
     seed: int = 0,
     adapter_rank: int = 0,
-    latent: str = "original",
+    latent: str = "compressed",
 ) -> dict[str, tuple[QLinear, nn.Module]]:
     """Put every QLinear of `model` in its training form for `mode`; return {fqn: (QLinear, trained)}.
 
     lora: the QLinear itself with fp32 factors, and new ones of `adapter_rank` (`new_adapter`) where it
-    has none; other modes: a FakeQuantLinear swapped in by name (l4q's latent: the teacher's weight, or
-    with latent "compressed" the layer's own reconstruction). Every parameter of the model is frozen
-    except the trained ones (`trainable_tensors`).
+    has none; other modes: a FakeQuantLinear swapped in by name (the latent of l4q and lsq: the teacher's
+    weight, started from as `latent` says). Every parameter of the model is frozen except the trained
+    ones (`trainable_tensors`).
     """
     if mode not in MODES:
         raise FinetuneError(f"unknown finetune mode {mode!r}; choose one of {MODES}")
@@ -69,10 +69,8 @@ def prepare_layers(
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = torch.float32 if first is None else first.dtype
     if mode != "lora":  # every training form is built before the first swap: a failure changes nothing
-        if mode == "l4q" and latent == "compressed":
-            teacher = None
         layers = {
-            fqn: (m, FakeQuantLinear(m, mode, _dense_weight(teacher, fqn, m), rank, generator, dtype))
+            fqn: (m, FakeQuantLinear(m, mode, _dense_weight(teacher, fqn, m), rank, generator, dtype, latent))
             for fqn, m in qlinears.items()
         }
         for fqn, (_, fake) in layers.items():
