@@ -193,22 +193,29 @@ def test_project_to_codes_keeps_the_codes_and_moves_as_little_as_possible(spec):
     assert bf16.dtype == torch.bfloat16 and torch.equal(encode(bf16.float(), s_hat, z, spec), codes)
 
 
+@pytest.mark.parametrize("inset", [0.0, 0.5])
 @pytest.mark.parametrize("spec", [QuantSpec("int3", 32), QuantSpec("int4", None, symmetric=True)])
-def test_project_to_codes_clips_into_the_int_rounding_cell(spec):
+def test_project_to_codes_clips_into_the_int_rounding_cell(spec, inset):
     """INT: the cell of code c is v = w / s in [c - o - 1/2, c - o + 1/2] (o: the zero point, or 2^(b-1)
-    symmetric), open-ended at the first and last code, so the projection is w clipped to it."""
+    symmetric), open-ended at the first and last code, so the projection is w clipped to it; with an
+    inset, clipped points stop that fraction of the way back from the edge toward the grid point."""
     w = weight() * 2
     s, z = fit_scales(weight(), spec)
     codes = other_codes(w, s, z, spec)
-    p = project_to_codes(w, codes, s, z, spec)
+    p = project_to_codes(w, codes, s, z, spec, inset=inset)
     gs = spec.group_size or K
     S = expand_groups(round_scales(s, spec), K, gs)
     o = expand_groups(z, K, gs) if z is not None else torch.full_like(w, 1 << (spec.bits - 1))
     c = codes.float()
     lo = torch.where(c == 0, -math.inf, c - o - 0.5)
     hi = torch.where(c == (1 << spec.bits) - 1, math.inf, c - o + 0.5)
-    expected = torch.minimum(torch.maximum(w / S, lo), hi) * S
+    clipped = torch.minimum(torch.maximum(w / S, lo), hi) * S
+    grid = decode(codes, round_scales(s, spec), z, spec)
+    inside = (w / S >= lo) & (w / S <= hi)
+    expected = torch.where(inside, w, grid + (1 - inset) * (clipped - grid))
     torch.testing.assert_close(p, expected, rtol=0, atol=1e-4 * S.max().item())
+    with pytest.raises(QuantInputError, match="inset"):
+        project_to_codes(w, codes, s, z, spec, inset=1.0)
 
 
 def test_stored_scales_round_like_storage_with_straight_through_gradient():

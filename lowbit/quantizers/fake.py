@@ -175,6 +175,7 @@ def project_to_codes(
     z: torch.Tensor | None,
     spec: QuantSpec,
     dtype: torch.dtype = torch.float32,
+    inset: float = 0.0,
     iters: int = 20,
 ) -> torch.Tensor:
     """w [N, K] moved, element by element, to the nearest point that encodes to `codes` [N, K] under the
@@ -186,7 +187,13 @@ def project_to_codes(
     A cell is an interval around its grid point c, so the points c + t (w - c), t in [0, 1], that keep
     the code form an interval from t = 0; `iters` bisection steps find its end (to 2^-iters), and only
     points checked to encode to `codes` are returned (where none is, the grid point itself).
+
+    inset in [0, 1): points that had to move stop that fraction of the way back from the cell's edge
+    toward the grid point (0: on the edge). On the edge, the smallest change of the scale flips the code
+    back to round-to-nearest of w; inset 1/2 keeps such codes unless the scale moves a quarter step.
     """
+    if not 0 <= inset < 1:
+        raise QuantInputError(f"inset must be in [0, 1), got {inset!r}")
     _check(w, s, z, spec)
     if tuple(codes.shape) != tuple(w.shape):
         raise QuantInputError(f"codes have shape {tuple(codes.shape)}, the weight {tuple(w.shape)}")
@@ -211,5 +218,5 @@ def project_to_codes(
             mid = torch.where(whole, ones, (lo + hi) / 2)
             ok = keeps(mid)
             lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-        out = point(lo)
+        out = point(torch.where(whole, ones, lo * (1 - inset)))
         return torch.where(encode(out.float(), s_hat, z_hat, spec) == codes, out, center.to(dtype))

@@ -21,8 +21,8 @@ The latent W0 of l4q and lsq is the teacher's dense weight of the same layer whe
 (times the smoothing vector), else it is rebuilt from the layer as dequantize(Q) + L1 L2. With `latent`
 "compressed" (the default) it is clipped into the rounding cells of the stored codes, so training starts
 from the compressed model exactly (GPTQ's codes included); "original" restarts the codes from
-round-to-nearest of W0, as L4Q does (see `FakeQuantLinear`). After training every QLinear holds a valid packed QTensor again and its
-`layer_plan()` tells its rank; `FinetuneReport.plan` is the new per-layer plan.
+round-to-nearest of W0, as L4Q does (see `FakeQuantLinear`). After training every QLinear holds a valid
+packed QTensor again and its `layer_plan()` tells its rank; `FinetuneReport.plan` is the new per-layer plan.
 
 Objectives: `lm`, next-token cross-entropy on the blocks; `distill`, KL(teacher || student) of the
 next-token distributions at temperature 1, plus `hidden_weight` times the mean over blocks of the MSE
