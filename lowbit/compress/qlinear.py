@@ -291,7 +291,10 @@ def replace_linears(
 
 TRAIN_MODES = ("peqa", "l4q", "lsq")
 LATENTS = ("compressed", "original")
-LATENT_INSET = 0.5  # latent "compressed": moved weights stop halfway between the cell's edge and grid point
+# latent "compressed": where moved weights stop, as a fraction of the way back from the cell's edge to the
+# grid point (lsq: halfway, its frozen latent would flip back at the first step of the scales; l4q: on the
+# edge, B A moves its latent anyway and starting nearer the original weight trains better)
+LATENT_INSET = {"lsq": 0.5, "l4q": 0.0}
 
 
 class FakeQuantLinear(nn.Module):
@@ -312,8 +315,8 @@ class FakeQuantLinear(nn.Module):
     the stored scales, and the latent moved into the rounding cells of the stored codes
     (`project_to_codes`; lsq: of R, l4q: of W0 - L1 L2, the factors then added back), so codes that are
     not round-to-nearest of W0 (GPTQ's) survive while the latent keeps where W0 lies inside each cell;
-    weights that had to move stop halfway from the cell's edge (LATENT_INSET), or the first small change
-    of a scale would flip them back to round-to-nearest.
+    for lsq, weights that had to move stop halfway from the cell's edge (LATENT_INSET), or the first
+    small change of a scale would flip them back to round-to-nearest.
     With "original" the codes restart from round-to-nearest of the latent (L4Q's initialisation): against
     the stored scales (lsq) or against round-to-nearest scales of W0 (l4q). Without W0 the latent is the
     layer's reconstruction dequantize(Q) (+ L1 L2 for l4q), on the grid, where LSQ's gradient of the
@@ -363,7 +366,7 @@ class FakeQuantLinear(nn.Module):
         else:
             W0 = W0.to(device, torch.float32) - (0 if lowrank is None else lowrank)
             if latent == "compressed":
-                W0 = project_to_codes(W0, unpack_codes(q), s, z, layer.spec, dtype, LATENT_INSET).float()
+                W0 = project_to_codes(W0, unpack_codes(q), s, z, layer.spec, dtype, LATENT_INSET[mode])
         if mode == "l4q" and lowrank is not None:
             W0 = W0 + lowrank
         self.register_buffer("w0", W0.to(dtype).contiguous())
