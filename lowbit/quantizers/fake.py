@@ -190,7 +190,7 @@ def project_to_codes(
 
     inset in [0, 1): points that had to move stop that fraction of the way back from the cell's edge
     toward the grid point (0: on the edge). On the edge, the smallest change of the scale flips the code
-    back to round-to-nearest of w; inset 1/2 keeps such codes unless the scale moves a quarter step.
+    back to round-to-nearest of w; inset 1/2 leaves a quarter of a step between such a point and the edge.
     """
     if not 0 <= inset < 1:
         raise QuantInputError(f"inset must be in [0, 1), got {inset!r}")
