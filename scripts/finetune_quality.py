@@ -29,14 +29,13 @@ import time
 from dataclasses import replace
 
 from lowbit.calibration.data import calibration_blocks, eval_tokens
-from lowbit.compress.checkpoint import load
-from lowbit.compress.evaluate import dense_bits_per_weight, perplexity
+from lowbit.compress.api import compress
 from lowbit.compress.finetune import FinetuneConfig, finetune
-from lowbit.compress.footprint import plan_bits
-from lowbit.compress.manifest import is_checkpoint, read_manifest
-from lowbit.compress.models import load_model
-from lowbit.compress.pipeline import compress
 from lowbit.compress.recipe import DecomposeConfig, preset
+from lowbit.eval.perplexity import dense_bits_per_weight, perplexity
+from lowbit.models import load_model
+from lowbit.nn.checkpoint import load, plan_bits
+from lowbit.nn.manifest import is_checkpoint, read_manifest
 
 
 def row_line(r: dict) -> str:

@@ -18,10 +18,10 @@ import json
 import time
 
 from lowbit.calibration.data import calibration_blocks, eval_tokens
-from lowbit.compress.evaluate import dense_bits_per_weight, perplexity
-from lowbit.compress.models import load_model
-from lowbit.compress.pipeline import compress
+from lowbit.compress.api import compress
 from lowbit.compress.recipe import Recipe
+from lowbit.eval.perplexity import dense_bits_per_weight, perplexity
+from lowbit.models import load_model
 
 # (name, quantize section, decompose section)
 ROWS = [

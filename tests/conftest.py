@@ -72,7 +72,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 def compress_recipes(root: Path, tokenizer, recipes: dict) -> Path:
     """One checkpoint per recipe under root/<name>, each from a fresh tiny Llama over the tokenizer."""
-    from lowbit.compress.pipeline import compress
+    from lowbit.compress.api import compress
 
     calib = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
     for name, recipe in recipes.items():

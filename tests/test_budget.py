@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lowbit.compress.budget as budget
+from lowbit.cli import main
+from lowbit.compress import budget
 from lowbit.compress.allocate import AllocationError
-from lowbit.compress.checkpoint import checkpoint_info
-from lowbit.compress.cli import main
-from lowbit.compress.pipeline import compress
+from lowbit.compress.api import compress
 from lowbit.compress.recipe import Recipe
+from lowbit.nn.checkpoint import checkpoint_info
 
 GRID = {"formats": ["int"], "bits": [2, 3, 4], "group_sizes": [32, 64], "ranks": [0, 4]}
 
@@ -134,7 +134,7 @@ def test_resume_after_kill_is_bit_identical(tiny_llama_dir, news_file, tmp_path)
     command = [
         sys.executable,
         "-m",
-        "lowbit.compress.cli",
+        "lowbit.cli",
         "compress",
         "--model",
         str(tiny_llama_dir),

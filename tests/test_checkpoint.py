@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lowbit.compress import checkpoint as ckpt
-from lowbit.compress.checkpoint import checkpoint_info, load, load_tokenizer, save
-from lowbit.compress.manifest import CheckpointError, is_checkpoint, read_manifest, validate_manifest
-from lowbit.compress.qlinear import QLinear, set_submodule
+from lowbit.nn import checkpoint as ckpt
+from lowbit.nn.atomic import OutputExistsError
+from lowbit.nn.checkpoint import checkpoint_info, load, load_tokenizer, save
+from lowbit.nn.manifest import CheckpointError, is_checkpoint, read_manifest, validate_manifest
+from lowbit.nn.qlinear import QLinear, set_submodule
 from lowbit.quantizers import QuantSpec, bits_per_weight, quantize
 
 VOCAB = 96
@@ -227,11 +228,15 @@ def test_existing_out_dir_needs_overwrite(tmp_path):
     out = tmp_path / "ck"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(CheckpointError, match="exists"):
+    with pytest.raises(OutputExistsError, match="exists; pass --overwrite"):
         save(model, out, plan=plan)
+    with pytest.raises(OutputExistsError, match="not a lowbit checkpoint, export or work area"):
+        save(model, out, plan=plan, overwrite=True)  # a folder lowbit did not write is never replaced
     assert (out / "old.txt").exists()
-    save(model, out, plan=plan, overwrite=True)
-    assert not (out / "old.txt").exists() and is_checkpoint(out)
+    (out / "old.txt").unlink()
+    save(model, out, plan=plan, overwrite=True)  # an empty folder may be
+    save(model, out, plan=plan, overwrite=True)  # and so may a checkpoint
+    assert is_checkpoint(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lowbit.compress.cli import main
+from lowbit.cli import main
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -76,7 +76,7 @@ def test_compress_eval_info_end_to_end(capsys, tiny_llama_dir, news_file, tmp_pa
 
 def test_text_output_and_loaded_model_matches(capsys, compressed, news_file):
     import lowbit
-    from lowbit.compress.qlinear import QLinear
+    from lowbit.nn.qlinear import QLinear
 
     code, stdout, _ = run(capsys, "info", compressed)
     assert code == 0 and "int4-g128" in stdout and "bits per weight" in stdout

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.compress.evaluate import EvalError, dense_bits_per_weight, perplexity, windows
+from lowbit.eval.perplexity import EvalError, dense_bits_per_weight, perplexity, windows
 from tests.conftest import make_tiny_llama
 
 

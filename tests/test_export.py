@@ -6,21 +6,19 @@ float32 rounding only (1e-5 of the logits' scale); dense float32 exports within 
 rounded once instead of x / smooth), bfloat16 within 5e-2.
 """
 
-import argparse
 import json
 
 import pytest
 import torch
 
-from lowbit.compress.checkpoint import load, save
-from lowbit.compress.cli import main
-from lowbit.compress.ct_export import _pack_int32, ct_problem, ct_spec
-from lowbit.compress.export import add_export_parser, cmd_export, export
-from lowbit.compress.footprint import stored_bits_per_weight
-from lowbit.compress.models import load_model
-from lowbit.compress.prepare import ExportError, probe_ids
-from lowbit.compress.qlinear import QLinear, set_submodule
+from lowbit.cli import build_parser, cmd_export, main
 from lowbit.compress.recipe import DecomposeConfig, Override, QuantizeConfig, Recipe
+from lowbit.export import ExportError, export, load_export, stored_bits_per_weight
+from lowbit.export.compressed_tensors import _pack_int32, ct_problem, ct_spec
+from lowbit.export.fit import probe_ids
+from lowbit.nn.atomic import OutputExistsError
+from lowbit.nn.checkpoint import load, save
+from lowbit.nn.qlinear import QLinear, set_submodule
 from lowbit.quantizers import QuantSpec, quantize
 from tests.conftest import NEWS, compress_recipes, logits, make_tiny_llama, make_tokenizer
 
@@ -227,7 +225,7 @@ def test_bad_requests_fail_with_one_line_errors(ckpts, tmp_path):
     with pytest.raises(ValueError, match="not a lowbit checkpoint"):
         export(tmp_path, tmp_path / "x", "dense")
     (tmp_path / "taken").mkdir()
-    with pytest.raises(ExportError, match="exists; pass --overwrite"):
+    with pytest.raises(OutputExistsError, match="exists; pass --overwrite"):
         export(ckpts / "mixed", tmp_path / "taken", "dense")
     export(ckpts / "mixed", tmp_path / "taken", "dense", overwrite=True)
     assert (tmp_path / "taken" / "model.safetensors").is_file()
@@ -235,8 +233,7 @@ def test_bad_requests_fail_with_one_line_errors(ckpts, tmp_path):
 
 
 def test_cli_parser_and_command(ckpts, tmp_path):
-    parser = argparse.ArgumentParser()
-    add_export_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     out = tmp_path / "ct"
     args = parser.parse_args(["export", str(ckpts / "asym"), "--to", "compressed-tensors", "--out", str(out)])
     r = cmd_export(args)
@@ -272,7 +269,7 @@ def test_mixed_asymmetric_export_loads_layer_by_layer(ckpts, ids, tmp_path):
     assert r["converted"] == 0 and r["adapter"] == str(out / "adapter")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert len(qc["config_groups"]) == 3
-    model, _ = load_model(str(out))
+    model, _, _ = load_export(out)
     assert isinstance(model, peft.PeftModel)
     assert torch.equal(logits(model, ids), logits(load(ckpts / "asym-mixed"), ids))
     with pytest.raises(RuntimeError):  # what load_model works around
@@ -282,7 +279,7 @@ def test_mixed_asymmetric_export_loads_layer_by_layer(ckpts, ids, tmp_path):
 def test_stored_bits_of_a_dense_export_are_its_dtype(ckpts, tmp_path):
     out = tmp_path / "dense"
     export(ckpts / "mixed", out, "dense", dtype="bfloat16")
-    model, _ = load_model(str(out))  # loaded as float32: the dense model in memory says 32
+    model, _, _ = load_export(out)  # loaded as float32: the dense model in memory says 32
     assert stored_bits_per_weight(str(out), model) == 16.0
 
 
@@ -291,8 +288,8 @@ def test_builtin_model_exports_load_in_transformers_and_peft(tmp_path):
     """The built-in SmolLM2-135M as int4 g64 symmetric with LoRC rank 8: transformers loads the
     checkpoint natively with lowbit's exact logits, the compressed-tensors export + PEFT adapter gives
     them exactly too (same products in float32), and the float32 dense export within 1e-4 of their scale."""
-    from lowbit.compress.models import ModelError, builtin_path
-    from lowbit.compress.pipeline import compress
+    from lowbit.compress.api import compress
+    from lowbit.models import ModelError, builtin_path
 
     try:
         builtin_path("smollm2-135m")

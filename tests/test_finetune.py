@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.compress.checkpoint import load, model_plan, save
 from lowbit.compress.finetune import (
     FinetuneConfig,
     FinetuneError,
@@ -21,8 +20,10 @@ from lowbit.compress.finetune import (
     sample_blocks,
     trainable_tensors,
 )
-from lowbit.compress.qlinear import FakeQuantLinear, QLinear, QLinearError, set_submodule
+from lowbit.compress.finetune.fakequant import FakeQuantLinear
 from lowbit.lowrank import decompose
+from lowbit.nn.checkpoint import load, model_plan, save
+from lowbit.nn.qlinear import QLinear, QLinearError, set_submodule
 from lowbit.quantizers import QuantSpec, dequantize, quantize, unpack_codes
 from lowbit.quantizers.fake import requantize
 from tests.conftest import make_tiny_llama

@@ -12,10 +12,12 @@ import math
 import pytest
 import torch
 
-from lowbit.compress.checkpoint import load, load_tokenizer, save
-from lowbit.compress.cli import main
-from lowbit.compress.export import export
-from lowbit.compress.gguf_export import (
+from lowbit.cli import main
+from lowbit.compress.api import compress
+from lowbit.compress.recipe import DecomposeConfig, QuantizeConfig, Recipe
+from lowbit.export import MARKER, ExportError, export, load_export
+from lowbit.export.fit import probe_ids
+from lowbit.export.gguf import (
     ADAPTER_FILE,
     MODEL_FILE,
     check_llama,
@@ -24,12 +26,9 @@ from lowbit.compress.gguf_export import (
     gguf_spec,
     rope_permutation,
 )
-from lowbit.compress.gguf_vocab import LLAMA3_SPLIT, add_tokenizer, check_tokenizer
-from lowbit.compress.models import load_model
-from lowbit.compress.pipeline import compress
-from lowbit.compress.prepare import ExportError, probe_ids
-from lowbit.compress.qlinear import QLinear
-from lowbit.compress.recipe import DecomposeConfig, QuantizeConfig, Recipe
+from lowbit.export.gguf_tokenizer import LLAMA3_SPLIT, add_tokenizer, check_tokenizer
+from lowbit.nn.checkpoint import load, load_tokenizer, save
+from lowbit.nn.qlinear import QLinear
 from lowbit.quantizers import QuantSpec, dequantize, quantize
 from tests.conftest import NEWS, compress_recipes, logits, make_tokenizer
 
@@ -132,7 +131,8 @@ def test_base_loads_in_transformers_and_matches_lowbit(ckpts, ids, tmp_path, nam
     out = tmp_path / "gguf"
     r = export(ckpts / name, out, "gguf")
     assert r["converted"] == 0 and r["target"] == "gguf"
-    assert sorted(p.name for p in out.iterdir()) == sorted([MODEL_FILE] + [ADAPTER_FILE] * (name == "q4_0"))
+    written = sorted([MODEL_FILE, MARKER] + [ADAPTER_FILE] * (name == "q4_0"))
+    assert sorted(p.name for p in out.iterdir()) == written
     qtype = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0"}[name]
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / MODEL_FILE).tensors}
     assert {t for n, t in types.items() if "_norm" in n} == {"F32"} and types["token_embd.weight"] == "F32"
@@ -210,7 +210,7 @@ def test_mixed_ranks_write_alpha_zero_and_still_add_l1_l2_once(ckpts, ids, tmp_p
     export(tmp_path / "ckpt", tmp_path / "gguf", "gguf")
     reader = gguf.GGUFReader(tmp_path / "gguf" / ADAPTER_FILE)
     assert reader.fields["adapter.lora.alpha"].contents() == 0.0
-    merged, _ = load_model(str(tmp_path / "gguf"))
+    merged, _, _ = load_export(tmp_path / "gguf")
     ref = logits(model, ids)
     assert float((logits(merged, ids) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
@@ -274,7 +274,7 @@ def test_svdquant_smoothing_is_requantized_never_dropped(ckpts, tmp_path):
     assert smoothed and {n for n, e in r["layers"].items() if e["smooth"] == "re-quantized"} == smoothed
     ref = load(ckpts / "svdquant")
     probe = probe_ids(ref)
-    merged, _ = load_model(str(tmp_path / "out"))
+    merged, _, _ = load_export(tmp_path / "out")
     diff = float((logits(merged, probe) - logits(ref, probe)).abs().max())
     assert diff == pytest.approx(r["logits_max_abs_diff"], abs=1e-4)
     assert diff < 0.2 * float(logits(ref, probe).abs().max())
@@ -325,7 +325,7 @@ def test_llama3_pre_tokenizer_and_vocab_padding(tmp_path):
 def test_builtin_tokenizer_fields_are_copied(ckpts, tmp_path, monkeypatch):
     """A checkpoint whose vocabulary is a built-in GGUF's gets that file's tokenizer.* keys verbatim, its
     llama.cpp pre-tokenizer name included (here a small GGUF stands in for the built-in file)."""
-    from lowbit.compress import gguf_vocab
+    from lowbit.export import gguf_tokenizer
 
     tok, source = load_tokenizer(ckpts / "q8_0"), tmp_path / "builtin.gguf"
     w = gguf.GGUFWriter(source, "llama")
@@ -335,7 +335,7 @@ def test_builtin_tokenizer_fields_are_copied(ckpts, tmp_path, monkeypatch):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    monkeypatch.setattr(gguf_vocab, "builtin_path", lambda name: source)
+    monkeypatch.setattr(gguf_tokenizer, "builtin_path", lambda name: source)
     w = gguf.GGUFWriter(None, "llama")
     assert add_tokenizer(w, tok, 384) is True
     copied = {k: v.value for k, v in w.kv_data[0].items() if k.startswith("tokenizer.")}
@@ -362,7 +362,7 @@ def test_builtin_model_to_gguf_end_to_end(tmp_path):
     its own tokenizer keys are copied (llama.cpp pre-tokenizer "smollm"), and transformers' base logits and
     load_model's (model + adapter) match lowbit's within 5e-3 of their scale: Q4_1's fp16 m = -s z over 30
     layers (measured 2.2e-3 and 1.7e-3; `lowbit eval` perplexity 33.9215 vs the checkpoint's 33.9223)."""
-    from lowbit.compress.models import ModelError, builtin_path
+    from lowbit.models import ModelError, builtin_path
 
     try:
         builtin_path("smollm2-135m")
@@ -381,6 +381,6 @@ def test_builtin_model_to_gguf_end_to_end(tmp_path):
     ref = logits(base_only(tmp_path / "ckpt"), ids)
     diff = float((logits(from_gguf(tmp_path / "gguf"), ids) - ref).abs().max())
     assert diff <= 5e-3 * float(ref.abs().max())
-    merged, _ = load_model(str(tmp_path / "gguf"))
+    merged, _, _ = load_export(tmp_path / "gguf")
     ref = logits(load(tmp_path / "ckpt"), ids)
     assert float((logits(merged, ids) - ref).abs().max()) <= 5e-3 * float(ref.abs().max())

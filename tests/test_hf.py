@@ -9,12 +9,18 @@ import sys
 import pytest
 import torch
 
-from lowbit.compress.checkpoint import load
-from lowbit.compress.hf import QUANT_METHOD, HfIntegrationError, _classes, register, register_when_imported
-from lowbit.compress.manifest import read_manifest
-from lowbit.compress.pipeline import compress
-from lowbit.compress.qlinear import QLinear
+from lowbit.compress.api import compress
 from lowbit.compress.recipe import DecomposeConfig, Override, QuantizeConfig, Recipe
+from lowbit.nn.checkpoint import load
+from lowbit.nn.hf_quantizer import (
+    QUANT_METHOD,
+    HfIntegrationError,
+    _classes,
+    register,
+    register_when_imported,
+)
+from lowbit.nn.manifest import read_manifest
+from lowbit.nn.qlinear import QLinear
 from tests.conftest import NEWS, make_tiny_llama, make_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -102,7 +108,7 @@ def test_bad_quantization_configs_are_refused():
 
 
 def test_import_hook_runs_register_right_after_the_registry_module_is_imported(tmp_path, monkeypatch):
-    import lowbit.compress.hf as hf
+    import lowbit.nn.hf_quantizer as hf
 
     (tmp_path / "registry_probe.py").write_text("LOADED = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -122,7 +128,7 @@ def test_import_hook_runs_register_right_after_the_registry_module_is_imported(t
 def test_import_hook_registers_before_transformers_is_imported(ckpt):
     code = (
         "import sys\n"
-        "from lowbit.compress.hf import register_when_imported\n"
+        "from lowbit.nn.hf_quantizer import register_when_imported\n"
         "register_when_imported()\n"
         "assert 'transformers' not in sys.modules\n"
         "from transformers import AutoModelForCausalLM\n"

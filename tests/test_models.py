@@ -6,8 +6,7 @@ import pytest
 import torch
 import transformers
 
-from lowbit.compress import models
-from lowbit.compress.models import BUILTIN_MODELS, ModelError, builtin_path, load_model
+from lowbit.models import BUILTIN_MODELS, ModelError, builtin_path, load_model, source
 from tests.conftest import NEWS
 
 
@@ -86,8 +85,8 @@ def test_broken_gguf_file_is_a_model_error(tmp_path):
 def test_folder_with_one_gguf_loads_it(tmp_path, monkeypatch):
     (tmp_path / "m.Q8_0.gguf").write_bytes(b"")
     seen = []
-    monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: seen.append((path.name, dtype)) or "model")
-    monkeypatch.setattr(models, "_gguf_tokenizer", lambda path: "tok:" + path.rsplit("/", 1)[-1])
+    monkeypatch.setattr(source, "load_gguf", lambda path, dtype: seen.append((path.name, dtype)) or "model")
+    monkeypatch.setattr(source, "gguf_tokenizer", lambda path: "tok:" + path.rsplit("/", 1)[-1])
     assert load_model(str(tmp_path), dtype=torch.float16) == ("model", "tok:m.Q8_0.gguf")
     assert seen == [("m.Q8_0.gguf", torch.float16)]
 
@@ -107,10 +106,10 @@ def test_hub_id_goes_to_from_pretrained(monkeypatch):
             calls.append(("tokenizer", source, kwargs))
             return cls()
 
-    # patch the module models.py sees, not transformers' lazy module (other tests may have imported
+    # patch the module lowbit.models.source sees, not transformers' lazy module (other tests may have imported
     # its Auto classes already, and an unpatched lookup would try the network)
     fake = SimpleNamespace(AutoModelForCausalLM=FakeModel, AutoTokenizer=FakeTokenizer)
-    monkeypatch.setattr(models, "transformers", fake)
+    monkeypatch.setattr(source, "transformers", fake)
     model, tok = load_model("HuggingFaceTB/SmolLM2-360M", dtype=torch.bfloat16)
     assert isinstance(model, FakeModel) and not model.training and isinstance(tok, FakeTokenizer)
     assert calls == [
@@ -128,7 +127,7 @@ def test_unreachable_hub_id_is_a_one_line_model_error(monkeypatch):
             )
 
     fake = SimpleNamespace(AutoModelForCausalLM=Offline, AutoTokenizer=Offline)
-    monkeypatch.setattr(models, "transformers", fake)
+    monkeypatch.setattr(source, "transformers", fake)
     with pytest.raises(ModelError, match="cannot load model 'org/missing': We couldn't connect") as e:
         load_model("org/missing")
     assert "\n" not in str(e.value)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.compress.footprint import plan_bits
-from lowbit.compress.pipeline import compress
-from lowbit.compress.qlinear import QLinear
+from lowbit.compress.api import compress
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.uniform import CompressError
+from lowbit.nn.checkpoint import plan_bits
+from lowbit.nn.qlinear import QLinear
 from tests.conftest import make_tiny_llama
 
 SEQ = 32

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.compress.qlinear import QLinear, QLinearError, replace_linears, set_submodule, stored_layout
 from lowbit.kernels import reference
+from lowbit.nn.qlinear import QLinear, QLinearError, replace_linears, set_submodule, stored_layout
 from lowbit.quantizers import QuantSpec, dequantize, quantize
 
 SPECS = [

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.compress.checkpoint import save
-from lowbit.compress.pipeline import compress
-from lowbit.compress.prepare import effective_weight
-from lowbit.compress.qlinear import QLinear
+from lowbit.compress.api import compress
 from lowbit.compress.recipe import Recipe
-from lowbit.compress.smoothing import fold_into_norm
 from lowbit.compress.uniform import quantize_model
+from lowbit.export.fit import effective_weight
+from lowbit.nn.checkpoint import save
+from lowbit.nn.qlinear import QLinear
+from lowbit.nn.smoothing import fold_into_norm
 from tests.conftest import logits, make_tiny_llama
 
 SEQ = 32

@@ -26,16 +26,16 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import CalibrationStats, calibrate
 from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
-from lowbit.compress.checkpoint import save
-from lowbit.compress.footprint import plan_bits
-from lowbit.compress.manifest import lowbit_version
-from lowbit.compress.qlinear import QLinear, set_submodule
 from lowbit.compress.recipe import Recipe
-from lowbit.compress.smoothing import fold_group, norm_groups, norm_readers, qlinear_of
+from lowbit.compress.smoothing import fold_group, norm_groups, qlinear_of
 from lowbit.compress.uniform import calibration_data, decompose_layer, finetune_stage, select_linears
 from lowbit.compress.workarea import WorkArea
 from lowbit.lowrank import Stats
 from lowbit.lowrank.svdquant import shared_smoothing, svdquant_smoothed
+from lowbit.nn.checkpoint import plan_bits, save
+from lowbit.nn.manifest import lowbit_version
+from lowbit.nn.qlinear import QLinear, set_submodule
+from lowbit.nn.smoothing import norm_readers
 from lowbit.quantizers import SCALE_DTYPES
 
 logger = logging.getLogger(__name__)

@@ -342,3 +342,19 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     path = Path(path)
     d = recipe.to_dict()
     path.write_text(json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False))
+
+
+def resolve_recipe(recipe: Recipe | str | Path | None) -> Recipe:
+    """A Recipe from a Recipe, a preset name, a recipe file path, or None (the default, int4-g128)."""
+    if recipe is None:
+        return Recipe()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str) and recipe in PRESETS:
+        return preset(recipe)
+    if isinstance(recipe, (str, Path)) and Path(recipe).suffix in (".yaml", ".yml", ".json"):
+        return load_recipe(recipe)
+    raise RecipeError(
+        f"recipe must be a Recipe, a preset name ({', '.join(PRESETS)}) or a .yaml / .json file, "
+        f"got {recipe!r}"
+    )

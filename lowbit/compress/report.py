@@ -10,14 +10,6 @@ import json
 import os
 from pathlib import Path
 
-# Uniform round-to-nearest presets measured beside allocated budgets, and their bits per weight.
-RTN_BASELINES = ("int2-g64", "int3-g128", "int4-g128")
-
-
-def nearest_baseline(bits_per_weight: float, baselines: dict[str, float]) -> str:
-    """The baseline preset whose size is closest to `bits_per_weight`."""
-    return min(baselines, key=lambda name: abs(baselines[name] - bits_per_weight))
-
 
 def write_report(folder: Path, points: list[dict], meta: dict) -> list[Path]:
     """Write report.json (and pareto.png when matplotlib is available) into `folder`; return the paths.

@@ -7,12 +7,12 @@ LayerNorm), so lambda folds into the norm and the layer stores no smoothing vect
 reading that norm then sees x / lambda too: the readers share one lambda
 (`lowbit.lowrank.svdquant.shared_smoothing`) and a dense reader takes W diag(lambda).
 
-`norm_readers` finds which linears read which norm (one forward pass with hooks); `norm_groups` picks the
-norms whose readers may share a lambda; `fold_into_norm` / `fold_group` fold one, checked;
+`lowbit.nn.smoothing` finds which linears read which norm and folds a lambda into one; `norm_groups` picks
+the norms whose readers may share a lambda; `fold_group` folds one group, checked;
 `compress_norm_groups` is the uniform pipeline's SVDQuant step for one decoder block (the budget path
 does the same with each layer's allocated spec and rank, `lowbit.compress.budget.smoothing_stage`);
 `qlinear_of` turns a decomposition into the QLinear that holds it. The export
-(`lowbit.compress.prepare`) folds a checkpoint's shared smoothing with the same helpers.
+(`lowbit.export.fit`) folds a checkpoint's shared smoothing with the same helpers.
 """
 
 from __future__ import annotations
@@ -20,62 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.compress.qlinear import QLinear, set_submodule
 from lowbit.compress.recipe import Recipe
 from lowbit.lowrank import Decomposition, Stats
 from lowbit.lowrank.svdquant import shared_smoothing, svdquant_smoothed
+from lowbit.nn.qlinear import QLinear, set_submodule
+from lowbit.nn.smoothing import fold_into_norm
 from lowbit.quantizers import SCALE_DTYPES
-
-
-def _keep(store: dict, name: str, value) -> None:
-    """Record a hook's first value; returns None so that the hook changes nothing."""
-    store.setdefault(name, value)
-
-
-@torch.no_grad()
-def norm_readers(model: nn.Module, ids: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """{norm name: (linear layers whose input is exactly that norm's output, the norm's input)} for the
-    leaf modules with a 1-D weight (RMSNorm, LayerNorm), found by running the model once on ids [B, L]."""
-    norms, inputs, hooks = {}, {}, []  # norms: name -> (input, output); tensors kept alive, so ids are unique
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, QLinear)):
-            hooks.append(m.register_forward_pre_hook(lambda _, a, n=name: _keep(inputs, n, a[0])))
-        elif not list(m.children()) and getattr(getattr(m, "weight", None), "ndim", 0) == 1:
-            hooks.append(m.register_forward_hook(lambda _, a, out, n=name: _keep(norms, n, (a[0], out))))
-    try:
-        model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    by_id = {id(out): n for n, (_, out) in norms.items()}
-    readers: dict[str, tuple[list[str], torch.Tensor]] = {}
-    for lin, x in inputs.items():
-        if id(x) in by_id:
-            norm = by_id[id(x)]
-            readers.setdefault(norm, ([], norms[norm][0]))[0].append(lin)
-    return readers
-
-
-@torch.no_grad()
-def fold_into_norm(norm: nn.Module, x: torch.Tensor, lam: torch.Tensor, dense: list[nn.Linear]) -> bool:
-    """Divide the norm's weight (and bias) by lam [K] and give each dense reader W diag(lam), in place.
-
-    Returns False and changes nothing when the folded norm's output on its input x [..., K] is not the
-    old output / lam (a norm that is not linear in its weight, such as Gemma's x * (1 + weight)).
-    """
-    before = norm(x)
-    saved = {k: v.clone() for k, v in norm.state_dict().items()}
-    norm.weight.data = norm.weight.data / lam.to(norm.weight.device, norm.weight.dtype)
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.data = norm.bias.data / lam.to(norm.bias.device, norm.bias.dtype)
-    expected = before / lam.to(before.device, before.dtype)
-    rtol = max(1e-4, 8 * torch.finfo(before.dtype).eps)  # a few roundings of the norm's dtype
-    if not torch.allclose(norm(x), expected, rtol=rtol, atol=rtol * 1e-2 * float(expected.abs().max())):
-        norm.load_state_dict(saved)
-        return False
-    for m in dense:
-        m.weight.data = m.weight.data * lam.to(m.weight.device, m.weight.dtype)
-    return True
 
 
 def qlinear_of(linear: nn.Linear, d: Decomposition, recipe: Recipe, keep_smooth: bool = True) -> QLinear:

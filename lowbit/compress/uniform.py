@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import calibrate_sequential, fisher_diagonal
 from lowbit.calibration.data import calibration_blocks
-from lowbit.compress.qlinear import QLinear, set_submodule
 from lowbit.compress.recipe import Recipe
-from lowbit.compress.smoothing import compress_norm_groups, norm_readers, qlinear_of
+from lowbit.compress.smoothing import compress_norm_groups, qlinear_of
 from lowbit.lowrank import Stats, decompose
+from lowbit.nn.qlinear import QLinear, set_submodule
+from lowbit.nn.smoothing import norm_readers
 
 
 class CompressError(ValueError):

@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lowbit.nn.atomic import write_atomic
+
 JOB_FILE = "job.json"
 
 
@@ -61,9 +63,3 @@ class WorkArea:
                 return {k: f.get_tensor(k) for k in f.keys()}, meta
         except (OSError, SafetensorError, KeyError, ValueError):
             return None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

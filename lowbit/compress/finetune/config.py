@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from lowbit.compress.qlinear import LATENTS
+from lowbit.compress.finetune.fakequant import LATENTS
 
 MODES = ("lora", "peqa", "l4q", "lsq")
 OBJECTIVES = ("lm", "distill")

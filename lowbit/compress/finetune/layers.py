@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lowbit.compress.finetune.config import MODES, FinetuneError
-from lowbit.compress.qlinear import FakeQuantLinear, QLinear, set_submodule
+from lowbit.compress.finetune.fakequant import FakeQuantLinear
+from lowbit.nn.qlinear import QLinear, set_submodule
 
 
 def _dense_weight(teacher: nn.Module | None, fqn: str, layer: QLinear) -> torch.Tensor | None:

@@ -14,10 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.compress.finetune.config import FinetuneConfig, FinetuneError, FinetuneReport
+from lowbit.compress.finetune.fakequant import FakeQuantLinear
 from lowbit.compress.finetune.layers import _restore_layers, export_layers, prepare_layers, trainable_tensors
 from lowbit.compress.finetune.objectives import _device, batch_indices, objective_loss, training_blocks
 from lowbit.compress.finetune.state import TrainState, _digest, load_state, save_state
-from lowbit.compress.qlinear import FakeQuantLinear, QLinear
+from lowbit.nn.qlinear import QLinear
 
 SCALE_PARAMS = ("s", "z")
 

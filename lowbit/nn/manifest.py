@@ -14,7 +14,7 @@ import struct
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 
-from lowbit.compress.qlinear import PLAN_KEYS
+from lowbit.nn.qlinear import PLAN_KEYS
 from lowbit.quantizers import QuantSpec, SpecError
 
 FORMAT_VERSION = 1

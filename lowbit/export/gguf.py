@@ -10,10 +10,10 @@ lowbit's INT grid is s (c - 2^(b-1)) symmetric and s (c - z) asymmetric, so Q8_0
 when its scales are fp16 (other scale dtypes are rounded to fp16), and Q4_1 up to the fp16 rounding of
 m = -s z. Other specs (group sizes other than 32, NF, INT2/3, FP8/FP4, asymmetric INT8) and smoothing that
 cannot be folded into a norm are refused, or with convert=True re-quantized to the nearest of these types
-(`lowbit.compress.prepare`). Unquantized tensors are written in the export dtype (F32, F16 or BF16), 1-D
+(`lowbit.export.fit`). Unquantized tensors are written in the export dtype (F32, F16 or BF16), 1-D
 ones (norms) in F32 as llama.cpp expects. Rows of the q / k projections are permuted into llama.cpp's
 rotary layout, as convert_hf_to_gguf.py does (readers undo it). The tokenizer goes into the same file
-(`lowbit.compress.gguf_vocab`).
+(`lowbit.export.gguf_tokenizer`).
 
 The low-rank branch goes to `adapter.gguf`, a GGUF LoRA adapter laid out like llama.cpp's
 convert_lora_to_gguf.py writes it: general.type "adapter", adapter.type "lora", adapter.lora.alpha, and per
@@ -30,10 +30,14 @@ from pathlib import Path
 import gguf
 import torch
 from torch import nn
+from transformers.integrations.gguf.reader import read_gguf_metadata
 
-from lowbit.compress.gguf_vocab import add_tokenizer, check_tokenizer
-from lowbit.compress.prepare import ExportError, Target, dense_state
-from lowbit.compress.qlinear import QLinear
+from lowbit.export.files import dense_state
+from lowbit.export.gguf_tokenizer import add_tokenizer, check_tokenizer
+from lowbit.export.target import ExportError, Target
+from lowbit.models.errors import ModelError
+from lowbit.models.gguf import gguf_tokenizer, load_gguf
+from lowbit.nn.qlinear import QLinear
 from lowbit.quantizers import QuantSpec, decode_scales, unpack_codes
 
 MODEL_FILE = "model.gguf"
@@ -46,6 +50,7 @@ FILE_TYPES = {
     Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
 }
+UNQUANTIZED = {Q.F32, Q.F16, Q.BF16, Q.F64, Q.I8, Q.I16, Q.I32, Q.I64}
 FLOAT_TYPES = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
 DENSE_FILE_TYPES = {
     torch.float32: gguf.LlamaFileType.ALL_F32,
@@ -98,9 +103,6 @@ def _gguf_weight(m: QLinear, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as llama.cpp decodes the blocks (gguf-py's reference dequantization), float32."""
     qtype, blocks = gguf_blocks(m)
     return torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype)).float()
-
-
-GGUF = Target("GGUF", gguf_problem, gguf_spec, _gguf_weight)
 
 
 def rope_permutation(rows: int, heads: int) -> torch.Tensor:
@@ -237,3 +239,99 @@ def write_gguf(model: nn.Module, tmp: Path, dtype: torch.dtype, tokenizer, name:
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(ranks.pop()) if len(ranks) == 1 else 0.0)
         _write_file(w, lora)
+
+
+def is_gguf_adapter(path: Path) -> bool:
+    """Whether a .gguf file is an adapter (general.type "adapter"), read from its metadata only."""
+    try:
+        metadata, _ = read_gguf_metadata(str(path))
+    except Exception:  # not readable as GGUF: let loading it as a model report why
+        return False
+    return metadata.get("general.type") == "adapter"
+
+
+@torch.no_grad()
+def _merge_gguf_adapter(net: torch.nn.Module, adapter: Path, model: str) -> torch.nn.Module:
+    """Add a GGUF LoRA adapter (as `lowbit export --to gguf` writes it) to the dequantized weights:
+    W += scale * lora_b @ lora_a with llama.cpp's scale (alpha / r, or 1 when alpha is 0), the rows of
+    lora_b for q / k put back from llama.cpp's rotary order into transformers'."""
+    reader = gguf.GGUFReader(adapter)
+    field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
+    alpha = float(field.contents()) if field is not None else 0.0
+    names = tensor_names(net.config)
+    linears = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    layers = {names.get_name(f"{n}.weight", try_suffixes=(".weight",)): n for n in linears}
+    tensors = {t.name: t for t in reader.tensors}
+    for name in [n for n in tensors if n.endswith(".lora_a")]:
+        base = name.removesuffix(".lora_a")
+        if base not in layers or base + ".lora_b" not in tensors:
+            raise ModelError(f"cannot apply the adapter {adapter.name} of {model!r}: no layer for {name}")
+        A, B = (  # A: [r, K], B: [N, r]; copied out of the read-only memory map
+            torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type))
+            for t in (tensors[name], tensors[base + ".lora_b"])
+        )
+        heads = rope_heads(base, net.config)
+        if heads is not None:
+            B = B[torch.argsort(rope_permutation(B.shape[0], heads))]
+        weight = net.get_submodule(layers[base]).weight  # [N, K] += [N, r] @ [r, K]
+        scale = alpha / A.shape[0] if alpha else 1.0
+        weight.add_((scale * B.float() @ A.float()).to(weight.dtype))
+    return net
+
+
+def _gguf_bits(files: list[Path]) -> float | None:
+    tensors = {t.name: t for f in files for t in gguf.GGUFReader(f).tensors}
+    lora = {n for n in tensors if n.endswith((".lora_a", ".lora_b"))}
+    layers = {n for n, t in tensors.items() if t.tensor_type not in UNQUANTIZED and n not in lora}
+    if not layers:
+        layers = {
+            n for n, t in tensors.items() if len(t.shape) == 2 and n not in lora | {"token_embd.weight"}
+        }
+    bits = sum(
+        8 * int(t.n_bytes) for n, t in tensors.items() if n in layers or n.rpartition(".")[0] in layers
+    )
+    weights = sum(int(tensors[n].n_elements) for n in layers)
+    return bits / weights if weights else None
+
+
+def gguf_files(path: Path) -> tuple[Path, Path | None]:
+    """(model file, adapter file or None) of a .gguf file or a folder holding one model and at most one
+    adapter; ExportError otherwise."""
+    if path.is_file():
+        return path, None
+    ggufs = sorted(path.glob("*.gguf"))
+    adapters = [p for p in ggufs if is_gguf_adapter(p)] if len(ggufs) > 1 else []
+    bases = [p for p in ggufs if p not in adapters]
+    if len(bases) != 1 or len(adapters) > 1:
+        names = ", ".join(p.name for p in ggufs) or "none"
+        raise ExportError(f"{path} must hold one GGUF model and at most one adapter, found: {names}")
+    return bases[0], (adapters[0] if adapters else None)
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether `path` is a .gguf file or a folder of .gguf files without a config.json."""
+    if path.is_file():
+        return path.suffix == ".gguf"
+    return path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*.gguf"))
+
+
+def reload_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """The GGUF model dequantized as llama.cpp decodes it, its adapter's L1 L2 added to the weights."""
+    base, adapter = gguf_files(path)
+    net = load_gguf(base, dtype)
+    if adapter is not None:
+        net = _merge_gguf_adapter(net, adapter, str(path))
+    return net, gguf_tokenizer(str(base.resolve()))
+
+
+GGUF = Target(
+    "GGUF",
+    write=write_gguf,
+    detect=is_gguf,
+    reload=reload_gguf,
+    stored_bits=lambda path, net: _gguf_bits([f for f in gguf_files(path) if f is not None]),
+    problem=gguf_problem,
+    nearest=gguf_spec,
+    decoded=_gguf_weight,
+    check_model=check_llama,
+)

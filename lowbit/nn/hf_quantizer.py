@@ -1,7 +1,7 @@
 """transformers integration: `AutoModelForCausalLM.from_pretrained(dir)` loads a lowbit checkpoint natively.
 
 A checkpoint's `config.json` carries `quantization_config = {"quant_method": "lowbit", "format_version": 1,
-"layers": {fqn: plan entry}}` (the manifest's per-layer plan, see `lowbit.compress.checkpoint`). Once
+"layers": {fqn: plan entry}}` (the manifest's per-layer plan, see `lowbit.nn.checkpoint`). Once
 `register()` has run, transformers maps `quant_method: "lowbit"` to `LowbitConfig` and `LowbitHfQuantizer`
 through its public registration functions (`transformers.quantizers.auto.register_quantization_config` and
 `register_quantizer`). The quantizer swaps an empty `QLinear` in for every layer of the plan on the meta
@@ -31,7 +31,7 @@ class HfIntegrationError(ValueError):
 
 def quantization_config(plan: dict) -> dict:
     """The `quantization_config` entry of config.json for a checkpoint with per-layer `plan`."""
-    from lowbit.compress.manifest import FORMAT_VERSION
+    from lowbit.nn.manifest import FORMAT_VERSION
 
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": plan}
 
@@ -45,7 +45,7 @@ def add_quantization_config(config_json: str | Path, plan: dict) -> None:
 
 
 def _check_plan(layers: object, format_version: object) -> None:
-    from lowbit.compress.manifest import FORMAT_VERSION, CheckpointError, check_layer_entry
+    from lowbit.nn.manifest import FORMAT_VERSION, CheckpointError, check_layer_entry
 
     if not isinstance(format_version, int) or not 1 <= format_version <= FORMAT_VERSION:
         raise HfIntegrationError(
@@ -67,8 +67,8 @@ def _classes() -> tuple[type, type]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from lowbit.compress.manifest import FORMAT_VERSION
-    from lowbit.compress.qlinear import replace_linears
+    from lowbit.nn.manifest import FORMAT_VERSION
+    from lowbit.nn.qlinear import replace_linears
 
     class LowbitConfig(QuantizationConfigMixin):
         """transformers' view of a lowbit checkpoint: the per-layer plan (fqn -> spec, shape, rank, ...)."""

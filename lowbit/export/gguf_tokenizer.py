@@ -3,7 +3,7 @@
 llama.cpp tokenizes with these keys, and transformers builds a tokenizer from them (that is how
 `from_pretrained(folder, gguf_file=...)` gets one). Two sources:
 
-- The checkpoint came from a built-in model (`lowbit.compress.models.BUILTIN_MODELS`, itself a GGUF file):
+- The checkpoint came from a built-in model (`lowbit.models.BUILTIN_MODELS`, itself a GGUF file):
   its tokenizer is the one transformers built from that file, the same tokens in the same order. Every
   `tokenizer.*` key of the built-in file is copied as it is, so llama.cpp keeps the file's own
   pre-tokenizer (SmolLM2's "smollm", which transformers reads as plain GPT-2).
@@ -29,8 +29,8 @@ import transformers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
-from lowbit.compress.models import BUILTIN_MODELS, ModelError, builtin_path
-from lowbit.compress.prepare import ExportError
+from lowbit.export.target import ExportError
+from lowbit.models import BUILTIN_MODELS, ModelError, builtin_path
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"

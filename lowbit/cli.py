@@ -1,4 +1,4 @@
-"""The `lowbit` command line: compress, eval, info.
+"""The `lowbit` command line: compress, eval, info, export (argument parsing and printing only).
 
 Every command exits 0 only on success; bad input prints one `lowbit: error: ...` line and exits 2
 (set LOWBIT_DEBUG=1 for the full traceback).
@@ -10,12 +10,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
-from lowbit.compress.export import add_export_parser, cmd_export, print_export
 from lowbit.compress.recipe import PRESETS, Recipe, load_recipe, preset
+from lowbit.export import DTYPES, TARGETS
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "builtin:lee-news"
@@ -60,7 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
-    add_export_parser(sub)
+    x = sub.add_parser(
+        "export", help="export a lowbit checkpoint for vLLM/SGLang, llama.cpp (GGUF) or as a dense model"
+    )
+    x.add_argument("checkpoint", help="lowbit checkpoint folder")
+    x.add_argument("--to", required=True, choices=tuple(TARGETS), dest="target", help="export target")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument(
+        "--convert",
+        action="store_true",
+        help="re-quantize layers the target format cannot hold (default: refuse and list them)",
+    )
+    x.add_argument("--dtype", choices=tuple(DTYPES), help="dtype written (default: the checkpoint's)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    x.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     i = sub.add_parser("info", help="per-layer formats and sizes of a lowbit checkpoint")
     i.add_argument("checkpoint", help="lowbit checkpoint folder")
@@ -78,7 +90,7 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
 
 
 def cmd_compress(args: argparse.Namespace) -> dict:
-    from lowbit.compress.pipeline import compress
+    from lowbit.compress.api import compress
 
     recipe = resolve_recipe(args)
     budgets = parse_budgets(args)
@@ -131,20 +143,21 @@ def evaluate_compressed(
 ) -> dict:
     """Perplexity of the original, of every written checkpoint and of round-to-nearest baselines at
     similar sizes; several budgets also get report.json + pareto.png in --out."""
-    from lowbit.compress.pipeline import compress
-    from lowbit.compress.report import RTN_BASELINES, nearest_baseline, write_report
+    from lowbit.compress.api import compress
+    from lowbit.compress.report import write_report
+    from lowbit.eval import evaluate
+    from lowbit.eval.baselines import RTN_BASELINES, nearest_baseline
 
     data = args.data or recipe.calibration.data
-    evaluated = {"original": evaluate_target(args.model, data, args.eval_tokens, progress=progress)}
+    evaluated = {"original": evaluate(args.model, data, args.eval_tokens, progress=progress)}
     budgets = result.get("budgets") or [{"out": result["out"], "budget": None}]
     for b in budgets:
-        evaluated[b["out"]] = evaluate_target(b["out"], data, args.eval_tokens, progress=progress)
-    rtn_bpw = {name: _uniform_bits_per_weight(name, shapes) for name in RTN_BASELINES}
-    wanted = RTN_BASELINES if len(budgets) > 1 else [nearest_baseline(result["bits_per_weight"], rtn_bpw)]
+        evaluated[b["out"]] = evaluate(b["out"], data, args.eval_tokens, progress=progress)
+    wanted = RTN_BASELINES if len(budgets) > 1 else [nearest_baseline(result["bits_per_weight"], shapes)]
     rtn = {}
     for name in wanted:
         model, _ = compress(args.model, preset(name), progress=progress)
-        rtn[name] = evaluate_target(args.model, data, args.eval_tokens, progress=progress, model=model)
+        rtn[name] = evaluate(args.model, data, args.eval_tokens, progress=progress, model=model)
     if len(budgets) == 1:
         return {"original": evaluated["original"], "compressed": evaluated[result["out"]], "rtn": rtn}
     points = [{"label": "original", "kind": "original", **evaluated["original"]}]
@@ -154,73 +167,22 @@ def evaluate_compressed(
     return {"points": points, "report": [str(f) for f in files]}
 
 
-def _uniform_bits_per_weight(name: str, shapes: list[tuple[int, int]]) -> float:
-    """Bits per weight of a uniform preset over layers of these shapes."""
-    from lowbit.quantizers import storage_bits
-
-    spec = preset(name).quantize.spec()
-    return sum(storage_bits(spec, s) for s in shapes) / sum(n * k for n, k in shapes)
-
-
-def evaluate_target(
-    target: str,
-    data: str,
-    tokens: int | None,
-    seq_len: int = 512,
-    batch_size: int = 4,
-    progress: bool = True,
-    model=None,
-) -> dict:
-    """Perplexity of a lowbit checkpoint (reloaded with lowbit.load) or of a plain model or export
-    (`lowbit.compress.models.load_model`; bits per weight as its files store them); `model`, when
-    given, is evaluated in place of the target's weights (the target still gives the tokenizer)."""
-    from lowbit.calibration.data import eval_tokens
-    from lowbit.compress.checkpoint import checkpoint_info, load, load_tokenizer
-    from lowbit.compress.evaluate import dense_bits_per_weight, perplexity
-    from lowbit.compress.footprint import stored_bits_per_weight
-    from lowbit.compress.manifest import is_checkpoint
-    from lowbit.compress.models import load_model
-
-    t0 = time.perf_counter()
-    if is_checkpoint(target):
-        net, tokenizer = load(target), load_tokenizer(target)
-        if tokenizer is None:
-            raise ValueError(f"checkpoint {target} has no tokenizer files; cannot tokenize evaluation text")
-        bpw = checkpoint_info(target)["totals"]["bits_per_weight"]
-    else:
-        net, tokenizer = load_model(target)
-        bpw = None if model is not None else stored_bits_per_weight(target, net)  # as its files store it
-        bpw = dense_bits_per_weight(net) if bpw is None else bpw
-    if model is not None:
-        net, bpw = model, _model_bits_per_weight(model)
-    ids = eval_tokens(tokenizer, data, max_tokens=tokens)
-    r = perplexity(net, ids, seq_len=seq_len, batch_size=batch_size, progress=progress)
-    return {
-        "target": target,
-        "data": data,
-        "perplexity": r["perplexity"],
-        "tokens": r["tokens"],
-        "bits_per_weight": bpw,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-
-
-def _model_bits_per_weight(model) -> float:
-    from lowbit.compress.checkpoint import model_plan
-    from lowbit.compress.footprint import plan_bits
-
-    plan = model_plan(model)
-    return plan_bits(model, plan) / sum(e["shape"][0] * e["shape"][1] for e in plan.values())
-
-
 def cmd_eval(args: argparse.Namespace) -> dict:
-    return evaluate_target(
-        args.target, args.data, args.tokens, args.seq_len, args.batch_size, progress=not args.json
-    )
+    from lowbit.eval import evaluate
+
+    a = args
+    return evaluate(a.target, a.data, a.tokens, a.seq_len, a.batch_size, progress=not a.json)
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    from lowbit.export import export
+
+    a = args
+    return export(a.checkpoint, a.out, a.target, convert=a.convert, dtype=a.dtype, overwrite=a.overwrite)
 
 
 def cmd_info(args: argparse.Namespace) -> dict:
-    from lowbit.compress.checkpoint import checkpoint_info
+    from lowbit.nn.checkpoint import checkpoint_info
 
     return checkpoint_info(args.checkpoint)
 
@@ -240,7 +202,7 @@ def print_text(command: str, r: dict) -> None:
             f"{t['bits_per_weight']:.3f} bits per weight, {t['file_bytes'] / 2**20:.1f} MiB on disk"
         )
     elif command == "export":
-        print_export(r)
+        _print_export(r)
     elif command == "eval":
         print(
             f"{r['target']}: perplexity {r['perplexity']:.3f} on {r['tokens']} held-out tokens of "
@@ -267,6 +229,17 @@ def print_text(command: str, r: dict) -> None:
             print(
                 f"  {'rtn ' + name:<10} {b['perplexity']:9.3f}  ({b['bits_per_weight']:.2f} bits per weight)"
             )
+
+
+def _print_export(r: dict) -> None:
+    for name, e in r["layers"].items():
+        note = f"  converted: {e['converted']}" if "converted" in e else ""
+        print(f"{name:<48} {e['source']:<18} -> {e['target']:<18} rel. error {e['rel_error']:.2e}{note}")
+    adapter = f", low-rank adapter in {r['adapter']}" if r["adapter"] else ""
+    print(
+        f"wrote {r['out']} ({r['target']}, {r['dtype']}{adapter}): {len(r['layers'])} layers, "
+        f"{r['converted']} converted, max logit change {r['logits_max_abs_diff']:.3g}"
+    )
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}

@@ -1,4 +1,4 @@
-"""Preparing a loaded lowbit model for an export format (compressed-tensors, GGUF), in place.
+"""Fitting a loaded lowbit model to what an export target holds (compressed-tensors, GGUF), in place.
 
 Each quantized layer computes y = (x / smooth) (dequantize(Q) + L1 L2)^T. An export format holds Q only
 in some specs and has no smoothing: `prepare` folds each shared SVDQuant smoothing vector into the norm
@@ -6,43 +6,17 @@ that feeds its layers (the norm's weight divided by `smooth`), then either refus
 cannot hold, with one line listing them, or re-quantizes them (round to nearest) to the nearest spec it
 can: Q' = quantize(dequantize(Q) / smooth), L2' = L2 / smooth. It reports, per layer, the relative error
 ||W' - W||_F / ||W||_F of the weight the format's reader computes against the checkpoint's.
-Also the two writing helpers every safetensors export shares (`dense_state`, `write_model`).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from lowbit.compress.qlinear import QLinear, set_submodule
-from lowbit.compress.smoothing import fold_into_norm, norm_readers
+from lowbit.export.target import ExportError, Target
+from lowbit.nn.qlinear import QLinear, set_submodule
+from lowbit.nn.smoothing import fold_into_norm, norm_readers
 from lowbit.quantizers import QuantSpec, dequantize, quantize
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked: unknown target, inexpressible layers, existing output."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """What one export format can hold.
-
-    name: the format's name in messages ("compressed-tensors", "GGUF").
-    problem(spec, in_features): why the format cannot hold Q of this spec as is, or None.
-    nearest(spec, in_features, dtype): the spec a layer is re-quantized to with convert=True.
-    decoded(layer, dtype): the base weight dequantize(Q) as the format's reader computes it, float32 [N, K].
-    """
-
-    name: str
-    problem: Callable[[QuantSpec, int], str | None]
-    nearest: Callable[[QuantSpec, int, torch.dtype], QuantSpec]
-    decoded: Callable[[QLinear, torch.dtype], torch.Tensor]
 
 
 def probe_ids(model: nn.Module) -> torch.Tensor:
@@ -114,7 +88,7 @@ def _refuse(target: Target, problems: dict[str, str]) -> None:
 
 
 @torch.no_grad()
-def prepare(model: nn.Module, target: Target, convert: bool, dtype: torch.dtype) -> dict[str, dict]:
+def fit_to_target(model: nn.Module, target: Target, convert: bool, dtype: torch.dtype) -> dict[str, dict]:
     """Fold smoothing and re-quantize what `target` cannot hold (or refuse), in place.
 
     Returns the per-layer report: source and target spec, rank, what happened to the smoothing, why the
@@ -146,29 +120,3 @@ def prepare(model: nn.Module, target: Target, convert: bool, dtype: torch.dtype)
         err = float((W - reference[n]).norm() / reference[n].norm().clamp_min(1e-30))
         report[n] = {**entry, "target": m.spec.short(), "rel_error": err}
     return report
-
-
-def dense_state(model: nn.Module, dtype: torch.dtype, skip: set[str]) -> dict[str, torch.Tensor]:
-    """The state dict without the modules in `skip` and without tied copies, floating tensors in `dtype`."""
-    state, seen = {}, set()
-    for name, t in model.state_dict().items():
-        if name.rpartition(".")[0] in skip:
-            continue
-        key = (t.data_ptr(), t.dtype, tuple(t.shape))
-        if t.numel() and key in seen:  # a tied copy: readers re-tie it on load
-            continue
-        seen.add(key)
-        state[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous().cpu()
-    return state
-
-
-def write_model(tmp: Path, state: dict, config, dtype: torch.dtype, quant_config: dict | None) -> None:
-    """model.safetensors + config.json (the model's config, its quantization_config replaced)."""
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    if quant_config is not None:
-        config.quantization_config = quant_config
-    config.dtype = dtype
-    config.save_pretrained(tmp)

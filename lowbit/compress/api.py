@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from lowbit.compress.budget import budget_outs, compress_to_budgets, work_area
-from lowbit.compress.checkpoint import save
-from lowbit.compress.footprint import plan_bits
-from lowbit.compress.models import load_model
-from lowbit.compress.recipe import Recipe
+from lowbit.compress.recipe import Recipe, resolve_recipe
 from lowbit.compress.uniform import finetune_stage, quantize_model
+from lowbit.models import load_model
+from lowbit.nn.atomic import check_output
+from lowbit.nn.checkpoint import plan_bits, save
 
 
 @dataclass
@@ -43,7 +43,7 @@ class CompressReport:
 
 def compress(
     model_or_id: str | nn.Module,
-    recipe: Recipe | None = None,
+    recipe: Recipe | str | None = None,
     out: str | Path | None = None,
     *,
     budget: float | None = None,
@@ -55,7 +55,8 @@ def compress(
     work_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[nn.Module, CompressReport]:
-    """Compress a model (a name, a path or a loaded transformers model) with `recipe`.
+    """Compress a model (a name, a path or a loaded transformers model) with `recipe`: a Recipe, a
+    preset name (`lowbit.compress.recipe.PRESETS`) or a recipe file (.yaml / .json); default int4-g128.
 
     budget / budgets (average bits per weight; default the recipe's allocate.budget): allocate a
     format, group size and rank per layer by ILP. With several budgets, `out` becomes a folder holding
@@ -65,10 +66,10 @@ def compress(
     the compressed model (the last budget's) and the report.
     """
     t0 = time.perf_counter()
-    recipe = recipe or Recipe()
+    recipe = resolve_recipe(recipe)
     name = model_or_id if isinstance(model_or_id, str) else type(model_or_id).__name__
-    if out is not None and Path(out).exists() and not overwrite:
-        raise FileExistsError(f"output folder {out} exists; pass --overwrite to replace it")
+    if out is not None:
+        check_output(out, overwrite)
     budgets = list(budgets or ([budget] if budget is not None else []))
     if not budgets and recipe.allocate.budget is not None:
         budgets = [recipe.allocate.budget]

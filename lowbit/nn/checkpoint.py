@@ -4,14 +4,12 @@ A checkpoint folder holds `model.safetensors` (the model's state dict: each QLin
 `{layer}.codes`, `.scales`, `.zeros`, `.dq_absmax`, `.l1`, `.l2`, `.smooth`, `.bias`, only those that
 exist; every other tensor as it was; tied copies left out and re-tied on load), the model's own
 `config.json`, the tokenizer's files when given, and `lowbit_config.json`, the manifest
-(`lowbit.compress.manifest`). `docs/formats.md` describes the layout. No file is ever unpickled.
+(`lowbit.nn.manifest`). `docs/formats.md` describes the layout. No file is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.compress.manifest import (
+from lowbit.kernels.dispatch import resolve_backend
+from lowbit.nn.atomic import atomic_folder
+from lowbit.nn.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     WEIGHTS,
@@ -31,8 +31,7 @@ from lowbit.compress.manifest import (
     validate_manifest,
     verify_files,
 )
-from lowbit.compress.qlinear import QLinear, replace_linears, stored_layout
-from lowbit.kernels.dispatch import resolve_backend
+from lowbit.nn.qlinear import QLinear, replace_linears, stored_layout
 from lowbit.quantizers import TENSOR_FIELDS, QuantSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -41,6 +40,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def model_plan(model: nn.Module) -> dict[str, dict]:
     """The per-layer plan of every QLinear in `model`, by fully qualified name, in module order."""
     return {name: m.layer_plan() for name, m in model.named_modules() if isinstance(m, QLinear)}
+
+
+def plan_bits(model: nn.Module, plan: dict[str, dict]) -> int:
+    """Exact storage bits of the quantized layers: codes, scales, zeros, low-rank factors, smoothing."""
+    total = 0
+    for name in plan:
+        m = model.get_submodule(name)
+        total += sum(t.numel() * t.element_size() * 8 for n, t in m.state_dict().items() if n != "bias")
+    return total
+
+
+def model_bits_per_weight(model: nn.Module) -> float:
+    """Bits per weight of a model's QLinears as `plan_bits` counts them, over their weights."""
+    plan = model_plan(model)
+    weights = sum(e["shape"][0] * e["shape"][1] for e in plan.values())
+    return plan_bits(model, plan) / weights if weights else 0.0
 
 
 def _saveable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -65,7 +80,7 @@ def _saveable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _write_files(model: nn.Module, tmp: Path, tokenizer, plan: dict) -> dict[str, str]:
     """Write weights, config (with the transformers quantization config) and tokenizer into `tmp`;
     return {relative name: sha256} of every file."""
-    from lowbit.compress.hf import add_quantization_config
+    from lowbit.nn.hf_quantizer import add_quantization_config
 
     save_file(_saveable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
     model.config.save_pretrained(tmp)
@@ -73,24 +88,6 @@ def _write_files(model: nn.Module, tmp: Path, tokenizer, plan: dict) -> dict[str
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     return {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-
-
-def move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        tmp.rename(out_dir)
-        return
-    if not overwrite:
-        raise CheckpointError(f"output folder {out_dir} exists; pass overwrite=True to replace it")
-    if not out_dir.is_dir() or out_dir.is_symlink():
-        raise CheckpointError(f"{out_dir} exists and is not a folder; refusing to replace it")
-    old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
-    out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except BaseException:
-        old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_plan(plan: dict, actual: dict) -> None:
@@ -120,9 +117,6 @@ def save(
     Everything is written into a hidden sibling folder first and renamed into place, so a failure
     never leaves a half-written `out_dir`; an existing `out_dir` is replaced only with overwrite=True.
     """
-    out_dir = Path(out_dir)
-    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
-        raise CheckpointError(f"output folder {out_dir} exists; pass overwrite=True to replace it")
     if not hasattr(getattr(model, "config", None), "save_pretrained"):
         raise CheckpointError("model has no transformers config; cannot write a loadable checkpoint")
     _check_plan(plan, model_plan(model))
@@ -132,17 +126,10 @@ def save(
         json.dumps(manifest)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"recipe or plan is not JSON-serialisable ({e})") from None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(out_dir, overwrite) as tmp:
         manifest["files"] = _write_files(model, tmp, tokenizer, plan)
         (tmp / MANIFEST).write_text(json.dumps(validate_manifest(manifest), indent=2) + "\n")
-        move_into_place(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def _alias_groups(model: nn.Module) -> list[list[str]]:

@@ -6,7 +6,7 @@ Each quantized layer's base Q goes in the layout of the compressed-tensors libra
 `weight_shape` [2]), FP8 E4M3 per-channel as `float-quantized` (`weight` float8_e4m3fn [N, K],
 `weight_scale` [N, 1]). The low-rank branch L1 L2 goes to `adapter/`, a PEFT LoRA adapter (lora_B = L1,
 lora_A = L2, lora_alpha = r: scaling 1). What the layout cannot hold is refused or converted by
-`lowbit.compress.prepare` with the target CT defined here.
+`lowbit.export.fit`. `reload_ct` loads such a folder back as transformers (+ PEFT) computes it.
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import save_file
 from torch import nn
 
-from lowbit.compress.prepare import Target, dense_state, write_model
-from lowbit.compress.qlinear import QLinear
+from lowbit.export.files import dense_state, safetensors_bits, write_model
+from lowbit.export.target import Target
+from lowbit.models.errors import ModelError, call_loader
+from lowbit.models.source import from_pretrained, hf_tokenizer
+from lowbit.nn.qlinear import QLinear
 from lowbit.quantizers import QuantSpec, decode_scales, expand_groups, pack, unpack_codes
 
 ADAPTER_DIR = "adapter"
@@ -74,9 +78,6 @@ def _ct_weight(m: QLinear, dtype: torch.dtype) -> torch.Tensor:
     _, v, s, _ = _ct_values(m)
     s = expand_groups(s, m.in_features, m.spec.group_size or m.in_features)
     return (v.to(dtype) * s.to(dtype)).float()
-
-
-CT = Target("compressed-tensors", ct_problem, ct_spec, _ct_weight)
 
 
 def _pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -140,7 +141,7 @@ def _adapter(layers: dict[str, QLinear], dtype: torch.dtype) -> tuple[dict, dict
     return config, tensors
 
 
-def write_ct(model: nn.Module, tmp: Path, dtype: torch.dtype) -> None:
+def write_ct(model: nn.Module, tmp: Path, dtype: torch.dtype, tokenizer, name: str) -> None:
     """Write the prepared `model` (every QLinear expressible) as compressed-tensors (+ adapter/) in `tmp`."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     state = dense_state(model, dtype, set(layers))
@@ -158,3 +159,100 @@ def write_ct(model: nn.Module, tmp: Path, dtype: torch.dtype) -> None:
         (tmp / ADAPTER_DIR).mkdir()
         (tmp / ADAPTER_DIR / "adapter_config.json").write_text(json.dumps(adapter[0], indent=2) + "\n")
         save_file(adapter[1], str(tmp / ADAPTER_DIR / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def _needs_decompression(path: Path) -> bool:
+    """Whether `path` is a compressed-tensors folder with asymmetric pack-quantized layers, which
+    transformers 5 cannot load compressed (it builds their zero points unpacked; lowbit, like
+    compressed-tensors' own compressor, stores them packed, which is what vLLM reads)."""
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return False
+    groups = (qc.get("config_groups") or {}).values()
+    packed = [g for g in groups if (g.get("format") or qc.get("format")) == "pack-quantized"]
+    return any((g.get("weights") or {}).get("symmetric") is False for g in packed)
+
+
+def _load_decompressed(path: Path, model: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A compressed-tensors folder as a plain dense model, each quantized layer decompressed by
+    compressed-tensors with its own config group's scheme. (transformers' `CompressedTensorsConfig(
+    dequantize=True)` decodes every layer with the first group's scheme, so mixed exports fail there.)"""
+    return call_loader(model, "decompress", lambda: _decompressed(path, model, dtype))
+
+
+def _decompressed(path: Path, model: str, dtype: torch.dtype) -> torch.nn.Module:
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    qc = config.quantization_config
+    del config.quantization_config
+    state = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for group in qc["config_groups"].values():
+        scheme = QuantizationScheme.model_validate(group)
+        compressor = BaseCompressor.get_value_from_registry(group.get("format") or qc["format"])
+        for name in group["targets"]:  # lowbit targets layers by exact name
+            layer = {k[len(name) + 1 :]: state.pop(k) for k in list(state) if k.startswith(f"{name}.weight")}
+            if "weight_scale" not in layer:
+                raise ModelError(
+                    f"cannot load {model!r}: no quantized tensors for config group target {name}"
+                )
+            state[f"{name}.weight"] = compressor.decompress(layer, scheme)["weight"]
+    net = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    params = net.state_dict(keep_vars=True)
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    lost = [k for k in missing if params[k].data_ptr() not in loaded]  # tied copies are not lost
+    if lost or unexpected:
+        raise ModelError(f"cannot load {model!r}: missing {lost[:5]}, unexpected {unexpected[:5]}")
+    return net.eval()
+
+
+def _attach_adapter(net: torch.nn.Module, adapter: Path, model: str) -> torch.nn.Module:
+    """Wrap `net` with the PEFT LoRA adapter that `lowbit export --to compressed-tensors` writes
+    beside the quantized base (the low-rank part L1 L2 of each layer)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelError(f"{model!r} has a LoRA adapter; install peft to load it") from None
+    with torch.no_grad():  # one forward decompresses compressed-tensors layers so PEFT can wrap them
+        net(torch.zeros(1, 1, dtype=torch.long))
+    attach = lambda: PeftModel.from_pretrained(net, str(adapter))  # noqa: E731
+    return call_loader(model, "attach the adapter of", attach).eval()
+
+
+def is_ct(path: Path) -> bool:
+    """Whether `path` is a transformers folder whose quantization_config is compressed-tensors."""
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+def reload_ct(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """A compressed-tensors folder as transformers loads it (decompressed layer by layer where it must
+    be), the PEFT adapter in `adapter/` attached."""
+    model = str(path)
+    if _needs_decompression(path):
+        net, tokenizer = _load_decompressed(path, model, dtype), hf_tokenizer(model, model)
+    else:
+        net, tokenizer = from_pretrained(model, model, dtype)
+    if (path / ADAPTER_DIR / "adapter_config.json").is_file():
+        net = _attach_adapter(net, path / ADAPTER_DIR, model)
+    return net, tokenizer
+
+
+CT = Target(
+    "compressed-tensors",
+    write=write_ct,
+    detect=is_ct,
+    reload=reload_ct,
+    stored_bits=lambda path, net: safetensors_bits(path, net, ADAPTER_DIR),
+    problem=ct_problem,
+    nearest=ct_spec,
+    decoded=_ct_weight,
+)

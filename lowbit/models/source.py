@@ -1,0 +1,76 @@
+"""Loading the model to compress: a built-in name, a local HF folder, a local .gguf file or a hub id.
+
+`load_model(model)` returns (model in eval mode, tokenizer) with plain dense `nn.Linear` layers:
+
+- a built-in name (`lowbit.models.builtin`): its GGUF file, dequantized;
+- a local folder with `config.json`: through transformers' Auto classes (quantized folders that
+  transformers can load, e.g. compressed-tensors, load as transformers builds them);
+- a local `.gguf` file, or a folder holding exactly one: dequantized (`lowbit.models.gguf`);
+- anything else that looks like a hub id (`owner/name`): `from_pretrained` from the hub.
+A local path that does not exist is refused at once, without trying the hub. A lowbit checkpoint folder
+is refused here: `lowbit.load` loads it; the outputs of `lowbit export` are reloaded by their target
+(`lowbit.export`).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import torch
+import transformers
+
+from lowbit.models.builtin import BUILTIN_MODELS, builtin_model, builtin_path
+from lowbit.models.errors import ModelError, call_loader
+from lowbit.models.gguf import gguf_tokenizer, load_gguf
+from lowbit.nn.manifest import MANIFEST as CHECKPOINT_MANIFEST
+
+# owner/name or name, as the hub spells ids; anything else that does not exist locally is a missing path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def load_model(model: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode, tokenizer) for a built-in name, a local folder or .gguf file, or a hub id."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ModelError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    name = model.removeprefix("builtin:")
+    if name in BUILTIN_MODELS:
+        path = builtin_path(name)
+        return copy.deepcopy(builtin_model(str(path))).to(dtype), gguf_tokenizer(str(path))
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path, dtype), gguf_tokenizer(str(path.resolve()))
+    if path.is_dir():
+        return _load_folder(path, model, dtype)
+    if path.exists():
+        raise ModelError(f"model file {model!r} is not a .gguf file")
+    if model.startswith((".", "/", "~")) or path.suffix == ".gguf" or not _HUB_ID.match(model):
+        raise ModelError(f"model path {model!r} does not exist")
+    return from_pretrained(model, model, dtype)
+
+
+def _load_folder(path: Path, model: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+    if (path / CHECKPOINT_MANIFEST).is_file():
+        raise ModelError(f"{model!r} is a lowbit checkpoint; load it with lowbit.load")
+    if (path / "config.json").is_file():
+        return from_pretrained(str(path), model, dtype)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return load_gguf(ggufs[0], dtype), gguf_tokenizer(str(ggufs[0].resolve()))
+    if ggufs:
+        names = ", ".join(p.name for p in ggufs)
+        raise ModelError(f"model folder {model!r} holds several .gguf files ({names}); name one")
+    raise ModelError(f"model folder {model!r} has no config.json and no .gguf file")
+
+
+def from_pretrained(source: str, model: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+    """A local HF folder or a hub id through the Auto classes."""
+    auto_model = transformers.AutoModelForCausalLM
+    net = call_loader(model, "load model", lambda: auto_model.from_pretrained(source, dtype=dtype))
+    return net.eval(), hf_tokenizer(source, model)
+
+
+def hf_tokenizer(source: str, model: str):
+    auto_tokenizer = transformers.AutoTokenizer
+    return call_loader(model, "load the tokenizer of", lambda: auto_tokenizer.from_pretrained(source))
