@@ -31,13 +31,13 @@ from pathlib import Path
 
 import yaml
 
+from lowbit.compress.allocate.solve import SOLVERS
+from lowbit.compress.allocate.table import METRICS
+from lowbit.lowrank import METHODS, ROUNDINGS
 from lowbit.quantizers import SCALE_DTYPES, QuantSpec, SpecError
 
 RECIPE_VERSION = 1
-ROUNDINGS = ("nearest", "gptq")
-DECOMPOSE_METHODS = ("none", "lorc", "lqlora", "lqlora-fisher", "svdquant")
-METRICS = ("output", "fisher", "frobenius")
-SOLVERS = ("ilp", "greedy")
+DECOMPOSE_METHODS = tuple(METHODS)
 
 
 class RecipeError(ValueError):
@@ -187,7 +187,7 @@ class Recipe:
         """True when some stage reads calibration statistics (GPTQ, SVDQuant, Fisher weights)."""
         roundings = {self.quantize.rounding} | {o.quantize.rounding for o in self.overrides}
         allocating = self.allocate.budget is not None and self.allocate.metric != "frobenius"
-        return "gptq" in roundings or self.decompose.method in ("svdquant", "lqlora-fisher") or allocating
+        return "gptq" in roundings or bool(METHODS[self.decompose.method].needs) or allocating
 
     def layer_config(self, name: str) -> QuantizeConfig | None:
         """The quantize settings for one linear layer, or None when the layer stays as it is."""
