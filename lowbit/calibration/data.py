@@ -169,11 +169,8 @@ def render(tokenizer, doc) -> str:
 
 def _part_tokens(tokenizer, data, part: str, max_tokens: int | None, column: str | None) -> Tensor:
     docs = texts(data, part, column)
-    n_ids = sum(isinstance(d, Tensor) for d in docs)
-    if docs and n_ids == len(docs):
+    if docs and isinstance(docs[0], Tensor):  # token ids (a source never mixes them with text)
         return torch.cat(docs)[:max_tokens]
-    if n_ids:
-        raise DataError(f"{_name(data)} mixes token ids with text; give one or the other")
     if tokenizer is None:
         raise DataError(f"{_name(data)} is text: pass a tokenizer")
     return tokenize(tokenizer, docs, max_tokens=max_tokens)

@@ -103,7 +103,10 @@ def read_parts(data, column: str | None = None) -> dict[str, list]:
             raise DataError(f"tokenizer output needs 'input_ids', got keys {', '.join(map(str, data))}")
         return {"all": token_rows(data["input_ids"], data.get("attention_mask"), "tokenizer output")}
     if isinstance(data, (list, tuple)):
-        return {"all": [as_document(d, f"document {i}") for i, d in enumerate(data)]}
+        docs = [as_document(d, f"document {i}") for i, d in enumerate(data)]
+        if 0 < sum(isinstance(d, Tensor) for d in docs) < len(docs):
+            raise DataError("the list mixes token ids with text; give one or the other")
+        return {"all": docs}
     raise DataError(f"{EXPECTED}; got {type(data).__name__}")
 
 
