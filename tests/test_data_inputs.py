@@ -107,6 +107,7 @@ def test_chat_in_a_dataset_and_in_a_list_render_the_same(chat_tok):
     rendered = [by_hand(c) for c in conversations]
     same_parts(chat_tok, datasets.Dataset.from_dict({"messages": conversations}), rendered)
     same_parts(chat_tok, conversations, rendered)
+    same_parts(chat_tok, [{"messages": c} for c in conversations], rendered)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 37, 200, 10_000])
@@ -159,7 +160,7 @@ def test_token_blocks_are_used_as_given():
 @pytest.mark.parametrize(
     "data, message",
     [
-        (42, "must be a source string, a list of strings .*; got int"),
+        (42, "must be a source string, a list of documents .*; got int"),
         ({"text": ["a"]}, "tokenizer output needs 'input_ids'"),
         (["fine", 3.5], "document 1 is a float; expected a string"),
         (["text", [1, 2, 3]], "mixes token ids with text"),

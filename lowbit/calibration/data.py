@@ -22,7 +22,8 @@
     read like a ``datasets.Dataset`` and kept verbatim (empty rows included), so ``wikitext2``'s evaluation
     text is the usual ``"\\n\\n".join(test["text"])``.
   Built-in texts are found through the installed distribution's file list; the package is never imported.
-- a list of documents: strings (or chat conversations, lists of ``{"role", "content"}`` messages).
+- a list of documents: strings, chat conversations (lists of ``{"role", "content"}`` messages), or rows
+  (dicts with a string ``text``, else a chat ``messages``), as ``json.loads`` gives them.
 - a ``datasets.Dataset``: one document per row of ``column`` if given, else of ``text``, else ``messages``
   (chat), else ``input_ids`` (token ids, padding dropped by ``attention_mask``). A ``datasets.DatasetDict``
   is read like a hub dataset (its own splits, see below).

@@ -25,7 +25,7 @@ FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Names ending like a data file are local paths (and get a clear error), never hub dataset names.
 FILE_LIKE_SUFFIXES = FILE_SUFFIXES + (".json", ".csv", ".tsv", ".gz", ".arrow", ".md")
 EXPECTED = (
-    "calibration data must be a source string, a list of strings (documents), a datasets.Dataset, "
+    "data must be a source string, a list of documents (strings or chat conversations), a datasets.Dataset, "
     "tokenizer output (a dict with 'input_ids') or token blocks [samples, seq_len]"
 )
 # Translator's notes inside World English Bible verses: " word{note}" -> " word".
@@ -114,6 +114,8 @@ def as_document(value, where: str):
     """A string, a chat conversation, or a row of token ids (1-D LongTensor) from one list item or row."""
     if isinstance(value, str):
         return value
+    if isinstance(value, Mapping):
+        return _row_document(value, where)
     if isinstance(value, (list, tuple)) and value and all(isinstance(m, Mapping) for m in value):
         return conversation(value, where)
     if isinstance(value, Tensor) or (
@@ -122,7 +124,7 @@ def as_document(value, where: str):
         return token_rows(value, None, where)[0]
     raise DataError(
         f"{where} is a {type(value).__name__}; expected a string, a chat conversation "
-        "(a list of role/content messages) or a list of token ids"
+        "(a list of role/content messages), a row with 'text' or 'messages', or a list of token ids"
     )
 
 
@@ -271,10 +273,10 @@ def _read_jsonl(path: Path, source: str) -> list:
 
 
 def _row_document(row, where: str):
-    """A JSON/parquet row: its string field 'text', else its chat field 'messages'."""
-    if isinstance(row, dict) and isinstance(row.get("text"), str):
+    """A JSON/parquet row or a dict in a list: its string field 'text', else its chat field 'messages'."""
+    if isinstance(row, Mapping) and isinstance(row.get("text"), str):
         return row["text"]
-    if isinstance(row, dict) and row.get("messages") is not None:
+    if isinstance(row, Mapping) and row.get("messages") is not None:
         return conversation(row["messages"], where)
     raise DataError(f"{where} has no string field 'text' nor chat field 'messages'")
 
