@@ -168,6 +168,7 @@ def test_token_blocks_are_used_as_given():
         ({"input_ids": torch.ones(2, 3), "attention_mask": torch.ones(2, 3)}, "integer token ids"),
         ({"input_ids": [[1, 2], [3]], "attention_mask": [[1, 1], [1, 1]]}, "attention_mask does not have"),
         (["only one document"], "at least 2 documents"),
+        ([torch.ones(2, 3, dtype=torch.long), [1]], "document 0 must be one row of token ids, got 2 rows"),
         ("builtin:lee-news", "not a dataset"),
     ],
 )

@@ -121,7 +121,10 @@ def as_document(value, where: str):
     if isinstance(value, Tensor) or (
         isinstance(value, (list, tuple)) and all(isinstance(i, int) for i in value)
     ):
-        return token_rows(value, None, where)[0]
+        rows = token_rows(value, None, where)
+        if len(rows) != 1:
+            raise DataError(f"{where} must be one row of token ids, got {len(rows)} rows")
+        return rows[0]
     raise DataError(
         f"{where} is a {type(value).__name__}; expected a string, a chat conversation "
         "(a list of role/content messages), a row with 'text' or 'messages', or a list of token ids"
