@@ -100,12 +100,16 @@ def test_chat_jsonl_rows_are_rendered_through_the_chat_template(tmp_path, chat_t
     assert int((eval_tokens(chat_tok, str(path)) == eos).sum()) == 3 * 4
 
 
-def test_chat_in_a_dataset_and_in_a_list_render_the_same(chat_tok):
+def test_chat_in_a_dataset_a_parquet_file_and_a_list_render_the_same(chat_tok, tmp_path):
     import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     conversations = chats(10)
     rendered = [by_hand(c) for c in conversations]
     same_parts(chat_tok, datasets.Dataset.from_dict({"messages": conversations}), rendered)
+    pq.write_table(pa.table({"messages": conversations}), tmp_path / "chat.parquet")
+    same_parts(chat_tok, str(tmp_path / "chat.parquet"), rendered)
     same_parts(chat_tok, conversations, rendered)
     same_parts(chat_tok, [{"messages": c} for c in conversations], rendered)
 
