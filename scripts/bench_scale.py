@@ -11,7 +11,8 @@ once, never the whole model) with a small byte-level BPE tokenizer, and reused b
 `python -m lowbit.cli compress --model <that folder> --preset <preset> --out <root>/.../out` runs in a
 subprocess under `/usr/bin/time -v` (peak RSS of the compress process) while a thread polls the size of
 the work area (`.lowbit-work` beside the output). Each run prints the source size, wall time, peak RSS,
-peak work-area disk and output size, the last three also as ratios to the source model's size.
+peak work-area disk and output size, the last three also as ratios to the source model's size, with the
+`lowbit.compress.dry_run` predictions of the peak RSS and output size beside them.
 
 Shapes (`SHAPES`): 0.5b and 1.5b are Qwen2.5-0.5B / 1.5B's dimensions as a Llama (tied embeddings,
 vocabulary 151936); 8b is Llama-3-8B's (--layers 2 for a short run over its first blocks).
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {model_dir} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     source = index["metadata"]["total_size"]
+    from lowbit.compress import dry_run
+
+    plan = dry_run(str(model_dir), args.preset)
     out = base / f"out-{args.preset}"
     r = run_compress(model_dir, out, args.preset, args.extra)
     if not args.keep:
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         model=name,
         preset=args.preset,
         source_bytes=source,
+        predicted_peak_rss=plan.peak_ram_bytes,
+        predicted_out_bytes=plan.output_bytes[0],
     )
     if args.json:
         print(json.dumps(r))
@@ -209,9 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     rss, work, out_bytes = r["peak_rss"], r["peak_work"], r["out_bytes"]
     print(
         f"{name} {args.preset}: source {source / gb:.2f} GB, {r['seconds']:.1f} s, "
-        f"peak RSS {rss / gb:.2f} GB ({rss / source:.2f}x), "
+        f"peak RSS {rss / gb:.2f} GB ({rss / source:.2f}x; predicted {plan.peak_ram_bytes / gb:.2f} GB), "
         f"work area peak {work / gb:.2f} GB ({work / source:.2f}x, {r['work_left'] / gb:.2f} GB left), "
-        f"output {out_bytes / gb:.3f} GB ({out_bytes / source:.2f}x), "
+        f"output {out_bytes / gb:.3f} GB ({out_bytes / source:.2f}x; "
+        f"predicted {plan.output_bytes[0] / gb:.3f} GB), "
         f"{r['bits_per_weight']:.3f} bits per weight"
     )
 

@@ -34,30 +34,40 @@ def load_model(model: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn
     """(model in eval mode, tokenizer) for a built-in name, a local folder or .gguf file, or a hub id."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ModelError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    kind, where = locate(model)
+    if kind == "builtin":
+        return copy.deepcopy(builtin_model(str(where))).to(dtype), gguf_tokenizer(str(where))
+    if kind == "gguf":
+        return load_gguf(where, dtype), gguf_tokenizer(str(where.resolve()))
+    return from_pretrained(str(where), model, dtype)
+
+
+def locate(model: str) -> tuple[str, Path | str]:
+    """Where `model` lives, without reading it: ("builtin", its .gguf), ("gguf", file), ("folder", path
+    holding config.json) or ("hub", id). Refuses missing paths, lowbit checkpoints and ambiguous folders."""
     name = model.removeprefix("builtin:")
     if name in BUILTIN_MODELS:
-        path = builtin_path(name)
-        return copy.deepcopy(builtin_model(str(path))).to(dtype), gguf_tokenizer(str(path))
+        return "builtin", builtin_path(name)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype), gguf_tokenizer(str(path.resolve()))
+        return "gguf", path
     if path.is_dir():
-        return _load_folder(path, model, dtype)
+        return _locate_in_folder(path, model)
     if path.exists():
         raise ModelError(f"model file {model!r} is not a .gguf file")
     if model.startswith((".", "/", "~")) or path.suffix == ".gguf" or not _HUB_ID.match(model):
         raise ModelError(f"model path {model!r} does not exist")
-    return from_pretrained(model, model, dtype)
+    return "hub", model
 
 
-def _load_folder(path: Path, model: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+def _locate_in_folder(path: Path, model: str) -> tuple[str, Path]:
     if (path / CHECKPOINT_MANIFEST).is_file():
         raise ModelError(f"{model!r} is a lowbit checkpoint; load it with lowbit.load")
     if (path / "config.json").is_file():
-        return from_pretrained(str(path), model, dtype)
+        return "folder", path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return load_gguf(ggufs[0], dtype), gguf_tokenizer(str(ggufs[0].resolve()))
+        return "gguf", ggufs[0]
     if ggufs:
         names = ", ".join(p.name for p in ggufs)
         raise ModelError(f"model folder {model!r} holds several .gguf files ({names}); name one")
