@@ -38,8 +38,6 @@ from lowbit.quantizers import SCALE_DTYPES, storage_bits
 
 # Resident memory of a process that has imported torch, transformers and lowbit (measured: 0.49 GB).
 BASE_RSS = 485 << 20
-# The dtype `compress` loads a named model in (every floating tensor, whatever the source stores).
-LOAD_DTYPE = torch.float32
 # Per-file overheads of a checkpoint besides tensors: safetensors header entries, manifest, config.
 HEADER_BYTES_PER_TENSOR = 120
 MANIFEST_BYTES_PER_LAYER = 400
@@ -93,8 +91,7 @@ def dry_run(
         budgets = (recipe.allocate.budget,)
     if isinstance(model, str):
         src = source_shapes(model)
-        net, source, tokenizer = src.skeleton, src.stored_bytes, src.tokenizer_bytes
-        dtype = LOAD_DTYPE
+        net, dtype, source, tokenizer = src.skeleton, src.dtype, src.stored_bytes, src.tokenizer_bytes
     else:
         net, source, tokenizer = model, 0, 0
         dtype = next(net.parameters()).dtype

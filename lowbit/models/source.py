@@ -7,9 +7,11 @@
   transformers can load, e.g. compressed-tensors, load as transformers builds them);
 - a local `.gguf` file, or a folder holding exactly one: dequantized (`lowbit.models.gguf`);
 - anything else that looks like a hub id (`owner/name`): `from_pretrained` from the hub.
-A local path that does not exist is refused at once, without trying the hub. A lowbit checkpoint folder
-is refused here: `lowbit.load` loads it; the outputs of `lowbit export` are reloaded by their target
-(`lowbit.export`).
+Floating tensors keep the source's dtype (a bf16 folder loads in bf16, not fp32: half the memory; the
+compress stages compute in fp32 per layer where they need it) unless `dtype` is given; GGUF weights are
+dequantized into fp32. A local path that does not exist is refused at once, without trying the hub. A
+lowbit checkpoint folder is refused here: `lowbit.load` loads it; the outputs of `lowbit export` are
+reloaded by their target (`lowbit.export`).
 """
 
 from __future__ import annotations
@@ -30,16 +32,21 @@ from lowbit.nn.manifest import MANIFEST as CHECKPOINT_MANIFEST
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
-    """(model in eval mode, tokenizer) for a built-in name, a local folder or .gguf file, or a hub id."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+def load_model(model: str, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode, tokenizer) for a built-in name, a local folder or .gguf file, or a hub id.
+
+    dtype: of every floating tensor; None keeps the source's own (a bf16 folder stays bf16; GGUF files,
+    whose weights are dequantized, load in fp32).
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ModelError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     kind, where = locate(model)
     if kind == "builtin":
-        return copy.deepcopy(builtin_model(str(where))).to(dtype), gguf_tokenizer(str(where))
+        net = copy.deepcopy(builtin_model(str(where)))
+        return net.to(dtype or torch.float32), gguf_tokenizer(str(where))
     if kind == "gguf":
-        return load_gguf(where, dtype), gguf_tokenizer(str(where.resolve()))
-    return from_pretrained(str(where), model, dtype)
+        return load_gguf(where, dtype or torch.float32), gguf_tokenizer(str(where.resolve()))
+    return from_pretrained(str(where), model, dtype or "auto")
 
 
 def locate(model: str) -> tuple[str, Path | str]:
@@ -74,8 +81,8 @@ def _locate_in_folder(path: Path, model: str) -> tuple[str, Path]:
     raise ModelError(f"model folder {model!r} has no config.json and no .gguf file")
 
 
-def from_pretrained(source: str, model: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
-    """A local HF folder or a hub id through the Auto classes."""
+def from_pretrained(source: str, model: str, dtype: torch.dtype | str) -> tuple[torch.nn.Module, object]:
+    """A local HF folder or a hub id through the Auto classes (dtype "auto": the checkpoint's own)."""
     auto_model = transformers.AutoModelForCausalLM
     net = call_loader(model, "load model", lambda: auto_model.from_pretrained(source, dtype=dtype))
     return net.eval(), hf_tokenizer(source, model)
