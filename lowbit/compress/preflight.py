@@ -16,6 +16,7 @@ prediction, labelled as one wherever it is printed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.calibration import find_blocks
 from lowbit.calibration.data import FILE_LIKE_SUFFIXES, FILE_SUFFIXES, DataError, load_text
 from lowbit.compress.allocate import (
     AllocationError,
@@ -32,7 +34,7 @@ from lowbit.compress.allocate import (
     constraint_mask,
 )
 from lowbit.compress.recipe import Recipe, resolve_recipe
-from lowbit.compress.uniform import CompressError
+from lowbit.compress.uniform import block_weights, selected_names
 from lowbit.models.shapes import source_shapes
 from lowbit.quantizers import SCALE_DTYPES, storage_bits
 
@@ -50,8 +52,11 @@ class DryRun:
 
     params: every parameter (tied ones once); block_params: weights of the decoder blocks;
     quantized_params: weights of the layers the recipe quantizes; unquantized: names of decoder-block
-    weights (matrices and fused expert tensors, not norms or biases) that stay as they are;
-    dtype: of the unquantized tensors as loaded and written; output_bytes per budget when budgets are given.
+    weights (matrices: routers, excluded layers or expert tensors; not norms or biases) that stay as
+    they are; bits_per_weight: over the quantized weights; block_bits_per_weight: over every
+    decoder-block weight, the unquantized ones at their dtype's bits; dtype: of the unquantized tensors
+    as loaded and written. bits_per_weight, block_bits_per_weight and output_bytes: one per budget when
+    budgets are given.
     """
 
     model: str
@@ -63,6 +68,7 @@ class DryRun:
     layers: int
     unquantized: tuple[str, ...]
     bits_per_weight: tuple[float, ...]
+    block_bits_per_weight: tuple[float, ...]
     output_bytes: tuple[int, ...]
     peak_ram_bytes: int
     work_bytes: int
@@ -99,12 +105,16 @@ def dry_run(
     if recipe.needs_calibration() or budgets:
         check_text_source(recipe.calibration.data)
     quantized = sum(n * k for n, k in layers.values())
+    unquantized, block_params = block_weights(net, layers)
+    left_bits = sum(8 * dtype.itemsize * net.get_parameter(name).numel() for name in unquantized)
+    inside = [name for name in layers if name.startswith(find_blocks(net)[0] + ".")]
     if budgets:
         check_budgets(recipe, layers, budgets)
         bits = [budget_bits(b, quantized) for b in budgets]
+        block_bits = [b * sum(math.prod(layers[name]) for name in inside) for b in budgets]
     else:
         bits = [sum(layer_bits(recipe, name, shape) for name, shape in layers.items())]
-    unquantized, block_params = block_weights(net, layers)
+        block_bits = [sum(layer_bits(recipe, name, layers[name]) for name in inside)]
     params = sum(p.numel() for p in net.parameters())
     files = FIXED_FILE_BYTES + tokenizer + MANIFEST_BYTES_PER_LAYER * len(layers)
     files += HEADER_BYTES_PER_TENSOR * (len(net.state_dict()) + 2 * len(layers))
@@ -120,6 +130,7 @@ def dry_run(
         layers=len(layers),
         unquantized=tuple(unquantized),
         bits_per_weight=tuple(b / quantized for b in bits),
+        block_bits_per_weight=tuple((b + left_bits) / block_params for b in block_bits),
         output_bytes=outputs,
         peak_ram_bytes=peak_ram(recipe, layers, params, dtype, source, max(outputs), bits[-1] // 8, work),
         work_bytes=work,
@@ -129,14 +140,10 @@ def dry_run(
 
 def selected_shapes(net: nn.Module, recipe: Recipe) -> dict[str, tuple[int, int]]:
     """{name: (N, K)} of the nn.Linear layers the recipe quantizes, in module order."""
-    layers = {
-        name: (m.out_features, m.in_features)
-        for name, m in net.named_modules()
-        if isinstance(m, nn.Linear) and recipe.layer_config(name) is not None
+    return {
+        name: (net.get_submodule(name).out_features, net.get_submodule(name).in_features)
+        for name in selected_names(net, recipe)
     }
-    if not layers:
-        raise CompressError("the recipe selects no linear layer of this model (check 'exclude')")
-    return layers
 
 
 def layer_bits(recipe: Recipe, name: str, shape: tuple[int, int]) -> int:
@@ -144,25 +151,6 @@ def layer_bits(recipe: Recipe, name: str, shape: tuple[int, int]) -> int:
     lowrank = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize
     rank = min(recipe.decompose.rank, *shape)
     return storage_bits(recipe.layer_config(name).spec(), shape) + rank * sum(shape) * lowrank
-
-
-def block_weights(net: nn.Module, layers: dict) -> tuple[list[str], int]:
-    """(names of decoder-block weights left unquantized, weights of the decoder blocks in all).
-
-    A block weight is a parameter of two or more dimensions inside `model.layers` (or the model's one
-    ModuleList of blocks): linear weights and fused expert tensors [E, N, K]; norms and biases are not.
-    """
-    blocks = next((n for n, m in net.named_modules() if isinstance(m, nn.ModuleList)), None)
-    if blocks is None:
-        return [], 0
-    left, total = [], 0
-    for name, p in net.named_parameters():
-        if not name.startswith(blocks + ".") or p.dim() < 2:
-            continue
-        total += p.numel()
-        if name.removesuffix(".weight") not in layers:
-            left.append(name)
-    return left, total
 
 
 def other_bytes(net: nn.Module, layers: dict, dtype: torch.dtype) -> int:
