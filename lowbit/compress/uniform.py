@@ -141,16 +141,19 @@ def quantize_model(
     teacher's, a copy of the original model kept for fine-tuning); see `lowbit.compress.smoothing`.
     """
     linears = select_linears(model, recipe)
+    names = list(linears)
+    # Each original layer is dropped from `linears` (and its Fisher from `fisher`) once its QLinear is in
+    # the model, so it is freed then rather than when the last layer is done (peak memory).
     if not recipe.needs_calibration():
-        for name, lin in tqdm(linears.items(), desc="quantize", disable=not progress):
-            set_submodule(model, name, compress_layer(name, lin, recipe))
-        return {name: model.get_submodule(name).layer_plan() for name in linears}
+        for name in tqdm(names, desc="quantize", disable=not progress):
+            set_submodule(model, name, compress_layer(name, linears.pop(name), recipe))
+        return {name: model.get_submodule(name).layer_plan() for name in names}
 
     if calib_data is None:
         calib_data = calibration_data(recipe, tokenizer)
     fisher, readers = {}, {}
     if recipe.decompose.method == "lqlora-fisher":
-        fisher = fisher_diagonal(model, calib_data, layers=list(linears), progress=progress)
+        fisher = fisher_diagonal(model, calib_data, layers=names, progress=progress)
     if recipe.decompose.method == "svdquant":
         readers = norm_readers(model, calib_data[:1, :16].to(model.get_input_embeddings().weight.device))
 
@@ -158,20 +161,22 @@ def quantize_model(
         done = compress_norm_groups(model, readers, linears, block_stats, recipe, teacher)
         for name, stats in block_stats.items():
             if name in linears and name not in done:
-                q = compress_layer(name, linears[name], recipe, stats, fisher.get(name))
+                q = compress_layer(name, linears[name], recipe, stats, fisher.pop(name, None))
                 set_submodule(model, name, q)
+        for name in block_stats:
+            linears.pop(name, None)
 
     calibrate_sequential(
         model,
         calib_data,
         stats=("act", "hessian"),
-        layers=list(linears),
+        layers=names,
         on_block=on_block,
         propagate="quantized",
         keep=False,
         progress=progress,
     )
-    return {name: model.get_submodule(name).layer_plan() for name in linears}
+    return {name: model.get_submodule(name).layer_plan() for name in names}
 
 
 def finetune_stage(
