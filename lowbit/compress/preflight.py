@@ -98,8 +98,9 @@ def dry_run(
     if isinstance(model, str):
         src = source_shapes(model)
         net, dtype, source, tokenizer = src.skeleton, src.dtype, src.stored_bytes, src.tokenizer_bytes
+        mapped = src.mapped_bytes
     else:
-        net, source, tokenizer = model, 0, 0
+        net, source, tokenizer, mapped = model, 0, 0, 0
         dtype = next(net.parameters()).dtype
     layers = selected_shapes(net, recipe)
     if recipe.needs_calibration() or budgets:
@@ -132,7 +133,7 @@ def dry_run(
         bits_per_weight=tuple(b / quantized for b in bits),
         block_bits_per_weight=tuple((b + left_bits) / block_params for b in block_bits),
         output_bytes=outputs,
-        peak_ram_bytes=peak_ram(recipe, layers, params, dtype, source, max(outputs), bits[-1] // 8, work),
+        peak_ram_bytes=peak_ram(recipe, net, layers, dtype, mapped, max(outputs), bits[-1] // 8, work),
         work_bytes=work,
         budgets=budgets,
     )
@@ -219,26 +220,32 @@ def work_bytes(recipe: Recipe, layers: dict, budgets, bits: list[int]) -> int:
 
 def peak_ram(
     recipe: Recipe,
+    net: nn.Module,
     layers: dict,
-    params: int,
     dtype: torch.dtype,
-    source: int,
+    mapped: int,
     out: int,
     compressed: int,
     work: int,
 ) -> int:
     """Predicted peak resident memory in bytes: the largest of the phases below, plus BASE_RSS.
 
-    load:     the model in `dtype` + the source shards, which transformers reads memory-mapped (the
-              pages it has read count as resident until loading ends)
-    quantize: the model + every compressed layer (the original layers stay until the last one is done)
-              + one layer's fp32 copy and its quantization temporaries (about 4 fp32 copies), and for a
-              budget run every layer's statistics (`work` less the compressed layers) and, with
-              fine-tuning, a copy of the model (the teacher)
+    load:     the model in `dtype` + what the loader keeps memory-mapped (`mapped`: the shards, whose
+              pages read count as resident until loading ends, when transformers loads them; nothing
+              for a safetensors folder read tensor by tensor, each straight into its own storage)
+    quantize: the model + one layer's fp32 copy and its quantization temporaries (about 4 fp32 copies)
+              + with calibration, the hidden states entering and leaving a block; the uniform path frees
+              each original layer as its compressed one comes in, so that is its largest point; a
+              budget run (`work` > 0) also holds every compressed layer, every layer's statistics
+              (`work` less the compressed layers) and, with fine-tuning, a copy of the model
     save:     the compressed model + its serialised bytes (save_file holds the whole file in memory)
     """
-    model = params * dtype.itemsize
+    model = sum(p.numel() for p in net.parameters()) * dtype.itemsize
     largest = max(n * k for n, k in layers.values())
-    teacher = model if recipe.finetune else 0
-    quantize = model + compressed + 16 * largest + max(work - compressed, 0) + teacher
-    return BASE_RSS + max(model + source, quantize, 2 * out)
+    quantize = model + 16 * largest
+    if recipe.needs_calibration() or work:
+        cal = recipe.calibration
+        quantize += 2 * cal.samples * cal.seq_len * net.config.hidden_size * dtype.itemsize
+    if work:
+        quantize += max(work, compressed) + (model if recipe.finetune else 0)
+    return BASE_RSS + max(model + mapped, quantize, 2 * out)

@@ -25,6 +25,7 @@ import transformers
 
 from lowbit.models.builtin import BUILTIN_MODELS, builtin_model, builtin_path
 from lowbit.models.errors import ModelError, call_loader
+from lowbit.models.folder import load_safetensors_folder, stored_dtype
 from lowbit.models.gguf import gguf_tokenizer, load_gguf
 from lowbit.nn.manifest import MANIFEST as CHECKPOINT_MANIFEST
 
@@ -46,7 +47,23 @@ def load_model(model: str, dtype: torch.dtype | None = None) -> tuple[torch.nn.M
         return net.to(dtype or torch.float32), gguf_tokenizer(str(where))
     if kind == "gguf":
         return load_gguf(where, dtype or torch.float32), gguf_tokenizer(str(where.resolve()))
+    if kind == "folder":
+        return _load_folder(where, model, dtype)
     return from_pretrained(str(where), model, dtype or "auto")
+
+
+def _load_folder(path: Path, model: str, dtype: torch.dtype | None) -> tuple[torch.nn.Module, object]:
+    """A local folder read tensor by tensor (`lowbit.models.folder`), else through from_pretrained."""
+    auto_config = transformers.AutoConfig
+    config = call_loader(model, "read the config of", lambda: auto_config.from_pretrained(path))
+    net = call_loader(
+        model,
+        "load model",
+        lambda: load_safetensors_folder(path, config, dtype or stored_dtype(path, config)[0]),
+    )
+    if net is None:
+        return from_pretrained(str(path), model, dtype or "auto")
+    return net, hf_tokenizer(str(path), model)
 
 
 def locate(model: str) -> tuple[str, Path | str]:
