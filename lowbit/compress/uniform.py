@@ -11,6 +11,8 @@ layers keep their own in their QLinear.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from pathlib import Path
 
 import torch
@@ -147,6 +149,7 @@ def quantize_model(
     if not recipe.needs_calibration():
         for name in tqdm(names, desc="quantize", disable=not progress):
             set_submodule(model, name, compress_layer(name, linears.pop(name), recipe))
+            release_freed_memory()
         return {name: model.get_submodule(name).layer_plan() for name in names}
 
     if calib_data is None:
@@ -165,6 +168,7 @@ def quantize_model(
                 set_submodule(model, name, q)
         for name in block_stats:
             linears.pop(name, None)
+        release_freed_memory()
 
     calibrate_sequential(
         model,
@@ -177,6 +181,27 @@ def quantize_model(
         progress=progress,
     )
     return {name: model.get_submodule(name).layer_plan() for name in names}
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    A freed layer's memory otherwise stays in the allocator's free lists, fragmented across the threads'
+    arenas: on the 0.5B shape of `scripts/bench_scale.py` the peak RSS of round to nearest varied from
+    1.6 to 2.4 GB between identical runs without it, and stayed at 1.58 GB with it after every layer.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def finetune_stage(
