@@ -208,7 +208,8 @@ def calibrate_sequential(
         inputs = capture_block_inputs(model, blocks, attn, data, batch_size)
         for i in tqdm(range(len(blocks)), desc="calibrate", disable=not progress):
             names = {n for n, _ in blocks[i].named_modules(prefix=f"{prefix}.{i}" if prefix else str(i))}
-            linears = {n: m for n, m in selected.items() if n in names}
+            # taken out of `selected`: a layer that on_block replaces is freed with this block
+            linears = {n: selected.pop(n) for n in list(selected) if n in names}
             block_stats = (
                 _run_block(blocks[i], attn[i], inputs, linears, kinds, write) if linears or write else {}
             )

@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,8 +48,13 @@ def budget_outs(out: Path, budgets: list[float]) -> list[Path]:
 
 
 @contextlib.contextmanager
-def work_area(model_or_id, recipe: Recipe, out, work_dir, restart: bool):
-    """The job's WorkArea: kept beside `out` for a named model, temporary for an in-memory one."""
+def work_area(model_or_id, recipe: Recipe, out, work_dir, restart: bool, keep_work: bool = True):
+    """The job's WorkArea: kept beside `out` for a named model, temporary for an in-memory one.
+
+    keep_work=False removes the job's files once the body has finished without an error (a failed or
+    killed job keeps them, so that it resumes), and the work folder itself when nothing else is left in
+    it; keeping them lets a later run with another budget reuse the calibration and error table.
+    """
     job = {"model": model_or_id if isinstance(model_or_id, str) else None, "lowbit": lowbit_version()}
     job["recipe"] = {**recipe.to_dict(), "allocate": {**recipe.to_dict()["allocate"], "budget": None}}
     if work_dir is None and (out is None or job["model"] is None):
@@ -56,12 +62,18 @@ def work_area(model_or_id, recipe: Recipe, out, work_dir, restart: bool):
             yield WorkArea(tmp, job)
         return
     root = Path(work_dir) if work_dir is not None else Path(out).parent / ".lowbit-work"
-    yield WorkArea(root, job, restart=restart)
+    work = WorkArea(root, job, restart=restart)
+    yield work
+    if not keep_work:
+        shutil.rmtree(work.dir)
+        with contextlib.suppress(OSError):  # not empty: other jobs' files
+            root.rmdir()
 
 
 @dataclass
 class BudgetResult:
-    """One budget's outcome: the chosen candidate per layer, the allocation and the checkpoint."""
+    """One budget's outcome: the chosen candidate per layer, the allocation, the checkpoint and the size
+    of the work area on disk once this budget was done (`work_bytes`)."""
 
     budget: float
     plan: dict[str, dict]
@@ -70,6 +82,7 @@ class BudgetResult:
     solver_status: str
     solve_seconds: float
     out: str | None = None
+    work_bytes: int = 0
 
 
 def allocation_method(recipe: Recipe) -> str:
@@ -269,6 +282,7 @@ def compress_to_budgets(
             used = with_budget(recipe, budget).to_dict()
             save(model, out, plan=entries, recipe=used, tokenizer=tokenizer, overwrite=overwrite)
             r.out = str(out)
+        r.work_bytes = work.size()
         if i < len(budgets) - 1:
             for name, lin in linears.items():
                 set_submodule(model, name, lin)

@@ -43,6 +43,10 @@ class WorkArea:
     def path(self, name: str) -> Path:
         return self.dir / name
 
+    def size(self) -> int:
+        """Bytes of the job's files on disk."""
+        return sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file())
+
     def save(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Write tensors + JSON metadata as one safetensors file, atomically."""
         path = self.path(name)

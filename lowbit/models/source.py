@@ -7,9 +7,11 @@
   transformers can load, e.g. compressed-tensors, load as transformers builds them);
 - a local `.gguf` file, or a folder holding exactly one: dequantized (`lowbit.models.gguf`);
 - anything else that looks like a hub id (`owner/name`): `from_pretrained` from the hub.
-A local path that does not exist is refused at once, without trying the hub. A lowbit checkpoint folder
-is refused here: `lowbit.load` loads it; the outputs of `lowbit export` are reloaded by their target
-(`lowbit.export`).
+Floating tensors keep the source's dtype (a bf16 folder loads in bf16, not fp32: half the memory; the
+compress stages compute in fp32 per layer where they need it) unless `dtype` is given; GGUF weights are
+dequantized into fp32. A local path that does not exist is refused at once, without trying the hub. A
+lowbit checkpoint folder is refused here: `lowbit.load` loads it; the outputs of `lowbit export` are
+reloaded by their target (`lowbit.export`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import transformers
 
 from lowbit.models.builtin import BUILTIN_MODELS, builtin_model, builtin_path
 from lowbit.models.errors import ModelError, call_loader
+from lowbit.models.folder import load_safetensors_folder, stored_dtype
 from lowbit.models.gguf import gguf_tokenizer, load_gguf
 from lowbit.nn.manifest import MANIFEST as CHECKPOINT_MANIFEST
 
@@ -30,42 +33,73 @@ from lowbit.nn.manifest import MANIFEST as CHECKPOINT_MANIFEST
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
-    """(model in eval mode, tokenizer) for a built-in name, a local folder or .gguf file, or a hub id."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+def load_model(model: str, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode, tokenizer) for a built-in name, a local folder or .gguf file, or a hub id.
+
+    dtype: of every floating tensor; None keeps the source's own (a bf16 folder stays bf16; GGUF files,
+    whose weights are dequantized, load in fp32).
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ModelError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    kind, where = locate(model)
+    if kind == "builtin":
+        net = copy.deepcopy(builtin_model(str(where)))
+        return net.to(dtype or torch.float32), gguf_tokenizer(str(where))
+    if kind == "gguf":
+        return load_gguf(where, dtype or torch.float32), gguf_tokenizer(str(where.resolve()))
+    if kind == "folder":
+        return _load_folder(where, model, dtype)
+    return from_pretrained(str(where), model, dtype or "auto")
+
+
+def _load_folder(path: Path, model: str, dtype: torch.dtype | None) -> tuple[torch.nn.Module, object]:
+    """A local folder read tensor by tensor (`lowbit.models.folder`), else through from_pretrained."""
+    auto_config = transformers.AutoConfig
+    config = call_loader(model, "read the config of", lambda: auto_config.from_pretrained(path))
+    net = call_loader(
+        model,
+        "load model",
+        lambda: load_safetensors_folder(path, config, dtype or stored_dtype(path, config)[0]),
+    )
+    if net is None:
+        return from_pretrained(str(path), model, dtype or "auto")
+    return net, hf_tokenizer(str(path), model)
+
+
+def locate(model: str) -> tuple[str, Path | str]:
+    """Where `model` lives, without reading it: ("builtin", its .gguf), ("gguf", file), ("folder", path
+    holding config.json) or ("hub", id). Refuses missing paths, lowbit checkpoints and ambiguous folders."""
     name = model.removeprefix("builtin:")
     if name in BUILTIN_MODELS:
-        path = builtin_path(name)
-        return copy.deepcopy(builtin_model(str(path))).to(dtype), gguf_tokenizer(str(path))
+        return "builtin", builtin_path(name)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype), gguf_tokenizer(str(path.resolve()))
+        return "gguf", path
     if path.is_dir():
-        return _load_folder(path, model, dtype)
+        return _locate_in_folder(path, model)
     if path.exists():
         raise ModelError(f"model file {model!r} is not a .gguf file")
     if model.startswith((".", "/", "~")) or path.suffix == ".gguf" or not _HUB_ID.match(model):
         raise ModelError(f"model path {model!r} does not exist")
-    return from_pretrained(model, model, dtype)
+    return "hub", model
 
 
-def _load_folder(path: Path, model: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+def _locate_in_folder(path: Path, model: str) -> tuple[str, Path]:
     if (path / CHECKPOINT_MANIFEST).is_file():
         raise ModelError(f"{model!r} is a lowbit checkpoint; load it with lowbit.load")
     if (path / "config.json").is_file():
-        return from_pretrained(str(path), model, dtype)
+        return "folder", path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return load_gguf(ggufs[0], dtype), gguf_tokenizer(str(ggufs[0].resolve()))
+        return "gguf", ggufs[0]
     if ggufs:
         names = ", ".join(p.name for p in ggufs)
         raise ModelError(f"model folder {model!r} holds several .gguf files ({names}); name one")
     raise ModelError(f"model folder {model!r} has no config.json and no .gguf file")
 
 
-def from_pretrained(source: str, model: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
-    """A local HF folder or a hub id through the Auto classes."""
+def from_pretrained(source: str, model: str, dtype: torch.dtype | str) -> tuple[torch.nn.Module, object]:
+    """A local HF folder or a hub id through the Auto classes (dtype "auto": the checkpoint's own)."""
     auto_model = transformers.AutoModelForCausalLM
     net = call_loader(model, "load model", lambda: auto_model.from_pretrained(source, dtype=dtype))
     return net.eval(), hf_tokenizer(source, model)

@@ -1,0 +1,251 @@
+"""Know before you start: a compress job's plan from the model's config and shapes, no weight read.
+
+`dry_run(model, recipe, budgets=...)` reads config.json (or GGUF metadata) and the safetensors headers
+(`lowbit.models.shapes`), selects the layers the recipe quantizes on a skeleton on the meta device, and
+returns a `DryRun`: parameters, quantized weights, what the decoder blocks leave unquantized, the output
+size from the exact stored bits (`lowbit.quantizers.storage_bits`), and predictions of the peak RAM and
+work-area disk of the current implementation. On the way it refuses, before any weight is read, what
+would otherwise fail after loading or calibrating: an unknown preset or bad recipe, a missing model,
+a recipe that selects no layer, a missing calibration file, and a budget below the smallest storage the
+candidate grid allows (each layer at its smallest allowed candidate).
+
+The memory model (`peak_ram`) mirrors what `lowbit.compress` holds at each phase; its constants were
+fitted on measured runs (`scripts/bench_scale.py`, docs/benchmarks.md "Big models"), so it is a
+prediction, labelled as one wherever it is printed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.calibration import find_blocks
+from lowbit.calibration.data import FILE_LIKE_SUFFIXES, FILE_SUFFIXES, DataError, load_text
+from lowbit.compress.allocate import (
+    AllocationError,
+    budget_bits,
+    candidate_bits,
+    candidate_grid,
+    constraint_mask,
+)
+from lowbit.compress.recipe import Recipe, resolve_recipe
+from lowbit.compress.uniform import block_weights, selected_names
+from lowbit.models.shapes import source_shapes
+from lowbit.quantizers import SCALE_DTYPES, storage_bits
+
+# Resident memory of a process that has imported torch, transformers and lowbit (measured: 0.49 GB).
+BASE_RSS = 485 << 20
+# Per-file overheads of a checkpoint besides tensors: safetensors header entries, manifest, config.
+HEADER_BYTES_PER_TENSOR = 120
+MANIFEST_BYTES_PER_LAYER = 400
+FIXED_FILE_BYTES = 8 << 10
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """The plan of one compress job (sizes in bytes; `peak_ram_bytes` and `work_bytes` are predictions).
+
+    params: every parameter (tied ones once); block_params: weights of the decoder blocks;
+    quantized_params: weights of the layers the recipe quantizes; unquantized: names of decoder-block
+    weights (matrices: routers, excluded layers or expert tensors; not norms or biases) that stay as
+    they are; bits_per_weight: over the quantized weights; block_bits_per_weight: over every
+    decoder-block weight, the unquantized ones at their dtype's bits; dtype: of the unquantized tensors
+    as loaded and written. bits_per_weight, block_bits_per_weight and output_bytes: one per budget when
+    budgets are given.
+    """
+
+    model: str
+    dtype: str
+    source_bytes: int
+    params: int
+    block_params: int
+    quantized_params: int
+    layers: int
+    unquantized: tuple[str, ...]
+    bits_per_weight: tuple[float, ...]
+    block_bits_per_weight: tuple[float, ...]
+    output_bytes: tuple[int, ...]
+    peak_ram_bytes: int
+    work_bytes: int
+    budgets: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dry_run(
+    model: str | nn.Module,
+    recipe: Recipe | str | None = None,
+    *,
+    budget: float | None = None,
+    budgets: list[float] | None = None,
+) -> DryRun:
+    """The plan of `lowbit.compress(model, recipe, budget=..., budgets=...)`, reading no weight.
+
+    model: a name or path as `compress` takes it, or an nn.Module (its shapes are used as they are).
+    Raises RecipeError, ModelError, CompressError, DataError or AllocationError on what the job would
+    fail on later (see the module docstring).
+    """
+    recipe = resolve_recipe(recipe)
+    budgets = tuple(budgets or ([budget] if budget is not None else []))
+    if not budgets and recipe.allocate.budget is not None:
+        budgets = (recipe.allocate.budget,)
+    if isinstance(model, str):
+        src = source_shapes(model)
+        net, dtype, source, tokenizer = src.skeleton, src.dtype, src.stored_bytes, src.tokenizer_bytes
+        mapped = src.mapped_bytes
+    else:
+        net, source, tokenizer, mapped = model, 0, 0, 0
+        dtype = next(net.parameters()).dtype
+    layers = selected_shapes(net, recipe)
+    if recipe.needs_calibration() or budgets:
+        check_text_source(recipe.calibration.data)
+    quantized = sum(n * k for n, k in layers.values())
+    unquantized, block_params = block_weights(net, layers)
+    left_bits = sum(8 * dtype.itemsize * net.get_parameter(name).numel() for name in unquantized)
+    inside = [name for name in layers if name.startswith(find_blocks(net)[0] + ".")]
+    if budgets:
+        check_budgets(recipe, layers, budgets)
+        bits = [budget_bits(b, quantized) for b in budgets]
+        block_bits = [b * sum(math.prod(layers[name]) for name in inside) for b in budgets]
+    else:
+        bits = [sum(layer_bits(recipe, name, shape) for name, shape in layers.items())]
+        block_bits = [sum(layer_bits(recipe, name, layers[name]) for name in inside)]
+    params = sum(p.numel() for p in net.parameters())
+    files = FIXED_FILE_BYTES + tokenizer + MANIFEST_BYTES_PER_LAYER * len(layers)
+    files += HEADER_BYTES_PER_TENSOR * (len(net.state_dict()) + 2 * len(layers))
+    outputs = tuple(other_bytes(net, layers, dtype) + b // 8 + files for b in bits)
+    work = work_bytes(recipe, layers, budgets, bits)
+    return DryRun(
+        model=model if isinstance(model, str) else type(model).__name__,
+        dtype=str(dtype).removeprefix("torch."),
+        source_bytes=source,
+        params=params,
+        block_params=block_params,
+        quantized_params=quantized,
+        layers=len(layers),
+        unquantized=tuple(unquantized),
+        bits_per_weight=tuple(b / quantized for b in bits),
+        block_bits_per_weight=tuple((b + left_bits) / block_params for b in block_bits),
+        output_bytes=outputs,
+        peak_ram_bytes=peak_ram(recipe, net, layers, dtype, mapped, max(outputs), bits[-1] // 8, work),
+        work_bytes=work,
+        budgets=budgets,
+    )
+
+
+def selected_shapes(net: nn.Module, recipe: Recipe) -> dict[str, tuple[int, int]]:
+    """{name: (N, K)} of the nn.Linear layers the recipe quantizes, in module order."""
+    return {
+        name: (net.get_submodule(name).out_features, net.get_submodule(name).in_features)
+        for name in selected_names(net, recipe)
+    }
+
+
+def layer_bits(recipe: Recipe, name: str, shape: tuple[int, int]) -> int:
+    """Exact stored bits of one layer under the recipe's single setting: codes, scales, zeros, L1 L2."""
+    lowrank = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize
+    rank = min(recipe.decompose.rank, *shape)
+    return storage_bits(recipe.layer_config(name).spec(), shape) + rank * sum(shape) * lowrank
+
+
+def other_bytes(net: nn.Module, layers: dict, dtype: torch.dtype) -> int:
+    """Bytes of every stored tensor that is not a quantized weight (tied copies once), floating ones in
+    `dtype`: embeddings, norms, lm_head, biases, unquantized block weights."""
+    seen, total = set(), 0
+    weights = {f"{name}.weight" for name in layers}
+    for name, t in net.state_dict(keep_vars=True).items():
+        key = id(t)
+        if name in weights or key in seen:
+            continue
+        seen.add(key)
+        size = dtype.itemsize if t.is_floating_point() else t.element_size()
+        total += t.numel() * size
+    return total
+
+
+def check_budgets(recipe: Recipe, layers: dict, budgets) -> None:
+    """Refuse a budget below the smallest storage the allocation's candidate grid allows."""
+    a = recipe.allocate
+    grid = candidate_grid(a.formats, a.bits, a.group_sizes, a.ranks, base=recipe.quantize.spec())
+    lowrank = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize
+    names, shapes = list(layers), list(layers.values())
+    forbid = [(f["match"], {k: v for k, v in f.items() if k != "match"}) for f in a.forbid]
+    allowed = constraint_mask(names, grid, pins=a.pins, forbid=forbid, min_bits=a.min_bits)
+    applies = np.array([[c.rank <= min(s) for c in grid] for s in shapes])
+    sizes = np.array([[candidate_bits(c, s, lowrank) for c in grid] for s in shapes], dtype=np.int64)
+    ok = allowed & applies
+    lo = int(np.where(ok, sizes, np.iinfo(np.int64).max).min(1).sum())
+    hi = int(np.where(ok, sizes, -1).max(1).sum())
+    params = sum(n * k for n, k in shapes)
+    for b in budgets:
+        if budget_bits(b, params) < lo:
+            raise AllocationError(
+                f"budget of {b:g} bits per weight is infeasible: the allowed candidates need between "
+                f"{lo / params:.4f} (smallest) and {hi / params:.4f} (largest) bits per weight"
+            )
+
+
+def check_text_source(source: str) -> None:
+    """Refuse a calibration source that cannot be read: a missing or unsupported local file, an unknown
+    built-in text. Hub datasets are not reached here (that would download them)."""
+    if source.startswith("builtin:"):
+        load_text(source)
+        return
+    path = Path(source).expanduser()
+    if path.suffix in FILE_LIKE_SUFFIXES or path.exists() or source.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise DataError(f"calibration text file {source!r} does not exist")
+        if path.suffix not in FILE_SUFFIXES:
+            raise DataError(f"unsupported text file {source!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def work_bytes(recipe: Recipe, layers: dict, budgets, bits: list[int]) -> int:
+    """Predicted work-area disk of a budget run: the calibration file (every layer's fp32 Hessian [K, K]
+    and activation statistics, the fp32 Fisher [N, K] with the fisher metric) and each budget's
+    compressed layers. The uniform path keeps no work area (0)."""
+    if not budgets:
+        return 0
+    fisher = recipe.allocate.metric == "fisher" or recipe.decompose.method == "lqlora-fisher"
+    stats = 0
+    if recipe.needs_calibration() or recipe.allocate.metric != "frobenius":
+        stats = sum(4 * k * k + 8 * k + (4 * n * k if fisher else 0) for n, k in layers.values())
+    return stats + sum(bits) // 8
+
+
+def peak_ram(
+    recipe: Recipe,
+    net: nn.Module,
+    layers: dict,
+    dtype: torch.dtype,
+    mapped: int,
+    out: int,
+    compressed: int,
+    work: int,
+) -> int:
+    """Predicted peak resident memory in bytes: the largest of the phases below, plus BASE_RSS.
+
+    load:     the model in `dtype` + what the loader keeps memory-mapped (`mapped`: the shards, whose
+              pages read count as resident until loading ends, when transformers loads them; nothing
+              for a safetensors folder read tensor by tensor, each straight into its own storage)
+    quantize: the model + one layer's fp32 copy and its quantization temporaries (about 4 fp32 copies)
+              + with calibration, the hidden states entering and leaving a block; the uniform path frees
+              each original layer as its compressed one comes in, so that is its largest point; a
+              budget run (`work` > 0) also holds every compressed layer, every layer's statistics
+              (`work` less the compressed layers) and, with fine-tuning, a copy of the model
+    save:     the compressed model + its serialised bytes (save_file holds the whole file in memory)
+    """
+    model = sum(p.numel() for p in net.parameters()) * dtype.itemsize
+    largest = max(n * k for n, k in layers.values())
+    quantize = model + 16 * largest
+    if recipe.needs_calibration() or work:
+        cal = recipe.calibration
+        quantize += 2 * cal.samples * cal.seq_len * net.config.hidden_size * dtype.itemsize
+    if work:
+        quantize += max(work, compressed) + (model if recipe.finetune else 0)
+    return BASE_RSS + max(model + mapped, quantize, 2 * out)

@@ -1,0 +1,71 @@
+"""dry_run: the plan from config and shapes alone, its validation before any weight is read."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from lowbit.calibration.data import DataError
+from lowbit.compress import dry_run
+from lowbit.compress.allocate import AllocationError
+from lowbit.compress.api import compress
+from lowbit.compress.recipe import PRESETS, RecipeError
+from lowbit.compress.uniform import CompressError
+from lowbit.models import ModelError, source
+
+
+def folder_bytes(path):
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("preset", ["int4-g128", "nf3-g64-lorc-r16", "int8"])
+def test_predicted_output_matches_the_written_checkpoint(tiny_llama_dir, tmp_path, preset):
+    plan = dry_run(str(tiny_llama_dir), preset)
+    _, report = compress(str(tiny_llama_dir), preset, tmp_path / "out", progress=False)
+    assert plan.quantized_params == report.quantized_params
+    assert plan.layers == len(report.layers)
+    assert plan.bits_per_weight[0] == pytest.approx(report.bits_per_weight, rel=1e-12)
+    real = folder_bytes(tmp_path / "out")
+    assert abs(plan.output_bytes[0] - real) / real < 0.03
+    assert plan.unquantized == () and plan.block_params == plan.quantized_params
+
+
+def test_dry_run_reads_no_weight(tiny_llama_dir, monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("dry_run must not load the model")
+
+    monkeypatch.setattr(source, "from_pretrained", forbidden)
+    monkeypatch.setattr(source, "load_gguf", forbidden)
+    plan = dry_run(str(tiny_llama_dir), "int4-g128")
+    assert plan.params > plan.quantized_params > 0 and plan.peak_ram_bytes > plan.output_bytes[0]
+    assert json.loads(json.dumps(plan.to_dict()))["layers"] == plan.layers
+
+
+def test_budget_plan_and_infeasible_budget(tiny_llama_dir, news_file):
+    recipe = PRESETS["alloc-int"]
+    recipe = replace(recipe, calibration=replace(recipe.calibration, data=str(news_file)))
+    plan = dry_run(str(tiny_llama_dir), recipe, budgets=[3.0, 4.0])
+    assert plan.budgets == (3.0, 4.0) and plan.bits_per_weight == pytest.approx((3.0, 4.0), abs=1e-3)
+    assert plan.output_bytes[0] < plan.output_bytes[1] and plan.work_bytes > 0
+    with pytest.raises(AllocationError, match="infeasible"):
+        dry_run(str(tiny_llama_dir), recipe, budget=1.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(recipe="int5-g7"), RecipeError, "recipe must be"),
+        (dict(model="/no/such/model"), ModelError, "does not exist"),
+        (dict(recipe=replace(PRESETS["int4-g128"], exclude=("*",))), CompressError, "selects no linear"),
+        (dict(data="/no/such/calib.txt"), DataError, "does not exist"),
+        (dict(data="calib.csv"), DataError, "unsupported text file|does not exist"),
+        (dict(data="builtin:nope"), DataError, "unknown built-in text"),
+    ],
+)
+def test_bad_jobs_are_refused_before_loading(tiny_llama_dir, monkeypatch, kwargs, error, message):
+    monkeypatch.setattr(source, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    recipe = kwargs.get("recipe", PRESETS["int4-g128-gptq"])
+    if "data" in kwargs:
+        recipe = replace(recipe, calibration=replace(recipe.calibration, data=kwargs["data"]))
+    with pytest.raises(error, match=message):
+        dry_run(kwargs.get("model", str(tiny_llama_dir)), recipe)
