@@ -35,6 +35,7 @@ from lowbit.compress.allocate import (
 )
 from lowbit.compress.recipe import Recipe, resolve_recipe
 from lowbit.compress.uniform import block_weights, selected_names
+from lowbit.lowrank import METHODS
 from lowbit.models.shapes import source_shapes
 from lowbit.quantizers import SCALE_DTYPES, storage_bits
 
@@ -211,7 +212,7 @@ def work_bytes(recipe: Recipe, layers: dict, budgets, bits: list[int]) -> int:
     compressed layers. The uniform path keeps no work area (0)."""
     if not budgets:
         return 0
-    fisher = recipe.allocate.metric == "fisher" or recipe.decompose.method == "lqlora-fisher"
+    fisher = recipe.allocate.metric == "fisher" or "fisher" in METHODS[recipe.decompose.method].needs
     stats = 0
     if recipe.needs_calibration() or recipe.allocate.metric != "frobenius":
         stats = sum(4 * k * k + 8 * k + (4 * n * k if fisher else 0) for n, k in layers.values())
