@@ -185,18 +185,18 @@ def test_table_rounding_is_separate_from_the_final_rounding(monkeypatch):
     with pytest.raises(RecipeError, match="allocate.rounding"):
         Recipe.from_dict({"allocate": {"rounding": "stochastic"}})
     seen = {"table": set(), "final": set()}
-    error_row, decompose_layer = budget.error_row, budget.decompose_layer
+    error_row, apply_choice = budget.error_row, budget.apply_choice
 
     def table_row(*a, rounding, **k):
         seen["table"].add(rounding)
         return error_row(*a, rounding=rounding, **k)
 
-    def final_layer(lin, spec, rank, method, rounding, *a):
-        seen["final"].add(rounding)
-        return decompose_layer(lin, spec, rank, method, rounding, *a)
+    def final_layer(lin, choice, *a):
+        seen["final"].add(choice.rounding)
+        return apply_choice(lin, choice, *a)
 
     monkeypatch.setattr(budget, "error_row", table_row)
-    monkeypatch.setattr(budget, "decompose_layer", final_layer)
+    monkeypatch.setattr(budget, "apply_choice", final_layer)
     recipe = Recipe.from_dict(
         {
             "quantize": {"rounding": "gptq"},

@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import CalibrationStats, calibrate
 from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
+from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
 from lowbit.compress.recipe import Recipe
-from lowbit.compress.smoothing import fold_group, norm_groups, qlinear_of
-from lowbit.compress.uniform import calibration_data, decompose_layer, finetune_stage, select_linears
+from lowbit.compress.smoothing import fold_group, norm_groups
+from lowbit.compress.uniform import calibration_data, finetune_stage, select_linears
 from lowbit.compress.workarea import WorkArea
 from lowbit.lowrank import METHODS, Stats
-from lowbit.lowrank.svdquant import shared_smoothing, svdquant_smoothed
+from lowbit.lowrank.svdquant import shared_smoothing
 from lowbit.nn.checkpoint import plan_bits, save
 from lowbit.nn.manifest import lowbit_version
 from lowbit.nn.qlinear import QLinear, set_submodule
@@ -83,12 +84,6 @@ class BudgetResult:
     solve_seconds: float
     out: str | None = None
     work_bytes: int = 0
-
-
-def allocation_method(recipe: Recipe) -> str:
-    """The decomposition behind the error table: the recipe's, or LoRC when ranks compete without one."""
-    method = recipe.decompose.method
-    return "lorc" if method == "none" and any(recipe.allocate.ranks) else method
 
 
 def calibration_stage(
@@ -203,21 +198,13 @@ def quantize_stage(
 
     smooth: {layer: (lambda, folded)} from `smoothing_stage`; those layers are SVDQuant with that lambda.
     """
-    method = allocation_method(recipe)
     smooth = smooth or {}
     out = {}
     for name, lin in tqdm(linears.items(), desc=f"quantize {tag}", disable=not progress):
         saved = work.load(f"{tag}/{name}.safetensors")
         if saved is None:
-            c, st = plan[name], stats.get(name, Stats())
-            if name in smooth:
-                lam, folded = smooth[name]
-                d = svdquant_smoothed(
-                    lin.weight.detach().float(), c.spec, c.rank, lam, st, recipe.quantize.rounding
-                )
-                q = qlinear_of(lin, d, recipe, keep_smooth=not folded)
-            else:
-                q = decompose_layer(lin, c.spec, c.rank, method, recipe.quantize.rounding, recipe, st)
+            choice = allocated_choice(plan[name], recipe)
+            q = apply_choice(lin, choice, recipe, stats.get(name, Stats()), smooth.get(name))
             work.save(f"{tag}/{name}.safetensors", q.state_dict(), q.layer_plan())
         else:
             tensors, entry = saved

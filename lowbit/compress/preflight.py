@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from lowbit.calibration import find_blocks
-from lowbit.calibration.data import FILE_LIKE_SUFFIXES, FILE_SUFFIXES, DataError, load_text
+from lowbit.calibration.data import load_text
+from lowbit.calibration.sources import FILE_LIKE_SUFFIXES, FILE_SUFFIXES, DataError
 from lowbit.compress.allocate import (
     AllocationError,
     budget_bits,

@@ -11,7 +11,7 @@ reading that norm then sees x / lambda too: the readers share one lambda
 the norms whose readers may share a lambda; `fold_group` folds one group, checked;
 `compress_norm_groups` is the uniform pipeline's SVDQuant step for one decoder block (the budget path
 does the same with each layer's allocated spec and rank, `lowbit.compress.budget.smoothing_stage`);
-`qlinear_of` turns a decomposition into the QLinear that holds it. The export
+The export
 (`lowbit.export.fit`) folds a checkpoint's shared smoothing with the same helpers.
 """
 
@@ -20,26 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.compress.plan import apply_choice, uniform_choice
 from lowbit.compress.recipe import Recipe
-from lowbit.lowrank import Decomposition, Stats
-from lowbit.lowrank.svdquant import shared_smoothing, svdquant_smoothed
-from lowbit.nn.qlinear import QLinear, set_submodule
+from lowbit.lowrank import Stats
+from lowbit.lowrank.svdquant import shared_smoothing
+from lowbit.nn.qlinear import set_submodule
 from lowbit.nn.smoothing import fold_into_norm
-from lowbit.quantizers import SCALE_DTYPES
-
-
-def qlinear_of(linear: nn.Linear, d: Decomposition, recipe: Recipe, keep_smooth: bool = True) -> QLinear:
-    """The QLinear holding decomposition d of `linear`: low-rank factors in the recipe's lowrank_dtype,
-    the smoothing vector (when kept) in the weight's dtype."""
-    lowrank = SCALE_DTYPES[recipe.decompose.lowrank_dtype]
-    smooth = d.smooth if keep_smooth else None
-    return QLinear.from_linear(
-        linear,
-        d.q,
-        None if d.l1 is None else d.l1.to(lowrank),
-        None if d.l2 is None else d.l2.to(lowrank),
-        None if smooth is None else smooth.to(linear.weight.dtype),
-    )
 
 
 def norm_groups(model: nn.Module, readers: dict, layers) -> dict[str, list[str]]:
@@ -95,12 +81,11 @@ def compress_norm_groups(
     for norm, members in norm_groups(model, readers, [n for n in linears if n in block_stats]).items():
         st = block_stats[members[0]]  # the members read one input: their statistics agree
         stats = Stats(H=st.hessian_matrix(), act_max=st.act_max)
-        cfgs = [recipe.layer_config(n) for n in members]
+        choices = [uniform_choice(recipe, n) for n in members]
         Ws = [linears[n].weight.detach().float() for n in members]  # W_i [N_i, K], as calibrated
-        lam, _ = shared_smoothing(Ws, [c.spec() for c in cfgs], [rank] * len(Ws), stats)
+        lam, _ = shared_smoothing(Ws, [c.spec for c in choices], [rank] * len(Ws), stats)
         folded = lam is not None and fold_group(model, norm, readers, members, lam, teacher)
-        for name, W, cfg in zip(members, Ws, cfgs, strict=True):
-            d = svdquant_smoothed(W, cfg.spec(), rank, lam, stats, cfg.rounding)
-            set_submodule(model, name, qlinear_of(linears[name], d, recipe, keep_smooth=not folded))
+        for name, choice in zip(members, choices, strict=True):
+            set_submodule(model, name, apply_choice(linears[name], choice, recipe, stats, (lam, folded)))
         done.update(members)
     return done

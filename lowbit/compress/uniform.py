@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from lowbit.calibration import calibrate_sequential, fisher_diagonal
 from lowbit.calibration.data import calibration_blocks
 from lowbit.calibration.stats import find_blocks
+from lowbit.compress.plan import apply_choice, uniform_choice
 from lowbit.compress.recipe import Recipe
-from lowbit.compress.smoothing import compress_norm_groups, qlinear_of
-from lowbit.lowrank import METHODS, Stats, decompose
+from lowbit.compress.smoothing import compress_norm_groups
+from lowbit.lowrank import METHODS, Stats
 from lowbit.nn.checkpoint import plan_bits
 from lowbit.nn.qlinear import QLinear, set_submodule
 from lowbit.nn.smoothing import norm_readers
@@ -99,31 +100,10 @@ def block_bits_per_weight(model: nn.Module, plan: dict[str, dict]) -> tuple[floa
 
 def compress_layer(name: str, linear: nn.Linear, recipe: Recipe, stats=None, fisher=None) -> QLinear:
     """The QLinear for one layer under the recipe's single setting (stats: the layer's LayerStats)."""
-    cfg = recipe.layer_config(name)
-    dec = recipe.decompose
     H = None if stats is None else stats.hessian_matrix()
     act_max = None if stats is None else stats.act_max
     stats = Stats(H=H, act_max=act_max, fisher=fisher)
-    return decompose_layer(linear, cfg.spec(), dec.rank, dec.method, cfg.rounding, recipe, stats)
-
-
-def decompose_layer(
-    linear: nn.Linear, spec, rank: int, method: str, rounding: str, recipe: Recipe, stats: Stats
-) -> QLinear:
-    """Decompose one layer's weight W [N, K] into Q + L1 L2 and return the QLinear holding it; the
-    low-rank factors are stored in the recipe's decompose.lowrank_dtype."""
-    d = decompose(
-        linear.weight.detach().float(),
-        spec,
-        rank,
-        method if rank or METHODS[method].at_rank_zero else "none",
-        H=stats.H,
-        act_max=stats.act_max,
-        fisher=stats.fisher,
-        rounding=rounding,
-        iterations=recipe.decompose.iterations,
-    )
-    return qlinear_of(linear, d, recipe)
+    return apply_choice(linear, uniform_choice(recipe, name), recipe, stats)
 
 
 def quantize_model(
