@@ -22,7 +22,7 @@ from lowbit.lowrank import METHODS, decompose, output_error
 from lowbit.nn import QLinear, load
 from lowbit.quantizers import FORMATS, QuantSpec, dequantize, quantize, storage_bits, stored_layout
 from tests.conftest import compress_recipes, logits
-from tests.test_gguf_export import byte_tokenizer
+from tests.export.test_gguf_export import byte_tokenizer
 
 # relative Frobenius error bound of round-to-nearest on Gaussian weights, by bits per code
 ERROR_BOUND = {2: 0.75, 3: 0.4, 4: 0.2, 8: 0.08}

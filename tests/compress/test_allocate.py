@@ -26,7 +26,7 @@ from lowbit.compress.allocate import (
 from lowbit.lowrank import Stats, decompose
 from lowbit.quantizers import QuantSpec, storage_bits
 
-BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench_allocate.py"
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench_allocate.py"
 
 
 def random_problem(seed: int, M: int = 4, C: int = 4, holes: bool = False):

@@ -60,7 +60,7 @@ def test_in_a_fresh_process():
         pytest.skip("the interpreter runs in this process")
     env = os.environ | {"TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not slow", "-p", "no:cacheprovider"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[2])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 
