@@ -81,6 +81,7 @@ class Case:
     num_warps: int
     num_stages: int
     weights_per_iter: int
+    whole_program: bool = False  # no K loop: count every instruction (weights_per_iter: per program)
 
 
 def nvidia_bin(tool: str) -> str:
@@ -140,7 +141,7 @@ def hot_loop(instrs: list[tuple[int, str]]) -> list[str]:
 
 def analyse(case: Case, arch: int) -> dict:
     instrs, regs, local = disassemble(compile_cubin(case, arch))
-    loop = hot_loop(instrs)
+    loop = [s for _, s in instrs if not s.startswith("NOP")] if case.whole_program else hot_loop(instrs)
     per_weight = len(loop) * case.num_warps * 32 / case.weights_per_iter
     return dict(
         kernel=case.kernel,
@@ -271,6 +272,72 @@ def decode_cases(fmt: str) -> list[Case]:
     return out
 
 
+def import_gemlite():
+    """gemlite's GEMV module, or None when gemlite is not installed. Importing it asks the CUDA driver
+    for the GPU; on a CPU machine an sm_90 GPU is stood in for the import only."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("gemlite") is None:
+        return None
+    import triton.runtime as rt
+    from triton.backends.compiler import GPUTarget
+
+    class Hopper:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    saved = torch.cuda.get_device_capability, torch.cuda.get_device_properties
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
+        major=9, minor=0, name="H100", multi_processor_count=132
+    )
+    rt.driver.set_active(Hopper())
+    try:
+        from gemlite.triton_kernels import gemv_revsplitK_kernels
+    finally:
+        torch.cuda.get_device_capability, torch.cuda.get_device_properties = saved
+        rt.driver._active = None
+    return gemv_revsplitK_kernels
+
+
+def gemlite_cases() -> list[Case]:
+    """gemlite's int4 g128 GEMV for M = 1 (its reverse split-K kernel, asymmetric: (W - z) * s) in the
+    configuration its H100 table picks for 4096 x 4096 and in its other table entries. It has no loop
+    (each program reads two K blocks), so its whole program is counted: weights = BLOCK_N * 2 BLOCK_K."""
+    g = import_gemlite()
+    if g is None:
+        return []
+    n = k = 4096
+    pointers = dict(a_ptr="*bf16", b_ptr="*i32", c_ptr="*fp32", scales_ptr="*bf16", zeros_ptr="*bf16")
+    out = []
+    configs = ((128, 8, 1, 1), (256, 8, 2, 1), (512, 8, 4, 2), (128, 32, 1, 1), (256, 64, 2, 2))
+    for bn, bk, warps, stages in configs:
+        consts = dict(
+            N=n, K=k, W_nbits=4, group_size=128, unpack_mask=15, elements_per_sample=8, type_id=104,
+            use_prehook=False, stride_am=k, stride_ak=1, stride_bk=n, stride_bn=1, stride_cm=n, stride_cn=1,
+            stride_meta_a_m=0, stride_meta_a_g=0, stride_meta_g=n, stride_meta_n=1,
+            input_dtype=tl_dtype("bfloat16"), output_dtype=tl_dtype("float32"), acc_dtype=tl_dtype("float32"),
+            meta_dtype=tl_dtype("bfloat16"), channel_scale_mode=0, W_group_mode=3, zero_is_scalar=False,
+            BLOCK_SIZE_M=1, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, A_load_order=0, dot_prod_mode=0,
+            data_contiguous=True, EVEN_K=True, EVEN_N=True, scales_a_ptr=None, dump_b_val=0,
+            meta_evict_policy="", atomic_mode="relaxed", a_evict="evict_last", b_evict="evict_first",
+            block_quant_size=g.BLOCK_QUANT_SIZE,
+        )
+        name = f"N={bn},K={bk},w={warps},s={stages}"
+        fn = g.gemv_INT_revsplitK_kernel.fn
+        weights = bn * 2 * bk
+        out.append(Case("gemlite-gemv", "int4-g128", "1", name,
+                        fn, consts, pointers, warps, stages, weights, True))
+    return out
+
+
+def tl_dtype(name: str):
+    import triton.language as tl
+
+    return getattr(tl, name)
+
+
 # (format, M) pairs whose launches per call are counted; a row takes the count of its format at the
 # first M of its M range
 LAUNCH_MS = (1, 2, 17)
@@ -289,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-launches", action="store_true", help="skip the interpreter launch count")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    todo = [c for c in cases() if (not args.kernels or c.kernel in args.kernels)]
+    todo = [c for c in cases() + gemlite_cases() if (not args.kernels or c.kernel in args.kernels)]
     todo = [c for c in todo if not args.formats or c.format in args.formats]
     rows = [analyse(c, arch) for arch in args.arch for c in todo]
     if not args.no_launches:

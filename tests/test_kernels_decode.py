@@ -139,3 +139,14 @@ def test_kernel_cache_forward_takes_every_path():
     x32 = x.float().requires_grad_(True)  # a gradient is needed: the torch op with its backward
     prepared.forward(prepared.KernelCache(), x32, q, l1, l2, smooth, bias).sum().backward()
     assert x32.grad is not None
+
+
+def test_keep_dequantized_reaches_every_layer_with_a_kernel_cache():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    for layer in model:
+        layer.kernel_cache = prepared.KernelCache()
+        layer.kernel_cache.dequantized = ("codes", torch.float32, None)
+    assert prepared.keep_dequantized(model) == 2
+    assert all(m.kernel_cache.keep_dequantized and m.kernel_cache.dequantized is None for m in model)
+    prepared.keep_dequantized(model, keep=False)
+    assert not any(m.kernel_cache.keep_dequantized for m in model)

@@ -124,3 +124,15 @@ def forward(cache: KernelCache, x, q: QTensor, l1, l2, smooth, bias, backend: st
         reference.check_inputs(x, q, l1, l2, smooth, bias)
         return reference.linear_dequantized(x, d[2], l1, l2, smooth, bias)
     return qlinear(x, q, l1, l2, smooth, bias, backend=name)
+
+
+def keep_dequantized(model: torch.nn.Module, keep: bool = True) -> int:
+    """Make every layer of `model` with a KernelCache (QLinear) keep its dequantized weight between
+    reference-backend calls (speed over memory: one activation-dtype copy of each weight); returns how
+    many layers. keep=False drops the copies."""
+    caches = [getattr(m, "kernel_cache", None) for m in model.modules()]
+    caches = [c for c in caches if isinstance(c, KernelCache)]
+    for cache in caches:
+        cache.keep_dequantized = keep
+        cache.dequantized = None
+    return len(caches)
