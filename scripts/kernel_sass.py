@@ -240,7 +240,7 @@ def cases() -> list[Case]:
     return out
 
 
-DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", offsets_ptr="*bf16", lut_ptr="*bf16",
+DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", offsets_ptr="*bf16", lut_ptr="*i32",
                        inv_smooth_ptr="*fp32", ws_ptr="*fp32", t_ptr="*fp32", lock_ptr="*i32")  # fmt: skip
 
 

@@ -395,7 +395,7 @@ DECODE = dict(FMT="int", EVEN_K=False, USE_ASM=True, MAGIC_VALUE=128, GROUP_SIZE
               HAS_LOWRANK=True, HAS_BIAS=True, DOT_IEEE=False, BLOCK_M=16, BLOCK_N=128, TILE=128, BLOCK_R=64,
               SPLIT_K=4, T_PROGS=4, T_BLOCK_K=512, lut_ptr=None)
 DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", inv_smooth_ptr="*fp32", ws_ptr="*fp32",
-                       t_ptr="*fp32", lock_ptr="*i32")
+                       lut_ptr="*i32", t_ptr="*fp32", lock_ptr="*i32")
 for arch in (80, 90):
     compile_kernel(triton_decode._decode_kernel, DECODE, arch, 4, DECODE_POINTERS)
 nf4 = dict(DECODE, FMT="nf", USE_ASM=False, GROUP_SIZE=64, TILE=64, BLOCK_M=32)

@@ -1,13 +1,16 @@
 """The decode kernel's weight layout, built once from a checkpoint's QTensor (the checkpoint stays as it is).
 
 The decode kernel (`lowbit.kernels.triton_decode`) reads 4-bit codes as int32 words, eight codes a
-word, and turns two words into eight pairs of 16-bit floats with one `prmt`, three shifts and four
-`lop3` per word (the magic-number trick: OR a nibble c into the mantissa of 128.0 in bf16, or of
-1024.0 in fp16, which is exactly 128 + c, resp. 1024 + c) and one packed add per pair that subtracts
-128 + z (INT: exactly c - z) or, for NF, a codebook lookup. A K tile of KT columns of one row is
-KT / 8 words; tile column c sits in word c % (KT / 8) at nibble NIBBLE_OF_SLOT[c // (KT / 8)] (the
-order in which the kernel's joins lay the eight nibbles of a word side by side). Columns past K are
-padded with code 0 (their activations are 0).
+word. INT: two words become eight pairs of 16-bit floats with one `prmt`, three shifts and four `lop3`
+per word (the magic-number trick: OR a nibble c into the mantissa of 128.0 in bf16, or of 1024.0 in
+fp16, which is exactly 128 + c, resp. 1024 + c) and one packed add per pair that subtracts 128 + z
+(exactly c - z). NF: one load per byte from a 256-entry table of code pairs (`pair_table`).
+
+A K tile of KT = 128 columns of one row is 16 words; tile column c sits in word c % 16 at nibble
+NIBBLE_OF_SLOT[c // 16] (the order in which the kernel's joins lay the eight nibbles of a word side by
+side). A tile spans 1, 2 or 4 scale groups (groups of 128 or more, 64, 32): slots 0-3 and 4-7, or slot
+pairs, so nibble j belongs to group j % 2 (two groups) or (0, 2, 1, 3)[j % 4] (four). Columns past K
+are padded with code 0 (their activations are 0), rows past N too.
 
 Scales are applied once per group, to the fp32 partial sum of the group, not to every weight:
 
@@ -30,7 +33,7 @@ from lowbit.quantizers import QTensor, codebook, decode_scales, unpack_codes
 NIBBLE_OF_SLOT = (0, 4, 2, 6, 1, 5, 3, 7)
 # 16-bit magic numbers: a nibble ORed into their mantissa reads as MAGIC + nibble
 MAGIC = {torch.bfloat16: 128, torch.float16: 1024}
-# K tile of the layout: the group size when it divides 128, else 128 (groups of 128 and multiples)
+# K tile of the layout (and of the kernel's loop)
 MAX_TILE = 128
 # rows of the layout are padded to a multiple of the kernel's BLOCK_N
 ROW_TILE = 128
@@ -45,9 +48,10 @@ class DecodeWeight:
     """A QTensor W [N, K] repacked for the decode kernel, for activations of one 16-bit dtype.
 
     words int32 [Np, Kp / 8] (Kp = K rounded up to the tile KT, Np = N rounded up to ROW_TILE, padding
-    rows and columns hold code 0); scales float32 [G, Np] (G groups of K, decoded from double
-    quantization); offsets [G, Np] in the activation dtype: -(MAGIC + z) for INT,
-    zeros for NF; lut [16] in the activation dtype (NF codebook) or None; fmt "int" or "nf".
+    rows and columns hold code 0); scales float32 [Gp, Np] (G groups of K, decoded from double
+    quantization, then zero groups up to whole K tiles); offsets [Gp, Np] in the activation dtype:
+    -(MAGIC + z) for INT, zeros for NF; lut int32 [256] (NF: `pair_table` of the codebook) or None;
+    fmt "int" or "nf".
     """
 
     words: torch.Tensor
@@ -61,12 +65,11 @@ class DecodeWeight:
 
 
 def decode_tile(group_size: int | None, k: int) -> int | None:
-    """KT for a group size (None: per channel), or None when groups straddle 128-column tiles."""
-    if group_size is None or group_size >= k:
+    """KT for a group size (None: per channel): 128 when groups tile it (32, 64, 128 or multiples of
+    128; a tile then spans 4, 2 or 1 groups), else None."""
+    if group_size is None or group_size >= k or group_size % MAX_TILE == 0:
         return MAX_TILE
-    if MAX_TILE % group_size == 0 and group_size >= 32:
-        return group_size
-    return MAX_TILE if group_size % MAX_TILE == 0 else None
+    return MAX_TILE if MAX_TILE % group_size == 0 and group_size >= 32 else None
 
 
 def supports(q: QTensor, dtype: torch.dtype) -> bool:
@@ -93,6 +96,15 @@ def pack_words(codes: torch.Tensor, tile: int) -> torch.Tensor:
     return (words - (words >= 2**31).long() * 2**32).to(torch.int32).reshape(N, Kp // 8)
 
 
+def pair_table(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [256]: entry b holds values[b & 15] (bits 0-15) and values[b >> 4] (bits 16-31) in `dtype`,
+    so one load turns a byte of two NF codes into the pair of 16-bit weights."""
+    bits = values.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF  # [16]
+    b = torch.arange(256)
+    table = bits[b & 15] | (bits[b >> 4] << 16)
+    return (table - (table >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
+
+
 def prepare_decode(q: QTensor, dtype: torch.dtype) -> DecodeWeight:
     """The decode layout of q for activations of `dtype` (bf16 or fp16); LayoutError if it has none."""
     if not supports(q, dtype):
@@ -107,12 +119,15 @@ def prepare_decode(q: QTensor, dtype: torch.dtype) -> DecodeWeight:
         lut = None
     else:
         offsets = torch.zeros_like(s)
-        lut = codebook(spec.format).to(q.codes.device, dtype)
+        lut = pair_table(codebook(spec.format), dtype).to(q.codes.device)
     pad = -N % ROW_TILE  # rows padded to whole row tiles: the kernel loads them without masks
+    # groups padded to whole K tiles (zero scales): the last tile's groups past K exist
+    G = s.shape[1]
+    g_pad = -(-K // tile) * tile // spec.group_size - G if 1 < G and spec.group_size < tile else 0
     return DecodeWeight(
         words=F.pad(pack_words(unpack_codes(q), tile), (0, 0, 0, pad)).contiguous(),
-        scales=F.pad(s.T, (0, pad)).contiguous(),
-        offsets=F.pad(offsets.T, (0, pad)).to(dtype).contiguous(),
+        scales=F.pad(s.T, (0, pad, 0, g_pad)).contiguous(),
+        offsets=F.pad(offsets.T, (0, pad, 0, g_pad)).to(dtype).contiguous(),
         lut=lut,
         fmt=spec.kind,
         tile=tile,

@@ -40,7 +40,8 @@ NUM_WARPS = 4
 
 # eight codes of two words -> eight bf16x2 (fp16x2) pairs (code - (MAGIC + z)): join the low halves of
 # the two words (prmt), then per nibble a shift and a lop3 ((t & 0x000F000F) | MAGIC), then one packed
-# fma by 1.0 adding -(MAGIC + z) exactly (fma: sub.bf16x2 needs sm_90)
+# fma by 1.0 adding -(MAGIC + z) exactly (fma: sub.bf16x2 needs sm_90); nibble j takes the offsets
+# operand j % 4 (the K tile may span up to four groups)
 _ASM = """{
 .reg .b32 t, u, one;
 mov.b32 one, ONE;
@@ -61,13 +62,13 @@ shr.b32 u, u, 4;
 lop3.b32 $3, t, 0x000F000F, MAGIC, 0xEA;
 lop3.b32 $7, u, 0x000F000F, MAGIC, 0xEA;
 fma.rn.OP $0, $0, one, $10;
-fma.rn.OP $1, $1, one, $10;
-fma.rn.OP $2, $2, one, $10;
-fma.rn.OP $3, $3, one, $10;
+fma.rn.OP $1, $1, one, $11;
+fma.rn.OP $2, $2, one, $12;
+fma.rn.OP $3, $3, one, $13;
 fma.rn.OP $4, $4, one, $10;
-fma.rn.OP $5, $5, one, $10;
-fma.rn.OP $6, $6, one, $10;
-fma.rn.OP $7, $7, one, $10;
+fma.rn.OP $5, $5, one, $11;
+fma.rn.OP $6, $6, one, $12;
+fma.rn.OP $7, $7, one, $13;
 }"""
 
 
@@ -80,42 +81,87 @@ ASM_F16 = _asm("0x3C003C00", "0x64006400", "f16x2")
 
 
 @triton.jit
-def _nibbles_asm(words, offsets, IS_BF16: tl.constexpr):
-    """Eight [BN, KT / 8] tensors: nibble j of every word minus (MAGIC + z), j = 0..7, in x's dtype."""
+def _nibbles_asm(words, f0, f1, f2, f3, IS_BF16: tl.constexpr):
+    """Eight [BN, KT / 8] tensors: nibble j of every word plus offsets f(j % 4) [BN, KT / 8], in x's dtype."""
+    cons: tl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r"
     if IS_BF16:
-        out = tl.inline_asm_elementwise(
-            ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [words, offsets], (tl.bfloat16,) * 8, True, 2
-        )
+        out = tl.inline_asm_elementwise(ASM_BF16, cons, [words, f0, f1, f2, f3], (tl.bfloat16,) * 8, True, 2)
     else:
-        out = tl.inline_asm_elementwise(
-            ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [words, offsets], (tl.float16,) * 8, True, 2
-        )
+        out = tl.inline_asm_elementwise(ASM_F16, cons, [words, f0, f1, f2, f3], (tl.float16,) * 8, True, 2)
     return out
 
 
 @triton.jit
-def dequant_tile(words, offsets, lut_ptr, FMT: tl.constexpr, USE_ASM: tl.constexpr, MAGIC_VALUE: tl.constexpr,
-                 dtype: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr):  # fmt: skip
-    """Unscaled weights [BLOCK_N, TILE] in `dtype` of int32 words [BLOCK_N, TILE / 8]: INT c - z, NF lut[c].
+def _nibbles_lut(words, lut_ptr, dtype: tl.constexpr):
+    """NF: eight [BN, KT / 8] tensors codebook[nibble j of every word], j = 0..7, in x's dtype.
 
-    offsets [BLOCK_N] in dtype: -(MAGIC + z) (INT). Tile column c is word c % (TILE / 8), nibble
-    NIBBLE_OF_SLOT[c // (TILE / 8)] (`layout.pack_words`): the order of the joins below.
+    One load per byte from the 256-entry pair table (`layout.pair_table`, L1-resident): both codes of
+    the byte, as the low and high 16 bits of one int32.
     """
-    if USE_ASM:
+    o0, o1 = _pair(lut_ptr, words, 0, dtype)
+    o2, o3 = _pair(lut_ptr, words, 8, dtype)
+    o4, o5 = _pair(lut_ptr, words, 16, dtype)
+    o6, o7 = _pair(lut_ptr, words, 24, dtype)
+    return o0, o1, o2, o3, o4, o5, o6, o7
+
+
+@triton.jit
+def _pair(lut_ptr, words, SHIFT: tl.constexpr, dtype: tl.constexpr):
+    pair = tl.load(lut_ptr + ((words >> SHIFT) & 0xFF))  # int32 [BN, KT / 8]
+    lo = (pair & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+    return lo, (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
+
+
+@triton.jit
+def _int_nibble(words, offsets, SHIFT: tl.constexpr, MAGIC_VALUE: tl.constexpr, dtype: tl.constexpr):
+    """(MAGIC + nibble) + offsets = c - z, exactly, as the inline PTX computes it."""
+    c = ((words >> SHIFT) & 0xF) + MAGIC_VALUE
+    return (c.to(tl.float32) + offsets.to(tl.float32)[:, None]).to(dtype)
+
+
+@triton.jit
+def dequant_tile(words, f0, f1, f2, f3, lut_ptr, FMT: tl.constexpr, USE_ASM: tl.constexpr,
+                 MAGIC_VALUE: tl.constexpr, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TILE: tl.constexpr):  # fmt: skip
+    """Unscaled weights of int32 words [BLOCK_N, TILE / 8], as eight [BLOCK_N, TILE / 8] tensors o_j (nibble
+    j of every word): INT c - z, NF codebook[c] in `dtype`. f0..f3 [BLOCK_N] in dtype: -(MAGIC + z) of
+    the group of nibbles j with j % 4 = 0..3 (INT)."""
+    if FMT == "nf":
+        o0, o1, o2, o3, o4, o5, o6, o7 = _nibbles_lut(words, lut_ptr, dtype)
+    elif USE_ASM:
+        shape: tl.constexpr = (BLOCK_N, TILE // 8)
         o0, o1, o2, o3, o4, o5, o6, o7 = _nibbles_asm(
-            words, tl.broadcast_to(offsets[:, None], (BLOCK_N, TILE // 8)), dtype == tl.bfloat16
-        )
-        w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-        w = tl.permute(tl.reshape(w, (BLOCK_N, TILE // 8, 8)), (0, 2, 1))  # [BN, slot, word]
+            words, tl.broadcast_to(f0[:, None], shape), tl.broadcast_to(f1[:, None], shape),
+            tl.broadcast_to(f2[:, None], shape), tl.broadcast_to(f3[:, None], shape), dtype == tl.bfloat16,
+        )  # fmt: skip
     else:
-        slot = tl.arange(0, 8)
-        nibble = (slot & 1) * 4 + (slot & 2) + (slot >> 2)  # NIBBLE_OF_SLOT, the bit reversal of slot
-        c = (words[:, None, :] >> (4 * nibble)[None, :, None]) & 0xF  # [BN, slot, word]
-        if FMT == "int":
-            w = ((c + MAGIC_VALUE).to(tl.float32) + offsets.to(tl.float32)[:, None, None]).to(dtype)
-        else:
-            w = tl.load(lut_ptr + c)
-    return tl.reshape(w, (BLOCK_N, TILE))
+        o0 = _int_nibble(words, f0, 0, MAGIC_VALUE, dtype)
+        o1 = _int_nibble(words, f1, 4, MAGIC_VALUE, dtype)
+        o2 = _int_nibble(words, f2, 8, MAGIC_VALUE, dtype)
+        o3 = _int_nibble(words, f3, 12, MAGIC_VALUE, dtype)
+        o4 = _int_nibble(words, f0, 16, MAGIC_VALUE, dtype)
+        o5 = _int_nibble(words, f1, 20, MAGIC_VALUE, dtype)
+        o6 = _int_nibble(words, f2, 24, MAGIC_VALUE, dtype)
+        o7 = _int_nibble(words, f3, 28, MAGIC_VALUE, dtype)
+    return o0, o1, o2, o3, o4, o5, o6, o7
+
+
+@triton.jit
+def _columns(parts, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, SLOTS: tl.constexpr):
+    """The weight tile [BLOCK_N, SLOTS * WORDS] of a join tree of SLOTS nibble tensors [BLOCK_N, WORDS]
+    (flattened join order = slot order): column slot * WORDS + word, as `layout.pack_words` places it."""
+    w = tl.reshape(parts, (BLOCK_N, WORDS, SLOTS))
+    return tl.reshape(tl.permute(w, (0, 2, 1)), (BLOCK_N, SLOTS * WORDS))
+
+
+@triton.jit
+def _group_dot(w, x_ptr, inv_smooth_ptr, scales_ptr, offs_m, offs_n, g, k0, M, K, stride_xm, stride_gn,
+               HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr, DOT_IEEE: tl.constexpr,
+               WIDTH: tl.constexpr):  # fmt: skip
+    """fp32 [BLOCK_N, BLOCK_M]: (w [BLOCK_N, WIDTH] @ x_s[:, k0 : k0 + WIDTH].T) * s[n, g], one group."""
+    x = _load_x(x_ptr, inv_smooth_ptr, offs_m, k0 + tl.arange(0, WIDTH), M, K, stride_xm, HAS_SMOOTH, EVEN_K)
+    s = tl.load(scales_ptr + g * stride_gn + offs_n)  # fp32 [BN]
+    return _dot(w, x, DOT_IEEE) * s[:, None]  # the scale once per row and group, on the fp32 partial sum
 
 
 @triton.jit
@@ -210,6 +256,7 @@ def _decode_kernel(
     k_begin = pid_k * tiles_per_split * TILE
     k_end = tl.minimum(K, k_begin + tiles_per_split * TILE)
     dtype = x_ptr.dtype.element_ty
+    GROUPS: tl.constexpr = TILE // GROUP_SIZE if GROUP_SIZE < TILE else 1
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -218,13 +265,52 @@ def _decode_kernel(
         offs_w = k0 // 8 + tl.arange(0, TILE // 8)
         # rows of the layout are padded to whole BLOCK_N tiles (stride_gn: padded N): no masks
         words = tl.load(words_ptr + offs_n[:, None] * stride_wn + offs_w[None, :])  # int32 [BN, TILE / 8]
+        # groups of this K tile: 1, 2 or 4 (GROUPS); nibble j's group by j % 4 (see `layout`)
         g = k0 // GROUP_SIZE
-        s = tl.load(scales_ptr + g * stride_gn + offs_n)  # fp32 [BN]
-        offsets = tl.load(offsets_ptr + g * stride_gn + offs_n)  # [BN], -(MAGIC + z)
-        w = dequant_tile(words, offsets, lut_ptr, FMT, USE_ASM, MAGIC_VALUE, dtype, BLOCK_N, TILE)
-        offs_k = k0 + tl.arange(0, TILE)
-        x = _load_x(x_ptr, inv_smooth_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH, EVEN_K)
-        acc += _dot(w, x, DOT_IEEE) * s[:, None]  # one scale per row and group, on the fp32 partial sum
+        f0 = tl.load(offsets_ptr + g * stride_gn + offs_n)  # [BN], -(MAGIC + z)
+        f1 = f0
+        f2 = f0
+        f3 = f0
+        if GROUPS == 2:
+            f1 = tl.load(offsets_ptr + (g + 1) * stride_gn + offs_n)
+            f3 = f1
+        if GROUPS == 4:
+            f2 = tl.load(offsets_ptr + (g + 1) * stride_gn + offs_n)
+            f1 = tl.load(offsets_ptr + (g + 2) * stride_gn + offs_n)
+            f3 = tl.load(offsets_ptr + (g + 3) * stride_gn + offs_n)
+        o0, o1, o2, o3, o4, o5, o6, o7 = dequant_tile(
+            words, f0, f1, f2, f3, lut_ptr, FMT, USE_ASM, MAGIC_VALUE, dtype, BLOCK_N, TILE
+        )
+        W: tl.constexpr = TILE // 8
+        if GROUPS == 1:
+            # tl.join adds a minor axis: this tree flattens to o0 o4 o2 o6 o1 o5 o3 o7, slots 0..7
+            low = tl.join(tl.join(o0, o1), tl.join(o2, o3))
+            parts = tl.join(low, tl.join(tl.join(o4, o5), tl.join(o6, o7)))
+            w = _columns(parts, BLOCK_N, W, 8)
+            acc += _group_dot(w, x_ptr, inv_smooth_ptr, scales_ptr, offs_m, offs_n, g, k0, M, K, stride_xm,
+                              stride_gn, HAS_SMOOTH, EVEN_K, DOT_IEEE, TILE)  # fmt: skip
+        elif GROUPS == 2:
+            for h in tl.static_range(2):
+                if h == 0:  # slots 0..3: o0 o4 o2 o6
+                    parts = tl.join(tl.join(o0, o2), tl.join(o4, o6))
+                else:  # slots 4..7: o1 o5 o3 o7
+                    parts = tl.join(tl.join(o1, o3), tl.join(o5, o7))
+                acc += _group_dot(_columns(parts, BLOCK_N, W, 4), x_ptr, inv_smooth_ptr, scales_ptr, offs_m,
+                                  offs_n, g + h, k0 + h * (TILE // 2), M, K, stride_xm, stride_gn, HAS_SMOOTH,
+                                  EVEN_K, DOT_IEEE, TILE // 2)  # fmt: skip
+        else:
+            for q in tl.static_range(4):
+                if q == 0:
+                    parts = tl.join(o0, o4)
+                elif q == 1:
+                    parts = tl.join(o2, o6)
+                elif q == 2:
+                    parts = tl.join(o1, o5)
+                else:
+                    parts = tl.join(o3, o7)
+                acc += _group_dot(_columns(parts, BLOCK_N, W, 2), x_ptr, inv_smooth_ptr, scales_ptr, offs_m,
+                                  offs_n, g + q, k0 + q * (TILE // 4), M, K, stride_xm, stride_gn, HAS_SMOOTH,
+                                  EVEN_K, DOT_IEEE, TILE // 4)  # fmt: skip
     last = True
     if SPLIT_K > 1:
         ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
@@ -310,7 +396,7 @@ def decode(
         x, dw.words, dw.scales, dw.offsets, dw.lut, inv_smooth, l2, l1, bias, y, ws, t, lock,
         M, N, K, R, x.stride(0), dw.words.stride(0), dw.scales.stride(0), 0 if l2 is None else l2.stride(0),
         0 if l1 is None else l1.stride(0), y.stride(0),
-        FMT=dw.fmt, EVEN_K=K % dw.tile == 0, USE_ASM=dw.fmt == "int" and not interpreting(),
+        FMT=dw.fmt, EVEN_K=K % dw.tile == 0, USE_ASM=not interpreting(),
         MAGIC_VALUE=MAGIC[x.dtype],
         GROUP_SIZE=dw.group_size, HAS_SMOOTH=inv_smooth is not None, HAS_LOWRANK=R > 0,
         HAS_BIAS=bias is not None, DOT_IEEE=interpreting(), BLOCK_N=BLOCK_N, TILE=dw.tile,
