@@ -330,6 +330,22 @@ def test_activation_quantization_is_per_token():
     assert float(err[1].max()) > 0.5 * 16 * float(s_x[1])  # the bound is not vacuous
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_activation_quantization_equals_its_definition(dtype):
+    """One launch computes quantize_activations: the same scales and codes, but for the interpreter's
+    fp32 -> E4M3 conversion, which rounds ties away from zero (one step off) and drops the carry of a
+    rounding up to a power of two (half of it); compiled code rounds to nearest even."""
+    x = (torch.randn(5, K) * torch.tensor([1e-3, 1.0, 1e3, 0.0, 7.0])[:, None]).to(dtype)
+    want, s_want = triton_fp8.quantize_activations(x)
+    got, s_got = triton_fp8.quantize_activations_fused(x)
+    assert torch.equal(s_got, s_want)
+    a, b = want.float(), got.float()
+    step = 2.0 ** (torch.maximum(a.abs(), b.abs()).clamp(min=2**-9).log2().floor() - 3)  # E4M3 spacing
+    carry_dropped = (b == a / 2) & (a.abs().log2() == a.abs().log2().round())
+    assert bool(((a - b).abs() <= step).logical_or(carry_dropped).all())
+    assert (a == b).float().mean() > 0.9
+
+
 def test_pruners_fit_the_problem(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     args = dict(M=20, N=4096, K=4096, PER_CHANNEL=False, GROUP_SIZE=64)
