@@ -227,7 +227,7 @@ def cases() -> list[Case]:
                                 c.num_warps, c.num_stages, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
         for c in triton_gemm.GEMM_CONFIGS:
             kw = dict(consts, **c.kwargs, GROUP_M=8)
-            out.append(Case("gemm", fmt, "33+", config_name(c), triton_gemm._qgemm_kernel.fn, kw, POINTERS,
+            out.append(Case("gemm", fmt, "65+", config_name(c), triton_gemm._qgemm_kernel.fn, kw, POINTERS,
                             c.num_warps, c.num_stages, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
     for fmt in ("int4-g128", "int4-g128-r64", "nf4-g64"):
         out += decode_cases(fmt)
@@ -245,7 +245,7 @@ DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", offsets_ptr="*bf16"
 
 
 def decode_cases(fmt: str) -> list[Case]:
-    """The decode kernel on a 4096 x 4096 layer of `fmt` (bf16 activations), M up to 16 and up to 32."""
+    """The decode kernel on a 4096 x 4096 layer of `fmt` (bf16 activations), one row per M bucket."""
     from lowbit.kernels import triton_decode
     from lowbit.kernels.layout import MAGIC, decode_tile
     from lowbit.quantizers import QuantSpec
@@ -259,7 +259,7 @@ def decode_cases(fmt: str) -> list[Case]:
     if not rank:
         absent.update(l1_ptr=None, l2_ptr=None, t_ptr=None)
     out = []
-    for m, label in ((16, "1-16"), (32, "17-32")):
+    for m, label in ((16, "1-16"), (32, "17-32"), (64, "33-64")):
         config = triton_decode.decode_config(m, n, k, tile, rank, 132)
         stages = config.pop("num_stages")
         consts = dict(absent, **config, FMT=spec.kind, EVEN_K=True, USE_ASM=spec.kind == "int",
@@ -340,7 +340,7 @@ def tl_dtype(name: str):
 
 # (format, M) pairs whose launches per call are counted; a row takes the count of its format at the
 # first M of its M range
-LAUNCH_MS = (1, 17, 33)
+LAUNCH_MS = (1, 17, 33, 65)
 
 
 def launch_cases() -> list[tuple]:

@@ -85,6 +85,7 @@ CASES = [  # (spec, dtype, M, rank, smooth, bias)
     (QuantSpec("nf4", 64), torch.bfloat16, 1, 16, False, True),
     (QuantSpec("nf4", 64, double_quant=True), torch.float16, 5, 0, True, False),
     (QuantSpec("nf4", 128), torch.bfloat16, 32, 0, False, False),
+    (QuantSpec("int4", 64), torch.bfloat16, 64, 8, True, True),
 ]
 
 
@@ -109,7 +110,7 @@ def test_one_hot_rows_read_back_every_int_weight_exactly():
     assert torch.equal(run_decode(x, q, None, None, None, None), dequantize(q, torch.float16)[:, cols].T)
 
 
-@pytest.mark.parametrize("m", [1, 5, 32])
+@pytest.mark.parametrize("m", [1, 5, 33])
 def test_a_prepared_layer_launches_one_kernel_per_call(m):
     q, *parts = make_layer(QuantSpec("int4", 128), 8, True, True, torch.bfloat16)
     layer = prepared.Prepared(q, *parts)
@@ -121,7 +122,7 @@ def test_a_prepared_layer_launches_one_kernel_per_call(m):
 
 def test_kernel_cache_forward_takes_every_path():
     q, l1, l2, smooth, bias = make_layer(QuantSpec("nf4", 64), 4, True, True, torch.bfloat16)
-    x = torch.randn(33, K).to(torch.bfloat16)  # above the decode rows: the GEMM
+    x = torch.randn(65, K).to(torch.bfloat16)  # above the decode rows: the GEMM
     cache = prepared.KernelCache()
     y = prepared.forward(cache, x, q, l1, l2, smooth, bias, backend="triton")
     assert cache.prepared is not None and relative_error(y, x, q, l1, l2, smooth, bias) <= TOL[torch.bfloat16]

@@ -6,7 +6,7 @@ bias, backend)` computes `lowbit.kernels.qlinear`'s function. Without gradients 
 torch op:
 
 - backend "triton" (resolved once per device and dtype): a `Prepared` weight, rebuilt only when a
-  tensor of the layer is replaced (identity check); M <= 32 rows of a 4-bit INT / NF weight in bf16 or
+  tensor of the layer is replaced (identity check); M <= 64 rows of a 4-bit INT / NF weight in bf16 or
   fp16 run the one-launch decode kernel (`triton_decode`) with a configuration cached per M bucket,
   other rows and formats `triton_qlinear.qlinear`.
 - backend "reference": the reference, with the dequantized weight kept between calls when the cache
@@ -66,7 +66,7 @@ class Prepared:
         return self._decodes[dtype]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """y [..., N] for x [..., K]: one launch for M <= 32 where the decode kernel takes the weight."""
+        """y [..., N] for x [..., K]: one launch for M <= 64 where the decode kernel takes the weight."""
         from lowbit.kernels import triton_decode, triton_qlinear
 
         x2 = x.reshape(-1, x.shape[-1])
@@ -74,7 +74,7 @@ class Prepared:
         parts = self._decode_parts(x.dtype) if 0 < M <= triton_decode.MAX_ROWS else None
         if parts is None or x2.stride(-1) != 1:
             return triton_qlinear.qlinear(x, self.q, self.l1, self.l2, self.smooth, self.bias)
-        bucket = 16 if M <= 16 else triton_decode.MAX_ROWS
+        bucket = triton_decode.row_bucket(M)
         config = self._configs.get((x.dtype, bucket))
         if config is None:
             N, K = self.q.shape
