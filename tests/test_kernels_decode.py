@@ -5,6 +5,8 @@ The interpreter runs the kernel's plain-Triton dequantization; the inline-PTX on
 runs is checked by `scripts/kernel_sass.py` and the compile test.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -151,3 +153,6 @@ def test_keep_dequantized_reaches_every_layer_with_a_kernel_cache():
     assert all(m.kernel_cache.keep_dequantized and m.kernel_cache.dequantized is None for m in model)
     prepared.keep_dequantized(model, keep=False)
     assert not any(m.kernel_cache.keep_dequantized for m in model)
+    model[0].kernel_cache.prepared = "built"
+    copied = copy.deepcopy(model[0].kernel_cache)
+    assert copied.prepared is None and copied.keep_dequantized is False

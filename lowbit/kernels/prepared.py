@@ -95,9 +95,9 @@ class KernelCache:
         self.prepared: Prepared | None = None
         self.dequantized: tuple | None = None  # (codes, dtype, W)
 
-    def clear(self) -> None:
-        self.backends.clear()
-        self.prepared = self.dequantized = None
+    def __deepcopy__(self, memo) -> KernelCache:
+        # a copied layer has its own tensors: it rebuilds what it needs, nothing is copied
+        return KernelCache(self.keep_dequantized)
 
 
 def _needs_grad(*tensors) -> bool:
