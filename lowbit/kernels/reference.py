@@ -60,9 +60,21 @@ def qlinear(
 ) -> torch.Tensor:
     """y [..., N] = (x / smooth) @ dequantize(q).T + ((x / smooth) @ l2.T) @ l1.T + bias, for x [..., K]."""
     check_inputs(x, q, l1, l2, smooth, bias)
+    return linear_dequantized(x, dequantize(q, x.dtype), l1, l2, smooth, bias)
+
+
+def linear_dequantized(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    l1: torch.Tensor | None = None,
+    l2: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`qlinear` with the weight already dequantized: w = dequantize(q, x.dtype) [N, K]."""
     dtype = x.dtype
     x_s = x if smooth is None else x / smooth.to(dtype)  # x_s: [..., K]
-    y = x_s @ dequantize(q, dtype).T  # y: [..., N]
+    y = x_s @ w.T  # y: [..., N]
     if l1 is not None:
         y = y + (x_s @ l2.to(dtype).T) @ l1.to(dtype).T  # [..., r] @ [r, N]
     if bias is not None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.kernels import qlinear
 from lowbit.kernels.dispatch import resolve_backend
+from lowbit.kernels.prepared import KernelCache, forward
 from lowbit.quantizers import (
     TENSOR_FIELDS,
     QTensor,
@@ -73,6 +73,8 @@ class QLinear(nn.Module):
         resolve_backend(backend)
         self.in_features, self.out_features = in_features, out_features
         self.spec, self.rank, self.backend = spec, rank, backend
+        # inference-time kernel state (prepared layouts, configurations), rebuilt when a tensor changes
+        self.kernel_cache = KernelCache()
         layout = stored_layout(spec, out_features, in_features)
         for field in TENSOR_FIELDS:
             t = None
@@ -162,7 +164,8 @@ class QLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
-        return qlinear(x, self.qtensor(), self.l1, self.l2, self.smooth, self.bias, backend=self.backend)
+        q = self.qtensor()
+        return forward(self.kernel_cache, x, q, self.l1, self.l2, self.smooth, self.bias, self.backend)
 
     def replace_weight(
         self, q: QTensor, l1: torch.Tensor | None = None, l2: torch.Tensor | None = None

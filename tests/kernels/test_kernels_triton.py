@@ -49,19 +49,29 @@ OWN_PROCESS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _needs_the_interpreter(request):
-    if not IN_PROCESS and request.node.originalname not in OWN_PROCESS:
+def skip_without_the_interpreter(request, own_process=OWN_PROCESS) -> None:
+    """Skip a test that needs the interpreter in this process when it does not run here."""
+    if not IN_PROCESS and request.node.originalname not in own_process:
         pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_in_a_fresh_process")
 
 
-def test_in_a_fresh_process():
+def run_in_a_fresh_process(test_file: str) -> None:
+    """Run the tests of `test_file` in a new process with the interpreter on (unless it runs here)."""
     if IN_PROCESS:
         pytest.skip("the interpreter runs in this process")
     env = os.environ | {"TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not slow", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-m", "not slow", "-p", "no:cacheprovider"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[2])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_interpreter(request):
+    skip_without_the_interpreter(request)
+
+
+def test_in_a_fresh_process():
+    run_in_a_fresh_process(__file__)
 
 
 # odd N; K not a multiple of 8, with a ragged last group for every group size below
@@ -94,17 +104,17 @@ MODES = [(1, 0, False, False), (5, 4, True, True), (33, 0, True, False), (1, 4, 
          (5, 0, False, True), (33, 4, False, False), (1, 4, True, False), (33, 4, True, True)]  # fmt: skip
 
 
-def make_case(spec, rank=0, smooth=False, bias=False, dtype=torch.float32, seed=0):
-    """(q, l1, l2, smooth, bias) for a random N x K weight; factors in `dtype`."""
+def make_case(spec, rank=0, smooth=False, bias=False, dtype=torch.float32, seed=0, n=N, k=K):
+    """(q, l1, l2, smooth, bias) for a random n x k weight; factors in `dtype`."""
     g = torch.Generator().manual_seed(seed)
-    q = quantize(torch.randn(N, K, generator=g), spec)
+    q = quantize(torch.randn(n, k, generator=g), spec)
 
     def rand(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=g)).to(dtype)
 
-    l1, l2 = (rand(N, rank, scale=0.1), rand(rank, K, scale=0.1)) if rank else (None, None)
-    s = (0.5 + torch.rand(K, generator=g)).to(dtype) if smooth else None
-    return q, l1, l2, s, rand(N) if bias else None
+    l1, l2 = (rand(n, rank, scale=0.1), rand(rank, k, scale=0.1)) if rank else (None, None)
+    s = (0.5 + torch.rand(k, generator=g)).to(dtype) if smooth else None
+    return q, l1, l2, s, rand(n) if bias else None
 
 
 def rand_x(m, dtype=torch.float32, seed=1):
@@ -320,6 +330,22 @@ def test_activation_quantization_is_per_token():
     assert float(err[1].max()) > 0.5 * 16 * float(s_x[1])  # the bound is not vacuous
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_activation_quantization_equals_its_definition(dtype):
+    """One launch computes quantize_activations: the same scales and codes, but for the interpreter's
+    fp32 -> E4M3 conversion, which rounds ties away from zero (one step off) and drops the carry of a
+    rounding up to a power of two (half of it); compiled code rounds to nearest even."""
+    x = (torch.randn(5, K) * torch.tensor([1e-3, 1.0, 1e3, 0.0, 7.0])[:, None]).to(dtype)
+    want, s_want = triton_fp8.quantize_activations(x)
+    got, s_got = triton_fp8.quantize_activations_fused(x)
+    assert torch.equal(s_got, s_want)
+    a, b = want.float(), got.float()
+    step = 2.0 ** (torch.maximum(a.abs(), b.abs()).clamp(min=2**-9).log2().floor() - 3)  # E4M3 spacing
+    carry_dropped = (b == a / 2) & (a.abs().log2() == a.abs().log2().round())
+    assert bool(((a - b).abs() <= step).logical_or(carry_dropped).all())
+    assert (a == b).float().mean() > 0.9
+
+
 def test_pruners_fit_the_problem(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     args = dict(M=20, N=4096, K=4096, PER_CHANNEL=False, GROUP_SIZE=64)
@@ -349,7 +375,7 @@ COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lowbit.kernels import triton_fp8, triton_gemm, triton_gemv
+from lowbit.kernels import triton_decode, triton_fp8, triton_gemm, triton_gemv
 
 # pointer element types; every other pointer points to bf16 (activations, factors, bias, output)
 POINTERS = dict(codes_ptr="*u8", scales_ptr="*u8", zeros_ptr="*u8", dq_absmax_ptr="*fp32", lut_ptr="*fp32",
@@ -361,10 +387,10 @@ NF4 = dict(INT3_DQ, FMT="nf", BITS=4, HAS_ZEROS=False, DOUBLE_QUANT=False, zeros
 del NF4["lut_ptr"]  # NF reads its codebook
 
 
-def compile_kernel(kernel, consts, arch, warps):
-    fn = kernel.fn
+def compile_kernel(kernel, consts, arch, warps, pointers=POINTERS):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "*bf16") if n.endswith("_ptr") else "i32"
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "*bf16") if n.endswith("_ptr") else "i32"
            for n in fn.arg_names}
     options = dict(num_warps=warps, num_stages=3)
     compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32), options=options)
@@ -380,6 +406,17 @@ for arch in (80, 90):
 fp8 = dict(INT3_DQ, PER_CHANNEL=True, GROUP_SIZE=None, DOUBLE_QUANT=False, dq_absmax_ptr=None)
 fp8_tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
 compile_kernel(triton_fp8._w8a8_gemm_kernel, dict(fp8, **fp8_tile), 90, 8)
+# the decode kernel, inline PTX included: 4-bit INT with every epilogue part, and NF4
+DECODE = dict(FMT="int", EVEN_K=False, USE_ASM=True, MAGIC_VALUE=128, GROUP_SIZE=128, HAS_SMOOTH=True,
+              HAS_LOWRANK=True, HAS_BIAS=True, DOT_IEEE=False, BLOCK_M=16, BLOCK_N=128, TILE=128, BLOCK_R=64,
+              SPLIT_K=4, T_PROGS=4, T_BLOCK_K=512, lut_ptr=None)
+DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", inv_smooth_ptr="*fp32", ws_ptr="*fp32",
+                       lut_ptr="*i32", t_ptr="*fp32", lock_ptr="*i32")
+for arch in (80, 90):
+    compile_kernel(triton_decode._decode_kernel, DECODE, arch, 4, DECODE_POINTERS)
+nf4 = dict(DECODE, FMT="nf", USE_ASM=False, GROUP_SIZE=64, TILE=64, BLOCK_M=32)
+del nf4["lut_ptr"]
+compile_kernel(triton_decode._decode_kernel, nf4, 90, 4, DECODE_POINTERS)
 print("compiled")
 """
 

@@ -1,0 +1,138 @@
+"""A quantized layer prepared once for inference: checks, kernel layouts and launch configurations at
+load time (first call), a dictionary lookup and one launch per call.
+
+`KernelCache` is what a layer (QLinear) keeps beside its tensors: `forward(cache, x, q, l1, l2, smooth,
+bias, backend)` computes `lowbit.kernels.qlinear`'s function. Without gradients it goes around the
+torch op:
+
+- backend "triton" (resolved once per device and dtype): a `Prepared` weight, rebuilt only when a
+  tensor of the layer is replaced (identity check); M <= 64 rows of a 4-bit INT / NF weight in bf16 or
+  fp16 run the one-launch decode kernel (`triton_decode`) with a configuration cached per M bucket,
+  other rows and formats `triton_qlinear.qlinear`.
+- backend "reference": the reference, with the dequantized weight kept between calls when the cache
+  was made with `keep_dequantized=True` (speed over memory, for generation on a CPU).
+
+With gradients enabled and a tensor that needs one, it calls `lowbit.kernels.qlinear` (the torch op
+with its backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import reference
+from lowbit.kernels.dispatch import qlinear, resolve_backend
+from lowbit.quantizers import QTensor, dequantize
+
+
+class Prepared:
+    """The Triton kernels' form of one layer, for activations of any dtype the kernels take.
+
+    Built from the layer's tensors, which it keeps (`matches` tells whether they are still the
+    layer's); the decode layout, cast factors and configurations are built on first use per dtype.
+    """
+
+    def __init__(self, q: QTensor, l1, l2, smooth, bias) -> None:
+        from lowbit.kernels import triton_decode
+
+        x = torch.empty((0, q.shape[1]), device=q.codes.device)
+        reference.check_inputs(x, q, l1, l2, smooth, bias)  # once, at preparation
+        self.q, self.l1, self.l2, self.smooth, self.bias = q, l1, l2, smooth, bias
+        rank = 0 if l1 is None else l1.shape[1]
+        self.rank = rank
+        self._decodes = {}  # dtype -> (DecodeWeight, l1, l2, inv_smooth, bias) or None
+        self._configs = {}  # (dtype, M bucket) -> decode launch config
+        self._rank_fits = rank <= triton_decode.MAX_RANK
+        self._sms = triton_decode.multiprocessors(q.codes.device)
+
+    def matches(self, codes, scales, l1, l2, smooth, bias) -> bool:
+        """Whether these are the tensors this preparation was built from (same objects)."""
+        q = self.q
+        mine = (q.codes, q.scales, self.l1, self.l2, self.smooth, self.bias)
+        return all(a is b for a, b in zip(mine, (codes, scales, l1, l2, smooth, bias), strict=True))
+
+    def _decode_parts(self, dtype: torch.dtype):
+        """The decode kernel's weight and factors for activations of `dtype`, or None if it has none."""
+        if dtype not in self._decodes:
+            from lowbit.kernels import layout
+
+            parts = None
+            parts_of = (self.l1, self.l2, self.bias)
+            if self._rank_fits and layout.supports(self.q, dtype):
+                cast = [None if t is None else t.to(dtype).contiguous() for t in parts_of]
+                inv = None if self.smooth is None else 1.0 / self.smooth.to(dtype).float()
+                parts = (layout.prepare_decode(self.q, dtype), cast[0], cast[1], inv, cast[2])
+            self._decodes[dtype] = parts
+        return self._decodes[dtype]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """y [..., N] for x [..., K]: one launch for M <= 64 where the decode kernel takes the weight."""
+        from lowbit.kernels import triton_decode, triton_qlinear
+
+        x2 = x.reshape(-1, x.shape[-1])
+        M = x2.shape[0]
+        parts = self._decode_parts(x.dtype) if 0 < M <= triton_decode.MAX_ROWS else None
+        if parts is None or x2.stride(-1) != 1:
+            return triton_qlinear.qlinear(x, self.q, self.l1, self.l2, self.smooth, self.bias)
+        bucket = triton_decode.row_bucket(M)
+        config = self._configs.get((x.dtype, bucket))
+        if config is None:
+            N, K = self.q.shape
+            config = triton_decode.decode_config(bucket, N, K, parts[0].tile, self.rank, self._sms)
+            self._configs[(x.dtype, bucket)] = config
+        dw, l1, l2, inv, bias = parts
+        y = triton_decode.decode(x2, dw, l1, l2, inv, bias, config)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class KernelCache:
+    """What a layer keeps for fast inference: the resolved backend per (device, dtype), the Triton
+    preparation, and (keep_dequantized) the reference backend's dequantized weight."""
+
+    def __init__(self, keep_dequantized: bool = False) -> None:
+        self.keep_dequantized = keep_dequantized
+        self.backends: dict = {}
+        self.prepared: Prepared | None = None
+        self.dequantized: tuple | None = None  # (codes, dtype, W)
+
+    def __deepcopy__(self, memo) -> KernelCache:
+        # a copied layer has its own tensors: it rebuilds what it needs, nothing is copied
+        return KernelCache(self.keep_dequantized)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def forward(cache: KernelCache, x, q: QTensor, l1, l2, smooth, bias, backend: str = "auto") -> torch.Tensor:
+    """`lowbit.kernels.qlinear(x, q, l1, l2, smooth, bias, backend)` with what `cache` keeps."""
+    if _needs_grad(x, l1, l2, smooth, bias):
+        return qlinear(x, q, l1, l2, smooth, bias, backend=backend)
+    key = (x.device, x.dtype, backend)
+    name = cache.backends.get(key)
+    if name is None:
+        name = cache.backends[key] = resolve_backend(backend, x.device, x.dtype)
+    if name == "triton":
+        p = cache.prepared
+        if p is None or not p.matches(q.codes, q.scales, l1, l2, smooth, bias):
+            p = cache.prepared = Prepared(q, l1, l2, smooth, bias)
+        return p(x)
+    if name == "reference" and cache.keep_dequantized:
+        d = cache.dequantized
+        if d is None or d[0] is not q.codes or d[1] != x.dtype:
+            d = cache.dequantized = (q.codes, x.dtype, dequantize(q, x.dtype))
+        reference.check_inputs(x, q, l1, l2, smooth, bias)
+        return reference.linear_dequantized(x, d[2], l1, l2, smooth, bias)
+    return qlinear(x, q, l1, l2, smooth, bias, backend=name)
+
+
+def keep_dequantized(model: torch.nn.Module, keep: bool = True) -> int:
+    """Make every layer of `model` with a KernelCache (QLinear) keep its dequantized weight between
+    reference-backend calls (speed over memory: one activation-dtype copy of each weight); returns how
+    many layers. keep=False drops the copies."""
+    caches = [getattr(m, "kernel_cache", None) for m in model.modules()]
+    caches = [c for c in caches if isinstance(c, KernelCache)]
+    for cache in caches:
+        cache.keep_dequantized = keep
+        cache.dequantized = None
+    return len(caches)

@@ -1,0 +1,375 @@
+"""What the Triton kernels issue per weight, judged on a CPU: compile for sm_90 / sm_80, read the SASS.
+
+Usage:
+    python scripts/kernel_sass.py                        # every kernel and configuration, sm_90
+    python scripts/kernel_sass.py --arch 80 90 --json sass.json
+    python scripts/kernel_sass.py --kernels decode --formats int4-g128 int4-g128-r64
+
+No GPU is needed: each kernel is compiled with `triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))` (the ptxas bundled in the triton wheel) and disassembled with the
+wheel's `cuobjdump -sass`; `cuobjdump -res-usage` gives registers and local memory. For every kernel,
+format and configuration (one row each) it prints
+
+    sass/w      thread-instructions per weight in the hot loop: the SASS instructions of the largest loop
+                (a backward branch and what it jumps over; NOPs not counted) times the threads of a
+                program, over the weights one iteration of that loop reads (BLOCK_N * BLOCK_K);
+    regs        registers per thread;  spills: bytes of local memory (LDL/STL spill traffic) per thread;
+    launches    device kernels one QLinear call at that M starts: Triton launches plus every torch op
+                that is not a view or an allocation, counted from a traced call under Triton's CPU
+                interpreter (in a subprocess).
+
+At 3.35 TB/s and 0.53 bytes per int4 g128 weight an H100 (132 SMs x 4 schedulers x 32 lanes at
+1.75 GHz) issues about 5.6 thread-instructions per weight at perfect issue, about 2.5 in practice.
+--json writes a list of {"kernel", "format", "M", "config", "sass_per_weight", "registers", "spills",
+"launches_per_call"} objects. gemlite (the `gemlite` package) is compiled the same way when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# launches are counted in a subprocess under the interpreter, whose Triton must be imported fresh
+LAUNCH_SCRIPT = r"""
+import json, sys, torch
+from lowbit.kernels import triton_qlinear
+from lowbit.kernels.prepared import Prepared
+from lowbit.kernels.trace import count_launches
+from lowbit.quantizers import QuantSpec, quantize
+
+out = []
+for spec, rank, m, backend in json.loads(sys.argv[1]):
+    n, k = 96, 256
+    q = quantize(torch.randn(n, k), QuantSpec(*spec))
+    l1 = 0.1 * torch.randn(n, rank, dtype=torch.bfloat16) if rank else None
+    l2 = 0.1 * torch.randn(rank, k, dtype=torch.bfloat16) if rank else None
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    if backend == "triton_w8a8":
+        call = lambda: triton_qlinear.qlinear_w8a8(x, q, l1, l2)
+    else:
+        call = Prepared(q, l1, l2, None, None)  # what QLinear runs without gradients
+        call = (lambda layer: lambda: layer(x))(call)
+    call()  # first call: layouts, configurations, scratch, autotuning
+    out.append(count_launches(call))
+print(json.dumps(out))
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel compilation: the jitted function, its constexprs and pointer types, the weight tile."""
+
+    kernel: str
+    format: str
+    M: str
+    config: str
+    fn: object
+    consts: dict
+    pointers: dict
+    num_warps: int
+    num_stages: int
+    weights_per_iter: int
+    whole_program: bool = False  # no K loop: count every instruction (weights_per_iter: per program)
+
+
+def nvidia_bin(tool: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
+
+
+def compile_cubin(case: Case, arch: int) -> bytes:
+    """The cubin of `case` for sm_<arch>; every pointer not in case.pointers points to bf16."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = case.fn
+    consts = {k: v for k, v in case.consts.items() if k in fn.arg_names}
+    sig = {
+        n: "constexpr" if n in consts else case.pointers.get(n, "*bf16") if n.endswith("_ptr") else "i32"
+        for n in fn.arg_names
+    }
+    # what a launch on a 4096-wide layer specializes: pointers and every integer but M divisible by 16
+    hinted = [i for i, n in enumerate(sig) if sig[n] != "constexpr" and n != "M"]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
+    options = dict(num_warps=case.num_warps, num_stages=case.num_stages)
+    src = ASTSource(fn, sig, consts, attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled.asm["cubin"]
+
+
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def disassemble(cubin: bytes) -> tuple[list[tuple[int, str]], int, int]:
+    """([(address, instruction)], registers, local bytes per thread) of a one-function cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvidia_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True)
+        res = subprocess.run([nvidia_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True)
+    instrs = [(int(a, 16), ins.strip()) for a, ins in SASS_LINE.findall(sass.stdout)]
+    regs = int(re.search(r"REG:(\d+)", res.stdout).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", res.stdout).group(1))
+    return instrs, regs, local
+
+
+def hot_loop(instrs: list[tuple[int, str]]) -> list[str]:
+    """The instructions of the largest loop: from a backward branch's target to the branch, NOPs out."""
+    best: list[str] = []
+    for i, (addr, ins) in enumerate(instrs):
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) <= addr:
+            target = int(m.group(1), 16)
+            body = [s for a, s in instrs[: i + 1] if a >= target and not s.startswith("NOP")]
+            best = max(best, body, key=len)
+    return best
+
+
+def analyse(case: Case, arch: int) -> dict:
+    instrs, regs, local = disassemble(compile_cubin(case, arch))
+    loop = [s for _, s in instrs if not s.startswith("NOP")] if case.whole_program else hot_loop(instrs)
+    per_weight = len(loop) * case.num_warps * 32 / case.weights_per_iter
+    return dict(
+        kernel=case.kernel,
+        format=case.format,
+        M=case.M,
+        config=case.config,
+        arch=f"sm_{arch}",
+        sass_per_weight=round(per_weight, 2),
+        registers=regs,
+        spills=local,
+        loop_instructions=len(loop),
+    )
+
+
+def launches(cases: list[tuple], root: Path) -> list[int]:
+    """Device kernels per QLinear call for each (spec args, rank, M, backend), under the interpreter."""
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCH_SCRIPT, json.dumps(cases)], capture_output=True, text=True, env=env
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["kernel", "format", "M", "config", "arch", "sass_per_weight", "registers", "spills",
+            "launches_per_call"]  # fmt: skip
+    head = ["kernel", "format", "M", "config", "arch", "sass/w", "regs", "spills", "launches"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+FORMATS = {  # name -> (QuantSpec arguments, rank)
+    "int4-g128": (("int4", 128), 0),
+    "int4-g128-r64": (("int4", 128), 64),
+    "nf4-g64": (("nf4", 64), 0),
+    "fp8-w8a8": (("fp8_e4m3", None), 0),
+}
+
+
+def format_consts(name: str) -> dict:
+    """The weight-format constexprs (and absent pointers) of the Triton kernels for a FORMATS entry."""
+    from lowbit.kernels.triton_common import format_constexprs
+    from lowbit.quantizers import QTensor, QuantSpec
+
+    spec, rank = FORMATS[name]
+    spec = QuantSpec(*spec)
+    consts = format_constexprs(QTensor(None, None, None, None, spec, (4096, 4096)))
+    absent = dict(dq_absmax_ptr=None, smooth_ptr=None, bias_ptr=None)
+    if not consts["HAS_ZEROS"]:
+        absent["zeros_ptr"] = None
+    if rank == 0:
+        absent.update(t_ptr=None, l1_ptr=None, l2_ptr=None)
+    if spec.kind != "nf":
+        absent["lut_ptr"] = None
+    return dict(consts, **absent, HAS_SMOOTH=False, HAS_BIAS=False, HAS_LOWRANK=rank > 0,
+                BLOCK_R=64 if rank else 16, DOT_PRECISION="tf32")  # fmt: skip
+
+
+POINTERS = dict(codes_ptr="*u8", scales_ptr="*fp16", lut_ptr="*fp32", acc_ptr="*fp32", xq_ptr="*fp8e4nv",
+                x_scale_ptr="*fp32")  # fmt: skip
+
+
+def config_name(c) -> str:
+    return ",".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in c.kwargs.items()) + (
+        f",w={c.num_warps},s={c.num_stages}"
+    )
+
+
+def cases() -> list[Case]:
+    """Every kernel, format and configuration the autotuner may pick."""
+    from lowbit.kernels import triton_fp8, triton_gemm, triton_gemv
+
+    out = []
+    for fmt in ("int4-g128", "int4-g128-r64", "nf4-g64"):
+        consts = format_consts(fmt)
+        for c in triton_gemv.GEMV_CONFIGS:
+            for block_m, m in ((1, "1"), (16, "2-16")):
+                kw = dict(consts, **c.kwargs, BLOCK_M=block_m)
+                out.append(Case("gemv", fmt, m, config_name(c), triton_gemv._qgemv_kernel.fn, kw, POINTERS,
+                                c.num_warps, c.num_stages, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
+        for c in triton_gemm.GEMM_CONFIGS:
+            kw = dict(consts, **c.kwargs, GROUP_M=8)
+            out.append(Case("gemm", fmt, "65+", config_name(c), triton_gemm._qgemm_kernel.fn, kw, POINTERS,
+                            c.num_warps, c.num_stages, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
+    for fmt in ("int4-g128", "int4-g128-r64", "nf4-g64"):
+        out += decode_cases(fmt)
+    consts = format_consts("fp8-w8a8")
+    for c in triton_fp8.W8A8_CONFIGS:
+        kw = dict(consts, **c.kwargs, GROUP_M=8)
+        out.append(Case("w8a8", "fp8-w8a8", "17+", config_name(c), triton_fp8._w8a8_gemm_kernel.fn, kw,
+                        dict(POINTERS, scales_ptr="*fp32", codes_ptr="*u8"), c.num_warps, c.num_stages,
+                        c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
+    return out
+
+
+DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", offsets_ptr="*bf16", lut_ptr="*i32",
+                       inv_smooth_ptr="*fp32", ws_ptr="*fp32", t_ptr="*fp32", lock_ptr="*i32")  # fmt: skip
+
+
+def decode_cases(fmt: str) -> list[Case]:
+    """The decode kernel on a 4096 x 4096 layer of `fmt` (bf16 activations), one row per M bucket."""
+    from lowbit.kernels import triton_decode
+    from lowbit.kernels.layout import MAGIC, decode_tile
+    from lowbit.quantizers import QuantSpec
+
+    spec, rank = FORMATS[fmt]
+    spec = QuantSpec(*spec)
+    n = k = 4096
+    tile = decode_tile(spec.group_size, k)
+    absent = dict(lut_ptr=None) if spec.kind == "int" else {}
+    absent.update(inv_smooth_ptr=None, bias_ptr=None)
+    if not rank:
+        absent.update(l1_ptr=None, l2_ptr=None, t_ptr=None)
+    out = []
+    for m, label in ((16, "1-16"), (32, "17-32"), (64, "33-64")):
+        config = triton_decode.decode_config(m, n, k, tile, rank, 132)
+        stages = config.pop("num_stages")
+        consts = dict(absent, **config, FMT=spec.kind, EVEN_K=True, USE_ASM=spec.kind == "int",
+                      MAGIC_VALUE=MAGIC[torch.bfloat16], GROUP_SIZE=spec.group_size or k, HAS_SMOOTH=False,
+                      HAS_LOWRANK=rank > 0, HAS_BIAS=False,
+                      DOT_IEEE=False, BLOCK_N=triton_decode.BLOCK_N, TILE=tile)  # fmt: skip
+        name = f"N={triton_decode.BLOCK_N},K={tile},M={config['BLOCK_M']},SPLIT_K={config['SPLIT_K']}"
+        out.append(Case("decode", fmt, label, name, triton_decode._decode_kernel, consts, DECODE_POINTERS,
+                        triton_decode.NUM_WARPS, stages, triton_decode.BLOCK_N * tile))
+    return out
+
+
+def import_gemlite():
+    """gemlite's GEMV module, or None when gemlite is not installed. Importing it asks the CUDA driver
+    for the GPU; on a CPU machine an sm_90 GPU is stood in for the import only."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("gemlite") is None:
+        return None
+    import triton.runtime as rt
+    from triton.backends.compiler import GPUTarget
+
+    class Hopper:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    saved = torch.cuda.get_device_capability, torch.cuda.get_device_properties
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
+        major=9, minor=0, name="H100", multi_processor_count=132
+    )
+    rt.driver.set_active(Hopper())
+    try:
+        from gemlite.triton_kernels import gemv_revsplitK_kernels
+    finally:
+        torch.cuda.get_device_capability, torch.cuda.get_device_properties = saved
+        rt.driver._active = None
+    return gemv_revsplitK_kernels
+
+
+def gemlite_cases() -> list[Case]:
+    """gemlite's int4 g128 GEMV for M = 1 (its reverse split-K kernel, asymmetric: (W - z) * s) in the
+    configuration its H100 table picks for 4096 x 4096 and in its other table entries. It has no loop
+    (each program reads two K blocks), so its whole program is counted: weights = BLOCK_N * 2 BLOCK_K."""
+    g = import_gemlite()
+    if g is None:
+        return []
+    n = k = 4096
+    pointers = dict(a_ptr="*bf16", b_ptr="*i32", c_ptr="*fp32", scales_ptr="*bf16", zeros_ptr="*bf16")
+    out = []
+    configs = ((128, 8, 1, 1), (256, 8, 2, 1), (512, 8, 4, 2), (128, 32, 1, 1), (256, 64, 2, 2))
+    for bn, bk, warps, stages in configs:
+        consts = dict(
+            N=n, K=k, W_nbits=4, group_size=128, unpack_mask=15, elements_per_sample=8, type_id=104,
+            use_prehook=False, stride_am=k, stride_ak=1, stride_bk=n, stride_bn=1, stride_cm=n, stride_cn=1,
+            stride_meta_a_m=0, stride_meta_a_g=0, stride_meta_g=n, stride_meta_n=1,
+            input_dtype=tl_dtype("bfloat16"), output_dtype=tl_dtype("float32"), acc_dtype=tl_dtype("float32"),
+            meta_dtype=tl_dtype("bfloat16"), channel_scale_mode=0, W_group_mode=3, zero_is_scalar=False,
+            BLOCK_SIZE_M=1, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, A_load_order=0, dot_prod_mode=0,
+            data_contiguous=True, EVEN_K=True, EVEN_N=True, scales_a_ptr=None, dump_b_val=0,
+            meta_evict_policy="", atomic_mode="relaxed", a_evict="evict_last", b_evict="evict_first",
+            block_quant_size=g.BLOCK_QUANT_SIZE,
+        )
+        name = f"N={bn},K={bk},w={warps},s={stages}"
+        fn = g.gemv_INT_revsplitK_kernel.fn
+        weights = bn * 2 * bk
+        out.append(Case("gemlite-gemv", "int4-g128", "1", name,
+                        fn, consts, pointers, warps, stages, weights, True))
+    return out
+
+
+def tl_dtype(name: str):
+    import triton.language as tl
+
+    return getattr(tl, name)
+
+
+# (format, M) pairs whose launches per call are counted; a row takes the count of its format at the
+# first M of its M range
+LAUNCH_MS = (1, 17, 33, 65)
+
+
+def launch_cases() -> list[tuple]:
+    return [(f, FORMATS[f][0], FORMATS[f][1], m, "triton_w8a8" if f == "fp8-w8a8" else "triton")
+            for f in FORMATS for m in LAUNCH_MS]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", nargs="+", type=int, default=[90], help="compute capabilities, e.g. 80 90")
+    p.add_argument("--kernels", nargs="+", help="only these kernel names (default: all)")
+    p.add_argument("--formats", nargs="+", choices=list(FORMATS), help="only these formats (default: all)")
+    p.add_argument("--no-launches", action="store_true", help="skip the interpreter launch count")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    todo = [c for c in cases() + gemlite_cases() if (not args.kernels or c.kernel in args.kernels)]
+    todo = [c for c in todo if not args.formats or c.format in args.formats]
+    rows = [analyse(c, arch) for arch in args.arch for c in todo]
+    if not args.no_launches:
+        lc = launch_cases()
+        counts = dict(zip([(c[0], c[3]) for c in lc], launches([c[1:] for c in lc], ROOT), strict=True))
+        for r in (r for r in rows if not r["kernel"].startswith("gemlite")):  # ours only
+            first = int(r["M"].split("-")[0].rstrip("+"))
+            r["launches_per_call"] = counts.get((r["format"], first), "")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The one-launch decode kernel and the prepared layer against the reference, under Triton's interpreter.
+
+Runs in this process when TRITON_INTERPRET=1 took effect (see test_kernels_triton), else in a fresh one.
+The interpreter runs the kernel's plain-Triton dequantization; the inline-PTX one that compiled code
+runs is checked by `scripts/kernel_sass.py` and the compile test.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from tests.kernels.test_kernels_triton import (
+    make_case,
+    relative_error,
+    run_in_a_fresh_process,
+    skip_without_the_interpreter,
+)
+
+triton = pytest.importorskip("triton")
+
+from lowbit.kernels import layout, prepared, reference, triton_decode  # noqa: E402
+from lowbit.kernels.trace import count_launches  # noqa: E402
+from lowbit.quantizers import QuantSpec, dequantize, quantize, unpack_codes  # noqa: E402
+
+N, K = 830, 576  # odd N (padded rows), K not a multiple of the 128-column tile
+# relative error bound (max abs error / max abs value) against a float64 evaluation of the reference:
+# the scale is applied to the fp32 sum of a group, not rounded into every weight (see layout)
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_interpreter(request):
+    skip_without_the_interpreter(request, {"test_in_a_fresh_process"})
+
+
+def test_in_a_fresh_process():
+    run_in_a_fresh_process(__file__)
+
+
+def make_layer(spec, rank, smooth, bias, dtype):
+    return make_case(spec, rank, smooth, bias, dtype, n=N, k=K)
+
+
+def run_decode(x, q, l1, l2, smooth, bias):
+    """The decode kernel on x [M, K] into an output pre-filled with NaN."""
+    dw = layout.prepare_decode(q, x.dtype)
+    inv = None if smooth is None else 1.0 / smooth.float()
+    config = triton_decode.decode_config(x.shape[0], N, K, dw.tile, 0 if l1 is None else l1.shape[1], 4)
+    out = torch.full((x.shape[0], N), float("nan"), dtype=x.dtype)
+    assert triton_decode.decode(x, dw, l1, l2, inv, bias, config, out=out) is out
+    return out
+
+
+def test_packed_words_hold_every_code_where_the_kernel_reads_it():
+    q = quantize(torch.randn(N, K), QuantSpec("int4", 64))
+    codes = unpack_codes(q)
+    for tile in (32, 64, 128):
+        words = layout.pack_words(codes, tile).long() & 0xFFFFFFFF  # [N, Kp / 8]
+        col = torch.arange(K)
+        word = col // tile * (tile // 8) + col % (tile // 8)
+        nibble = torch.tensor(layout.NIBBLE_OF_SLOT)[col % tile // (tile // 8)]
+        assert torch.equal((words[:, word] >> (4 * nibble)) & 0xF, codes.long())
+
+
+def test_decode_tile_takes_groups_that_tile_k():
+    tiles = [layout.decode_tile(g, 4096) for g in (None, 32, 64, 128, 256, 4096)]
+    assert tiles == [128] * 6
+    assert layout.decode_tile(48, 4096) is None and layout.decode_tile(16, 4096) is None
+    assert not layout.supports(quantize(torch.randn(8, 64), QuantSpec("int3", 32)), torch.bfloat16)
+    assert not layout.supports(quantize(torch.randn(8, 64), QuantSpec("int4", 32)), torch.float32)
+    with pytest.raises(layout.LayoutError, match="int3"):
+        layout.prepare_decode(quantize(torch.randn(8, 64), QuantSpec("int3", 32)), torch.bfloat16)
+
+
+def case_id(v) -> str:
+    return v.short() if isinstance(v, QuantSpec) else str(v).replace("torch.", "")
+
+
+CASES = [  # (spec, dtype, M, rank, smooth, bias)
+    (QuantSpec("int4", 128), torch.bfloat16, 1, 0, False, False),
+    (QuantSpec("int4", 128), torch.bfloat16, 5, 64, True, True),
+    (QuantSpec("int4", 64, symmetric=True), torch.float16, 32, 8, False, True),
+    (QuantSpec("int4", 32, double_quant=True), torch.float16, 1, 4, True, False),
+    (QuantSpec("int4", None), torch.bfloat16, 5, 70, False, False),
+    (QuantSpec("int4", 256, scale_dtype="bfloat16"), torch.bfloat16, 32, 0, True, True),
+    (QuantSpec("nf4", 64), torch.bfloat16, 1, 16, False, True),
+    (QuantSpec("nf4", 64, double_quant=True), torch.float16, 5, 0, True, False),
+    (QuantSpec("nf4", 128), torch.bfloat16, 32, 0, False, False),
+    (QuantSpec("int4", 64), torch.bfloat16, 64, 8, True, True),
+]
+
+
+@pytest.mark.parametrize("spec, dtype, m, rank, smooth, bias", CASES, ids=case_id)
+def test_decode_matches_the_reference(spec, dtype, m, rank, smooth, bias):
+    q, *parts = make_layer(spec, rank, smooth, bias, dtype)
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert relative_error(run_decode(x, q, *parts), x, q, *parts) <= TOL[dtype]
+    ws, t, lock = triton_decode.scratch(x.device, N)
+    assert not ws.any() and not t.any() and not lock.any()  # left as found, for the next call
+
+
+def test_one_hot_rows_read_back_every_int_weight_exactly():
+    """Row i of x selects column c_i: y[i] = round(s * (c - z)) = dequantize(q, fp16)[:, c_i] bit for bit.
+
+    (fp16: the interpreter rounds fp32 to bf16 toward zero, compiled code to nearest.)
+    """
+    q = quantize(torch.randn(N, K), QuantSpec("int4", 64))
+    cols = torch.linspace(0, K - 1, 7).round().long()
+    x = torch.zeros(7, K, dtype=torch.float16)
+    x[torch.arange(7), cols] = 1.0
+    assert torch.equal(run_decode(x, q, None, None, None, None), dequantize(q, torch.float16)[:, cols].T)
+
+
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_a_prepared_layer_launches_one_kernel_per_call(m):
+    q, *parts = make_layer(QuantSpec("int4", 128), 8, True, True, torch.bfloat16)
+    layer = prepared.Prepared(q, *parts)
+    x = torch.randn(1, m, K).to(torch.bfloat16)  # any leading dims
+    y = layer(x)  # first call: layout, configuration, scratch
+    assert relative_error(y.reshape(-1, N), x.reshape(-1, K), q, *parts) <= TOL[torch.bfloat16]
+    assert count_launches(lambda: layer(x)) == 1
+
+
+def test_kernel_cache_forward_takes_every_path():
+    q, l1, l2, smooth, bias = make_layer(QuantSpec("nf4", 64), 4, True, True, torch.bfloat16)
+    x = torch.randn(65, K).to(torch.bfloat16)  # above the decode rows: the GEMM
+    cache = prepared.KernelCache()
+    y = prepared.forward(cache, x, q, l1, l2, smooth, bias, backend="triton")
+    assert cache.prepared is not None and relative_error(y, x, q, l1, l2, smooth, bias) <= TOL[torch.bfloat16]
+    first = cache.prepared
+    prepared.forward(cache, x[:3], q, l1, l2, smooth, bias, backend="triton")
+    assert cache.prepared is first  # same tensors: kept
+    l1b = l1.clone()
+    prepared.forward(cache, x[:3], q, l1b, l2, smooth, bias, backend="triton")
+    assert cache.prepared is not first  # a replaced tensor: rebuilt
+    keep = prepared.KernelCache(keep_dequantized=True)
+    want = reference.qlinear(x, q, l1, l2, smooth, bias)
+    assert torch.equal(prepared.forward(keep, x, q, l1, l2, smooth, bias), want)
+    assert keep.dequantized is not None
+    assert torch.equal(prepared.forward(keep, x, q, l1, l2, smooth, bias), want)
+    x32 = x.float().requires_grad_(True)  # a gradient is needed: the torch op with its backward
+    prepared.forward(prepared.KernelCache(), x32, q, l1, l2, smooth, bias).sum().backward()
+    assert x32.grad is not None
+
+
+def test_keep_dequantized_reaches_every_layer_with_a_kernel_cache():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    for layer in model:
+        layer.kernel_cache = prepared.KernelCache()
+        layer.kernel_cache.dequantized = ("codes", torch.float32, None)
+    assert prepared.keep_dequantized(model) == 2
+    assert all(m.kernel_cache.keep_dequantized and m.kernel_cache.dequantized is None for m in model)
+    prepared.keep_dequantized(model, keep=False)
+    assert not any(m.kernel_cache.keep_dequantized for m in model)
+    model[0].kernel_cache.prepared = "built"
+    copied = copy.deepcopy(model[0].kernel_cache)
+    assert copied.prepared is None and copied.keep_dequantized is False
