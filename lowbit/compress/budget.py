@@ -29,9 +29,10 @@ from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups, qlinear_of
 from lowbit.compress.uniform import calibration_data, decompose_layer, finetune_stage, select_linears
-from lowbit.compress.workarea import WorkArea
+from lowbit.compress.workarea import WorkArea, job_key
 from lowbit.lowrank import Stats
 from lowbit.lowrank.svdquant import shared_smoothing, svdquant_smoothed
+from lowbit.nn.atomic import hold_lock
 from lowbit.nn.checkpoint import plan_bits, save
 from lowbit.nn.manifest import lowbit_version
 from lowbit.nn.qlinear import QLinear, set_submodule
@@ -56,7 +57,8 @@ def work_area(model_or_id, recipe: Recipe, out, work_dir, restart: bool):
             yield WorkArea(tmp, job)
         return
     root = Path(work_dir) if work_dir is not None else Path(out).parent / ".lowbit-work"
-    yield WorkArea(root, job, restart=restart)
+    with hold_lock(root / job_key(job)):  # before a restart discards anything: one job per area
+        yield WorkArea(root, job, restart=restart)
 
 
 @dataclass

@@ -7,7 +7,9 @@
   transformers can load, e.g. compressed-tensors, load as transformers builds them);
 - a local `.gguf` file, or a folder holding exactly one: dequantized (`lowbit.models.gguf`);
 - anything else that looks like a hub id (`owner/name`): `from_pretrained` from the hub.
-A local path that does not exist is refused at once, without trying the hub. A lowbit checkpoint folder
+A local path that does not exist is refused at once, without trying the hub (`check_model` runs these
+checks without loading anything): a path-looking name, an `owner/name` whose first part is a local
+folder, or a near miss of a built-in name. A lowbit checkpoint folder
 is refused here: `lowbit.load` loads it; the outputs of `lowbit export` are reloaded by their target
 (`lowbit.export`).
 """
@@ -15,6 +17,7 @@ is refused here: `lowbit.load` loads it; the outputs of `lowbit export` are relo
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 
@@ -30,23 +33,45 @@ from lowbit.nn.manifest import MANIFEST as CHECKPOINT_MANIFEST
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def check_model(model: str) -> str:
+    """What `model` names ("builtin", "gguf", "folder" or "hub"), after the checks that need no loading."""
+    if not isinstance(model, str) or not model:
+        raise ModelError(f"model must be a name, a path or a hub id, got {model!r}")
+    name = model.removeprefix("builtin:")
+    if name in BUILTIN_MODELS:
+        builtin_path(name)
+        return "builtin"
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir():
+        return "folder"
+    if path.exists():
+        raise ModelError(f"model file {model!r} is not a .gguf file")
+    first = Path(model.split("/")[0]).expanduser()
+    looks_local = (
+        model.startswith((".", "/", "~")) or path.suffix == ".gguf" or ("/" in model and first.is_dir())
+    )
+    if looks_local or not _HUB_ID.match(model) or model.startswith("builtin:"):
+        raise ModelError(f"model path {model!r} does not exist")
+    if "/" not in model and (near := difflib.get_close_matches(model, BUILTIN_MODELS, n=1, cutoff=0.8)):
+        raise ModelError(f"unknown model {model!r}; did you mean the built-in {near[0]!r}?")
+    return "hub"
+
+
 def load_model(model: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
     """(model in eval mode, tokenizer) for a built-in name, a local folder or .gguf file, or a hub id."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ModelError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    name = model.removeprefix("builtin:")
-    if name in BUILTIN_MODELS:
-        path = builtin_path(name)
-        return copy.deepcopy(builtin_model(str(path))).to(dtype), gguf_tokenizer(str(path))
+    kind = check_model(model)
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if kind == "builtin":
+        path = builtin_path(model.removeprefix("builtin:"))
+        return copy.deepcopy(builtin_model(str(path))).to(dtype), gguf_tokenizer(str(path))
+    if kind == "gguf":
         return load_gguf(path, dtype), gguf_tokenizer(str(path.resolve()))
-    if path.is_dir():
+    if kind == "folder":
         return _load_folder(path, model, dtype)
-    if path.exists():
-        raise ModelError(f"model file {model!r} is not a .gguf file")
-    if model.startswith((".", "/", "~")) or path.suffix == ".gguf" or not _HUB_ID.match(model):
-        raise ModelError(f"model path {model!r} does not exist")
     return from_pretrained(model, model, dtype)
 
 
