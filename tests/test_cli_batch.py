@@ -2,6 +2,7 @@
 budgets, and every argument checked before the model is loaded (one line, nothing written)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -174,3 +175,20 @@ def test_python_api_keywords(tiny_llama_dir, news_file, tmp_path):
     assert report.recipe["calibration"]["data"].startswith("tokens:")
     with pytest.raises(ValueError, match="reads no calibration data"):
         lowbit.compress(str(tiny_llama_dir), "int4-g128", data=blocks, progress=False)
+
+
+def test_a_running_jobs_work_area_is_locked_even_against_restart(tmp_path):
+    from lowbit.compress.budget import work_area
+    from lowbit.compress.recipe import preset
+    from lowbit.nn.atomic import LockedError
+
+    recipe = preset("alloc-int")
+    with work_area("some-model", recipe, tmp_path / "a", None, False) as area:
+        (area.dir / "calibration.safetensors").write_bytes(b"kept")
+        lock = area.dir.parent / f".{area.dir.name}.lock"
+        assert lock.read_text().strip() == str(os.getpid())
+        with pytest.raises(LockedError, match="in use by another lowbit job"):
+            with work_area("some-model", recipe, tmp_path / "b", None, True):
+                pass
+        assert (area.dir / "calibration.safetensors").read_bytes() == b"kept"
+    assert not lock.exists()
