@@ -162,3 +162,16 @@ def test_model_card_is_written_and_listed(saved):
     assert "bits per weight" in card and "lowbit.load" in card and "import lowbit" in card
     assert read_manifest(saved)["files"]["README.md"] == sha256(saved / "README.md")
     assert torch.equal(load(saved).model.embed_tokens.weight, tiny_model()[0].model.embed_tokens.weight)
+
+
+def test_a_hub_cache_snapshot_linking_to_its_blobs_loads(saved, tmp_path):
+    snapshot = tmp_path / "models--me--tiny" / "snapshots" / "abc123"
+    blobs = tmp_path / "models--me--tiny" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in saved.iterdir():
+        shutil.copy(f, blobs / sha256(f))
+        (snapshot / f.name).symlink_to(f"../../blobs/{sha256(f)}")
+    ids = torch.arange(1, 6)[None]
+    with torch.no_grad():
+        assert torch.equal(load(snapshot)(ids).logits, load(saved)(ids).logits)

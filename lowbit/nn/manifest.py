@@ -140,8 +140,6 @@ def _json_depth(text: str) -> int:
 
 def read_json(f: Path, what: str) -> object:
     """A checkpoint's JSON file, refused when over MAX_JSON_BYTES, nested over MAX_JSON_DEPTH or invalid."""
-    if f.is_symlink():
-        raise CheckpointError(f"{what} is a symbolic link; checkpoints must hold plain files")
     if f.stat().st_size > MAX_JSON_BYTES:
         raise CheckpointError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MiB")
     try:
@@ -184,18 +182,28 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def _allowed_link(link: Path, folder: Path) -> bool:
+    """A link that stays inside the folder, or a Hugging Face cache snapshot's link to its own blobs
+    (`<repo>/snapshots/<rev>/file -> ../../blobs/<sha>`; the manifest's hashes still check the content)."""
+    target = link.resolve()
+    inside = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        inside.append((folder.parent.parent / "blobs").resolve())
+    return target.is_file() and any(target.is_relative_to(d) for d in inside)
+
+
 def check_folder(path: Path, manifest: dict) -> None:
-    """No symbolic link anywhere in the checkpoint folder, and no unlisted file that transformers would read
-    (a tokenizer or config file added after the checkpoint was written changes what the model does)."""
+    """No symbolic link leading out of the checkpoint folder, and no unlisted file that transformers would
+    read (a tokenizer or config file added after the checkpoint was written changes what the model does)."""
     if path.is_symlink():
         raise CheckpointError(f"checkpoint folder {path} is a symbolic link; give the real folder")
     listed = set(manifest["files"]) | {MANIFEST}
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
             rel = (Path(root) / name).relative_to(path).as_posix()
-            if (Path(root) / name).is_symlink():
+            if (Path(root) / name).is_symlink() and not _allowed_link(Path(root) / name, path):
                 raise CheckpointError(
-                    f"checkpoint file {rel} is a symbolic link; checkpoints hold plain files"
+                    f"checkpoint file {rel} is a symbolic link out of the folder; give plain files"
                 )
             read = name in files and name.endswith(READ_SUFFIXES) and not name.startswith(".")
             if read and rel not in listed:
