@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 MANIFEST = "lowbit_config.json"
 WEIGHTS = "model.safetensors"
 MAX_JSON_BYTES = 64 << 20  # a manifest or config.json larger than this is refused before parsing
-MAX_JSON_DEPTH = 32  # deeper nesting is refused before json.loads could recurse out of the stack
+MAX_JSON_DEPTH = 32  # deeper nesting is refused (a manifest needs 5 levels, a config.json a few)
 # unlisted files with these endings would be read by transformers (weights, configs, tokenizers, code)
 READ_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".bin", ".py", ".tiktoken", ".pt")
 # quantized fields whose values must be finite (codes are integers; bias is the model's own)
@@ -125,16 +125,14 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def _json_depth(text: str) -> int:
-    """The deepest nesting of brackets in a JSON text, counted without parsing (strings skipped)."""
-    depth = deepest = 0
-    for token in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
-        c = token.group()
-        if c in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in "]}":
-            depth -= 1
+def _depth(obj: object) -> int:
+    """The nesting depth of a parsed JSON value, walked without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
     return deepest
 
 
@@ -146,12 +144,15 @@ def read_json(f: Path, what: str) -> object:
         text = f.read_text()
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{what} is not valid JSON ({e})") from None
-    if _json_depth(text) > MAX_JSON_DEPTH:
-        raise CheckpointError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+        d = json.loads(text)
+    except RecursionError:  # the C parser stops at the interpreter's recursion limit, cleanly
+        raise CheckpointError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{what} is not valid JSON ({str(e)[:100]})") from None
+    if _depth(d) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return d
 
 
 def read_manifest(path: str | Path) -> dict:
