@@ -38,8 +38,8 @@ def check_model(model: str) -> str:
     if not isinstance(model, str) or not model:
         raise ModelError(f"model must be a name, a path or a hub id, got {model!r}")
     name = model.removeprefix("builtin:")
-    if name in BUILTIN_MODELS:
-        builtin_path(name)
+    if name in BUILTIN_MODELS or model.startswith("builtin:"):
+        builtin_path(name)  # an unknown built-in name is refused here with the known ones
         return "builtin"
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -52,7 +52,7 @@ def check_model(model: str) -> str:
     looks_local = (
         model.startswith((".", "/", "~")) or path.suffix == ".gguf" or ("/" in model and first.is_dir())
     )
-    if looks_local or not _HUB_ID.match(model) or model.startswith("builtin:"):
+    if looks_local or not _HUB_ID.match(model):
         raise ModelError(f"model path {model!r} does not exist")
     if "/" not in model and (near := difflib.get_close_matches(model, BUILTIN_MODELS, n=1, cutoff=0.8)):
         raise ModelError(f"unknown model {model!r}; did you mean the built-in {near[0]!r}?")
