@@ -118,16 +118,16 @@ def compress(
         if budgets:
             todo = [None if o is None or o in written else o for o in outs]
             with work_area(model_or_id, recipe, out, work_dir, restart) as work:
-                results = compress_to_budgets(
+                job = dict(tokenizer=tokenizer, calib_data=calib_data, overwrite=overwrite, progress=progress)
+                results = _timed(
+                    f"{len(budgets)} budgets",
+                    compress_to_budgets,
                     model,
                     recipe,
                     budgets,
                     work,
-                    tokenizer=tokenizer,
-                    calib_data=calib_data,
                     outs=todo,
-                    overwrite=overwrite,
-                    progress=progress,
+                    **job,
                 )
             for r, o in zip(results, outs, strict=True):
                 r.out = None if o is None else str(o)
@@ -135,15 +135,14 @@ def compress(
             plan = results[-1].plan
         else:
             teacher = copy.deepcopy(model) if recipe.finetune else None
-            plan = quantize_model(
-                model, recipe, tokenizer, calib_data=calib_data, progress=progress, teacher=teacher
-            )
+            job = dict(calib_data=calib_data, progress=progress, teacher=teacher)
+            plan = _timed("calibration and compression", quantize_model, model, recipe, tokenizer, **job)
             if teacher is not None:
-                plan = finetune_stage(model, teacher, recipe, tokenizer, calib_data, progress)
+                job = (model, teacher, recipe, tokenizer, calib_data, progress)
+                plan = _timed("fine-tuning", finetune_stage, *job)
             if out is not None:
-                t1 = time.perf_counter()
-                save(model, out, plan=plan, recipe=recipe.to_dict(), tokenizer=tokenizer, overwrite=overwrite)
-                logger.info("checkpoint %s written in %.1f s", out, time.perf_counter() - t1)
+                job = dict(plan=plan, recipe=recipe.to_dict(), tokenizer=tokenizer, overwrite=overwrite)
+                _timed(f"writing {out}", save, model, out, **job)
     report.layers = plan
     report.quantized_params = sum(math.prod(e["shape"]) for e in plan.values())
     report.bits_per_weight = plan_bits(model, plan) / report.quantized_params
@@ -151,6 +150,14 @@ def compress(
     report.seconds = time.perf_counter() - t0
     logger.info("compressed in %.1f s: %.3f bits per weight", report.seconds, report.bits_per_weight)
     return model, report
+
+
+def _timed(what: str, stage, *args, **kwargs):
+    """stage(*args, **kwargs), its time logged."""
+    t = time.perf_counter()
+    result = stage(*args, **kwargs)
+    logger.info("%s: %.1f s", what, time.perf_counter() - t)
+    return result
 
 
 def _calibration(recipe, budgets, data, calib_data, samples, seq_len) -> tuple[Recipe, torch.Tensor | None]:
