@@ -1,18 +1,24 @@
 """The `lowbit` command line: compress, eval, info, export (argument parsing and printing only).
 
 Every command exits 0 only on success; bad input prints one `lowbit: error: ...` line and exits 2
-(set LOWBIT_DEBUG=1 for the full traceback).
+(set LOWBIT_DEBUG=1 for the full traceback). Every argument, file and budget is checked before a model
+is loaded. `-v` shows lowbit's log (per-stage timings, solver status) on stderr, `-vv` its debug log;
+`--log-file` appends the same records to a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
+from lowbit import __version__
+from lowbit.compress.budget import with_budget
+from lowbit.compress.checks import DTYPES as MODEL_DTYPES
+from lowbit.compress.checks import calibrates, check_budgets, check_device, check_dtype, check_source
 from lowbit.compress.recipe import PRESETS, Recipe, load_recipe, preset
 from lowbit.export import DTYPES, TARGETS
 
@@ -20,13 +26,42 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "builtin:lee-news"
 
 
+def _positive(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes: --json, -v, --log-file."""
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    c.add_argument("-v", "--verbose", action="count", default=0, help="log progress details (-vv: debug)")
+    c.add_argument("--log-file", help="append lowbit's log records to this file")
+    return c
+
+
+def _runtime(parser: argparse.ArgumentParser, dtype_help: str) -> None:
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--dtype", choices=tuple(MODEL_DTYPES), help=dtype_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lowbit", description="Compress LLMs into low-bit + low-rank checkpoints."
     )
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    common = _common()
 
-    c = sub.add_parser("compress", help="compress a model into a lowbit checkpoint")
+    c = sub.add_parser("compress", parents=[common], help="compress a model into a lowbit checkpoint")
     c.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -34,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--recipe", help="recipe file (.yaml/.json); see lowbit.compress.recipe")
     c.add_argument("--preset", help=f"named recipe: {', '.join(PRESETS)} (default int4-g128)")
-    c.add_argument("--data", help=f"calibration text source (default: the recipe's, {DEFAULT_DATA})")
+    c.add_argument(
+        "--data", help=f"calibration (and --eval) text source (default: the recipe's, {DEFAULT_DATA})"
+    )
+    c.add_argument("--samples", type=_positive(1), help="calibration blocks (overrides the recipe)")
+    c.add_argument("--seq-len", type=_positive(2), help="tokens per calibration block (overrides the recipe)")
     c.add_argument("--out", required=True, help="output checkpoint folder")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument(
@@ -46,21 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--eval", action="store_true", help="reload the checkpoint and compare perplexity with the original"
     )
-    c.add_argument("--eval-tokens", type=int, default=None, help="cap on held-out tokens for --eval")
-    c.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    c.add_argument("--eval-tokens", type=_positive(2), default=None, help="cap on held-out tokens for --eval")
+    c.add_argument(
+        "--no-baselines", action="store_true", help="evaluate without the round-to-nearest baselines"
+    )
+    _runtime(c, "dtype the source model is loaded in (default float32)")
 
-    e = sub.add_parser("eval", help="perplexity of a model or checkpoint on held-out text")
+    e = sub.add_parser("eval", parents=[common], help="perplexity of a model or checkpoint on held-out text")
     e.add_argument(
         "target", nargs="?", default=DEFAULT_MODEL, help="lowbit checkpoint folder, model name or path"
     )
     e.add_argument("--data", default=DEFAULT_DATA, help=f"text source (default {DEFAULT_DATA})")
-    e.add_argument("--tokens", type=int, default=None, help="evaluate at most this many held-out tokens")
-    e.add_argument("--seq-len", type=int, default=512, help="window length (non-overlapping windows)")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    e.add_argument(
+        "--tokens", type=_positive(2), default=None, help="evaluate at most this many held-out tokens"
+    )
+    e.add_argument(
+        "--seq-len", type=_positive(2), default=512, help="window length (non-overlapping windows)"
+    )
+    e.add_argument("--batch-size", type=_positive(1), default=4)
+    _runtime(e, "dtype of unquantized tensors (default: a checkpoint's stored dtypes, else float32)")
 
     x = sub.add_parser(
-        "export", help="export a lowbit checkpoint for vLLM/SGLang, llama.cpp (GGUF) or as a dense model"
+        "export",
+        parents=[common],
+        help="export a lowbit checkpoint for vLLM/SGLang, llama.cpp (GGUF) or as a dense model",
     )
     x.add_argument("checkpoint", help="lowbit checkpoint folder")
     x.add_argument("--to", required=True, choices=tuple(TARGETS), dest="target", help="export target")
@@ -72,21 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--dtype", choices=tuple(DTYPES), help="dtype written (default: the checkpoint's)")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    x.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
-    i = sub.add_parser("info", help="per-layer formats and sizes of a lowbit checkpoint")
+    i = sub.add_parser("info", parents=[common], help="per-layer formats and sizes of a lowbit checkpoint")
     i.add_argument("checkpoint", help="lowbit checkpoint folder")
-    i.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
 def resolve_recipe(args: argparse.Namespace) -> Recipe:
     if args.recipe and args.preset:
         raise ValueError("give either --recipe or --preset, not both")
-    recipe = load_recipe(args.recipe) if args.recipe else preset(args.preset or "int4-g128")
+    return load_recipe(args.recipe) if args.recipe else preset(args.preset or "int4-g128")
+
+
+def calibration_args(args: argparse.Namespace, recipe: Recipe, budgets: list[float] | None) -> dict:
+    """compress()'s data / samples / seq_len from --data, --samples, --seq-len; refused when unused."""
+    evaluates = args.eval or len(budgets or []) > 1
+    uses = calibrates(with_budget(recipe, budgets[0]) if budgets else recipe)
+    name = f"--recipe {args.recipe}" if args.recipe else f"--preset {args.preset or 'int4-g128'}"
+    unused = "reads no calibration data (no GPTQ, SVDQuant, Fisher weights or fine-tuning)"
+    for flag, value in (("--samples", args.samples), ("--seq-len", args.seq_len)):
+        if value is not None and not uses:
+            raise ValueError(f"{flag} is not used: {name} {unused}")
+    if args.data and not (uses or evaluates):
+        raise ValueError(f"--data is not used: {name} {unused}; drop it, or add --eval to evaluate on it")
+    if args.no_baselines and not evaluates:
+        raise ValueError("--no-baselines needs --eval or several --budgets")
     if args.data:
-        recipe = replace(recipe, calibration=replace(recipe.calibration, data=args.data))
-    return recipe
+        check_source(args.data)
+    return {"data": args.data if uses else None, "samples": args.samples, "seq_len": args.seq_len}
 
 
 def cmd_compress(args: argparse.Namespace) -> dict:
@@ -95,13 +156,14 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     recipe = resolve_recipe(args)
     budgets = parse_budgets(args)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output folder {out} exists; pass --overwrite to replace it")
     progress = not args.json
     _, report = compress(
         args.model,
         recipe,
         out,
+        **calibration_args(args, recipe, budgets),
+        device=args.device,
+        dtype=args.dtype,
         budgets=budgets,
         overwrite=args.overwrite,
         restart=args.restart,
@@ -133,9 +195,10 @@ def parse_budgets(args: argparse.Namespace) -> list[float] | None:
     if not args.budgets:
         return None
     try:
-        return [float(b) for b in args.budgets.split(",")]
+        budgets = [float(b) for b in args.budgets.split(",")]
     except ValueError:
         raise ValueError(f"--budgets must be comma-separated numbers, got {args.budgets!r}") from None
+    return check_budgets(budgets)
 
 
 def evaluate_compressed(
@@ -149,15 +212,17 @@ def evaluate_compressed(
     from lowbit.eval.baselines import RTN_BASELINES, nearest_baseline
 
     data = args.data or recipe.calibration.data
-    evaluated = {"original": evaluate(args.model, data, args.eval_tokens, progress=progress)}
+    run = {"progress": progress, "device": args.device}
+    dtype = check_dtype(args.dtype)
+    evaluated = {"original": evaluate(args.model, data, args.eval_tokens, dtype=dtype, **run)}
     budgets = result.get("budgets") or [{"out": result["out"], "budget": None}]
     for b in budgets:
-        evaluated[b["out"]] = evaluate(b["out"], data, args.eval_tokens, progress=progress)
+        evaluated[b["out"]] = evaluate(b["out"], data, args.eval_tokens, **run)
     wanted = RTN_BASELINES if len(budgets) > 1 else [nearest_baseline(result["bits_per_weight"], shapes)]
     rtn = {}
-    for name in wanted:
-        model, _ = compress(args.model, preset(name), progress=progress)
-        rtn[name] = evaluate(args.model, data, args.eval_tokens, progress=progress, model=model)
+    for name in [] if args.no_baselines else wanted:
+        model, _ = compress(args.model, preset(name), dtype=dtype, **run)
+        rtn[name] = evaluate(args.model, data, args.eval_tokens, model=model, **run)
     if len(budgets) == 1:
         return {"original": evaluated["original"], "compressed": evaluated[result["out"]], "rtn": rtn}
     points = [{"label": "original", "kind": "original", **evaluated["original"]}]
@@ -171,7 +236,11 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from lowbit.eval import evaluate
 
     a = args
-    return evaluate(a.target, a.data, a.tokens, a.seq_len, a.batch_size, progress=not a.json)
+    device, dtype = check_device(a.device), check_dtype(a.dtype)
+    check_source(a.data)
+    return evaluate(
+        a.target, a.data, a.tokens, a.seq_len, a.batch_size, progress=not a.json, device=device, dtype=dtype
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
@@ -245,19 +314,48 @@ def _print_export(r: dict) -> None:
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}
 
 
+def log_handlers(verbose: int, log_file: str | None) -> list[logging.Handler]:
+    """Handlers on the "lowbit" logger for -v (stderr) and --log-file; the caller removes them."""
+    if log_file and not Path(log_file).expanduser().parent.is_dir():
+        raise ValueError(f"--log-file {log_file}: its folder does not exist")
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)] if verbose else []
+    if log_file:
+        handlers.append(logging.FileHandler(Path(log_file).expanduser(), encoding="utf-8"))
+    log = logging.getLogger("lowbit")
+    for h in handlers:
+        h.setLevel(level)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(h)
+    if handlers:
+        log.setLevel(level)
+    return handlers
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.json:  # machine-readable runs print nothing but the result
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    log = logging.getLogger("lowbit")
+    handlers = []
     try:
+        handlers = log_handlers(args.verbose, args.log_file)
+        log.info("lowbit %s: %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
         result = COMMANDS[args.command](args)
     except (ValueError, OSError) as e:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
+        log.debug("error", exc_info=True)
+        if handlers:
+            log.error("%s", e)
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
     if args.json:
         print(json.dumps(result, indent=2))
     else:

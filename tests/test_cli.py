@@ -16,7 +16,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def compressed(tiny_llama_dir, news_file, tmp_path_factory):
+def compressed(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "int4"
     code = main(
         [
@@ -25,8 +25,6 @@ def compressed(tiny_llama_dir, news_file, tmp_path_factory):
             str(tiny_llama_dir),
             "--preset",
             "int4-g128",
-            "--data",
-            str(news_file),
             "--out",
             str(out),
             "--json",

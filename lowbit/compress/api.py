@@ -7,21 +7,36 @@ format, group size and rank per layer and the stages are resumable (`lowbit.comp
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lowbit.compress.budget import budget_outs, compress_to_budgets, work_area
+from lowbit.calibration.data import calibration_blocks
+from lowbit.compress.budget import budget_outs, compress_to_budgets, with_budget, work_area
+from lowbit.compress.checks import (
+    ArgumentError,
+    calibrates,
+    check_budgets,
+    check_device,
+    check_dtype,
+    check_source,
+)
 from lowbit.compress.recipe import Recipe, resolve_recipe
 from lowbit.compress.uniform import finetune_stage, quantize_model
-from lowbit.models import load_model
-from lowbit.nn.atomic import check_output
+from lowbit.models import check_model, load_model
+from lowbit.nn.atomic import OWNED_MARKERS, check_output, hold_lock, is_owned
 from lowbit.nn.checkpoint import plan_bits, save
+from lowbit.nn.manifest import CheckpointError, read_manifest
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +61,11 @@ def compress(
     recipe: Recipe | str | None = None,
     out: str | Path | None = None,
     *,
+    data: str | torch.Tensor | None = None,
+    samples: int | None = None,
+    seq_len: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     budget: float | None = None,
     budgets: list[float] | None = None,
     tokenizer=None,
@@ -58,55 +78,169 @@ def compress(
     """Compress a model (a name, a path or a loaded transformers model) with `recipe`: a Recipe, a
     preset name (`lowbit.compress.recipe.PRESETS`) or a recipe file (.yaml / .json); default int4-g128.
 
+        model, report = compress("smollm2-135m", "int3-g128-gptq", data="builtin:lee-news", samples=32,
+                                 seq_len=256, device="cuda", out="out/int3")
+
+    data: the calibration text source (a name, see `lowbit.calibration.data`) or token blocks
+    [samples, seq_len] (`calib_data` is the same for tensors); samples / seq_len override the recipe's
+    calibration section. A recipe that reads no calibration data refuses them. device: where the
+    model is compressed (cpu, cuda, cuda:N); dtype: the dtype the source model is loaded in.
+
     budget / budgets (average bits per weight; default the recipe's allocate.budget): allocate a
     format, group size and rank per layer by ILP. With several budgets, `out` becomes a folder holding
-    one checkpoint per budget (`bpw-<budget>`). The work area (`work_dir`, default `.lowbit-work`
-    beside `out`) keeps finished stages so that the same command resumes and a new budget reuses the
-    calibration and error table; `restart` discards it. Checkpoints are never half-written. Returns
-    the compressed model (the last budget's) and the report.
+    one checkpoint per budget (`bpw-<budget>`); the same call resumes, keeping the budgets already
+    written. The work area (`work_dir`, default `.lowbit-work` beside `out`) keeps finished stages so
+    that the same command resumes and a new budget reuses the calibration and error table; `restart`
+    discards it. Every argument is checked before the model is loaded; `out` and the work area are
+    locked against a second job. Checkpoints are never half-written. Returns the compressed model (the
+    last budget's) and the report.
     """
     t0 = time.perf_counter()
     recipe = resolve_recipe(recipe)
-    name = model_or_id if isinstance(model_or_id, str) else type(model_or_id).__name__
-    if out is not None:
-        check_output(out, overwrite)
-    budgets = list(budgets or ([budget] if budget is not None else []))
+    budgets = check_budgets(list(budgets or ([budget] if budget is not None else [])))
     if not budgets and recipe.allocate.budget is not None:
         budgets = [recipe.allocate.budget]
+    recipe, calib_data = _calibration(recipe, budgets, data, calib_data, samples, seq_len)
+    device, dtype = check_device(device), check_dtype(dtype)
     if isinstance(model_or_id, str):
-        model, tokenizer = load_model(model_or_id)
-    else:
-        model = model_or_id
-    model.eval()
-    report = CompressReport(model=name, recipe=recipe.to_dict())
-    if budgets:
-        outs = [None] * len(budgets) if out is None else budget_outs(Path(out), budgets)
-        with work_area(model_or_id, recipe, out, work_dir, restart) as work:
-            results = compress_to_budgets(
-                model,
-                recipe,
-                budgets,
-                work,
-                tokenizer=tokenizer,
-                calib_data=calib_data,
-                outs=outs,
-                overwrite=overwrite,
-                progress=progress,
-            )
-        report.budgets = [r.__dict__ for r in results]
-        plan = results[-1].plan
-    else:
-        teacher = copy.deepcopy(model) if recipe.finetune else None
-        plan = quantize_model(
-            model, recipe, tokenizer, calib_data=calib_data, progress=progress, teacher=teacher
-        )
-        if teacher is not None:
-            plan = finetune_stage(model, teacher, recipe, tokenizer, calib_data, progress)
-        if out is not None:
-            save(model, out, plan=plan, recipe=recipe.to_dict(), tokenizer=tokenizer, overwrite=overwrite)
+        check_model(model_or_id)
+    outs, written = _outputs(out, recipe, budgets, overwrite)
+    lock = hold_lock(Path(out)) if out is not None else contextlib.nullcontext()
+    with lock:
+        model, tokenizer = _source(model_or_id, tokenizer, device, dtype)
+        if calib_data is None and not isinstance(recipe.calibration.data, str):
+            cal = recipe.calibration  # a data object the recipe cannot record: blocks made here
+            calib_data = calibration_blocks(tokenizer, cal.data, cal.samples, cal.seq_len, seed=cal.seed)
+            recipe = replace(recipe, calibration=replace(cal, data=_tokens_name(calib_data)))
+        logger.info("model loaded in %.1f s", time.perf_counter() - t0)
+        name = model_or_id if isinstance(model_or_id, str) else type(model_or_id).__name__
+        report = CompressReport(model=name, recipe=recipe.to_dict())
+        if budgets:
+            todo = [None if o is None or o in written else o for o in outs]
+            with work_area(model_or_id, recipe, out, work_dir, restart) as work:
+                job = dict(tokenizer=tokenizer, calib_data=calib_data, overwrite=overwrite, progress=progress)
+                results = _timed(
+                    f"{len(budgets)} budgets",
+                    compress_to_budgets,
+                    model,
+                    recipe,
+                    budgets,
+                    work,
+                    outs=todo,
+                    **job,
+                )
+            for r, o in zip(results, outs, strict=True):
+                r.out = None if o is None else str(o)
+            report.budgets = [r.__dict__ for r in results]
+            plan = results[-1].plan
+        else:
+            teacher = copy.deepcopy(model) if recipe.finetune else None
+            job = dict(calib_data=calib_data, progress=progress, teacher=teacher)
+            plan = _timed("calibration and compression", quantize_model, model, recipe, tokenizer, **job)
+            if teacher is not None:
+                job = (model, teacher, recipe, tokenizer, calib_data, progress)
+                plan = _timed("fine-tuning", finetune_stage, *job)
+            if out is not None:
+                job = dict(plan=plan, recipe=recipe.to_dict(), tokenizer=tokenizer, overwrite=overwrite)
+                _timed(f"writing {out}", save, model, out, **job)
     report.layers = plan
     report.quantized_params = sum(math.prod(e["shape"]) for e in plan.values())
     report.bits_per_weight = plan_bits(model, plan) / report.quantized_params
     report.out = None if out is None else str(out)
     report.seconds = time.perf_counter() - t0
+    logger.info("compressed in %.1f s: %.3f bits per weight", report.seconds, report.bits_per_weight)
     return model, report
+
+
+def _timed(what: str, stage, *args, **kwargs):
+    """stage(*args, **kwargs), its time logged."""
+    t = time.perf_counter()
+    result = stage(*args, **kwargs)
+    logger.info("%s: %.1f s", what, time.perf_counter() - t)
+    return result
+
+
+def _calibration(recipe, budgets, data, calib_data, samples, seq_len) -> tuple[Recipe, torch.Tensor | None]:
+    """The recipe with `data`, `samples` and `seq_len` applied to its calibration section, and the token
+    blocks (`data` as a tensor, or `calib_data`). `data`, `samples` or `seq_len` given to a job that reads
+    no calibration data are refused; `calib_data` is then unused (callers pass one set of blocks to many
+    recipes)."""
+    if isinstance(data, torch.Tensor):
+        if calib_data is not None:
+            raise ArgumentError("give token blocks as data or as calib_data, not both")
+        calib_data = data
+    given = [k for k, v in (("data", data), ("samples", samples), ("seq_len", seq_len)) if v is not None]
+    probe = with_budget(recipe, budgets[0]) if budgets else recipe
+    if given and not calibrates(probe):
+        raise ArgumentError(
+            "this recipe reads no calibration data (no GPTQ, SVDQuant, Fisher weights or fine-tuning); "
+            f"drop {', '.join(given)}"
+        )
+    for key, v in (("samples", samples), ("seq_len", seq_len)):
+        if v is not None and not (isinstance(v, int) and v >= (1 if key == "samples" else 2)):
+            raise ArgumentError(f"{key} must be a positive integer, got {v!r}")
+    cal = recipe.calibration
+    if calib_data is not None:
+        if calib_data.dim() != 2 or calib_data.dtype not in (torch.int64, torch.int32):
+            raise ArgumentError(
+                f"token blocks must be an integer tensor [samples, seq_len], got {calib_data}"
+            )
+        if samples is not None or seq_len is not None:
+            raise ArgumentError("token blocks fix samples and seq_len; give neither with them")
+        if isinstance(data, torch.Tensor):  # recorded as what they are, so no work area mixes two
+            rows, cols = calib_data.shape
+            cal = replace(cal, data=_tokens_name(calib_data), samples=rows, seq_len=cols)
+        return replace(recipe, calibration=cal), calib_data
+    cal = replace(cal, samples=samples or cal.samples, seq_len=seq_len or cal.seq_len)
+    if data is not None:
+        if isinstance(data, str):
+            check_source(data)
+        cal = replace(cal, data=data)
+    return replace(recipe, calibration=cal), None
+
+
+def _tokens_name(blocks: torch.Tensor) -> str:
+    """The recipe's name for in-memory token blocks: a digest, so the work area never mixes two."""
+    digest = hashlib.sha256(blocks.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return f"tokens:{digest}"
+
+
+def _outputs(out, recipe: Recipe, budgets: list[float], overwrite: bool) -> tuple[list, set]:
+    """(checkpoint folder per budget, those already written by an earlier run of the same job).
+
+    With several budgets an existing `out` written by lowbit resumes: a budget whose checkpoint holds the
+    same recipe is kept, any other existing folder needs overwrite.
+    """
+    if out is None:
+        return [None] * len(budgets), set()
+    out = Path(out)
+    resumable = is_owned(out) and not any((out / m).exists() for m in OWNED_MARKERS)  # a folder of budgets
+    if len(budgets) < 2 or overwrite or not resumable:
+        check_output(out, overwrite)
+    outs = budget_outs(out, budgets) if budgets else [out]
+    written = set()
+    for o, b in zip(outs, budgets, strict=False):
+        if len(budgets) > 1 and not overwrite and _holds(o, with_budget(recipe, b)):
+            written.add(o)
+        elif o != out:
+            check_output(o, overwrite)
+    return outs, written
+
+
+def _holds(folder: Path, recipe: Recipe) -> bool:
+    try:
+        return read_manifest(folder)["recipe"] == recipe.to_dict()
+    except CheckpointError:
+        return False
+
+
+def _source(model_or_id, tokenizer, device, dtype) -> tuple[nn.Module, object]:
+    """(model in eval mode on `device` in `dtype`, tokenizer) from a name or a loaded model."""
+    if isinstance(model_or_id, str):
+        model, tokenizer = load_model(model_or_id, dtype or torch.float32)
+        model.config.name_or_path = model_or_id  # the source the model card names
+    else:
+        model = model_or_id if dtype is None else model_or_id.to(dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer

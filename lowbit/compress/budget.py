@@ -31,9 +31,10 @@ from lowbit.compress.plan import allocated_choice, allocation_method, apply_choi
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups
 from lowbit.compress.uniform import calibration_data, finetune_stage, select_linears
-from lowbit.compress.workarea import WorkArea
+from lowbit.compress.workarea import WorkArea, job_key
 from lowbit.lowrank import METHODS, Stats
 from lowbit.lowrank.svdquant import shared_smoothing
+from lowbit.nn.atomic import hold_lock
 from lowbit.nn.checkpoint import plan_bits, save
 from lowbit.nn.manifest import lowbit_version
 from lowbit.nn.qlinear import QLinear, set_submodule
@@ -63,8 +64,9 @@ def work_area(model_or_id, recipe: Recipe, out, work_dir, restart: bool, keep_wo
             yield WorkArea(tmp, job)
         return
     root = Path(work_dir) if work_dir is not None else Path(out).parent / ".lowbit-work"
-    work = WorkArea(root, job, restart=restart)
-    yield work
+    with hold_lock(root / job_key(job)):  # before a restart discards anything: one job per area
+        work = WorkArea(root, job, restart=restart)
+        yield work
     if not keep_work:
         shutil.rmtree(work.dir)
         with contextlib.suppress(OSError):  # not empty: other jobs' files

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 
+import torch
 from torch import nn
 
 from lowbit.calibration.data import eval_tokens
@@ -23,18 +25,20 @@ from lowbit.nn.manifest import is_checkpoint
 __all__ = ["EvalError", "evaluate", "perplexity"]
 
 
-def _load_target(target: str) -> tuple[nn.Module, object, float]:
-    """(model, tokenizer, bits per weight as stored) of a checkpoint, an export or a source model."""
+def _load_target(target: str, device, dtype) -> tuple[nn.Module, object, float]:
+    """(model on `device`, tokenizer, bits per weight as stored) of a checkpoint, an export or a source
+    model; dtype None keeps a checkpoint's stored dtypes and loads anything else in float32."""
     if is_checkpoint(target):
-        net, tokenizer = load(target), load_tokenizer(target)
+        net, tokenizer = load(target, device=device or "cpu", dtype=dtype), load_tokenizer(target)
         if tokenizer is None:
             raise EvalError(f"checkpoint {target} has no tokenizer files; cannot tokenize evaluation text")
         return net, tokenizer, checkpoint_info(target)["totals"]["bits_per_weight"]
     if find_target(target) is not None:
-        net, tokenizer, _ = load_export(target)
+        net, tokenizer, _ = load_export(target, dtype or torch.float32)
     else:
-        net, tokenizer = load_model(target)
+        net, tokenizer = load_model(target, dtype or torch.float32)
     bpw = stored_bits_per_weight(target, net)
+    net = net if device is None else net.to(device)
     return net, tokenizer, dense_bits_per_weight(net) if bpw is None else bpw
 
 
@@ -46,17 +50,22 @@ def evaluate(
     batch_size: int = 4,
     progress: bool = True,
     model: nn.Module | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict:
-    """Perplexity of `target` on the held-out part of `data`; `model`, when given, is evaluated in place
-    of the target's weights (the target still gives the tokenizer; bits are the model's QLinears')."""
+    """Perplexity of `target` on the held-out part of `data`, on `device` (default the CPU); `model`,
+    when given, is evaluated in place of the target's weights (the target still gives the tokenizer; bits
+    are the model's QLinears')."""
     t0 = time.perf_counter()
     if model is None:
-        net, tokenizer, bpw = _load_target(target)
+        net, tokenizer, bpw = _load_target(target, device, dtype)
     else:
         tokenizer = load_tokenizer(target) if is_checkpoint(target) else load_model(target)[1]
         net, bpw = model, model_bits_per_weight(model)
     ids = eval_tokens(tokenizer, data, max_tokens=tokens)
     r = perplexity(net, ids, seq_len=seq_len, batch_size=batch_size, progress=progress)
+    if not math.isfinite(r["perplexity"]):  # a broken model must not pass as a measurement
+        raise EvalError(f"perplexity of {target} is {r['perplexity']}: the model computes non-finite logits")
     return {
         "target": target,
         "data": data,

@@ -9,7 +9,9 @@
 - anything else that looks like a hub id (`owner/name`): `from_pretrained` from the hub.
 Floating tensors keep the source's dtype (a bf16 folder loads in bf16, not fp32: half the memory; the
 compress stages compute in fp32 per layer where they need it) unless `dtype` is given; GGUF weights are
-dequantized into fp32. A local path that does not exist is refused at once, without trying the hub. A
+dequantized into fp32. A local path that does not exist is refused at once, without trying the hub
+(`check_model` runs these checks without loading anything): a path-looking name, an `owner/name` whose
+first part is a local folder, or a near miss of a built-in name. A
 lowbit checkpoint folder is refused here: `lowbit.load` loads it; the outputs of `lowbit export` are
 reloaded by their target (`lowbit.export`).
 """
@@ -17,6 +19,7 @@ reloaded by their target (`lowbit.export`).
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 
@@ -69,9 +72,11 @@ def _load_folder(path: Path, model: str, dtype: torch.dtype | None) -> tuple[tor
 def locate(model: str) -> tuple[str, Path | str]:
     """Where `model` lives, without reading it: ("builtin", its .gguf), ("gguf", file), ("folder", path
     holding config.json) or ("hub", id). Refuses missing paths, lowbit checkpoints and ambiguous folders."""
+    if not isinstance(model, str) or not model:
+        raise ModelError(f"model must be a name, a path or a hub id, got {model!r}")
     name = model.removeprefix("builtin:")
-    if name in BUILTIN_MODELS:
-        return "builtin", builtin_path(name)
+    if name in BUILTIN_MODELS or model.startswith("builtin:"):
+        return "builtin", builtin_path(name)  # an unknown built-in name is refused with the known ones
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
@@ -79,9 +84,20 @@ def locate(model: str) -> tuple[str, Path | str]:
         return _locate_in_folder(path, model)
     if path.exists():
         raise ModelError(f"model file {model!r} is not a .gguf file")
-    if model.startswith((".", "/", "~")) or path.suffix == ".gguf" or not _HUB_ID.match(model):
+    first = Path(model.split("/")[0]).expanduser()
+    looks_local = (
+        model.startswith((".", "/", "~")) or path.suffix == ".gguf" or ("/" in model and first.is_dir())
+    )
+    if looks_local or not _HUB_ID.match(model):
         raise ModelError(f"model path {model!r} does not exist")
+    if "/" not in model and (near := difflib.get_close_matches(model, BUILTIN_MODELS, n=1, cutoff=0.8)):
+        raise ModelError(f"unknown model {model!r}; did you mean the built-in {near[0]!r}?")
     return "hub", model
+
+
+def check_model(model: str) -> str:
+    """What `model` names ("builtin", "gguf", "folder" or "hub"), after the checks that need no loading."""
+    return locate(model)[0]
 
 
 def _locate_in_folder(path: Path, model: str) -> tuple[str, Path]:

@@ -5,7 +5,7 @@ name beside its destination and renamed into place, so a crash or a kill never l
 half a folder behind. `check_output` is the single rule for an existing destination: refused without
 `overwrite`; with it, replaced only when it is a folder that lowbit wrote (a checkpoint with its
 manifest, an export with its marker, a work area with its job file) or an empty folder, so a mistyped
-`--out` never deletes a user's files.
+`--out` never deletes a user's files. `hold_lock` keeps two jobs from writing one folder at once.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,11 @@ from pathlib import Path
 # a work-area job's description
 OWNED_MARKERS = ("lowbit_config.json", "lowbit_export.json", "job.json")
 REPORT_FILES = ("report.json", "pareto.png")  # beside the checkpoints of a multi-budget run
+LOCK_GRACE_SECONDS = 10  # a lock file still without a pid is being written by its owner
+
+
+class LockedError(ValueError):
+    """Another live process holds the lock of a folder this job would write."""
 
 
 class OutputExistsError(FileExistsError):
@@ -98,3 +104,56 @@ def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _lock_owner(lock: Path) -> int | None:
+    """The pid written in a lock file, or None while it is empty or unreadable."""
+    try:
+        text = lock.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def hold_lock(path: str | Path) -> Iterator[Path]:
+    """Hold the lock of the folder `path` (the file `.<name>.lock` beside it, holding this process's pid)
+    while the block runs. A lock held by a live process refuses the job; one left by a dead process is
+    taken over. Yields the lock file."""
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = _lock_owner(lock)
+            fresh = time.time() - lock.stat().st_mtime < LOCK_GRACE_SECONDS if lock.exists() else False
+            if (pid is not None and _alive(pid)) or (pid is None and fresh):
+                who = f"pid {pid}" if pid is not None else "a starting job"
+                raise LockedError(
+                    f"{path} is in use by another lowbit job ({who}); wait for it to finish"
+                ) from None
+            if _lock_owner(lock) == pid:  # stale (its process is gone) and not taken over meanwhile
+                lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        break
+    else:
+        raise LockedError(f"{path} is in use by another lowbit job; its lock {lock} keeps changing")
+    try:
+        yield lock
+    finally:
+        if _lock_owner(lock) == os.getpid():
+            lock.unlink(missing_ok=True)

@@ -24,13 +24,16 @@ from lowbit.nn.manifest import (
     MANIFEST,
     WEIGHTS,
     CheckpointError,
+    check_finite,
+    check_folder,
     lowbit_version,
     read_manifest,
     read_safetensors_header,
     sha256,
     validate_manifest,
-    verify_files,
+    verify_checkpoint,
 )
+from lowbit.nn.model_card import CARD, model_card
 from lowbit.nn.qlinear import QLinear, replace_linears
 from lowbit.quantizers import TENSOR_FIELDS, QuantSpec, stored_layout
 
@@ -77,9 +80,9 @@ def _saveable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_files(model: nn.Module, tmp: Path, tokenizer, plan: dict) -> dict[str, str]:
-    """Write weights, config (with the transformers quantization config) and tokenizer into `tmp`;
-    return {relative name: sha256} of every file."""
+def _write_files(model: nn.Module, tmp: Path, tokenizer, plan: dict, recipe: dict | None) -> dict[str, str]:
+    """Write weights, config (with the transformers quantization config), tokenizer and model card into
+    `tmp`; return {relative name: sha256} of every file."""
     from lowbit.nn.hf_quantizer import add_quantization_config
 
     save_file(_saveable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -87,6 +90,10 @@ def _write_files(model: nn.Module, tmp: Path, tokenizer, plan: dict) -> dict[str
     add_quantization_config(tmp / "config.json", plan)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    weights = sum(e["shape"][0] * e["shape"][1] for e in plan.values())
+    bits = plan_bits(model, plan) / weights if weights else 0.0
+    source = getattr(model.config, "name_or_path", "") or type(model).__name__
+    (tmp / CARD).write_text(model_card(source, plan, recipe, bits))
     return {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
 
 
@@ -107,18 +114,20 @@ def save(
     model: nn.Module,
     out_dir: str | Path,
     *,
-    plan: dict,
+    plan: dict | None = None,
     recipe: dict | None = None,
     tokenizer=None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `model` (QLinears per `plan`) as a checkpoint folder `out_dir`; return its path.
+    """Write `model` (QLinears per `plan`, default the model's own) as a checkpoint folder `out_dir`;
+    return its path. A model from `lowbit.load` or from transformers saves again with its manifest.
 
     Everything is written into a hidden sibling folder first and renamed into place, so a failure
     never leaves a half-written `out_dir`; an existing `out_dir` is replaced only with overwrite=True.
     """
     if not hasattr(getattr(model, "config", None), "save_pretrained"):
         raise CheckpointError("model has no transformers config; cannot write a loadable checkpoint")
+    plan = model_plan(model) if plan is None else plan
     _check_plan(plan, model_plan(model))
     manifest = {"format_version": FORMAT_VERSION, "lowbit_version": lowbit_version()}
     manifest.update(recipe=recipe, layers=plan)
@@ -127,7 +136,7 @@ def save(
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"recipe or plan is not JSON-serialisable ({e})") from None
     with atomic_folder(out_dir, overwrite) as tmp:
-        manifest["files"] = _write_files(model, tmp, tokenizer, plan)
+        manifest["files"] = _write_files(model, tmp, tokenizer, plan, recipe)
         (tmp / MANIFEST).write_text(json.dumps(validate_manifest(manifest), indent=2) + "\n")
     return Path(out_dir)
 
@@ -183,6 +192,7 @@ def _read_state(path: Path, plan: dict, device: str, dtype: torch.dtype | None) 
                 got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
                 raise CheckpointError(f"tensor {key} is {got}; the plan expects {shape} {field_dtype}")
             quantized.add(key)
+    check_finite(state.items())
     if dtype is not None:
         state = {
             k: t.to(dtype) if t.is_floating_point() and k not in quantized else t for k, t in state.items()
@@ -203,8 +213,7 @@ def load(
     Raises CheckpointError on a bad manifest, a missing, truncated or altered file, or a layout mismatch.
     """
     path = Path(path)
-    manifest = read_manifest(path)
-    verify_files(path, manifest)
+    manifest = verify_checkpoint(path)
     resolve_backend(backend)
     device = str(torch.device(device))
     plan = manifest["layers"]
@@ -235,8 +244,14 @@ def load(
 def load_tokenizer(path: str | Path):
     """The tokenizer saved with the checkpoint at `path`, or None when it has no tokenizer files."""
     path = Path(path)
+    manifest = read_manifest(path)
+    check_folder(path, manifest)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
+    for name, digest in manifest["files"].items():  # the tokenizer's files (everything but the weights)
+        f = path / name
+        if name != WEIGHTS and (not f.is_file() or sha256(f) != digest):
+            raise CheckpointError(f"checkpoint file {name} is corrupt (sha256 does not match the manifest)")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)

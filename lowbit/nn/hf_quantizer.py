@@ -8,6 +8,15 @@ through its public registration functions (`transformers.quantizers.auto.registe
 device before the weights load, so the stored codes, scales, zeros, low-rank factors and smoothing vectors
 load into them by name, each keeping its stored dtype; the model then runs exactly as `lowbit.load(dir)`.
 
+Without lowbit, transformers would skip an unknown `quant_method` with one warning and load the model with
+its quantized layers randomly initialised. So config.json also names `transformers_weights` (transformers'
+explicit weights file) as `WEIGHTS_GUARD`, a file that does not exist and whose name says to import lowbit:
+plain transformers fails on it. The registered quantizer sees the config before the weights file is
+resolved (`update_attn_implementation`, the one hook that receives the model config) and removes the
+guard, then runs `lowbit.load`'s checks (manifest, folder, hashes, config sizes) before the model is built
+and refuses non-finite scales after the weights load; `save_pretrained`, which can write neither the manifest
+nor the guard, is refused (`lowbit.save(model, folder)` writes a checkpoint again).
+
 Importing this module costs nothing (no transformers or torch import): `register_when_imported()` registers
 at once when transformers' quantizer registry is already imported, else right after it is first imported.
 """
@@ -18,11 +27,13 @@ import functools
 import importlib.abc
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
 QUANT_METHOD = "lowbit"
 REGISTRY_MODULE = "transformers.quantizers.auto"
+WEIGHTS_GUARD = "import lowbit before loading this lowbit checkpoint.safetensors"
 
 
 class HfIntegrationError(ValueError):
@@ -37,10 +48,12 @@ def quantization_config(plan: dict) -> dict:
 
 
 def add_quantization_config(config_json: str | Path, plan: dict) -> None:
-    """Write `quantization_config(plan)` into a saved config.json (replacing any quantization config)."""
+    """Write `quantization_config(plan)` and the weights guard into a saved config.json (replacing any
+    quantization config)."""
     path = Path(config_json)
     d = json.loads(path.read_text())
     d["quantization_config"] = quantization_config(plan)
+    d["transformers_weights"] = WEIGHTS_GUARD
     path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
@@ -67,8 +80,15 @@ def _classes() -> tuple[type, type]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from lowbit.nn.manifest import FORMAT_VERSION
-    from lowbit.nn.qlinear import replace_linears
+    from lowbit.nn.manifest import (
+        FORMAT_VERSION,
+        MANIFEST,
+        WEIGHTS,
+        CheckpointError,
+        check_finite,
+        verify_checkpoint,
+    )
+    from lowbit.nn.qlinear import QLinear, replace_linears
 
     class LowbitConfig(QuantizationConfigMixin):
         """transformers' view of a lowbit checkpoint: the per-layer plan (fqn -> spec, shape, rank, ...)."""
@@ -87,17 +107,54 @@ def _classes() -> tuple[type, type]:
         """Loads pre-quantized lowbit checkpoints: QLinear swapped in by name before the weights load."""
 
         requires_calibration = True  # only pre-quantized checkpoints: compress with `lowbit compress`
+        verified: Path | None = None
 
-        def _process_model_before_weight_loading(self, model, **kwargs):
+        def update_attn_implementation(self, config):
+            if getattr(config, "transformers_weights", None) == WEIGHTS_GUARD:
+                del config.transformers_weights  # transformers then reads model.safetensors
+            folder = Path(config.name_or_path)
+            if folder.is_dir():  # checked before the model is built: bad sizes never allocate
+                self._verify(folder)
+            return super().update_attn_implementation(config)
+
+        def _verify(self, folder: Path) -> None:
+            if not (folder / MANIFEST).is_file():
+                raise HfIntegrationError(
+                    f"{folder} has no {MANIFEST}, so its files cannot be checked; write lowbit models with "
+                    "lowbit.save(model, folder), not save_pretrained"
+                )
+            try:
+                manifest = verify_checkpoint(folder)
+            except CheckpointError as e:
+                raise HfIntegrationError(str(e)) from None
+            if manifest["layers"] != self.quantization_config.layers:
+                raise HfIntegrationError(f"quantization_config of {folder} does not match its manifest")
+            self.verified = folder.resolve()
+
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+            files = [Path(f) for f in checkpoint_files or []]
+            if [f.name for f in files] != [WEIGHTS]:
+                raise HfIntegrationError(f"a lowbit checkpoint is one {WEIGHTS} beside its manifest")
+            if files[0].parent.resolve() != self.verified:  # e.g. a hub snapshot folder
+                self._verify(files[0].parent)
             # model is on the meta device here; each QLinear takes the dtype of the Linear it replaces
             replace_linears(model, self.quantization_config.layers, device="meta")
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            for name, m in model.named_modules():
+                if isinstance(m, QLinear):
+                    try:
+                        check_finite((f"{name}.{k}", t) for k, t in m.state_dict().items())
+                    except CheckpointError as e:
+                        raise HfIntegrationError(str(e)) from None
             return model
 
         def is_serializable(self) -> bool:
-            return True
+            # save_pretrained can write neither the manifest nor the guard (it drops transformers_weights),
+            # so its copy would load unchecked, or randomly initialised without lowbit: refused
+            logging.getLogger(__name__).warning("save lowbit models with lowbit.save(model, folder)")
+            return False
 
         @property
         def is_trainable(self) -> bool:

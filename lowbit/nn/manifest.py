@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import struct
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
@@ -20,6 +22,15 @@ from lowbit.quantizers import QuantSpec, SpecError
 FORMAT_VERSION = 1
 MANIFEST = "lowbit_config.json"
 WEIGHTS = "model.safetensors"
+MAX_JSON_BYTES = 64 << 20  # a manifest or config.json larger than this is refused before parsing
+MAX_JSON_DEPTH = 32  # deeper nesting is refused (a manifest needs 5 levels, a config.json a few)
+# unlisted files with these endings would be read by transformers (weights, configs, tokenizers, code)
+READ_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".bin", ".py", ".tiktoken", ".pt")
+# quantized fields whose values must be finite (codes are integers; bias is the model's own)
+FINITE_FIELDS = ("scales", "zeros", "dq_absmax", "l1", "l2", "smooth")
+# config.json sizes that set allocations, each checked against the stored tensors before the model is built
+SIZE_KEYS = ("vocab_size", "hidden_size")
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")  # a block's index: the first numeric part of a tensor name
 MANIFEST_KEYS = ("format_version", "lowbit_version", "recipe", "layers", "files")
 MANIFEST_TYPES = (
     ("lowbit_version", str, "a string"),
@@ -114,16 +125,42 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def _depth(obj: object) -> int:
+    """The nesting depth of a parsed JSON value, walked without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def read_json(f: Path, what: str) -> object:
+    """A checkpoint's JSON file, refused when over MAX_JSON_BYTES, nested over MAX_JSON_DEPTH or invalid."""
+    if f.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MiB")
+    try:
+        text = f.read_text()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{what} is not valid JSON ({e})") from None
+    try:
+        d = json.loads(text)
+    except RecursionError:  # the C parser stops at the interpreter's recursion limit, cleanly
+        raise CheckpointError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{what} is not valid JSON ({str(e)[:100]})") from None
+    if _depth(d) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return d
+
+
 def read_manifest(path: str | Path) -> dict:
     """The validated manifest of the checkpoint folder `path`."""
     f = Path(path) / MANIFEST
     if not f.is_file():
         raise CheckpointError(f"{path} is not a lowbit checkpoint (no {MANIFEST})")
-    try:
-        d = json.loads(f.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{MANIFEST} in {path} is not valid JSON ({e})") from None
-    return validate_manifest(d)
+    return validate_manifest(read_json(f, f"{MANIFEST} in {path}"))
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -146,8 +183,65 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def _allowed_link(link: Path, folder: Path) -> bool:
+    """A link that stays inside the folder, or a Hugging Face cache snapshot's link to its own blobs
+    (`<repo>/snapshots/<rev>/file -> ../../blobs/<sha>`; the manifest's hashes still check the content)."""
+    target = link.resolve()
+    inside = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        inside.append((folder.parent.parent / "blobs").resolve())
+    return target.is_file() and any(target.is_relative_to(d) for d in inside)
+
+
+def check_folder(path: Path, manifest: dict) -> None:
+    """No symbolic link leading out of the checkpoint folder, and no unlisted file that transformers would
+    read (a tokenizer or config file added after the checkpoint was written changes what the model does)."""
+    if path.is_symlink():
+        raise CheckpointError(f"checkpoint folder {path} is a symbolic link; give the real folder")
+    listed = set(manifest["files"]) | {MANIFEST}
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            rel = (Path(root) / name).relative_to(path).as_posix()
+            if (Path(root) / name).is_symlink() and not _allowed_link(Path(root) / name, path):
+                raise CheckpointError(
+                    f"checkpoint file {rel} is a symbolic link out of the folder; give plain files"
+                )
+            read = name in files and name.endswith(READ_SUFFIXES) and not name.startswith(".")
+            if read and rel not in listed:
+                raise CheckpointError(f"checkpoint file {rel} is not listed in {MANIFEST}; remove it")
+
+
+def check_config_sizes(config: dict, header: dict, plan: dict) -> None:
+    """config.json's layer count and sizes must match the stored tensors (`header`: the safetensors header,
+    `plan`: the quantized layers), so that a bad config is refused before any model is built."""
+    names = [k for k in header if k != "__metadata__"] + list(plan)
+    dims = {d for v in header.values() if isinstance(v, dict) for d in v.get("shape", ())}
+    dims |= {d for e in plan.values() for d in e["shape"]}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    layers = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
+    n = text.get("num_hidden_layers")
+    if n is not None and not (_is_int(n) and n == len(layers) and layers == set(range(n))):
+        raise CheckpointError(
+            f"config.json num_hidden_layers {n!r} does not match the {len(layers)} stored layers"
+        )
+    for key in SIZE_KEYS:
+        v = text.get(key)
+        if v is not None and not (_is_int(v) and v in dims):
+            raise CheckpointError(f"config.json {key} {v!r} matches no stored tensor's size")
+
+
+def check_finite(tensors) -> None:
+    """Every scale, zero point, second-level scale, low-rank factor and smoothing vector among the
+    (name, tensor) pairs `tensors` is finite."""
+    for name, t in tensors:
+        if name.rpartition(".")[2] in FINITE_FIELDS and t.is_floating_point() and not t.isfinite().all():
+            raise CheckpointError(f"tensor {name} holds NaN or infinite values; the checkpoint is corrupt")
+
+
 def verify_files(path: Path, manifest: dict) -> None:
-    """Every file of the manifest exists, has its sha256, and safetensors files are complete."""
+    """No symbolic link or unlisted file in the folder; every file of the manifest exists, has its sha256,
+    and safetensors files are complete."""
+    check_folder(path, manifest)
     for name, digest in manifest["files"].items():
         f = path / name
         if not f.is_file():
@@ -156,3 +250,15 @@ def verify_files(path: Path, manifest: dict) -> None:
             read_safetensors_header(f)
         if sha256(f) != digest:
             raise CheckpointError(f"checkpoint file {name} is corrupt (sha256 does not match the manifest)")
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The manifest of checkpoint folder `path` after every check that needs no model: manifest schema,
+    folder contents, files' sizes and hashes, config.json's sizes against the stored tensors."""
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    config = read_json(path / "config.json", f"config.json in {path}")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"config.json in {path} must be a JSON object")
+    check_config_sizes(config, read_safetensors_header(path / WEIGHTS), manifest["layers"])
+    return manifest

@@ -3,6 +3,7 @@ exactly as `lowbit.load(dir)`."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 
 from lowbit.compress.api import compress
 from lowbit.compress.recipe import DecomposeConfig, Override, QuantizeConfig, Recipe
-from lowbit.nn.checkpoint import load
+from lowbit.nn.checkpoint import load, save
 from lowbit.nn.hf_quantizer import (
     QUANT_METHOD,
     HfIntegrationError,
@@ -19,7 +20,7 @@ from lowbit.nn.hf_quantizer import (
     register,
     register_when_imported,
 )
-from lowbit.nn.manifest import read_manifest
+from lowbit.nn.manifest import read_manifest, sha256
 from lowbit.nn.qlinear import QLinear
 from tests.conftest import NEWS, make_tiny_llama, make_tokenizer
 
@@ -77,13 +78,85 @@ def test_bfloat16_load_matches_lowbit_load_in_bfloat16(ckpt, ids):
     assert torch.equal(logits(model, ids), logits(load(ckpt, dtype=torch.bfloat16), ids))
 
 
-def test_save_pretrained_round_trip(ckpt, ids, tmp_path):
+def test_lowbit_save_of_a_transformers_loaded_model_round_trips_with_its_manifest(ckpt, ids, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
-    model.save_pretrained(tmp_path / "again")
-    qc = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
-    assert qc["layers"] == read_manifest(ckpt)["layers"]
+    save(model, tmp_path / "again")
+    assert read_manifest(tmp_path / "again")["layers"] == read_manifest(ckpt)["layers"]
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     assert torch.equal(logits(again, ids), logits(load(ckpt), ids))
+    assert torch.equal(logits(load(tmp_path / "again"), ids), logits(load(ckpt), ids))
+
+
+def test_save_pretrained_which_cannot_write_the_manifest_is_refused(ckpt, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "copy")
+
+
+def test_a_folder_without_manifest_is_refused_not_loaded_unchecked(ckpt, tmp_path):
+    bad = _altered(ckpt, tmp_path, lambda folder: (folder / "lowbit_config.json").unlink())
+    with pytest.raises(HfIntegrationError, match="no lowbit_config.json.*lowbit.save"):
+        transformers.AutoModelForCausalLM.from_pretrained(bad)
+
+
+def _altered(ckpt, tmp_path, change):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    change(bad)
+    return bad
+
+
+def _flip_a_byte(folder):
+    f = folder / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 1
+    f.write_bytes(bytes(data))
+
+
+def test_from_pretrained_refuses_a_bit_flipped_file(ckpt, tmp_path):
+    bad = _altered(ckpt, tmp_path, _flip_a_byte)
+    with pytest.raises(HfIntegrationError, match="model.safetensors is corrupt"):
+        transformers.AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_from_pretrained_refuses_oversized_config_before_building_the_model(ckpt, tmp_path):
+    def grow(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config["num_hidden_layers"] = 20000
+        (folder / "config.json").write_text(json.dumps(config))
+        manifest = json.loads((folder / "lowbit_config.json").read_text())
+        manifest["files"]["config.json"] = sha256(folder / "config.json")
+        (folder / "lowbit_config.json").write_text(json.dumps(manifest))
+
+    bad = _altered(ckpt, tmp_path, grow)
+    with pytest.raises(HfIntegrationError, match="num_hidden_layers 20000"):
+        transformers.AutoModelForCausalLM.from_pretrained(bad)
+
+
+WITHOUT_LOWBIT = """
+import sys, torch, transformers
+try:
+    m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+except Exception as e:
+    assert "lowbit" not in sys.modules
+    print("REFUSED", e)
+else:
+    print("LOADED")
+"""
+
+
+def test_transformers_without_lowbit_refuses_and_says_to_import_lowbit(ckpt):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)  # lowbit must not be importable by accident through a .pth either
+    r = subprocess.run(
+        [sys.executable, "-c", WITHOUT_LOWBIT, str(ckpt)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("REFUSED") and "import lowbit before loading" in r.stdout, r.stdout
 
 
 def test_register_is_idempotent():
