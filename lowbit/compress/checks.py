@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.calibration.data import FILE_LIKE_SUFFIXES, load_text
+from lowbit.calibration.data import load_text
+from lowbit.calibration.sources import FILE_LIKE_SUFFIXES
 from lowbit.compress.recipe import Recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lowbit.nn.checkpoint import load, load_tokenizer, save
 from lowbit.nn.manifest import MANIFEST, CheckpointError, read_manifest, sha256
-from tests.test_checkpoint import tiny_model, tiny_tokenizer
+from tests.nn.test_checkpoint import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
