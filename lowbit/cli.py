@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--budgets", help="several budgets, e.g. 2.5,3,3.5,4.25: one checkpoint each under --out")
     c.add_argument("--restart", action="store_true", help="discard the work area of an earlier run")
+    c.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read only the config and shapes: print the plan (sizes, predicted memory) and check the job",
+    )
     c.add_argument("--work-dir", help="where finished stages are kept (default: .lowbit-work beside --out)")
     c.add_argument(
         "--eval", action="store_true", help="reload the checkpoint and compare perplexity with the original"
@@ -155,6 +160,10 @@ def cmd_compress(args: argparse.Namespace) -> dict:
 
     recipe = resolve_recipe(args)
     budgets = parse_budgets(args)
+    if args.dry_run:
+        from lowbit.compress import dry_run
+
+        return {"dry_run": dry_run(args.model, recipe, budgets=budgets).to_dict()}
     out = Path(args.out)
     progress = not args.json
     _, report = compress(
@@ -261,6 +270,10 @@ def _folder_bytes(path: Path) -> int:
 
 
 def print_text(command: str, r: dict) -> None:
+    if "dry_run" in r:
+        for key, value in r["dry_run"].items():
+            print(f"{key:<24} {value}")
+        return
     if command == "info":
         print(f"{'layer':<48} {'format':<18} {'rank':>4} {'bpw':>6} {'bytes':>10}")
         for name, x in r["layers"].items():

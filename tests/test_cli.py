@@ -202,3 +202,15 @@ def test_eval_reads_a_compressed_tensors_export_with_its_adapter(capsys, tiny_ll
         assert code == 0
         ppl[target] = json.loads(stdout)["perplexity"]
     assert ppl[ct] == pytest.approx(ppl[ck], rel=1e-4)
+
+
+def test_dry_run_reads_no_weight_and_prints_the_plan(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "never-written"
+    argv = ["compress", "--model", str(tiny_llama_dir), "--preset", "int4-g128", "--out", str(out)]
+    assert main([*argv, "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["dry_run"]
+    assert plan["quantized_params"] > 0 and all(b > 0 for b in plan["output_bytes"])
+    assert not out.exists()
+    infeasible = ["compress", "--model", str(tiny_llama_dir), "--preset", "alloc-int", "--budget", "0.5"]
+    assert main([*infeasible, "--out", str(out), "--dry-run"]) == 2  # refused before any weight is read
+    assert "budget" in capsys.readouterr().err
