@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lowbit.calibration import LayerStats, calibrate_sequential
+from lowbit.compress import awq
 from lowbit.compress.awq import ActivationScaling, awq_scales, scaled_stats
 from lowbit.compress.recipe import Recipe, RecipeError, preset
 from lowbit.compress.uniform import quantize_model
@@ -16,8 +17,9 @@ from lowbit.nn.smoothing import norm_readers
 from tests.conftest import logits, make_tiny_llama
 from tests.test_smoothing import with_outlier_norms
 
-CALIB = torch.randint(0, 300, (16, 48), generator=torch.Generator().manual_seed(0))
-HELD_OUT = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(1))
+CALIB = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+HELD_OUT = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+FAST = {"grid": 5, "samples": 4}  # a coarser grid than AWQ's 20 keeps the tests fast
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
@@ -28,7 +30,7 @@ def outlier_llama() -> nn.Module:
 
 def awq_recipe(**scaling) -> Recipe:
     return Recipe.from_dict(
-        {"quantize": {"format": "int3", "group_size": 128}, "scaling": {"method": "awq", **scaling}}
+        {"quantize": {"format": "int3", "group_size": 128}, "scaling": {"method": "awq", **FAST, **scaling}}
     )
 
 
@@ -51,19 +53,42 @@ def test_scaled_stats_are_those_of_scaled_inputs():
         assert torch.allclose(getattr(got, field), getattr(ref, field), rtol=1e-5, atol=1e-6), field
 
 
-def test_folded_scales_leave_float_logits_unchanged():
-    model = outlier_llama()
-    before = copy.deepcopy(model)
-    recipe = awq_recipe(clip=False)
+def scale_float_model(model: nn.Module) -> ActivationScaling:
+    """AWQ's scale search and folds on every block of `model`, its weights left unquantized."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
-    stage = ActivationScaling(model, norm_readers(model, CALIB[:1, :16]), linears, recipe)
+    stage = ActivationScaling(model, norm_readers(model, CALIB[:1, :16]), linears, awq_recipe(clip=False))
     calibrate_sequential(model, CALIB, on_block=stage, propagate="original", progress=False)
     stage.close()
-    assert len(stage.alphas) == 4 and any(a > 0 for a in stage.alphas.values())
+    return stage
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_folded_scales_leave_float_logits_unchanged(kv_heads):
+    """Norm folds, up -> down folds, and v -> o folds where the heads are not grouped."""
+    model = with_outlier_norms(
+        make_tiny_llama(300, hidden_size=128, intermediate_size=256, num_key_value_heads=kv_heads)
+    )
+    before = copy.deepcopy(model)
+    stage = scale_float_model(model)
+    assert any(a > 0 for n, a in stage.alphas.items() if n.endswith("norm"))
+    assert any(a > 0 for n, a in stage.alphas.items() if n.endswith("down_proj"))
+    assert any(n.endswith("o_proj") for n in stage.alphas) == (kv_heads == 4)
     for i, block in enumerate(model.model.layers):
         for norm in NORMS:
             weight, old = block.get_submodule(norm).weight, before.model.layers[i].get_submodule(norm).weight
             assert torch.equal(weight, old) == (stage.alphas[f"model.layers.{i}.{norm}"] == 0)
+    ref, got = logits(before, HELD_OUT), logits(model, HELD_OUT)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_fold_into_previous_kept_only_where_exact(monkeypatch):
+    """gate_proj's output reaches down_proj through SiLU: a fold there would change the block, so it is
+    undone and the logits stay."""
+    monkeypatch.setattr(awq, "PREVIOUS", {"down_proj": "gate_proj"})
+    model = outlier_llama()
+    before = copy.deepcopy(model)
+    stage = scale_float_model(model)
+    assert not any(n.endswith("down_proj") for n in stage.alphas)
     ref, got = logits(before, HELD_OUT), logits(model, HELD_OUT)
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
@@ -79,12 +104,12 @@ def block0_error(model: nn.Module, reference: nn.Module) -> float:
     return float((got - ref).square().mean())
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
-def test_awq_lowers_block_error_at_int3_g128(rounding):
+@pytest.mark.parametrize("rounding,objective", [("nearest", "block"), ("gptq", "layers")])
+def test_awq_lowers_block_error_at_int3_g128(rounding, objective):
     original = outlier_llama()
     errors = {}
-    scalings = {"plain": {}, "scaled": {"method": "awq", "clip": False}, "awq": {"method": "awq"}}
-    for name, scaling in scalings.items():
+    awq = {"method": "awq", "objective": objective, **FAST}
+    for name, scaling in {"plain": {}, "scaled": {**awq, "clip": False}, "awq": awq}.items():
         recipe = Recipe.from_dict(
             {"quantize": {"format": "int3", "group_size": 128, "rounding": rounding}, "scaling": scaling}
         )
@@ -100,7 +125,7 @@ def test_recipe_scaling_section_and_presets():
     assert r.scaling.method == "awq" and r.scaling.grid == 20 and r.scaling.clip
     assert r.needs_calibration() and preset("int4-g128-awq").quantize.format == "int4"
     assert Recipe.from_dict(r.to_dict()) == r
-    with pytest.raises(RecipeError, match="unknown scaling method"):
+    with pytest.raises(RecipeError, match="unknown scaling.method"):
         Recipe.from_dict({"scaling": {"method": "smooth"}})
     with pytest.raises(RecipeError, match="budget"):
         Recipe.from_dict({"scaling": {"method": "awq"}, "allocate": {"budget": 3.0}})

@@ -13,11 +13,18 @@ with s_x the per-channel RMS of x (sqrt of the calibration statistic act_sqmean;
 the mean |x|) and s normalised by sqrt(max s * min s) as in AWQ's code. The loss is measured on the real
 block: B is the decoder block's output on its recorded calibration inputs (the first `samples`
 sequences), with the group's weights replaced by their round-to-nearest fake quantization and every other
-layer as it is. alpha = 0 (s = 1, plain rounding) is on the grid, so the chosen scale never scores worse
-than round-to-nearest on those inputs. The chosen s is folded into the norm (norm.weight / s, the
+layer as it is; objective "layers" measures instead the group's summed output error sum_i tr(E_i H E_i^T)
+against the input Hessian H (no forward pass: AWQ's loss with the layers as the inspected module).
+alpha = 0 (s = 1, plain rounding) is on the grid, so the chosen scale never scores worse than
+round-to-nearest on those inputs. The chosen s is folded into the norm (norm.weight / s, the
 machinery SVDQuant's smoothing uses, `lowbit.compress.smoothing.fold_group`) and the readers keep
 W diag(s), so the float model computes what it did; their statistics are rescaled to the new inputs
 x / s (H -> diag(1/s) H diag(1/s)), so GPTQ rounding afterwards sees the inputs it will get.
+
+A layer whose input is proportional, channel by channel, to another linear's output (down_proj reading
+act(gate) * up, o_proj reading the attention-weighted v: `PREVIOUS`) gets its own scale searched the same
+way, folded into that previous linear instead (its output rows / s), as AWQ's code does; the fold is kept
+only where the recorded block outputs stay what they were (it is not exact with grouped kv heads).
 
 Clipping (sec. 3.3, AWQ's auto_clip): after scaling, each layer's group ranges are shrunk where that
 lowers its output error (`lowbit.quantizers.clip.clip_search`), except q/k projections (AWQ's code skips
@@ -28,6 +35,7 @@ weight the rounding then quantizes, so it is used without a low-rank part only.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -40,6 +48,9 @@ from lowbit.quantizers import QuantSpec
 from lowbit.quantizers.clip import clip_search, nearest
 
 CLIP_SKIP = ("*.q_proj", "*.k_proj")
+# a layer whose input is, channel by channel, proportional to another linear's output (Llama naming):
+# down_proj reads act(gate) * up, o_proj reads the attention-weighted v (one to one without grouped heads)
+PREVIOUS = {"down_proj": "up_proj", "o_proj": "v_proj"}
 
 
 def awq_scales(s_x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -111,17 +122,26 @@ def block_error(block: nn.Module, records: list) -> float:
     return total / max(count, 1)
 
 
+def layers_error(W0: list[torch.Tensor], layers: list[nn.Linear], H: torch.Tensor) -> float:
+    """sum_i tr(E_i H E_i^T), E_i = W0_i - W_i: the summed output error of layers reading one input whose
+    Hessian is H [K, K] (sum of x x^T over the calibration tokens)."""
+    total = 0.0
+    for W, m in zip(W0, layers, strict=True):
+        E = W.float() - m.weight.data.float()  # [N, K]
+        total += float(((E @ H) * E).sum())
+    return total
+
+
 @torch.no_grad()
 def search_scales(
-    block: nn.Module,
-    records: list,
+    loss: Callable[[], float],
     layers: list[nn.Linear],
     specs: list[QuantSpec],
     s_x: torch.Tensor,
     grid: int = 20,
 ) -> tuple[float, list[float]]:
-    """(alpha*, the loss of every grid point) of eq. 4-5 for `layers`, the readers of one input, inside
-    `block`; each candidate replaces their weights by Q(W diag(s)) diag(s)^-1 (round to nearest). The
+    """(alpha*, the loss of every grid point) of eq. 4-5 for `layers`, the readers of one input; each
+    candidate replaces their weights by Q(W diag(s)) diag(s)^-1 (round to nearest) and calls loss(). The
     layers' weights are restored."""
     W0 = [m.weight.data for m in layers]
     losses = []
@@ -130,7 +150,7 @@ def search_scales(
             s = awq_scales(s_x, i / grid).to(W0[0].device)
             for m, W, spec in zip(layers, W0, specs, strict=True):
                 m.weight.data = (nearest(W.float() * s, spec) / s).to(W.dtype)
-            losses.append(block_error(block, records))
+            losses.append(loss())
     finally:
         for m, W in zip(layers, W0, strict=True):
             m.weight.data = W
@@ -150,7 +170,8 @@ class ActivationScaling:
         self.model, self.readers, self.linears = model, readers, linears
         self.recipe, self.teacher = recipe, teacher
         self.blocks = find_blocks(model)[1]
-        self.recorder = BlockRecorder(recipe.scaling.samples)
+        # the "layers" objective needs no recorded outputs but the check of `fold_previous`
+        self.recorder = BlockRecorder(recipe.scaling.samples if recipe.scaling.objective == "block" else 1)
         self.recorder.attach(self.blocks[0])
         self.alphas: dict[str, float] = {}
 
@@ -166,18 +187,62 @@ class ActivationScaling:
             specs = [self.recipe.layer_config(n).spec() for n in members]
             s_x = act_scale(block_stats[members[0]])  # the members read one input
             mods = [self.linears[n] for n in members]
-            alpha, _ = search_scales(block, records, mods, specs, s_x, cfg.grid)
+            loss = self.objective(block, records, mods, block_stats[members[0]])
+            alpha, _ = search_scales(loss, mods, specs, s_x, cfg.grid)
             self.alphas[norm] = alpha
             s = awq_scales(s_x, alpha)
             if alpha == 0 or not fold_group(self.model, norm, self.readers, members, s, self.teacher):
                 continue
             for name, m in zip(members, mods, strict=True):
-                m.weight.data = (m.weight.data.float() * s.to(m.weight.device)).to(m.weight.dtype)
+                _scale(m, s, 1)
                 block_stats[name] = scaled_stats(block_stats[name], s)
+        for name in layers:
+            self.fold_previous(name, block, records, block_stats)
         if cfg.clip:
             for name in layers:
                 if not any(fnmatch.fnmatchcase(name, p) for p in CLIP_SKIP):
                     self.clip(name, block_stats[name])
+
+    def objective(self, block: nn.Module, records: list, mods: list[nn.Linear], stats: LayerStats):
+        """The loss of eq. 4 as a function of the layers' current weights: the block's output error on the
+        recorded inputs ("block"), or the layers' summed output error against their input Hessian."""
+        if self.recipe.scaling.objective == "block":
+            return lambda: block_error(block, records)
+        W0 = [m.weight.data for m in mods]
+        return lambda: layers_error(W0, mods, stats.hessian)
+
+    def fold_previous(self, name: str, block: nn.Module, records: list, block_stats: dict) -> None:
+        """Search the scale of layer `name` and fold it into the linear named by PREVIOUS, when the block's
+        recorded outputs show the fold exact; rescales block_stats[name]."""
+        head, _, leaf = name.rpartition(".")
+        prev = f"{head}.{PREVIOUS.get(leaf)}"
+        names = {n for n, _ in self.model.named_modules()}
+        if leaf not in PREVIOUS or prev not in names:
+            return
+        C, P = self.linears[name], self.model.get_submodule(prev)
+        if not isinstance(P, nn.Linear) or P.out_features != C.in_features:
+            return
+        s_x = act_scale(block_stats[name])
+        spec = self.recipe.layer_config(name).spec()
+        loss = self.objective(block, records, [C], block_stats[name])
+        alpha, _ = search_scales(loss, [C], [spec], s_x, self.recipe.scaling.grid)
+        if alpha == 0:
+            return
+        s = awq_scales(s_x, alpha)
+        saved = [(m, m.state_dict()) for m in (C, P)]
+        saved = [(m, {k: v.clone() for k, v in sd.items()}) for m, sd in saved]
+        _scale(C, s, 1)
+        _scale(P, 1 / s, 0)
+        ref = sum(float(r.double().square().sum()) for *_, r in records) / sum(r.numel() for *_, r in records)
+        if block_error(block, records) > 1e-8 * ref:  # not a channel-wise proportional input: undo
+            for m, sd in saved:
+                m.load_state_dict(sd)
+            return
+        self.alphas[name] = alpha
+        block_stats[name] = scaled_stats(block_stats[name], s)
+        if self.teacher is not None:
+            _scale(self.teacher.get_submodule(name), s, 1)
+            _scale(self.teacher.get_submodule(prev), 1 / s, 0)
 
     def clip(self, name: str, stats: LayerStats) -> None:
         """AWQ's clipping search on one layer's dense weight, against its input Hessian."""
@@ -188,6 +253,15 @@ class ActivationScaling:
 
     def close(self) -> None:
         self.recorder.detach()
+
+
+@torch.no_grad()
+def _scale(m: nn.Linear, s: torch.Tensor, dim: int) -> None:
+    """Multiply the weight of `m` by s along dim (1: input columns, W diag(s); 0: output rows, and bias)."""
+    s = s.to(m.weight.device)
+    m.weight.data = (m.weight.data.float() * (s[None, :] if dim else s[:, None])).to(m.weight.dtype)
+    if dim == 0 and m.bias is not None:
+        m.bias.data = (m.bias.data.float() * s).to(m.bias.dtype)
 
 
 @contextmanager

@@ -10,7 +10,7 @@ A recipe file looks like this (every key optional; defaults shown)::
       {method: none, rank: 0, iterations: 20}
     calibration: {data: "builtin:lee-news", samples: 128, seq_len: 512, seed: 0}
     scaling:             # activation-aware scaling before rounding (lowbit.compress.awq); method: none | awq
-      {method: none, grid: 20, samples: 8, clip: true, clip_grid: 20, clip_max_shrink: 0.5}
+      {method: none, objective: block, grid: 20, samples: 8, clip: true, clip_grid: 20, clip_max_shrink: 0.5}
     allocate:            # per-layer format / bits / group / rank by ILP under `budget` bits per weight
       {budget: null, formats: [int, nf], bits: [2, 3, 4, 8], group_sizes: [32, 64, 128],
        ranks: [0, 8, 16, 32, 64], metric: fisher, rounding: null, solver: ilp,
@@ -39,6 +39,7 @@ RECIPE_VERSION = 1
 ROUNDINGS = ("nearest", "gptq")
 DECOMPOSE_METHODS = ("none", "lorc", "lqlora", "lqlora-fisher", "svdquant")
 SCALING_METHODS = ("none", "awq")
+SCALING_OBJECTIVES = ("block", "layers")
 METRICS = ("output", "fisher", "frobenius")
 SOLVERS = ("ilp", "greedy")
 
@@ -117,11 +118,13 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    """Activation-aware scaling (AWQ, `lowbit.compress.awq`): the exponent grid, how many calibration
-    sequences its block-output loss runs on, and the clipping search (ratios 1 - i / clip_grid down to
+    """Activation-aware scaling (AWQ, `lowbit.compress.awq`): what the exponent search minimises (the
+    decoder block's output error on `samples` calibration sequences, or the layers' output error through
+    their input Hessian), its grid, and the clipping search (ratios 1 - i / clip_grid down to
     1 - clip_max_shrink)."""
 
     method: str = "none"
+    objective: str = "block"
     grid: int = 20
     samples: int = 8
     clip: bool = True
@@ -129,10 +132,9 @@ class ScalingConfig:
     clip_max_shrink: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.method not in SCALING_METHODS:
-            raise RecipeError(
-                f"unknown scaling method {self.method!r}; choose one of {', '.join(SCALING_METHODS)}"
-            )
+        for key, known in (("method", SCALING_METHODS), ("objective", SCALING_OBJECTIVES)):
+            if (value := getattr(self, key)) not in known:
+                raise RecipeError(f"unknown scaling.{key} {value!r}; choose one of {', '.join(known)}")
         if self.grid < 1 or self.samples < 1 or self.clip_grid < 1 or not 0 <= self.clip_max_shrink < 1:
             raise RecipeError("scaling needs grid, samples, clip_grid >= 1 and 0 <= clip_max_shrink < 1")
 
