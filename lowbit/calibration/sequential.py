@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.calibration.data import calibration_blocks
+from lowbit.calibration.data import DataError, calibration_blocks
 from lowbit.calibration.stats import (
     CalibrationError,
     CalibrationStats,
@@ -223,24 +223,20 @@ def calibrate_sequential(
     return result
 
 
-def _token_blocks(
-    data: Tensor | str | Path, samples: int, seq_len: int, seed: int, tokenizer
-) -> tuple[Tensor, str]:
-    """(token blocks [S, L], source name) from a tensor of blocks or a text source."""
+def _token_blocks(data, samples: int, seq_len: int, seed: int, tokenizer) -> tuple[Tensor, str]:
+    """(token blocks [S, L], source name) from token blocks or any data `calibration_blocks` accepts."""
     if isinstance(data, Tensor):
         return data, "tensor"
-    if isinstance(data, (str, Path)):
-        if tokenizer is None:
-            raise CalibrationError(f"calibration source {str(data)!r} is text: pass a tokenizer")
-        return calibration_blocks(tokenizer, str(data), samples, seq_len, seed=seed), str(data)
-    raise CalibrationError(
-        f"calibration data must be token blocks [S, L] or a text source, got {type(data).__name__}"
-    )
+    name = str(data) if isinstance(data, (str, Path)) else type(data).__name__
+    try:
+        return calibration_blocks(tokenizer, data, samples, seq_len, seed=seed), name
+    except DataError as e:  # one error type out of calibrate
+        raise CalibrationError(str(e)) from None
 
 
 def calibrate(
     model: nn.Module,
-    data: Tensor | str | Path = DEFAULT_SOURCE,
+    data=DEFAULT_SOURCE,
     samples: int = 128,
     seq_len: int = 512,
     stats: tuple[str, ...] = ("act", "hessian"),
@@ -252,9 +248,10 @@ def calibrate(
 ) -> CalibrationStats:
     """Calibration statistics of a decoder-only transformer's linear layers; the model is left as it was.
 
-    data: token blocks [S, L] (used as given), or a text source understood by
-    `lowbit.calibration.data.calibration_blocks` (a local file, a dataset, "builtin:lee-news"), cut into
-    `samples` blocks of `seq_len` tokens with `tokenizer` and `seed`.
+    data: token blocks [S, L] (used as given), or any data `lowbit.calibration.data.calibration_blocks`
+    accepts (a source string such as "builtin:lee-news" or a local file, a list of documents, a
+    datasets.Dataset, tokenizer output), cut into `samples` blocks of `seq_len` tokens with `tokenizer`
+    and `seed`.
     stats: any of "act" (max |x|, mean x^2) and "hessian" (X^T X), both collected block by block, and
     "fisher" (squared gradients, from full-model backward passes).
     layers: None (every linear inside the decoder blocks, not lm_head), names, or a predicate on names.

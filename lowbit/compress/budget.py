@@ -30,7 +30,7 @@ from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups, qlinear_of
 from lowbit.compress.uniform import calibration_data, decompose_layer, finetune_stage, select_linears
 from lowbit.compress.workarea import WorkArea
-from lowbit.lowrank import Stats
+from lowbit.lowrank import METHODS, Stats
 from lowbit.lowrank.svdquant import shared_smoothing, svdquant_smoothed
 from lowbit.nn.checkpoint import plan_bits, save
 from lowbit.nn.manifest import lowbit_version
@@ -88,7 +88,7 @@ def calibration_stage(
     if path.is_file():
         cal = CalibrationStats.load(path)
     else:
-        fisher = recipe.allocate.metric == "fisher" or allocation_method(recipe) == "lqlora-fisher"
+        fisher = recipe.allocate.metric == "fisher" or "fisher" in METHODS[allocation_method(recipe)].needs
         kinds = ("act", "hessian", "fisher") if fisher else ("act", "hessian")
         cal = calibrate(model, calib_data, stats=kinds, layers=list(linears), progress=progress)
         tmp = path.with_name(path.name + ".tmp")
@@ -247,7 +247,7 @@ def compress_to_budgets(
         plan, alloc = allocation_stage(table, recipe, budget)
         logger.info("budget %.3f: %s in %.2f s", budget, alloc.status, alloc.seconds)
         tag, smooth, before = f"bpw-{budget:g}", {}, []
-        if allocation_method(recipe) == "svdquant":
+        if METHODS[allocation_method(recipe)].shares_smoothing:
             smooth, before = smoothing_stage(model, linears, plan, stats, work, tag, teacher)
         qlinears = quantize_stage(linears, plan, recipe, stats, work, tag, progress, smooth)
         for name, q in qlinears.items():

@@ -33,15 +33,15 @@ from pathlib import Path
 
 import yaml
 
+from lowbit.compress.allocate.solve import SOLVERS
+from lowbit.compress.allocate.table import METRICS
+from lowbit.lowrank import METHODS, ROUNDINGS
 from lowbit.quantizers import SCALE_DTYPES, QuantSpec, SpecError
 
 RECIPE_VERSION = 1
-ROUNDINGS = ("nearest", "gptq")
-DECOMPOSE_METHODS = ("none", "lorc", "lqlora", "lqlora-fisher", "svdquant")
+DECOMPOSE_METHODS = tuple(METHODS)
 SCALING_METHODS = ("none", "awq")
 SCALING_OBJECTIVES = ("block", "layers")
-METRICS = ("output", "fisher", "frobenius")
-SOLVERS = ("ilp", "greedy")
 
 
 class RecipeError(ValueError):
@@ -221,7 +221,7 @@ class Recipe:
         """True when some stage reads calibration statistics (GPTQ, SVDQuant, Fisher weights)."""
         roundings = {self.quantize.rounding} | {o.quantize.rounding for o in self.overrides}
         allocating = self.allocate.budget is not None and self.allocate.metric != "frobenius"
-        stats = self.decompose.method in ("svdquant", "lqlora-fisher") or self.scaling.method != "none"
+        stats = bool(METHODS[self.decompose.method].needs) or self.scaling.method != "none"
         return "gptq" in roundings or stats or allocating
 
     def layer_config(self, name: str) -> QuantizeConfig | None:

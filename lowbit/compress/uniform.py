@@ -23,7 +23,7 @@ from lowbit.calibration.data import calibration_blocks
 from lowbit.compress.awq import activation_scaling
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import compress_norm_groups, qlinear_of
-from lowbit.lowrank import Stats, decompose
+from lowbit.lowrank import METHODS, Stats, decompose
 from lowbit.nn.qlinear import QLinear, set_submodule
 from lowbit.nn.smoothing import norm_readers
 
@@ -66,7 +66,7 @@ def decompose_layer(
         linear.weight.detach().float(),
         spec,
         rank,
-        method if rank or method == "svdquant" else "none",
+        method if rank or METHODS[method].at_rank_zero else "none",
         H=stats.H,
         act_max=stats.act_max,
         fisher=stats.fisher,
@@ -101,11 +101,12 @@ def quantize_model(
     if calib_data is None:
         calib_data = calibration_data(recipe, tokenizer)
     fisher, readers = {}, {}
-    if recipe.decompose.method == "lqlora-fisher":
+    if "fisher" in METHODS[recipe.decompose.method].needs:
         fisher = fisher_diagonal(model, calib_data, layers=list(linears), progress=progress)
-    if recipe.decompose.method == "svdquant" or recipe.scaling.method != "none":
+    shared = METHODS[recipe.decompose.method].shares_smoothing
+    if shared or recipe.scaling.method != "none":
         readers = norm_readers(model, calib_data[:1, :16].to(model.get_input_embeddings().weight.device))
-    smoothed = readers if recipe.decompose.method == "svdquant" else {}  # the norms SVDQuant folds into
+    smoothed = readers if shared else {}  # the norms SVDQuant folds its smoothing into
 
     def on_block(index: int, block: nn.Module, block_stats: dict) -> None:
         if scaling is not None:

@@ -36,8 +36,8 @@ def ct_problem(spec: QuantSpec, in_features: int) -> str | None:
         if spec.format != "fp8_e4m3":
             return f"{spec.format} has no compressed-tensors layout"
         return None if spec.group_size is None else "FP8 is exported per-channel only"
-    if spec.kind == "nf":
-        return f"{spec.format} (a NormalFloat codebook) has no compressed-tensors layout"
+    if spec.kind != "int":  # NormalFloat and any other codebook family
+        return f"{spec.format} (a {spec.kind} codebook) has no compressed-tensors layout"
     if spec.bits not in (4, 8):
         return f"{spec.format}: vLLM serves 4- and 8-bit integer weights only"
     if spec.bits == 8 and not spec.symmetric:

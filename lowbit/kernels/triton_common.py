@@ -64,7 +64,7 @@ def format_constexprs(q: QTensor) -> dict:
     return dict(
         FMT=spec.kind if spec.kind in ("int", "nf") else spec.format,
         BITS=spec.bits,
-        HAS_ZEROS=spec.kind == "int" and not spec.symmetric,
+        HAS_ZEROS=spec.has_zeros,
         DOUBLE_QUANT=spec.double_quant,
         PER_CHANNEL=n_groups == 1,
         GROUP_SIZE=spec.group_size if n_groups > 1 else None,

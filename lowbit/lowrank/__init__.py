@@ -11,6 +11,9 @@ Every Q step rounds to nearest or, with rounding="gptq", by GPTQ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from lowbit.lowrank.decomposition import (
@@ -29,12 +32,30 @@ from lowbit.lowrank.svd import LowRankError, fisher_weights, randomized_svd, svd
 from lowbit.lowrank.svdquant import shared_smoothing, smoothing_factors, svdquant
 from lowbit.quantizers import QuantSpec
 
-METHODS = {
-    "none": quantize_only,
-    "lorc": lorc,
-    "lqlora": lqlora,
-    "lqlora-fisher": lqlora_fisher,
-    "svdquant": svdquant,
+
+@dataclass(frozen=True)
+class Method:
+    """One decomposition method, described once for every stage that runs it.
+
+    fn(W, spec, rank, stats, options) -> Decomposition.
+    needs: the calibration statistics it reads beyond what its rounding needs ("act": per-channel input
+        magnitudes, "hessian": X^T X, "fisher": the diagonal Fisher of the loss).
+    shares_smoothing: its smoothing vector is shared by the layers reading one norm and folded into it.
+    at_rank_zero: it still differs from plain quantization at rank 0 (SVDQuant's smoothing).
+    """
+
+    fn: Callable[..., Decomposition]
+    needs: tuple[str, ...] = ()
+    shares_smoothing: bool = False
+    at_rank_zero: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "none": Method(quantize_only),
+    "lorc": Method(lorc),
+    "lqlora": Method(lqlora),
+    "lqlora-fisher": Method(lqlora_fisher, needs=("fisher",)),
+    "svdquant": Method(svdquant, needs=("act", "hessian"), shares_smoothing=True, at_rank_zero=True),
 }
 
 
@@ -61,11 +82,12 @@ def decompose(
     if method not in METHODS:
         raise DecomposeError(f"unknown decompose method {method!r}; choose one of {', '.join(METHODS)}")
     opts = DecomposeOptions(rounding=rounding, iterations=iterations, alpha=alpha)
-    return METHODS[method](W, spec, rank, Stats(H=H, act_max=act_max, fisher=fisher), opts)
+    return METHODS[method].fn(W, spec, rank, Stats(H=H, act_max=act_max, fisher=fisher), opts)
 
 
 __all__ = [
     "METHODS",
+    "Method",
     "ROUNDINGS",
     "DecomposeError",
     "DecomposeOptions",

@@ -31,8 +31,8 @@ from lowbit.nn.manifest import (
     validate_manifest,
     verify_files,
 )
-from lowbit.nn.qlinear import QLinear, replace_linears, stored_layout
-from lowbit.quantizers import TENSOR_FIELDS, QuantSpec
+from lowbit.nn.qlinear import QLinear, replace_linears
+from lowbit.quantizers import TENSOR_FIELDS, QuantSpec, stored_layout
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 

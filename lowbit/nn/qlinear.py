@@ -20,12 +20,10 @@ from torch import nn
 from lowbit.kernels import qlinear
 from lowbit.kernels.dispatch import resolve_backend
 from lowbit.quantizers import (
-    DQ_BLOCK,
-    SCALE_DTYPES,
     TENSOR_FIELDS,
     QTensor,
     QuantSpec,
-    packed_row_bytes,
+    stored_layout,
 )
 
 PLAN_KEYS = ("spec", "shape", "rank", "bias", "smooth")
@@ -33,24 +31,6 @@ PLAN_KEYS = ("spec", "shape", "rank", "bias", "smooth")
 
 class QLinearError(ValueError):
     """A quantized layer that does not fit its model or its parts (shapes, dtypes, names)."""
-
-
-def stored_layout(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, tuple]:
-    """Shape and dtype of every stored QTensor field of W [N, K] under `spec`, by field name.
-
-    codes [N, ceil(K / 8) * bits] uint8; scales [N, G] in the scale dtype (uint8 second-level codes
-    under double quantization); zeros [N, G] uint8 (asymmetric INT only); dq_absmax
-    [ceil(N * G / DQ_BLOCK)] float32 (double quantization only).
-    """
-    N, K = out_features, in_features
-    G = spec.groups(K)
-    layout = {"codes": ((N, packed_row_bytes(K, spec.bits)), torch.uint8)}
-    layout["scales"] = ((N, G), torch.uint8 if spec.double_quant else SCALE_DTYPES[spec.scale_dtype])
-    if spec.kind == "int" and not spec.symmetric:
-        layout["zeros"] = ((N, G), torch.uint8)
-    if spec.double_quant:
-        layout["dq_absmax"] = ((-(-(N * G) // DQ_BLOCK),), torch.float32)
-    return layout
 
 
 def _factor_rank(l1: torch.Tensor | None, l2: torch.Tensor | None, N: int, K: int) -> int:

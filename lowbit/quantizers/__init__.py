@@ -17,6 +17,7 @@ from lowbit.quantizers.groups import (
     group_view,
     round_scales,
 )
+from lowbit.quantizers.layout import stored_layout
 from lowbit.quantizers.packing import pack, packed_row_bytes, unpack
 from lowbit.quantizers.qtensor import TENSOR_FIELDS, QTensor
 from lowbit.quantizers.quantize import (
@@ -72,6 +73,7 @@ __all__ = [
     "quantize",
     "round_scales",
     "storage_bits",
+    "stored_layout",
     "unpack",
     "unpack_codes",
 ]

@@ -4,16 +4,18 @@ For W [N, K] with G = spec.groups(K) groups per row and b-bit codes:
   codes   N * ceil(K / 8) * b * 8                      (rows packed independently, see packing)
   scales  N * G * bits(scale_dtype), or with double quantization N * G * 8 + 32 * ceil(N * G / DQ_BLOCK)
   zeros   N * G * 8                                    (asymmetric INT only; stored as uint8)
-The ragged last group of a row counts as one whole group. `storage_bits` equals 8 * QTensor.nbytes().
+The ragged last group of a row counts as one whole group. `storage_bits` sums `stored_layout` and equals
+8 * QTensor.nbytes().
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
-from lowbit.quantizers.packing import packed_row_bytes
-from lowbit.quantizers.spec import DQ_BLOCK, SCALE_DTYPES, QuantSpec, SpecError
+from lowbit.quantizers.layout import stored_layout
+from lowbit.quantizers.spec import QuantSpec, SpecError
 
 
 def _shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -27,16 +29,11 @@ def _shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def storage_bits(spec: QuantSpec, shape: Sequence[int]) -> int:
-    """Total stored bits (codes + scales + zeros + second-level scales) of a [N, K] matrix."""
+    """Total stored bits (codes + scales + zeros + second-level scales) of a [N, K] matrix: every
+    tensor of its `stored_layout`."""
     n, k = _shape(shape)
-    groups = n * spec.groups(k)
-    codes = n * packed_row_bytes(k, spec.bits) * 8
-    if spec.double_quant:
-        scales = groups * 8 + 32 * -(-groups // DQ_BLOCK)
-    else:
-        scales = groups * SCALE_DTYPES[spec.scale_dtype].itemsize * 8
-    zeros = groups * 8 if spec.kind == "int" and not spec.symmetric else 0
-    return codes + scales + zeros
+    layout = stored_layout(spec, n, k).values()
+    return sum(math.prod(dims) * dtype.itemsize * 8 for dims, dtype in layout)
 
 
 def bits_per_weight(spec: QuantSpec, shape: Sequence[int]) -> float:

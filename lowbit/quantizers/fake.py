@@ -82,7 +82,7 @@ def _check(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: Quant
         raise QuantInputError(
             f"scales must have shape {want} for a {tuple(w.shape)} weight, got {tuple(s.shape)}"
         )
-    has_zeros = spec.kind == "int" and not spec.symmetric
+    has_zeros = spec.has_zeros
     if has_zeros != (z is not None):
         raise QuantInputError(f"{spec.short()} {'needs' if has_zeros else 'has no'} zero points")
     if z is not None and tuple(z.shape) != want:

@@ -16,9 +16,10 @@ import torch
 
 from lowbit.quantizers import fp, integer, nf
 from lowbit.quantizers.groups import load_scales, store_scales
-from lowbit.quantizers.packing import pack, packed_row_bytes, unpack
+from lowbit.quantizers.layout import stored_layout
+from lowbit.quantizers.packing import pack, unpack
 from lowbit.quantizers.qtensor import QTensor
-from lowbit.quantizers.spec import DQ_BLOCK, FORMATS, QuantInputError, QuantSpec, SpecError
+from lowbit.quantizers.spec import FORMATS, QuantInputError, QuantSpec, SpecError
 
 _FAMILIES: dict[str, ModuleType] = {"int": integer, "nf": nf, "fp": fp}
 
@@ -55,8 +56,7 @@ def _check_scales(s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec, shap
         raise QuantInputError(f"scales must have shape {want} for a {shape} weight, got {got}")
     if not bool(torch.isfinite(s).all() and (s > 0).all()):
         raise QuantInputError("scales must be finite and positive")
-    has_zeros = spec.kind == "int" and not spec.symmetric
-    if not has_zeros:
+    if not spec.has_zeros:
         if z is not None:
             raise QuantInputError(f"{spec.short()} has no zero points, but zeros were given")
         return
@@ -119,13 +119,7 @@ def pack_qtensor(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, s
 def _check_qtensor(q: QTensor) -> None:
     if not isinstance(q, QTensor):
         raise QuantInputError(f"expected a QTensor, got {type(q).__name__}")
-    n, k = q.shape
-    g = q.spec.groups(k)
-    expect = {"codes": (n, packed_row_bytes(k, q.spec.bits)), "scales": (n, g)}
-    if q.spec.kind == "int" and not q.spec.symmetric:
-        expect["zeros"] = (n, g)
-    if q.spec.double_quant:
-        expect["dq_absmax"] = (-(-n * g // DQ_BLOCK),)
+    expect = {field: shape for field, (shape, _) in stored_layout(q.spec, *q.shape).items()}
     stored = q.tensors()
     if set(stored) != set(expect):
         raise QuantInputError(f"QTensor of {q.spec.short()} must hold {sorted(expect)}, has {sorted(stored)}")

@@ -99,6 +99,11 @@ class QuantSpec:
     def bits(self) -> int:
         return FORMATS[self.format].bits
 
+    @property
+    def has_zeros(self) -> bool:
+        """Whether integer zero points are stored (asymmetric INT)."""
+        return self.kind == "int" and not self.symmetric
+
     def groups(self, in_features: int) -> int:
         """Number of scale groups per row for K = in_features."""
         g = self.group_size or in_features

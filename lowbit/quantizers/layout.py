@@ -1,0 +1,32 @@
+"""The stored layout of a quantized matrix: the one definition of which tensors a spec stores.
+
+For W [N, K] under a spec with G = spec.groups(K) groups per row and b-bit codes:
+
+    codes      [N, ceil(K / 8) * b]      uint8    rows packed independently (`lowbit.quantizers.packing`)
+    scales     [N, G]                    the scale dtype, or uint8 second-level codes (double quantization)
+    zeros      [N, G]                    uint8    asymmetric INT only (`QuantSpec.has_zeros`)
+    dq_absmax  [ceil(N * G / DQ_BLOCK)]  float32  double quantization only
+
+QTensor checks, QLinear's buffers, checkpoint loading and the storage cost (`lowbit.quantizers.cost`)
+all read it from `stored_layout`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.quantizers.packing import packed_row_bytes
+from lowbit.quantizers.spec import DQ_BLOCK, SCALE_DTYPES, QuantSpec
+
+
+def stored_layout(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, tuple]:
+    """{field: (shape, dtype)} of every tensor stored for W [out_features, in_features] under `spec`."""
+    N, K = out_features, in_features
+    G = spec.groups(K)
+    layout = {"codes": ((N, packed_row_bytes(K, spec.bits)), torch.uint8)}
+    layout["scales"] = ((N, G), torch.uint8 if spec.double_quant else SCALE_DTYPES[spec.scale_dtype])
+    if spec.has_zeros:
+        layout["zeros"] = ((N, G), torch.uint8)
+    if spec.double_quant:
+        layout["dq_absmax"] = ((-(-(N * G) // DQ_BLOCK),), torch.float32)
+    return layout
