@@ -4,7 +4,7 @@ round-to-nearest, and on weights with a few large entries it lowers it."""
 import pytest
 import torch
 
-from lowbit.quantizers import QuantInputError, QuantSpec
+from lowbit.quantizers import QuantInputError, QuantSpec, dequantize, quantize
 from lowbit.quantizers.clip import clip_groups, clip_search, nearest
 
 SPECS = [
@@ -63,3 +63,9 @@ def test_clip_search_rejects_bad_inputs():
         clip_search(W, H[:10, :10], QuantSpec("int3", 128))
     with pytest.raises(QuantInputError, match="max_shrink"):
         clip_search(W, H, QuantSpec("int3", 128), max_shrink=1.0)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short())
+def test_nearest_is_quantize_then_dequantize(spec):
+    W, _ = layer(K=200 if spec.group_size == 48 else 256)
+    assert torch.equal(nearest(W, spec), dequantize(quantize(W, spec)))
