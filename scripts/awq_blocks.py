@@ -2,15 +2,15 @@
 held-out text: a quick, real-weight check of activation-aware scaling where a perplexity run is too long.
 
 Usage:
-    python scripts/awq_blocks.py [--model smollm2-135m] [--data builtin:lee-news] [--blocks 4]
+    python scripts/awq_blocks.py [--model smollm2-135m] [--data builtin:lee-news] [--eval SOURCE] [--blocks 4]
         [--samples 8] [--seq-len 512] [--eval-tokens 4096] [--specs int3-g128,int4-g128]
         [--only rtn,gptq,awq,awq+gptq] [--awq KEY=VALUE,...] [--json out.json]
 
 The model is cut to its first --blocks decoder blocks and compressed by the pipeline itself
 (`quantize_model`, calibration blocks from the calibration part of --data, each block calibrated on the
 outputs of the already-compressed blocks before it). The error is ||h_q - h||^2 / ||h||^2 at the output
-of the last kept block on the held-out part of --data (--eval-tokens tokens in --seq-len windows), h from
-the uncompressed model.
+of the last kept block on the held-out part of --eval (default --data; --eval-tokens tokens in --seq-len
+windows), h from the uncompressed model.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default="builtin:lee-news")
+    p.add_argument("--eval", default=None, help="held-out text source (default: --data)")
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
@@ -67,7 +68,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     model.model.layers = model.model.layers[: args.blocks]
     model.config.num_hidden_layers = args.blocks
-    ids = eval_tokens(tok, args.data, max_tokens=args.eval_tokens)
+    ids = eval_tokens(tok, args.eval or args.data, max_tokens=args.eval_tokens)
     ids = ids[: ids.numel() // args.seq_len * args.seq_len].view(-1, args.seq_len)
     blocks = calibration_blocks(tok, args.data, args.samples, args.seq_len, seed=0)
     ref = last_block_output(model, ids)

@@ -215,11 +215,13 @@ class ActivationScaling:
         """Search the scale of layer `name` and fold it into the linear named by PREVIOUS, when the block's
         recorded outputs show the fold exact; rescales block_stats[name]."""
         head, _, leaf = name.rpartition(".")
-        prev = f"{head}.{PREVIOUS.get(leaf)}"
-        names = {n for n, _ in self.model.named_modules()}
-        if leaf not in PREVIOUS or prev not in names:
+        if leaf not in PREVIOUS:
             return
-        C, P = self.linears[name], self.model.get_submodule(prev)
+        prev = f"{head}.{PREVIOUS[leaf]}"
+        try:
+            C, P = self.linears[name], self.model.get_submodule(prev)
+        except AttributeError:
+            return
         if not isinstance(P, nn.Linear) or P.out_features != C.in_features:
             return
         s_x = act_scale(block_stats[name])
@@ -229,12 +231,13 @@ class ActivationScaling:
         if alpha == 0:
             return
         s = awq_scales(s_x, alpha)
-        saved = [(m, m.state_dict()) for m in (C, P)]
-        saved = [(m, {k: v.clone() for k, v in sd.items()}) for m, sd in saved]
+        saved = [(m, {k: v.clone() for k, v in m.state_dict().items()}) for m in (C, P)]
+        before = block_error(block, records)  # the rounding the earlier folds left
         _scale(C, s, 1)
         _scale(P, 1 / s, 0)
         ref = sum(float(r.double().square().sum()) for *_, r in records) / sum(r.numel() for *_, r in records)
-        if block_error(block, records) > 1e-8 * ref:  # not a channel-wise proportional input: undo
+        tol = max(1e-8, (16 * torch.finfo(C.weight.dtype).eps) ** 2) * ref  # a few roundings of the dtype
+        if block_error(block, records) > before + tol:  # not a channel-wise proportional input: undo
             for m, sd in saved:
                 m.load_state_dict(sd)
             return
