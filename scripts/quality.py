@@ -2,12 +2,17 @@
 
 Usage:
     python scripts/quality.py [--model smollm2-135m] [--data builtin:lee-news] [--samples 32]
-        [--seq-len 512] [--eval-tokens N] [--only NAME[:SPEC],...] [--json results.json]
+        [--seq-len 512] [--eval-tokens N] [--eval SOURCE,...] [--awq KEY=VALUE,...] [--skip-original]
+        [--only NAME[:SPEC],...] [--json results.json]
 
 Each row: method, spec, rank, bits per weight of the quantized layers (codes, scales, zeros and low-rank
-factors counted), perplexity on the held-out part of --data (never seen by calibration), and wall time
-of the compression. The model is loaded once and deep-copied for every row; one set of calibration
-blocks is shared by every row that needs calibration.
+factors counted), perplexity on the held-out part of each --eval source (default: --data; the held-out
+part is never seen by calibration), and wall time of the compression. AWQ rows (lowbit.compress.awq)
+take the recipe's `scaling` section with the --awq overrides (e.g. `objective=layers,clip_grid=10`;
+see `lowbit.compress.recipe.ScalingConfig`). --skip-original leaves out the uncompressed model's row. The
+model
+is loaded once and deep-copied for every row; one set of calibration blocks is shared by every row that
+needs calibration.
 """
 
 from __future__ import annotations
@@ -17,13 +22,17 @@ import copy
 import json
 import time
 
+import yaml
+
 from lowbit.calibration.data import calibration_blocks, eval_tokens
 from lowbit.compress.api import compress
 from lowbit.compress.recipe import Recipe
 from lowbit.eval.perplexity import dense_bits_per_weight, perplexity
 from lowbit.models import load_model
 
-# (name, quantize section, decompose section)
+AWQ = {"method": "awq"}
+
+# (name, quantize section, decompose section[, scaling section])
 ROWS = [
     ("rtn", {"format": "int4", "group_size": 128}, {}),
     ("gptq", {"format": "int4", "group_size": 128, "rounding": "gptq"}, {}),
@@ -58,6 +67,11 @@ ROWS = [
         {"method": "lqlora", "rank": 32},
     ),
     ("gptq", {"format": "int3", "group_size": 32, "rounding": "gptq"}, {}),
+    ("awq", {"format": "int4", "group_size": 128}, {}, AWQ),
+    ("awq+gptq", {"format": "int4", "group_size": 128, "rounding": "gptq"}, {}, AWQ),
+    ("awq", {"format": "int3", "group_size": 128}, {}, AWQ),
+    ("awq+gptq", {"format": "int3", "group_size": 128, "rounding": "gptq"}, {}, AWQ),
+    ("awq-noclip", {"format": "int3", "group_size": 128}, {}, {**AWQ, "clip": False}),
 ]
 
 
@@ -68,6 +82,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=None)
+    p.add_argument("--eval", default=None, help="comma-separated held-out text sources (default: --data)")
+    p.add_argument("--awq", default="", help="overrides of the AWQ rows' scaling section: KEY=VALUE,...")
+    p.add_argument("--skip-original", action="store_true")
     p.add_argument(
         "--only", default=None, help="comma-separated rows to run: method, or method:spec (gptq:int2-g64)"
     )
@@ -75,16 +92,24 @@ def main() -> None:
     args = p.parse_args()
 
     base, tok = load_model(args.model)
-    ids = eval_tokens(tok, args.data, max_tokens=args.eval_tokens)
+    sources = args.eval.split(",") if args.eval else [args.data]
+    ids = {src: eval_tokens(tok, src, max_tokens=args.eval_tokens) for src in sources}
     blocks = calibration_blocks(tok, args.data, args.samples, args.seq_len, seed=0)
-    ppl = perplexity(base, ids, progress=False)["perplexity"]
+
+    def perplexities(model) -> dict[str, float]:
+        return {src: perplexity(model, t, progress=False)["perplexity"] for src, t in ids.items()}
+
+    awq = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.awq.split(",") if kv)}
+    ppl = {src: float("nan") for src in sources} if args.skip_original else perplexities(base)
     rows = [
         dict(method="original", spec="fp32", rank=0, bpw=dense_bits_per_weight(base), ppl=ppl, seconds=0.0)
     ]
-    print(f"{'method':<16} {'spec':<14} {'rank':>4} {'bpw':>6} {'ppl':>9} {'time s':>7}", flush=True)
-    print(f"{'original':<16} {'fp32':<14} {0:>4} {rows[0]['bpw']:>6.2f} {ppl:>9.3f} {0:>7}", flush=True)
+    heads = " ".join(f"{'ppl ' + src.removeprefix('builtin:'):>18}" for src in sources)
+    print(f"{'method':<16} {'spec':<14} {'rank':>4} {'bpw':>6} {heads} {'time s':>7}", flush=True)
+    cells = " ".join(f"{v:>18.3f}" for v in ppl.values())
+    print(f"{'original':<16} {'fp32':<14} {0:>4} {rows[0]['bpw']:>6.2f} {cells} {0:>7}", flush=True)
     only = set(args.only.split(",")) if args.only else None
-    for name, quant, dec in ROWS:
+    for name, quant, dec, *scaling in ROWS:
         spec = Recipe.from_dict({"quantize": quant}).quantize.spec().short()
         if only and name not in only and f"{name}:{spec}" not in only:
             continue
@@ -93,6 +118,7 @@ def main() -> None:
                 "quantize": quant,
                 "decompose": dec,
                 "calibration": {"data": args.data, "samples": args.samples, "seq_len": args.seq_len},
+                "scaling": {**scaling[0], **awq} if scaling else {},
             }
         )
         t0 = time.perf_counter()
@@ -100,7 +126,7 @@ def main() -> None:
             copy.deepcopy(base), recipe, tokenizer=tok, calib_data=blocks, progress=False
         )
         seconds = time.perf_counter() - t0
-        ppl = perplexity(model, ids, progress=False)["perplexity"]
+        ppl = perplexities(model)
         row = dict(
             method=name,
             spec=spec,
@@ -110,10 +136,8 @@ def main() -> None:
             seconds=round(seconds, 1),
         )
         rows.append(row)
-        print(
-            f"{name:<16} {spec:<14} {row['rank']:>4} {row['bpw']:>6.2f} {ppl:>9.3f} {row['seconds']:>7}",
-            flush=True,
-        )
+        cells = " ".join(f"{v:>18.3f}" for v in ppl.values())
+        print(f"{name:<16} {spec:<14} {row['rank']:>4} {row['bpw']:>6.2f} {cells} {row['seconds']:>7}")
         del model
     if args.json:
         with open(args.json, "w") as f:
@@ -121,7 +145,8 @@ def main() -> None:
                 {
                     "model": args.model,
                     "data": args.data,
-                    "eval_tokens": len(ids),
+                    "eval_tokens": {src: len(t) for src, t in ids.items()},
+                    "awq": awq,
                     "samples": args.samples,
                     "seq_len": args.seq_len,
                     "rows": rows,

@@ -9,6 +9,8 @@ A recipe file looks like this (every key optional; defaults shown)::
     decompose:           # method: none | lorc | lqlora | lqlora-fisher | svdquant
       {method: none, rank: 0, iterations: 20}
     calibration: {data: "builtin:lee-news", samples: 128, seq_len: 512, seed: 0}
+    scaling:             # activation-aware scaling before rounding (lowbit.compress.awq); method: none | awq
+      {method: none, objective: block, grid: 20, samples: 8, clip: true, clip_grid: 20, clip_max_shrink: 0.5}
     allocate:            # per-layer format / bits / group / rank by ILP under `budget` bits per weight
       {budget: null, formats: [int, nf], bits: [2, 3, 4, 8], group_sizes: [32, 64, 128],
        ranks: [0, 8, 16, 32, 64], metric: fisher, rounding: null, solver: ilp,
@@ -38,6 +40,8 @@ from lowbit.quantizers import SCALE_DTYPES, QuantSpec, SpecError
 
 RECIPE_VERSION = 1
 DECOMPOSE_METHODS = tuple(METHODS)
+SCALING_METHODS = ("none", "awq")
+SCALING_OBJECTIVES = ("block", "layers")
 
 
 class RecipeError(ValueError):
@@ -113,6 +117,29 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class ScalingConfig:
+    """Activation-aware scaling (AWQ, `lowbit.compress.awq`): what the exponent search minimises (the
+    decoder block's output error on `samples` calibration sequences, or the layers' output error through
+    their input Hessian), its grid, and the clipping search (ratios 1 - i / clip_grid down to
+    1 - clip_max_shrink)."""
+
+    method: str = "none"
+    objective: str = "block"
+    grid: int = 20
+    samples: int = 8
+    clip: bool = True
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+
+    def __post_init__(self) -> None:
+        for key, known in (("method", SCALING_METHODS), ("objective", SCALING_OBJECTIVES)):
+            if (value := getattr(self, key)) not in known:
+                raise RecipeError(f"unknown scaling.{key} {value!r}; choose one of {', '.join(known)}")
+        if self.grid < 1 or self.samples < 1 or self.clip_grid < 1 or not 0 <= self.clip_max_shrink < 1:
+            raise RecipeError("scaling needs grid, samples, clip_grid >= 1 and 0 <= clip_max_shrink < 1")
+
+
+@dataclass(frozen=True)
 class AllocateConfig:
     """Bit allocation (LQ-LoRA's ILP, with ranks): the candidate grid, the error metric and the budget.
 
@@ -182,12 +209,20 @@ class Recipe:
     exclude: tuple[str, ...] = ("lm_head",)
     overrides: tuple[Override, ...] = ()
     version: int = RECIPE_VERSION
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def __post_init__(self) -> None:
+        if self.scaling.method != "none" and self.allocate.budget is not None:
+            raise RecipeError("scaling runs with one setting for every layer: drop it or the budget")
+        if self.scaling.method != "none" and self.scaling.clip and self.decompose.rank:
+            raise RecipeError("scaling.clip needs decompose.rank 0: the low-rank part keeps what it cuts")
 
     def needs_calibration(self) -> bool:
         """True when some stage reads calibration statistics (GPTQ, SVDQuant, Fisher weights)."""
         roundings = {self.quantize.rounding} | {o.quantize.rounding for o in self.overrides}
         allocating = self.allocate.budget is not None and self.allocate.metric != "frobenius"
-        return "gptq" in roundings or bool(METHODS[self.decompose.method].needs) or allocating
+        stats = bool(METHODS[self.decompose.method].needs) or self.scaling.method != "none"
+        return "gptq" in roundings or stats or allocating
 
     def layer_config(self, name: str) -> QuantizeConfig | None:
         """The quantize settings for one linear layer, or None when the layer stays as it is."""
@@ -228,6 +263,7 @@ class Recipe:
             quantize=quantize,
             decompose=_section(DecomposeConfig, d.get("decompose"), "decompose", base.decompose),
             calibration=_section(CalibrationConfig, d.get("calibration"), "calibration", base.calibration),
+            scaling=_section(ScalingConfig, d.get("scaling"), "scaling", base.scaling),
             allocate=_section(AllocateConfig, d.get("allocate"), "allocate", base.allocate),
             finetune=_finetune_section(d.get("finetune")),
             exclude=tuple(d.get("exclude", base.exclude)),
@@ -282,6 +318,7 @@ ALLOCATE_INT = AllocateConfig(
     formats=("int",), bits=(2, 3, 4), group_sizes=(64, 128), ranks=(0, 8), rounding="nearest"
 )
 ALLOC_QUANTIZE = QuantizeConfig(rounding="gptq")
+AWQ = ScalingConfig(method="awq")
 
 PRESETS: dict[str, Recipe] = {
     "int8": _preset("int8", None, symmetric=True),
@@ -299,6 +336,8 @@ PRESETS: dict[str, Recipe] = {
     "fp4-g32": _preset("fp4_e2m1", 32),
     "int4-g128-gptq": _preset("int4", 128, rounding="gptq"),
     "int3-g128-gptq": _preset("int3", 128, rounding="gptq"),
+    "int4-g128-awq": replace(_preset("int4", 128), scaling=AWQ),
+    "int3-g128-awq": replace(_preset("int3", 128), scaling=AWQ),
     "int3-g128-lqlora-r32": _preset("int3", 128, "lqlora", 32),
     "int3-g128-lqlora-fisher-r32": _preset("int3", 128, "lqlora-fisher", 32),
     "int4-g128-svdquant-r32": _preset("int4", 128, "svdquant", 32),

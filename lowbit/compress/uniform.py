@@ -6,7 +6,8 @@ needs calibration statistics (GPTQ rounding, SVDQuant, Fisher-weighted LQ-LoRA),
 by block and each block is compressed as soon as its statistics are in; the next block then sees the
 compressed block's outputs (GPTQ's sequential protocol). SVDQuant's smoothing of the layers that read a
 norm's output is shared per norm and folded into the norm's weight (`lowbit.compress.smoothing`); other
-layers keep their own in their QLinear.
+layers keep their own in their QLinear. AWQ's scaling and clipping (`lowbit.compress.awq`) run on each
+block before its layers are rounded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from lowbit.calibration import calibrate_sequential, fisher_diagonal
 from lowbit.calibration.data import calibration_blocks
 from lowbit.calibration.stats import find_blocks
+from lowbit.compress.awq import activation_scaling
 from lowbit.compress.plan import apply_choice, uniform_choice
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import compress_norm_groups
@@ -137,11 +139,15 @@ def quantize_model(
     fisher, readers = {}, {}
     if "fisher" in METHODS[recipe.decompose.method].needs:
         fisher = fisher_diagonal(model, calib_data, layers=names, progress=progress)
-    if METHODS[recipe.decompose.method].shares_smoothing:
+    shared = METHODS[recipe.decompose.method].shares_smoothing
+    if shared or recipe.scaling.method != "none":
         readers = norm_readers(model, calib_data[:1, :16].to(model.get_input_embeddings().weight.device))
+    smoothed = readers if shared else {}  # the norms SVDQuant folds its smoothing into
 
     def on_block(index: int, block: nn.Module, block_stats: dict) -> None:
-        done = compress_norm_groups(model, readers, linears, block_stats, recipe, teacher)
+        if scaling is not None:
+            scaling(index, block, block_stats)  # AWQ: scales folded into the norms, weights clipped
+        done = compress_norm_groups(model, smoothed, linears, block_stats, recipe, teacher)
         for name, stats in block_stats.items():
             if name in linears and name not in done:
                 q = compress_layer(name, linears[name], recipe, stats, fisher.pop(name, None))
@@ -150,16 +156,17 @@ def quantize_model(
             linears.pop(name, None)
         release_freed_memory()
 
-    calibrate_sequential(
-        model,
-        calib_data,
-        stats=("act", "hessian"),
-        layers=names,
-        on_block=on_block,
-        propagate="quantized",
-        keep=False,
-        progress=progress,
-    )
+    with activation_scaling(model, readers, linears, recipe, teacher) as scaling:
+        calibrate_sequential(
+            model,
+            calib_data,
+            stats=("act", "hessian"),
+            layers=names,
+            on_block=on_block,
+            propagate="quantized",
+            keep=False,
+            progress=progress,
+        )
     return {name: model.get_submodule(name).layer_plan() for name in names}
 
 
