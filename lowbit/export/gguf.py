@@ -2,18 +2,21 @@
 
 llama.cpp's legacy quant types cut every row into blocks of 32 weights with an fp16 scale d (and min m):
 
-    Q8_0: w = d q,           q int8         <- symmetric INT8, group 32: q = c - 128, d = s
-    Q4_0: w = d (q - 8),     q in 0..15     <- symmetric INT4, group 32: q = c, d = s
-    Q4_1: w = d q + m,       q in 0..15     <- asymmetric INT4, group 32: q = c, d = s, m = -s z
+    Q8_0: w = d q,           q int8         <- symmetric INT8: q = c - 128, d = s
+    Q4_0: w = d (q - 8),     q in 0..15     <- symmetric INT4: q = c, d = s
+    Q4_1: w = d q + m,       q in 0..15     <- asymmetric INT4: q = c, d = s, m = -s z
+
+A group of 32 j weights (g128: j = 4; per-channel: the whole row) is j blocks that repeat its s and z, so
+any group size that is a multiple of 32 exports exactly, as g32 does.
 
 lowbit's INT grid is s (c - 2^(b-1)) symmetric and s (c - z) asymmetric, so Q8_0 and Q4_0 hold Q exactly
 when its scales are fp16 (other scale dtypes are rounded to fp16), and Q4_1 up to the fp16 rounding of
-m = -s z. Other specs (group sizes other than 32, NF, INT2/3, FP8/FP4, asymmetric INT8) and smoothing that
-cannot be folded into a norm are refused, or with convert=True re-quantized to the nearest of these types
-(`lowbit.export.fit`). Unquantized tensors are written in the export dtype (F32, F16 or BF16), 1-D
-ones (norms) in F32 as llama.cpp expects. Rows of the q / k projections are permuted into llama.cpp's
-rotary layout, as convert_hf_to_gguf.py does (readers undo it). The tokenizer goes into the same file
-(`lowbit.export.gguf_tokenizer`).
+m = -s z. Other specs (group sizes not a multiple of 32, NF, INT2/3, FP8/FP4, asymmetric INT8) and
+smoothing that cannot be folded into a norm are refused, or with convert=True re-quantized to the nearest
+of these types (`lowbit.export.fit`). Unquantized tensors are written in the export dtype (F32, F16 or
+BF16), 1-D ones (norms) in F32 as llama.cpp expects. Rows of the q / k projections are permuted into
+llama.cpp's rotary layout, as convert_hf_to_gguf.py does (readers undo it). The tokenizer goes into
+the same file (`lowbit.export.gguf_tokenizer`).
 
 The low-rank branch goes to `adapter.gguf`, a GGUF LoRA adapter laid out like llama.cpp's
 convert_lora_to_gguf.py writes it: general.type "adapter", adapter.type "lora", adapter.lora.alpha, and per
@@ -60,17 +63,27 @@ DENSE_FILE_TYPES = {
 
 
 def gguf_problem(spec: QuantSpec, in_features: int) -> str | None:
-    """Why no llama.cpp quant type holds Q of this spec as is, or None if Q8_0 / Q4_0 / Q4_1 does."""
+    """Why no llama.cpp quant type holds Q of this spec as is, or None if Q8_0 / Q4_0 / Q4_1 does.
+
+    A group of g = 32 j weights (or a whole row, per-channel) is j blocks of 32 sharing its scale and
+    zero: llama.cpp holds it exactly by repeating them in each block (`block_scales`).
+    """
     if spec.kind != "int" or spec.bits not in (4, 8):
         return f"{spec.format} has no llama.cpp type (Q8_0, Q4_0 and Q4_1 hold INT8 and INT4 only)"
     if (spec.format, spec.symmetric) not in GGUF_TYPES:
         return "asymmetric int8 has no llama.cpp type (Q8_0 is symmetric)"
-    if spec.group_size != QK:
-        groups = "per-channel scales" if spec.group_size is None else f"group size {spec.group_size}"
-        return f"{groups} (llama.cpp blocks hold 32 weights)"
+    if spec.group_size is not None and spec.group_size % QK:
+        return f"group size {spec.group_size} is not a multiple of llama.cpp's block of 32 weights"
     if in_features % QK:
         return f"in_features {in_features} is not a multiple of llama.cpp's block of 32"
     return None
+
+
+def block_scales(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
+    """Per-group values t [N, G] repeated onto llama.cpp's blocks of 32: [N, K / 32]; the last group of
+    a row may be shorter (a ragged group size), so the repeat is cut at K / 32 blocks."""
+    per_group = (spec.group_size or in_features) // QK
+    return t.repeat_interleave(per_group, dim=1)[:, : in_features // QK]
 
 
 def gguf_spec(spec: QuantSpec, in_features: int, dtype: torch.dtype) -> QuantSpec:
@@ -88,8 +101,10 @@ def gguf_blocks(m: QLinear) -> tuple[gguf.GGMLQuantizationType, torch.Tensor]:
     N, K = m.out_features, m.in_features
     q = m.qtensor()
     c = unpack_codes(q).view(N, K // QK, QK)  # [N, G, 32]
-    s, z = decode_scales(q)  # [N, G]
-    parts = [s.to(torch.float16).unsqueeze(-1).view(torch.uint8)]  # d: [N, G, 2]
+    s, z = decode_scales(q)  # [N, G] -> [N, K / 32]: each group's scale and zero in each of its blocks
+    s = block_scales(s, m.spec, K)
+    z = None if z is None else block_scales(z, m.spec, K)
+    parts = [s.to(torch.float16).unsqueeze(-1).view(torch.uint8)]  # d: [N, K / 32, 2]
     if qtype == Q.Q8_0:
         parts.append((c.to(torch.int16) - 128).to(torch.int8).view(torch.uint8))
     else:

@@ -14,8 +14,8 @@ from lowbit.compress.awq import ActivationScaling, awq_scales, scaled_stats
 from lowbit.compress.recipe import Recipe, RecipeError, preset
 from lowbit.compress.uniform import quantize_model
 from lowbit.nn.smoothing import norm_readers
-from tests.conftest import logits, make_tiny_llama
 from tests.compress.test_smoothing import with_outlier_norms
+from tests.conftest import logits, make_tiny_llama
 
 CALIB = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
 HELD_OUT = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))

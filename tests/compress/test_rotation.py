@@ -10,8 +10,8 @@ import torch
 from lowbit.compress.rotation import RotationError, rotate_residual
 from lowbit.quantizers import QuantInputError
 from lowbit.quantizers.hadamard import hadamard, random_hadamard
-from tests.conftest import logits, make_tiny_llama
 from tests.compress.test_smoothing import with_outlier_norms
+from tests.conftest import logits, make_tiny_llama
 
 
 @pytest.mark.parametrize("n", [1, 2, 12, 20, 48, 64, 576])

@@ -228,19 +228,29 @@ def test_half_precision_tensors(ckpts, ids, tmp_path, dtype, kind, tol):
 def test_inexpressible_layers_are_refused_with_a_list(ckpts, tmp_path):
     with pytest.raises(ExportError, match=r"to GGUF .*--convert.*q_proj: nf4 has no llama.cpp type"):
         export(ckpts / "nf4", tmp_path / "out", "gguf")
-    with pytest.raises(ExportError, match=r"q_proj: group size 64 \(llama.cpp blocks hold 32 weights\)"):
-        export(ckpts / "g64", tmp_path / "out", "gguf")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_groups_of_several_blocks_export_exactly(ckpts, ids, tmp_path):
+    """Group 64 is two llama.cpp blocks of 32 repeating its scale: no conversion, lowbit's logits."""
+    out = tmp_path / "g64"
+    r = export(ckpts / "g64", out, "gguf")
+    assert r["converted"] == 0 and all(e["rel_error"] < 1e-6 for e in r["layers"].values())
+    ref = logits(load(ckpts / "g64"), ids)
+    merged, _, _ = load_export(out)
+    assert float((logits(merged, ids) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
 def test_expressible_specs_and_their_conversions():
     assert gguf_problem(QuantSpec("int4", 32, True), 64) is None
     assert gguf_problem(QuantSpec("int8", 32, True, "bfloat16"), 64) is None  # scales rounded to fp16
+    assert gguf_problem(QuantSpec("int4", 128, True), 576) is None  # 4 blocks per group
+    assert gguf_problem(QuantSpec("int4", 48, True), 96) is not None
     for spec in [
         QuantSpec("int3", 32),
         QuantSpec("fp8_e4m3", None),
         QuantSpec("int8", 32),
-        QuantSpec("int4", None),
+        QuantSpec("int4", 40),
     ]:
         assert gguf_problem(spec, 64) is not None
         assert gguf_problem(gguf_spec(spec, 64, torch.float32), 64) is None
