@@ -84,7 +84,8 @@ def compress(
     data: the calibration text source (a name, see `lowbit.calibration.data`) or token blocks
     [samples, seq_len] (`calib_data` is the same for tensors); samples / seq_len override the recipe's
     calibration section. A recipe that reads no calibration data refuses them. device: where the
-    model is compressed (cpu, cuda, cuda:N); dtype: the dtype the source model is loaded in.
+    model is compressed (cpu, cuda, cuda:N); dtype: the dtype the source model is loaded in (None: its
+    own; a bf16 folder stays bf16, GGUF files load in float32).
 
     budget / budgets (average bits per weight; default the recipe's allocate.budget): allocate a
     format, group size and rank per layer by ILP. With several budgets, `out` becomes a folder holding
@@ -237,7 +238,7 @@ def _holds(folder: Path, recipe: Recipe) -> bool:
 def _source(model_or_id, tokenizer, device, dtype) -> tuple[nn.Module, object]:
     """(model in eval mode on `device` in `dtype`, tokenizer) from a name or a loaded model."""
     if isinstance(model_or_id, str):
-        model, tokenizer = load_model(model_or_id, dtype or torch.float32)
+        model, tokenizer = load_model(model_or_id, dtype)  # None: the source's own dtype
         model.config.name_or_path = model_or_id  # the source the model card names
     else:
         model = model_or_id if dtype is None else model_or_id.to(dtype)
