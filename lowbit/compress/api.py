@@ -117,7 +117,7 @@ def compress(
         name = model_or_id if isinstance(model_or_id, str) else type(model_or_id).__name__
         report = CompressReport(model=name, recipe=recipe.to_dict())
         if budgets:
-            todo = [None if o is None or o in written else o for o in outs]
+            unwritten = [None if o is None or o in written else o for o in outs]
             with work_area(model_or_id, recipe, out, work_dir, restart) as work:
                 job = dict(tokenizer=tokenizer, calib_data=calib_data, overwrite=overwrite, progress=progress)
                 results = _timed(
@@ -127,7 +127,7 @@ def compress(
                     recipe,
                     budgets,
                     work,
-                    outs=todo,
+                    outs=unwritten,
                     **job,
                 )
             for r, o in zip(results, outs, strict=True):
