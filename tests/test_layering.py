@@ -12,10 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "lowbit"
 ALLOWED = {
+    "parallel": {"parallel"},
     "quantizers": {"quantizers"},
     "lowrank": {"quantizers", "lowrank"},
     "kernels": {"quantizers", "kernels"},
-    "calibration": {"calibration"},
+    "calibration": {"parallel", "calibration"},
     "nn": {"quantizers", "kernels", "nn"},
     "models": {"nn", "models"},
     "compress": {"quantizers", "lowrank", "kernels", "calibration", "nn", "models", "compress"},

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from lowbit.parallel import World, all_reduce
+
 STAT_KINDS = ("act", "hessian", "fisher")
 FORMAT = "lowbit-calibration"
 FORMAT_VERSION = 1
@@ -86,6 +88,35 @@ class LayerStats:
         return self.hessian * (2.0 / self.tokens)
 
 
+def reduce_stats(stats: dict[str, LayerStats], w: World) -> dict[str, LayerStats]:
+    """Statistics over every rank's tokens, on every rank, in place: Hessians, token counts and Fisher
+    diagonals summed, act_max the maximum, act_sqmean the token-weighted mean.
+
+    The sums equal a single process's over the same tokens up to fp32 summation order (each rank adds
+    its own micro-batches first): relative differences of about 1e-7 per entry.
+    """
+    groups: dict[int, list[LayerStats]] = {}  # layers reading one input share tensors: reduced once
+    for name in sorted(stats):  # the same order on every rank
+        st = stats[name]
+        shared = st.hessian if st.hessian is not None else st.act_max
+        groups.setdefault(id(st) if shared is None else id(shared), []).append(st)
+    for members in groups.values():
+        st = members[0]
+        tokens = all_reduce(torch.tensor([st.tokens]), "sum", w)  # int64
+        if st.act_max is not None:
+            all_reduce(st.act_max, "max", w)
+            st.act_sqmean.mul_(st.tokens)  # in place: the members hold this tensor too
+            all_reduce(st.act_sqmean, "sum", w).div_(tokens.item())
+        if st.hessian is not None:
+            all_reduce(st.hessian, "sum", w)
+        for m in members:
+            m.tokens = int(tokens.item())
+            if m.fisher is not None:
+                all_reduce(m.fisher, "sum", w)
+                m.fisher_samples = int(all_reduce(torch.tensor([m.fisher_samples]), "sum", w).item())
+    return stats
+
+
 @dataclass(eq=False)
 class CalibrationStats:
     """Statistics of every calibrated linear layer, by fully qualified name, plus where they came from.
@@ -107,12 +138,15 @@ class CalibrationStats:
 
     def save(self, path: str | Path) -> None:
         """Write the statistics to one safetensors file (tensors + JSON metadata)."""
-        tensors = {}
+        tensors, written = {}, set()
         for name, st in self.layers.items():
             for f in TENSOR_FIELDS:
                 t = getattr(st, f)
                 if t is not None:
-                    tensors[f"{name}.{f}"] = t.detach().to("cpu", torch.float32).contiguous()
+                    t = t.detach().to("cpu", torch.float32).contiguous()
+                    # layers reading one input share tensors; a file holds each under every name
+                    tensors[f"{name}.{f}"] = t.clone() if id(t) in written else t
+                    written.add(id(t))
         meta = {
             "samples": self.samples,
             "seq_len": self.seq_len,
