@@ -37,8 +37,11 @@ from lowbit.calibration.stats import (
     check_tokens,
     find_blocks,
     fisher_diagonal,
+    rank_share,
+    reduce_stats,
     select_linears,
 )
+from lowbit.parallel import world
 
 PROPAGATE = ("quantized", "original")
 DEFAULT_SOURCE = "builtin:lee-news"
@@ -215,6 +218,8 @@ def calibrate_sequential(
     statistics are collected and may modify the block; propagate picks whether the next block sees the
     outputs of the modified block ("quantized") or of the unmodified one ("original"). keep=False drops
     each block's statistics after on_block (returns {}), so only one block's Hessians are alive at a time.
+    Under several processes (`lowbit.parallel`) each runs its share of the samples and the statistics
+    are summed over the processes before on_block sees them.
     The model's training flag is restored.
     """
     kinds = check_kinds(stats, ("act", "hessian"))
@@ -223,6 +228,8 @@ def calibrate_sequential(
     if batch_size < 1:
         raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
     data = check_tokens(model, data)
+    w = world()
+    data = rank_share(data, w)
     prefix, blocks = find_blocks(model)
     attn = block_kinds(model, len(blocks))
     selected = select_linears(model, layers)
@@ -239,6 +246,7 @@ def calibrate_sequential(
             block_stats = (
                 _run_block(blocks[i], attn[i], inputs, linears, kinds, write) if linears or write else {}
             )
+            reduce_stats(block_stats, w)  # every rank now holds the statistics of all samples
             if on_block is not None:
                 on_block(i, blocks[i], block_stats)
                 if propagate == "quantized":

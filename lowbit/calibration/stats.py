@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from lowbit.parallel import World, all_reduce
+from lowbit.parallel import World, all_reduce, share, world
 
 STAT_KINDS = ("act", "hessian", "fisher")
 FORMAT = "lowbit-calibration"
@@ -86,6 +86,13 @@ class LayerStats:
         if self.hessian is None or self.tokens == 0:
             raise CalibrationError("these statistics hold no Hessian: calibrate with stats=('hessian', ...)")
         return self.hessian * (2.0 / self.tokens)
+
+
+def rank_share(data: Tensor, w: World) -> Tensor:
+    """This process's share of the token blocks data [S, L] (all of them for one process)."""
+    if w.size > 1 and data.shape[0] < w.size:
+        raise CalibrationError(f"{data.shape[0]} calibration samples cannot be shared by {w.size} processes")
+    return data[share(data.shape[0], w)]
 
 
 def reduce_stats(stats: dict[str, LayerStats], w: World) -> dict[str, LayerStats]:
@@ -288,9 +295,12 @@ def fisher_diagonal(
     squares accumulated into fp32 [N, K] buffers and the gradients dropped after each sample, so memory
     stays near the model plus one set of gradients plus the Fisher buffers. L_s is the mean next-token
     cross-entropy of sample s. The model is left as it was (weights, grads, requires_grad, training flag).
-    layers: as `select_linears`, here any linear layer of the model (lm_head too).
+    layers: as `select_linears`, here any linear layer of the model (lm_head too). Under several
+    processes each takes its share of the samples and F is summed over them.
     """
     data = check_tokens(model, data, min_len=2)
+    ranks = world()
+    data = rank_share(data, ranks)
     modules = select_linears(model, layers, inside_blocks=False)
     device = model.get_input_embeddings().weight.device
     params = list(model.parameters())
@@ -321,6 +331,8 @@ def fisher_diagonal(
         for w, g in grads.values():
             w.grad = g
         model.train(was_training)
+    for name in F:  # the same order on every rank
+        all_reduce(F[name], "sum", ranks)
     return F
 
 

@@ -23,11 +23,17 @@ def _entry(rank: int, size: int, port: int, fn, args: tuple) -> None:
         dist.destroy_process_group()
 
 
+def _spawn(fn, size: int, *args) -> None:
+    mp.spawn(_entry, args=(size, _free_port(), fn, args), nprocs=size, join=True)
+
+
 @pytest.fixture
 def spawn():
     """spawn(fn, size, *args): fn(rank, *args) in `size` gloo processes; a failure in any fails the test."""
+    return _spawn
 
-    def run(fn, size: int, *args) -> None:
-        mp.spawn(_entry, args=(size, _free_port(), fn, args), nprocs=size, join=True)
 
-    return run
+@pytest.fixture(scope="module")
+def spawn_module():
+    """`spawn` for module-scoped fixtures."""
+    return _spawn
