@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from lowbit.compress.checks import DTYPES as MODEL_DTYPES
 from lowbit.compress.checks import calibrates, check_budgets, check_device, check_dtype, check_source
 from lowbit.compress.recipe import PRESETS, Recipe, load_recipe, preset
 from lowbit.export import DTYPES, TARGETS
+from lowbit.parallel import launched_size
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "builtin:lee-news"
@@ -95,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-baselines", action="store_true", help="evaluate without the round-to-nearest baselines"
     )
     _runtime(c, "dtype the source model is loaded in (default float32)")
+    c.add_argument(
+        "--nproc",
+        type=_positive(1),
+        default=1,
+        help="processes to run on (torchrun; with --device cuda, one GPU each); default 1",
+    )
 
     e = sub.add_parser("eval", parents=[common], help="perplexity of a model or checkpoint on held-out text")
     e.add_argument(
@@ -345,8 +353,25 @@ def log_handlers(verbose: int, log_file: str | None) -> list[logging.Handler]:
     return handlers
 
 
+def relaunch(argv: list[str], nproc: int) -> int:
+    """This command again, without --nproc, under torchrun with `nproc` processes on this machine; its
+    exit code. (torchrun's own parser would take --nproc for its --nproc-per-node.)"""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    rest = [a for i, a in enumerate(argv) if not _nproc_token(argv, i)]
+    return subprocess.call([*cmd, "-m", "lowbit.cli", *rest])
+
+
+def _nproc_token(argv: list[str], i: int) -> bool:
+    """Whether argv[i] is --nproc, its value, or --nproc=N."""
+    return argv[i] == "--nproc" or argv[i].startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and launched_size() == 1 and not args.dry_run:
+        return relaunch(argv, args.nproc)
+    rank = int(os.environ.get("RANK", "0"))
     if args.json:  # machine-readable runs print nothing but the result
         from transformers.utils import logging as hf_logging
 
@@ -355,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = []
     try:
         handlers = log_handlers(args.verbose, args.log_file)
-        log.info("lowbit %s: %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
+        log.info("lowbit %s: %s", __version__, " ".join(argv))
         result = COMMANDS[args.command](args)
     except (ValueError, OSError) as e:
         if os.environ.get("LOWBIT_DEBUG"):
@@ -363,12 +388,15 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("error", exc_info=True)
         if handlers:
             log.error("%s", e)
-        print(f"lowbit: error: {e}", file=sys.stderr)
+        where = f" (rank {rank})" if launched_size() > 1 else ""
+        print(f"lowbit: error{where}: {e}", file=sys.stderr)
         return 2
     finally:
         for h in handlers:
             log.removeHandler(h)
             h.close()
+    if rank != 0:  # rank 0 speaks for every process
+        return 0
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -1,8 +1,9 @@
 """Imports flow one way, and no module of lowbit imports itself back through others.
 
-Layers, bottom up: quantizers; lowrank, kernels and calibration above it; nn (the runtime) above those;
-models (source-model loading); compress (the pipeline) and export (deployable targets) side by side;
-eval; the CLI on top, which nothing imports. Every import counts, lazy ones inside functions included.
+Layers, bottom up: parallel (process groups) and quantizers; lowrank, kernels and calibration above
+them; nn (the runtime) above those; models (source-model loading); compress (the pipeline) and export
+(deployable targets) side by side; eval; the CLI on top, which nothing imports. Every import counts,
+lazy ones inside functions included.
 """
 
 import ast
@@ -12,13 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "lowbit"
 ALLOWED = {
+    "parallel": {"parallel"},
     "quantizers": {"quantizers"},
     "lowrank": {"quantizers", "lowrank"},
     "kernels": {"quantizers", "kernels"},
-    "calibration": {"calibration"},
+    "calibration": {"parallel", "calibration"},
     "nn": {"quantizers", "kernels", "nn"},
     "models": {"nn", "models"},
-    "compress": {"quantizers", "lowrank", "kernels", "calibration", "nn", "models", "compress"},
+    "compress": {"parallel", "quantizers", "lowrank", "kernels", "calibration", "nn", "models", "compress"},
     "export": {"quantizers", "nn", "models", "export"},
     "eval": {"quantizers", "calibration", "nn", "models", "compress", "export", "eval"},
 }

@@ -37,8 +37,11 @@ from lowbit.calibration.stats import (
     check_tokens,
     find_blocks,
     fisher_diagonal,
+    rank_share,
+    reduce_stats,
     select_linears,
 )
+from lowbit.parallel import world
 
 PROPAGATE = ("quantized", "original")
 DEFAULT_SOURCE = "builtin:lee-news"
@@ -135,11 +138,38 @@ def capture_block_inputs(
     return inputs
 
 
-def _record(stats: LayerStats, kinds: tuple[str, ...], module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a linear layer: fold its input x: [B, L, K] into its statistics."""
-    if not args:
-        raise CalibrationError(f"{type(module).__name__} was called without a positional input")
-    stats.update(args[0], kinds)
+class _Recorder:
+    """Forward pre-hooks folding each linear's input x: [B, L, K] into its statistics, once per distinct
+    input: layers that read the same tensor (q/k/v, gate/up) share the first reader's statistics, so
+    their Hessian is computed and held once."""
+
+    def __init__(self, names, kinds: tuple[str, ...]) -> None:
+        self.stats = {name: LayerStats() for name in names}
+        self.kinds = kinds
+        self.leader: dict[str, str] = {}  # a layer -> the first layer that read the same input
+        self.seen: dict[int, tuple[str, Tensor]] = {}  # this micro-batch: id(x) -> (first reader, x)
+
+    def __call__(self, name: str, module: nn.Module, args: tuple) -> None:
+        if not args:
+            raise CalibrationError(f"{type(module).__name__} was called without a positional input")
+        x = args[0]
+        first = self.seen.setdefault(id(x), (name, x))[0]  # x is kept alive, so its id is not reused
+        if self.leader.setdefault(name, first) != first:
+            raise CalibrationError(f"{name} read a different input than in the first micro-batch")
+        if first == name:
+            self.stats[name].update(x, self.kinds)
+
+    def next_batch(self) -> None:
+        self.seen.clear()
+
+    def result(self) -> dict[str, LayerStats]:
+        """{name: LayerStats}; a layer that shares its input holds the first reader's tensors."""
+        out = dict(self.stats)
+        for name, first in self.leader.items():
+            if first != name:
+                lead = self.stats[first]
+                out[name] = LayerStats(lead.act_max, lead.act_sqmean, lead.hessian, lead.tokens)
+        return out
 
 
 @torch.no_grad()
@@ -155,20 +185,19 @@ def _run_block(
 
     The block's outputs replace the micro-batches' hidden states when `write`.
     """
-    stats = {name: LayerStats() for name in linears}
-    handles = [
-        m.register_forward_pre_hook(partial(_record, stats[name], kinds)) for name, m in linears.items()
-    ]
+    recorder = _Recorder(linears, kinds)
+    handles = [m.register_forward_pre_hook(partial(recorder, name)) for name, m in linears.items()]
     try:
         for inp in inputs:
             out = inp.run(block, kind)  # [B, L, D]
+            recorder.next_batch()
             if write:
                 inp.hidden = out
             del out  # a discarded output must not outlive its micro-batch
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return recorder.result()
 
 
 def calibrate_sequential(
@@ -189,6 +218,8 @@ def calibrate_sequential(
     statistics are collected and may modify the block; propagate picks whether the next block sees the
     outputs of the modified block ("quantized") or of the unmodified one ("original"). keep=False drops
     each block's statistics after on_block (returns {}), so only one block's Hessians are alive at a time.
+    Under several processes (`lowbit.parallel`) each runs its share of the samples and the statistics
+    are summed over the processes before on_block sees them.
     The model's training flag is restored.
     """
     kinds = check_kinds(stats, ("act", "hessian"))
@@ -197,6 +228,8 @@ def calibrate_sequential(
     if batch_size < 1:
         raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
     data = check_tokens(model, data)
+    w = world()
+    data = rank_share(data, w)
     prefix, blocks = find_blocks(model)
     attn = block_kinds(model, len(blocks))
     selected = select_linears(model, layers)
@@ -213,6 +246,7 @@ def calibrate_sequential(
             block_stats = (
                 _run_block(blocks[i], attn[i], inputs, linears, kinds, write) if linears or write else {}
             )
+            reduce_stats(block_stats, w)  # every rank now holds the statistics of all samples
             if on_block is not None:
                 on_block(i, blocks[i], block_stats)
                 if propagate == "quantized":

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from lowbit.parallel import World, all_reduce, share, world
+
 STAT_KINDS = ("act", "hessian", "fisher")
 FORMAT = "lowbit-calibration"
 FORMAT_VERSION = 1
@@ -86,6 +88,42 @@ class LayerStats:
         return self.hessian * (2.0 / self.tokens)
 
 
+def rank_share(data: Tensor, w: World) -> Tensor:
+    """This process's share of the token blocks data [S, L] (all of them for one process)."""
+    if w.size > 1 and data.shape[0] < w.size:
+        raise CalibrationError(f"{data.shape[0]} calibration samples cannot be shared by {w.size} processes")
+    return data[share(data.shape[0], w)]
+
+
+def reduce_stats(stats: dict[str, LayerStats], w: World) -> dict[str, LayerStats]:
+    """Statistics over every rank's tokens, on every rank, in place: Hessians, token counts and Fisher
+    diagonals summed, act_max the maximum, act_sqmean the token-weighted mean.
+
+    The sums equal a single process's over the same tokens up to fp32 summation order (each rank adds
+    its own micro-batches first): relative differences of about 1e-7 per entry.
+    """
+    groups: dict[int, list[LayerStats]] = {}  # layers reading one input share tensors: reduced once
+    for name in sorted(stats):  # the same order on every rank
+        st = stats[name]
+        shared = st.hessian if st.hessian is not None else st.act_max
+        groups.setdefault(id(st) if shared is None else id(shared), []).append(st)
+    for members in groups.values():
+        st = members[0]
+        tokens = all_reduce(torch.tensor([st.tokens]), "sum", w)  # int64
+        if st.act_max is not None:
+            all_reduce(st.act_max, "max", w)
+            st.act_sqmean.mul_(st.tokens)  # in place: the members hold this tensor too
+            all_reduce(st.act_sqmean, "sum", w).div_(tokens.item())
+        if st.hessian is not None:
+            all_reduce(st.hessian, "sum", w)
+        for m in members:
+            m.tokens = int(tokens.item())
+            if m.fisher is not None:
+                all_reduce(m.fisher, "sum", w)
+                m.fisher_samples = int(all_reduce(torch.tensor([m.fisher_samples]), "sum", w).item())
+    return stats
+
+
 @dataclass(eq=False)
 class CalibrationStats:
     """Statistics of every calibrated linear layer, by fully qualified name, plus where they came from.
@@ -107,12 +145,15 @@ class CalibrationStats:
 
     def save(self, path: str | Path) -> None:
         """Write the statistics to one safetensors file (tensors + JSON metadata)."""
-        tensors = {}
+        tensors, written = {}, set()
         for name, st in self.layers.items():
             for f in TENSOR_FIELDS:
                 t = getattr(st, f)
                 if t is not None:
-                    tensors[f"{name}.{f}"] = t.detach().to("cpu", torch.float32).contiguous()
+                    t = t.detach().to("cpu", torch.float32).contiguous()
+                    # layers reading one input share tensors; a file holds each under every name
+                    tensors[f"{name}.{f}"] = t.clone() if id(t) in written else t
+                    written.add(id(t))
         meta = {
             "samples": self.samples,
             "seq_len": self.seq_len,
@@ -254,9 +295,12 @@ def fisher_diagonal(
     squares accumulated into fp32 [N, K] buffers and the gradients dropped after each sample, so memory
     stays near the model plus one set of gradients plus the Fisher buffers. L_s is the mean next-token
     cross-entropy of sample s. The model is left as it was (weights, grads, requires_grad, training flag).
-    layers: as `select_linears`, here any linear layer of the model (lm_head too).
+    layers: as `select_linears`, here any linear layer of the model (lm_head too). Under several
+    processes each takes its share of the samples and F is summed over them.
     """
     data = check_tokens(model, data, min_len=2)
+    ranks = world()
+    data = rank_share(data, ranks)
     modules = select_linears(model, layers, inside_blocks=False)
     device = model.get_input_embeddings().weight.device
     params = list(model.parameters())
@@ -287,6 +331,8 @@ def fisher_diagonal(
         for w, g in grads.values():
             w.grad = g
         model.train(was_training)
+    for name in F:  # the same order on every rank
+        all_reduce(F[name], "sum", ranks)
     return F
 
 

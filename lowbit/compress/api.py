@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -35,6 +36,7 @@ from lowbit.models import check_model, load_model
 from lowbit.nn.atomic import OWNED_MARKERS, check_output, hold_lock, is_owned
 from lowbit.nn.checkpoint import plan_bits, save
 from lowbit.nn.manifest import CheckpointError, read_manifest
+from lowbit.parallel import World, barrier, processes, rank_device, world
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,18 @@ class CompressReport:
         return dict(self.__dict__)
 
 
+def _in_processes(fn):
+    """Run fn inside the job's process group (`lowbit.parallel.processes`) when torchrun started it."""
+
+    @functools.wraps(fn)
+    def run(*args, device=None, **kwargs):
+        with processes(device):
+            return fn(*args, device=device, **kwargs)
+
+    return run
+
+
+@_in_processes
 def compress(
     model_or_id: str | nn.Module,
     recipe: Recipe | str | None = None,
@@ -95,6 +109,10 @@ def compress(
     discards it. Every argument is checked before the model is loaded; `out` and the work area are
     locked against a second job. Checkpoints are never half-written. Returns the compressed model (the
     last budget's) and the report.
+
+    Under torchrun (`lowbit compress --nproc N`) the processes share the work: each calibrates on its
+    share of the samples, the statistics are summed, each layer is compressed by one process and sent
+    to the others, and rank 0 writes (`lowbit.parallel`); every process returns the same model.
     """
     t0 = time.perf_counter()
     recipe = resolve_recipe(recipe)
@@ -102,11 +120,13 @@ def compress(
     if not budgets and recipe.allocate.budget is not None:
         budgets = [recipe.allocate.budget]
     recipe, calib_data = _calibration(recipe, budgets, data, calib_data, samples, seq_len)
-    device, dtype = check_device(device), check_dtype(dtype)
+    ranks = world()
+    check_processes(ranks, recipe, budgets)
+    device, dtype = rank_device(check_device(device), ranks), check_dtype(dtype)
     if isinstance(model_or_id, str):
         check_model(model_or_id)
     outs, written = _outputs(out, recipe, budgets, overwrite)
-    lock = hold_lock(Path(out)) if out is not None else contextlib.nullcontext()
+    lock = hold_lock(Path(out)) if out is not None and ranks.main else contextlib.nullcontext()
     with lock:
         model, tokenizer = _source(model_or_id, tokenizer, device, dtype)
         if calib_data is None and not isinstance(recipe.calibration.data, str):
@@ -141,9 +161,10 @@ def compress(
             if teacher is not None:
                 job = (model, teacher, recipe, tokenizer, calib_data, progress)
                 plan = _timed("fine-tuning", finetune_stage, *job)
-            if out is not None:
+            if out is not None and ranks.main:  # rank 0 writes for the job
                 job = dict(plan=plan, recipe=recipe.to_dict(), tokenizer=tokenizer, overwrite=overwrite)
                 _timed(f"writing {out}", save, model, out, **job)
+    barrier(ranks)  # every process returns once the checkpoint is written
     report.layers = plan
     report.quantized_params = sum(math.prod(e["shape"]) for e in plan.values())
     report.bits_per_weight = plan_bits(model, plan) / report.quantized_params
@@ -151,6 +172,16 @@ def compress(
     report.seconds = time.perf_counter() - t0
     logger.info("compressed in %.1f s: %.3f bits per weight", report.seconds, report.bits_per_weight)
     return model, report
+
+
+def check_processes(ranks: World, recipe: Recipe, budgets: list[float]) -> None:
+    """Refuse what several processes do not share yet: the budget path and fine-tuning."""
+    if ranks.size == 1:
+        return
+    if budgets:
+        raise ArgumentError("budget allocation runs in a single process: run it without torchrun or --nproc")
+    if recipe.finetune:
+        raise ArgumentError("fine-tuning runs in a single process: run it without torchrun or --nproc")
 
 
 def _timed(what: str, stage, *args, **kwargs):

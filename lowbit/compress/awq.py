@@ -44,6 +44,7 @@ from torch import nn
 from lowbit.calibration import LayerStats, find_blocks
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups
+from lowbit.parallel import all_reduce, world
 from lowbit.quantizers import QuantSpec
 from lowbit.quantizers.clip import clip_search, nearest
 
@@ -119,7 +120,20 @@ def block_error(block: nn.Module, records: list) -> float:
         out = out[0] if isinstance(out, (tuple, list)) else out
         total += float((out.double() - ref.double()).square().sum())
         count += ref.numel()
-    return total / max(count, 1)
+    return _mean_over_ranks(total, count)
+
+
+def output_power(records: list) -> float:
+    """Mean square of the recorded block outputs."""
+    total = sum(float(r.double().square().sum()) for *_, r in records)
+    return _mean_over_ranks(total, sum(r.numel() for *_, r in records))
+
+
+def _mean_over_ranks(total: float, count: int) -> float:
+    """total / count summed over the job's processes (each holds its part of the recorded samples), so
+    every rank takes the same decisions."""
+    t = all_reduce(torch.tensor([total, float(count)], dtype=torch.float64), "sum", world())
+    return float(t[0]) / max(float(t[1]), 1.0)
 
 
 def layers_error(W0: list[torch.Tensor], layers: list[nn.Linear], H: torch.Tensor) -> float:
@@ -166,12 +180,16 @@ class ActivationScaling:
     teacher: the original model kept for fine-tuning, folded alike. `alphas` records each norm's choice.
     """
 
-    def __init__(self, model: nn.Module, readers: dict, linears: dict, recipe: Recipe, teacher=None) -> None:
+    def __init__(
+        self, model: nn.Module, readers: dict, linears: dict, recipe: Recipe, teacher=None, first: int = 0
+    ) -> None:
         self.model, self.readers, self.linears = model, readers, linears
         self.recipe, self.teacher = recipe, teacher
         self.blocks = find_blocks(model)[1]
         # the "layers" objective needs no recorded outputs but the check of `fold_previous`
-        self.recorder = BlockRecorder(recipe.scaling.samples if recipe.scaling.objective == "block" else 1)
+        samples = recipe.scaling.samples if recipe.scaling.objective == "block" else 1
+        # first: the index of this process's first calibration sample; the job records its first samples
+        self.recorder = BlockRecorder(max(0, samples - first))
         self.recorder.attach(self.blocks[0])
         self.alphas: dict[str, float] = {}
 
@@ -235,7 +253,7 @@ class ActivationScaling:
         before = block_error(block, records)  # the rounding the earlier folds left
         _scale(C, s, 1)
         _scale(P, 1 / s, 0)
-        ref = sum(float(r.double().square().sum()) for *_, r in records) / sum(r.numel() for *_, r in records)
+        ref = output_power(records)
         tol = max(1e-8, (16 * torch.finfo(C.weight.dtype).eps) ** 2) * ref  # a few roundings of the dtype
         if block_error(block, records) > before + tol:  # not a channel-wise proportional input: undo
             for m, sd in saved:
@@ -268,13 +286,15 @@ def _scale(m: nn.Linear, s: torch.Tensor, dim: int) -> None:
 
 
 @contextmanager
-def activation_scaling(model: nn.Module, readers: dict, linears: dict, recipe: Recipe, teacher=None):
+def activation_scaling(
+    model: nn.Module, readers: dict, linears: dict, recipe: Recipe, teacher=None, first: int = 0
+):
     """The AWQ stage for `calibrate_sequential`'s callback, or None when the recipe has no scaling; its
-    hook on the model is removed on exit."""
+    hook on the model is removed on exit. first: the index of this process's first calibration sample."""
     if recipe.scaling.method == "none":
         yield None
         return
-    stage = ActivationScaling(model, readers, linears, recipe, teacher)
+    stage = ActivationScaling(model, readers, linears, recipe, teacher, first)
     try:
         yield stage
     finally:

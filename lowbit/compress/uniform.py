@@ -25,12 +25,14 @@ from lowbit.calibration.data import calibration_blocks
 from lowbit.calibration.stats import find_blocks
 from lowbit.compress.awq import activation_scaling
 from lowbit.compress.plan import apply_choice, uniform_choice
+from lowbit.compress.ranks import build_owned
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import compress_norm_groups
 from lowbit.lowrank import METHODS, Stats
 from lowbit.nn.checkpoint import plan_bits
 from lowbit.nn.qlinear import QLinear, set_submodule
 from lowbit.nn.smoothing import norm_readers
+from lowbit.parallel import share, world
 
 
 class CompressError(ValueError):
@@ -128,9 +130,14 @@ def quantize_model(
     names = list(linears)
     # Each original layer is dropped from `linears` (and its Fisher from `fisher`) once its QLinear is in
     # the model, so it is freed then rather than when the last layer is done (peak memory).
+    ranks = world()
     if not recipe.needs_calibration():
-        for name in tqdm(names, desc="quantize", disable=not progress):
-            set_submodule(model, name, compress_layer(name, linears.pop(name), recipe))
+        # one block's layers at a time: their owners quantize them side by side
+        for block in tqdm(_by_block(model, names), desc="quantize", disable=not progress):
+            built = build_owned(model, block, lambda name: compress_layer(name, linears[name], recipe), ranks)
+            for name, q in built.items():
+                set_submodule(model, name, q)
+                del linears[name]
             release_freed_memory()
         return {name: model.get_submodule(name).layer_plan() for name in names}
 
@@ -148,15 +155,20 @@ def quantize_model(
         if scaling is not None:
             scaling(index, block, block_stats)  # AWQ: scales folded into the norms, weights clipped
         done = compress_norm_groups(model, smoothed, linears, block_stats, recipe, teacher)
-        for name, stats in block_stats.items():
-            if name in linears and name not in done:
-                q = compress_layer(name, linears[name], recipe, stats, fisher.pop(name, None))
-                set_submodule(model, name, q)
+        todo = [name for name in block_stats if name in linears and name not in done]
+
+        def build(name: str) -> QLinear:
+            return compress_layer(name, linears[name], recipe, block_stats[name], fisher.get(name))
+
+        for name, q in build_owned(model, todo, build, ranks).items():
+            set_submodule(model, name, q)
+            fisher.pop(name, None)
         for name in block_stats:
             linears.pop(name, None)
         release_freed_memory()
 
-    with activation_scaling(model, readers, linears, recipe, teacher) as scaling:
+    first = share(calib_data.shape[0], ranks).start  # this process's first sample
+    with activation_scaling(model, readers, linears, recipe, teacher, first) as scaling:
         calibrate_sequential(
             model,
             calib_data,
@@ -168,6 +180,16 @@ def quantize_model(
             progress=progress,
         )
     return {name: model.get_submodule(name).layer_plan() for name in names}
+
+
+def _by_block(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """names grouped by decoder block in model order (layers outside the blocks, one group each)."""
+    prefix = find_blocks(model)[0] + "."
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key = ".".join(name.split(".")[: prefix.count(".") + 1]) if name.startswith(prefix) else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
 
 
 @functools.cache

@@ -277,3 +277,24 @@ def test_live_activations_do_not_grow_with_depth(propagate):
     shallow, deep = peak_live_block_outputs(3, propagate), peak_live_block_outputs(24, propagate)
     # 4 micro-batches: one hidden-state tensor per micro-batch plus the one being computed
     assert deep == shallow <= 4 + 1
+
+
+def test_layers_reading_one_input_share_one_hessian():
+    torch.manual_seed(0)
+    model = ARCHS["llama"](2).eval()
+    data = torch.randint(0, VOCAB, (5, 12))
+    stats = calibrate_sequential(model, data, batch_size=2, progress=False)
+    attn, mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
+    q, k, v = (stats[f"{attn}.{p}_proj"] for p in "qkv")
+    assert k.hessian is q.hessian and v.hessian is q.hessian and v.act_max is q.act_max
+    assert stats[f"{mlp}.up_proj"].hessian is stats[f"{mlp}.gate_proj"].hessian
+    assert stats[f"{mlp}.down_proj"].hessian is not stats[f"{mlp}.up_proj"].hessian
+    # the shared Hessian is each reader's own X^T X
+    seen = []
+    layer = model.get_submodule(f"{attn}.v_proj")
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 64).float()))
+    calibrate_sequential(model, data, batch_size=2, progress=False, layers=[f"{attn}.o_proj"])
+    handle.remove()
+    X = torch.cat(seen)
+    torch.testing.assert_close(v.hessian, X.T @ X, rtol=1e-5, atol=1e-4)
+    assert v.tokens == X.shape[0]
