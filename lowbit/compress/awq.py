@@ -166,13 +166,15 @@ class ActivationScaling:
     teacher: the original model kept for fine-tuning, folded alike. `alphas` records each norm's choice.
     """
 
-    def __init__(self, model: nn.Module, readers: dict, linears: dict, recipe: Recipe, teacher=None) -> None:
+    def __init__(
+        self, model: nn.Module, readers: dict, linears: dict, recipe: Recipe, teacher=None, start: int = 0
+    ) -> None:
         self.model, self.readers, self.linears = model, readers, linears
         self.recipe, self.teacher = recipe, teacher
         self.blocks = find_blocks(model)[1]
         # the "layers" objective needs no recorded outputs but the check of `fold_previous`
         self.recorder = BlockRecorder(recipe.scaling.samples if recipe.scaling.objective == "block" else 1)
-        self.recorder.attach(self.blocks[0])
+        self.recorder.attach(self.blocks[start])  # the first block this run calibrates
         self.alphas: dict[str, float] = {}
 
     def __call__(self, index: int, block: nn.Module, block_stats: dict) -> None:
@@ -268,13 +270,15 @@ def _scale(m: nn.Linear, s: torch.Tensor, dim: int) -> None:
 
 
 @contextmanager
-def activation_scaling(model: nn.Module, readers: dict, linears: dict, recipe: Recipe, teacher=None):
-    """The AWQ stage for `calibrate_sequential`'s callback, or None when the recipe has no scaling; its
-    hook on the model is removed on exit."""
+def activation_scaling(
+    model: nn.Module, readers: dict, linears: dict, recipe: Recipe, teacher=None, start: int = 0
+):
+    """The AWQ stage for `calibrate_sequential`'s callback from block `start` on, or None when the recipe
+    has no scaling; its hook on the model is removed on exit."""
     if recipe.scaling.method == "none":
         yield None
         return
-    stage = ActivationScaling(model, readers, linears, recipe, teacher)
+    stage = ActivationScaling(model, readers, linears, recipe, teacher, start)
     try:
         yield stage
     finally:
