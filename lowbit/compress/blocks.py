@@ -125,4 +125,3 @@ class StreamedFolder:
             for i in list(self.live):
                 self.release(i)  # a forward stopped inside a block (the capture's early exit)
             self.release(None)
-

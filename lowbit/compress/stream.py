@@ -178,4 +178,3 @@ def stream_work_area(model: str, recipe: dict, out: Path, work_dir, restart: boo
     shutil.rmtree(work.dir)
     with contextlib.suppress(OSError):  # not empty: other jobs' files
         root.rmdir()
-

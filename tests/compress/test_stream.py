@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from lowbit.compress import api
 from lowbit.compress.blocks import StreamedFolder
+from lowbit.compress.recipe import DecomposeConfig, preset
 from lowbit.compress.stream import KILL_AFTER
 from lowbit.models import load_model
 from lowbit.nn.checkpoint import load
@@ -20,6 +22,7 @@ from tests.conftest import NEWS, make_tiny_llama, make_tokenizer
 
 BLOCKS = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(0))
 ROOT = Path(__file__).resolve().parents[2]
+LQLORA = replace(preset("int3-g128-lqlora-r32"), decompose=DecomposeConfig("lqlora", rank=8, iterations=3))
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +55,23 @@ def assert_same(a: Path, b: Path) -> None:
     assert ma["layers"] == mb["layers"] and ma["recipe"] == mb["recipe"]
 
 
-def in_memory(source: Path, recipe: str, out: Path) -> Path:
-    model, tok = load_model(str(source))
-    data = BLOCKS if "gptq" in recipe else None
-    api.compress(model, recipe, out, tokenizer=tok, data=data, progress=False)
-    return out
+def in_memory(source: Path, recipe, out: Path, dtype=None):
+    model, tok = load_model(str(source), dtype)
+    data = BLOCKS if recipe == "int4-g128-gptq" else None
+    _, report = api.compress(model, recipe, out, tokenizer=tok, data=data, progress=False)
+    return out, report
 
 
-@pytest.mark.parametrize("recipe", ["int4-g128", "int4-g128-gptq", "int3-g128-lqlora-r32"])
-def test_streamed_equals_in_memory_with_one_block_at_a_time(source, tmp_path, monkeypatch, recipe):
+@pytest.mark.parametrize(
+    "recipe, dtype",
+    [
+        ("int4-g128", None),
+        ("int4-g128", torch.float32),
+        ("int4-g128-gptq", None),
+        ("int3-g128-lqlora-r32", None),
+    ],
+)
+def test_streamed_equals_in_memory_with_one_block_at_a_time(source, tmp_path, monkeypatch, recipe, dtype):
     opened = []
 
     class Spy(StreamedFolder):
@@ -69,17 +80,16 @@ def test_streamed_equals_in_memory_with_one_block_at_a_time(source, tmp_path, mo
             opened.append(self)
 
     monkeypatch.setattr(api, "StreamedFolder", Spy)
-    data = BLOCKS if "gptq" in recipe else None
-    model, report = api.compress(str(source), recipe, tmp_path / "s", data=data, progress=False)
+    data = BLOCKS if recipe == "int4-g128-gptq" else None
+    model, report = api.compress(str(source), recipe, tmp_path / "s", data=data, dtype=dtype, progress=False)
     (provider,) = opened
     assert provider.most_live == 1 and not provider.live  # one block at a time, all released
+    assert provider.dtype == (dtype or torch.bfloat16)  # the source's dtype unless overridden
     assert all(t.device.type == "meta" for t in model.state_dict().values())
-    assert_same(tmp_path / "s", in_memory(source, recipe, tmp_path / "m"))
+    ref, ref_report = in_memory(source, recipe, tmp_path / "m", dtype)
+    assert_same(tmp_path / "s", ref)
     assert not (tmp_path / ".lowbit-work").exists()  # removed after success
-    assert (
-        report.bits_per_weight
-        == api.compress(load_model(str(source))[0], recipe, data=data, progress=False)[1].bits_per_weight
-    )
+    assert report.bits_per_weight == ref_report.bits_per_weight and report.layers == ref_report.layers
 
 
 def test_sharded_streamed_output_loads_with_identical_logits(source, tmp_path):
@@ -87,7 +97,7 @@ def test_sharded_streamed_output_loads_with_identical_logits(source, tmp_path):
     shards = sorted(p.name for p in (tmp_path / "s").glob("model-*.safetensors"))
     assert len(shards) > 2 and (tmp_path / "s" / INDEX).is_file()
     assert not (tmp_path / "s" / "model.safetensors").exists()
-    ref = in_memory(source, "int4-g128", tmp_path / "m")
+    ref, _ = in_memory(source, "int4-g128", tmp_path / "m")
     assert_same(tmp_path / "s", ref)
     ids = torch.randint(0, 250, (2, 10), generator=torch.Generator().manual_seed(3))
     assert torch.equal(load(tmp_path / "s")(ids).logits, load(ref)(ids).logits)
@@ -117,5 +127,5 @@ def test_a_killed_gptq_job_resumes_bit_identically(source, tmp_path, block, shar
     api.compress(
         str(source), "int4-g128-gptq", tmp_path / "s", data=BLOCKS, max_shard_size=shard, progress=False
     )
-    assert_same(tmp_path / "s", in_memory(source, "int4-g128-gptq", tmp_path / "m"))
+    assert_same(tmp_path / "s", in_memory(source, "int4-g128-gptq", tmp_path / "m")[0])
     assert not (tmp_path / ".lowbit-work").exists()
