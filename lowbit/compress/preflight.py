@@ -241,8 +241,9 @@ def streamed_peak_ram(
     block:    one decoder block in `dtype` + one layer's fp32 copy and its quantization temporaries
               (about 4 fp32 copies) + with calibration, the hidden states entering and leaving the block
               and one fp32 Hessian [K, K] per quantized layer of the block
-    plus BASE_RSS. The work area holds the finished blocks' parts until they fill a shard
-    (`DEFAULT_MAX_SHARD_BYTES`) and, with calibration, the hidden states of the next block.
+    plus BASE_RSS. The work area holds every finished shard until the end, the finished blocks' parts
+    until they fill a shard (`DEFAULT_MAX_SHARD_BYTES`), at most that much again while a shard is written,
+    and, with calibration, the hidden states of the next block.
     """
     prefix, blocks = find_blocks(net)
     size = dtype.itemsize
@@ -261,7 +262,7 @@ def streamed_peak_ram(
         hidden = cal.samples * cal.seq_len * net.config.hidden_size * size
         hessians = sum(4 * k * k for _, k in inside)
     ram = max(outside + hidden, block + 16 * largest + 2 * hidden + hessians)
-    return BASE_RSS + ram, min(out, DEFAULT_MAX_SHARD_BYTES) + hidden
+    return BASE_RSS + ram, out + min(out, DEFAULT_MAX_SHARD_BYTES) + hidden
 
 
 def peak_ram(

@@ -129,3 +129,13 @@ def test_a_killed_gptq_job_resumes_bit_identically(source, tmp_path, block, shar
     )
     assert_same(tmp_path / "s", in_memory(source, "int4-g128-gptq", tmp_path / "m")[0])
     assert not (tmp_path / ".lowbit-work").exists()
+
+
+def test_dry_run_predicts_the_streamed_path(source):
+    from lowbit.compress import dry_run
+
+    streamed, whole = dry_run(str(source), "int4-g128"), dry_run(load_model(str(source))[0], "int4-g128")
+    assert streamed.streamed and not whole.streamed
+    assert streamed.peak_ram_bytes < whole.peak_ram_bytes  # one block, not the model, is in memory
+    assert streamed.work_bytes >= streamed.output_bytes[0]  # the shards wait in the work area
+    assert not dry_run(str(source), "alloc-int", budget=4.0).streamed  # the budget path loads the model
