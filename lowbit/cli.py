@@ -90,13 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--work-dir", help="where finished stages are kept (default: .lowbit-work beside --out)")
     c.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors shard written, e.g. 2GB (default 5GB)"
+    )
+    c.add_argument(
         "--eval", action="store_true", help="reload the checkpoint and compare perplexity with the original"
     )
     c.add_argument("--eval-tokens", type=_positive(2), default=None, help="cap on held-out tokens for --eval")
     c.add_argument(
         "--no-baselines", action="store_true", help="evaluate without the round-to-nearest baselines"
     )
-    _runtime(c, "dtype the source model is loaded in (default float32)")
+    _runtime(c, "dtype the source model is loaded in (default: its own; GGUF files float32)")
     c.add_argument(
         "--nproc",
         type=_positive(1),
@@ -186,6 +189,7 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         restart=args.restart,
         work_dir=args.work_dir,
         progress=progress,
+        max_shard_size=args.max_shard_size,
     )
     result = {
         "out": str(out),

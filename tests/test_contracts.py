@@ -118,4 +118,3 @@ def test_target_exports_reloads_and_counts(name, held_by_all, tmp_path):
     torch.testing.assert_close(logits(net, ids), expected, rtol=0, atol=2e-3 * float(expected.abs().max()))
     bits = TARGETS[name].stored_bits(out, net)
     assert bits is not None and math.isfinite(bits) and bits > 4
-

@@ -14,14 +14,21 @@ After a block's statistics are in, `on_block(index, block, block_stats)` may rep
 (by quantized ones, say). With propagate="quantized" the next block then sees the outputs of the modified
 block, so later layers are calibrated on the errors earlier ones make (GPTQ's protocol); with
 propagate="original" it sees the outputs of the unmodified block.
+
+A block provider (`lowbit.models.stream`) lets the blocks live on disk: block i is materialised just
+before its turn and released once it is done, and the capture runs with each block read on demand; the
+run may start at a later block with the hidden states an earlier run saved (`start`, `hidden`,
+`after_block`), which is how a killed job resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +54,18 @@ PROPAGATE = ("quantized", "original")
 DEFAULT_SOURCE = "builtin:lee-news"
 
 OnBlock = Callable[[int, nn.Module, dict[str, LayerStats]], None]
+AfterBlock = Callable[[int, list[Tensor]], None]
+
+
+class BlockProvider(Protocol):
+    """Where the decoder blocks' weights come from (`lowbit.models.stream`): `materialise(i)` before block
+    i runs, `release(i)` once it is done; `on_demand()` while the whole model's forward runs."""
+
+    def materialise(self, index: int | None) -> None: ...
+
+    def release(self, index: int | None) -> None: ...
+
+    def on_demand(self) -> contextlib.AbstractContextManager: ...
 
 
 class _Captured(Exception):
@@ -117,7 +136,9 @@ def capture_block_inputs(
             raise _Captured
 
     handles = [
-        blocks[i].register_forward_pre_hook(partial(hook, i, k), with_kwargs=True) for k, i in firsts.items()
+        # prepended: the forward stops before a block provider's hook reads the block it would not run
+        blocks[i].register_forward_pre_hook(partial(hook, i, k), with_kwargs=True, prepend=True)
+        for k, i in firsts.items()
     ]
     device = model.get_input_embeddings().weight.device
     inputs = []
@@ -210,6 +231,10 @@ def calibrate_sequential(
     batch_size: int = 8,
     keep: bool = True,
     progress: bool = True,
+    provider: BlockProvider | None = None,
+    start: int = 0,
+    hidden: list[Tensor] | None = None,
+    after_block: AfterBlock | None = None,
 ) -> dict[str, LayerStats]:
     """Collect input statistics ('act', 'hessian') of the selected linears, one decoder block at a time.
 
@@ -221,6 +246,10 @@ def calibrate_sequential(
     Under several processes (`lowbit.parallel`) each runs its share of the samples and the statistics
     are summed over the processes before on_block sees them.
     The model's training flag is restored.
+
+    provider: materialises each block before its turn and releases it after (default: the model is
+    whole). start, hidden: begin at block `start` with `hidden` (one [B, L, D] per micro-batch) as its
+    inputs. after_block(index, hidden): called once block `index` is done, with the next block's inputs.
     """
     kinds = check_kinds(stats, ("act", "hessian"))
     if propagate not in PROPAGATE:
@@ -238,8 +267,13 @@ def calibrate_sequential(
     result: dict[str, LayerStats] = {}
     try:
         model.eval()
-        inputs = capture_block_inputs(model, blocks, attn, data, batch_size)
-        for i in tqdm(range(len(blocks)), desc="calibrate", disable=not progress):
+        with provider.on_demand() if provider is not None else contextlib.nullcontext():
+            inputs = capture_block_inputs(model, blocks, attn, data, batch_size)
+        for inp, h in zip(inputs, hidden or [], strict=False):
+            inp.hidden = h.to(inp.hidden.device, inp.hidden.dtype)
+        for i in tqdm(range(start, len(blocks)), desc="calibrate", disable=not progress):
+            if provider is not None:
+                provider.materialise(i)
             names = {n for n, _ in blocks[i].named_modules(prefix=f"{prefix}.{i}" if prefix else str(i))}
             # taken out of `selected`: a layer that on_block replaces is freed with this block
             linears = {n: selected.pop(n) for n in list(selected) if n in names}
@@ -251,6 +285,10 @@ def calibrate_sequential(
                 on_block(i, blocks[i], block_stats)
                 if propagate == "quantized":
                     _run_block(blocks[i], attn[i], inputs, {}, kinds, write=True)
+            if after_block is not None:
+                after_block(i, [inp.hidden for inp in inputs])
+            if provider is not None:
+                provider.release(i)
             if keep:
                 result.update(block_stats)
     finally:

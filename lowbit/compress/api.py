@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.calibration.data import calibration_blocks
+from lowbit.compress.blocks import StreamedFolder
 from lowbit.compress.budget import budget_outs, compress_to_budgets, with_budget, work_area
 from lowbit.compress.checks import (
     ArgumentError,
@@ -31,11 +32,15 @@ from lowbit.compress.checks import (
     check_source,
 )
 from lowbit.compress.recipe import Recipe, resolve_recipe
+from lowbit.compress.stream import StreamedJob, stream_work_area
 from lowbit.compress.uniform import finetune_stage, quantize_model
+from lowbit.lowrank import METHODS
 from lowbit.models import check_model, load_model
-from lowbit.nn.atomic import OWNED_MARKERS, check_output, hold_lock, is_owned
-from lowbit.nn.checkpoint import plan_bits, save
+from lowbit.models.source import open_folder
+from lowbit.nn.atomic import OWNED_MARKERS, atomic_folder, check_output, hold_lock, is_owned
+from lowbit.nn.checkpoint import finish_checkpoint, plan_bits, save
 from lowbit.nn.manifest import CheckpointError, read_manifest
+from lowbit.nn.shards import DEFAULT_MAX_SHARD_BYTES, parse_size
 from lowbit.parallel import World, barrier, processes, rank_device, world
 
 logger = logging.getLogger(__name__)
@@ -88,6 +93,7 @@ def compress(
     restart: bool = False,
     work_dir: str | Path | None = None,
     progress: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
 ) -> tuple[nn.Module, CompressReport]:
     """Compress a model (a name, a path or a loaded transformers model) with `recipe`: a Recipe, a
     preset name (`lowbit.compress.recipe.PRESETS`) or a recipe file (.yaml / .json); default int4-g128.
@@ -107,8 +113,16 @@ def compress(
     written. The work area (`work_dir`, default `.lowbit-work` beside `out`) keeps finished stages so
     that the same command resumes and a new budget reuses the calibration and error table; `restart`
     discards it. Every argument is checked before the model is loaded; `out` and the work area are
-    locked against a second job. Checkpoints are never half-written. Returns the compressed model (the
-    last budget's) and the report.
+    locked against a second job. Checkpoints are never half-written; their tensors go to shards of at
+    most `max_shard_size` (bytes, or a size such as "2GB"). Returns the compressed model (the last
+    budget's) and the report.
+
+    A local safetensors folder compressed into `out` without a budget is streamed (`lowbit.compress.
+    stream`): one decoder block in memory at a time, read from the shards, compressed on `device`,
+    written to the work area and freed; a killed job resumes at the block where it stopped. The model
+    returned is then the skeleton, its weights on the meta device: `lowbit.load(out)` reads the
+    checkpoint. Recipes that fine-tune or need Fisher weights (a whole-model backward pass) load the
+    whole model, as do the budget path, GGUF files and models given in memory.
 
     Under torchrun (`lowbit compress --nproc N`) the processes share the work: each calibrates on its
     share of the samples, the statistics are summed, each layer is compressed by one process and sent
@@ -123,12 +137,18 @@ def compress(
     ranks = world()
     check_processes(ranks, recipe, budgets)
     device, dtype = rank_device(check_device(device), ranks), check_dtype(dtype)
+    max_shard = parse_size(max_shard_size)
     if isinstance(model_or_id, str):
         check_model(model_or_id)
     outs, written = _outputs(out, recipe, budgets, overwrite)
     lock = hold_lock(Path(out)) if out is not None and ranks.main else contextlib.nullcontext()
     with lock:
-        model, tokenizer = _source(model_or_id, tokenizer, device, dtype)
+        streamed = _streamed(model_or_id, recipe, budgets, out, device, dtype)
+        if streamed is not None:
+            source, tokenizer = streamed
+            model = source.model
+        else:
+            model, tokenizer = _source(model_or_id, tokenizer, device, dtype)
         if calib_data is None and not isinstance(recipe.calibration.data, str):
             cal = recipe.calibration  # a data object the recipe cannot record: blocks made here
             calib_data = calibration_blocks(tokenizer, cal.data, cal.samples, cal.seq_len, seed=cal.seed)
@@ -154,6 +174,10 @@ def compress(
                 r.out = None if o is None else str(o)
             report.budgets = [r.__dict__ for r in results]
             plan = results[-1].plan
+        elif streamed is not None:
+            settings = dict(dtype=str(dtype), device=str(device), max_shard_bytes=max_shard)
+            job = (source, recipe, tokenizer, calib_data, out, overwrite, progress)
+            plan, bits = _timed("streamed compression", _compress_streamed, *job, work_dir, restart, settings)
         else:
             teacher = copy.deepcopy(model) if recipe.finetune else None
             job = dict(calib_data=calib_data, progress=progress, teacher=teacher)
@@ -163,11 +187,12 @@ def compress(
                 plan = _timed("fine-tuning", finetune_stage, *job)
             if out is not None and ranks.main:  # rank 0 writes for the job
                 job = dict(plan=plan, recipe=recipe.to_dict(), tokenizer=tokenizer, overwrite=overwrite)
-                _timed(f"writing {out}", save, model, out, **job)
+                _timed(f"writing {out}", save, model, out, max_shard_bytes=max_shard, **job)
     barrier(ranks)  # every process returns once the checkpoint is written
     report.layers = plan
     report.quantized_params = sum(math.prod(e["shape"]) for e in plan.values())
-    report.bits_per_weight = plan_bits(model, plan) / report.quantized_params
+    bits = bits if streamed is not None else plan_bits(model, plan)
+    report.bits_per_weight = bits / report.quantized_params
     report.out = None if out is None else str(out)
     report.seconds = time.perf_counter() - t0
     logger.info("compressed in %.1f s: %.3f bits per weight", report.seconds, report.bits_per_weight)
@@ -182,6 +207,39 @@ def check_processes(ranks: World, recipe: Recipe, budgets: list[float]) -> None:
         raise ArgumentError("budget allocation runs in a single process: run it without torchrun or --nproc")
     if recipe.finetune:
         raise ArgumentError("fine-tuning runs in a single process: run it without torchrun or --nproc")
+
+
+def _streamed(model_or_id, recipe: Recipe, budgets, out, device, dtype):
+    """(block provider, tokenizer) when the job streams its source block by block (see `compress`)."""
+    if not isinstance(model_or_id, str) or out is None or budgets or recipe.finetune is not None:
+        return None
+    if "fisher" in METHODS[recipe.decompose.method].needs:
+        return None
+    found = open_folder(model_or_id, dtype)
+    if found is None:
+        return None
+    skeleton, headers, dtype, tokenizer = found
+    return StreamedFolder(skeleton, headers, dtype, device or torch.device("cpu")), tokenizer
+
+
+def _compress_streamed(
+    source, recipe, tokenizer, calib_data, out, overwrite, progress, work_dir, restart, settings
+) -> tuple[dict, int]:
+    """Compress a streamed source into `out` through its work area; (plan, stored bits of the layers)."""
+    model = source.model
+    name = model.config.name_or_path
+    ranks = world()
+    with stream_work_area(name, recipe.to_dict(), out, work_dir, restart, ranks, **settings) as work:
+        job = StreamedJob(source, work, settings["max_shard_bytes"], ranks)
+        if job.start:
+            logger.info("resuming at block %d of %d", job.start, len(source.blocks))
+        run = dict(calib_data=calib_data, progress=progress, stream=job)
+        plan = quantize_model(model, recipe, tokenizer, **run)
+        if ranks.main:
+            with atomic_folder(out, overwrite) as tmp:
+                job.finish(tmp)
+                finish_checkpoint(tmp, model.config, tokenizer, plan, recipe.to_dict(), job.bits, name)
+    return plan, job.bits
 
 
 def _timed(what: str, stage, *args, **kwargs):

@@ -181,7 +181,14 @@ class ActivationScaling:
     """
 
     def __init__(
-        self, model: nn.Module, readers: dict, linears: dict, recipe: Recipe, teacher=None, first: int = 0
+        self,
+        model: nn.Module,
+        readers: dict,
+        linears: dict,
+        recipe: Recipe,
+        teacher=None,
+        start: int = 0,
+        first: int = 0,
     ) -> None:
         self.model, self.readers, self.linears = model, readers, linears
         self.recipe, self.teacher = recipe, teacher
@@ -190,7 +197,7 @@ class ActivationScaling:
         samples = recipe.scaling.samples if recipe.scaling.objective == "block" else 1
         # first: the index of this process's first calibration sample; the job records its first samples
         self.recorder = BlockRecorder(max(0, samples - first))
-        self.recorder.attach(self.blocks[0])
+        self.recorder.attach(self.blocks[start])  # the first block this run calibrates
         self.alphas: dict[str, float] = {}
 
     def __call__(self, index: int, block: nn.Module, block_stats: dict) -> None:
@@ -287,14 +294,21 @@ def _scale(m: nn.Linear, s: torch.Tensor, dim: int) -> None:
 
 @contextmanager
 def activation_scaling(
-    model: nn.Module, readers: dict, linears: dict, recipe: Recipe, teacher=None, first: int = 0
+    model: nn.Module,
+    readers: dict,
+    linears: dict,
+    recipe: Recipe,
+    teacher=None,
+    start: int = 0,
+    first: int = 0,
 ):
-    """The AWQ stage for `calibrate_sequential`'s callback, or None when the recipe has no scaling; its
-    hook on the model is removed on exit. first: the index of this process's first calibration sample."""
+    """The AWQ stage for `calibrate_sequential`'s callback from block `start` on, or None when the recipe
+    has no scaling; its hook on the model is removed on exit. first: the index of this process's first
+    calibration sample."""
     if recipe.scaling.method == "none":
         yield None
         return
-    stage = ActivationScaling(model, readers, linears, recipe, teacher, first)
+    stage = ActivationScaling(model, readers, linears, recipe, teacher, start, first)
     try:
         yield stage
     finally:

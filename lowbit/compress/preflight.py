@@ -9,9 +9,10 @@ would otherwise fail after loading or calibrating: an unknown preset or bad reci
 a recipe that selects no layer, a missing calibration file, and a budget below the smallest storage the
 candidate grid allows (each layer at its smallest allowed candidate).
 
-The memory model (`peak_ram`) mirrors what `lowbit.compress` holds at each phase; its constants were
-fitted on measured runs (`scripts/bench_scale.py`, docs/benchmarks.md "Big models"), so it is a
-prediction, labelled as one wherever it is printed.
+The memory model (`peak_ram`, and `streamed_peak_ram` for a safetensors folder compressed without a
+budget, which `lowbit.compress` streams block by block) mirrors what `lowbit.compress` holds at each
+phase; its constants were fitted on measured runs (`scripts/bench_scale.py`, docs/benchmarks.md "Big
+models"), so it is a prediction, labelled as one wherever it is printed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lowbit.compress.recipe import Recipe, resolve_recipe
 from lowbit.compress.uniform import block_weights, selected_names
 from lowbit.lowrank import METHODS
 from lowbit.models.shapes import source_shapes
+from lowbit.nn.shards import DEFAULT_MAX_SHARD_BYTES
 from lowbit.quantizers import SCALE_DTYPES, storage_bits
 
 # Resident memory of a process that has imported torch, transformers and lowbit (measured: 0.49 GB).
@@ -58,7 +60,7 @@ class DryRun:
     they are; bits_per_weight: over the quantized weights; block_bits_per_weight: over every
     decoder-block weight, the unquantized ones at their dtype's bits; dtype: of the unquantized tensors
     as loaded and written. bits_per_weight, block_bits_per_weight and output_bytes: one per budget when
-    budgets are given.
+    budgets are given. streamed: the job reads its source block by block (`lowbit.compress.stream`).
     """
 
     model: str
@@ -75,6 +77,7 @@ class DryRun:
     peak_ram_bytes: int
     work_bytes: int
     budgets: tuple[float, ...] = ()
+    streamed: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +126,12 @@ def dry_run(
     files += HEADER_BYTES_PER_TENSOR * (len(net.state_dict()) + 2 * len(layers))
     outputs = tuple(other_bytes(net, layers, dtype) + b // 8 + files for b in bits)
     work = work_bytes(recipe, layers, budgets, bits)
+    fisher = "fisher" in METHODS[recipe.decompose.method].needs
+    streamed = isinstance(model, str) and src.direct and not (budgets or recipe.finetune or fisher)
+    if streamed:
+        ram, work = streamed_peak_ram(recipe, net, layers, dtype, outputs[0])
+    else:
+        ram = peak_ram(recipe, net, layers, dtype, mapped, max(outputs), bits[-1] // 8, work)
     return DryRun(
         model=model if isinstance(model, str) else type(model).__name__,
         dtype=str(dtype).removeprefix("torch."),
@@ -135,9 +144,10 @@ def dry_run(
         bits_per_weight=tuple(b / quantized for b in bits),
         block_bits_per_weight=tuple((b + left_bits) / block_params for b in block_bits),
         output_bytes=outputs,
-        peak_ram_bytes=peak_ram(recipe, net, layers, dtype, mapped, max(outputs), bits[-1] // 8, work),
+        peak_ram_bytes=ram,
         work_bytes=work,
         budgets=budgets,
+        streamed=streamed,
     )
 
 
@@ -218,6 +228,41 @@ def work_bytes(recipe: Recipe, layers: dict, budgets, bits: list[int]) -> int:
     if recipe.needs_calibration() or recipe.allocate.metric != "frobenius":
         stats = sum(4 * k * k + 8 * k + (4 * n * k if fisher else 0) for n, k in layers.values())
     return stats + sum(bits) // 8
+
+
+def streamed_peak_ram(
+    recipe: Recipe, net: nn.Module, layers: dict, dtype: torch.dtype, out: int
+) -> tuple[int, int]:
+    """(predicted peak resident memory, predicted peak work-area disk) of a streamed job: the larger of
+
+    outside:  the tensors outside the blocks (embeddings, final norm, lm_head) in `dtype`, held while the
+              first block's inputs are captured and while they are written at the end (+ with calibration,
+              the hidden states [S, L, D])
+    block:    one decoder block in `dtype` + one layer's fp32 copy and its quantization temporaries
+              (about 4 fp32 copies) + with calibration, the hidden states entering and leaving the block
+              and one fp32 Hessian [K, K] per quantized layer of the block
+    plus BASE_RSS. The work area holds every finished shard until the end, the finished blocks' parts
+    until they fill a shard (`DEFAULT_MAX_SHARD_BYTES`), at most that much again while a shard is written,
+    and, with calibration, the hidden states of the next block.
+    """
+    prefix, blocks = find_blocks(net)
+    size = dtype.itemsize
+    seen, outside = set(), 0
+    for name, t in net.state_dict(keep_vars=True).items():
+        if not name.startswith(prefix + ".") and id(t) not in seen:
+            seen.add(id(t))
+            outside += t.numel() * (size if t.is_floating_point() else t.element_size())
+    block = max(sum(p.numel() for p in b.parameters()) for b in blocks) * size
+    first = f"{prefix}.0."
+    inside = [s for name, s in layers.items() if name.startswith(first)] or list(layers.values())
+    largest = max(n * k for n, k in inside)
+    hidden = hessians = 0
+    if recipe.needs_calibration():
+        cal = recipe.calibration
+        hidden = cal.samples * cal.seq_len * net.config.hidden_size * size
+        hessians = sum(4 * k * k for _, k in inside)
+    ram = max(outside + hidden, block + 16 * largest + 2 * hidden + hessians)
+    return BASE_RSS + ram, out + min(out, DEFAULT_MAX_SHARD_BYTES) + hidden
 
 
 def peak_ram(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,8 +23,10 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import calibrate_sequential, fisher_diagonal
 from lowbit.calibration.data import calibration_blocks
+from lowbit.calibration.sequential import BlockProvider
 from lowbit.calibration.stats import find_blocks
 from lowbit.compress.awq import activation_scaling
+from lowbit.compress.blocks import InMemory
 from lowbit.compress.plan import apply_choice, uniform_choice
 from lowbit.compress.ranks import build_owned
 from lowbit.compress.recipe import Recipe
@@ -104,10 +107,30 @@ def block_bits_per_weight(model: nn.Module, plan: dict[str, dict]) -> tuple[floa
 
 def compress_layer(name: str, linear: nn.Linear, recipe: Recipe, stats=None, fisher=None) -> QLinear:
     """The QLinear for one layer under the recipe's single setting (stats: the layer's LayerStats)."""
+    if not torch.isfinite(linear.weight).all():
+        raise CompressError(f"weight of layer {name!r} contains NaN or Inf")
     H = None if stats is None else stats.hessian_matrix()
     act_max = None if stats is None else stats.act_max
     stats = Stats(H=H, act_max=act_max, fisher=fisher)
     return apply_choice(linear, uniform_choice(recipe, name), recipe, stats)
+
+
+class Stream(Protocol):
+    """A streamed job (`lowbit.compress.stream`): where blocks come from and where finished ones go.
+
+    provider: materialises and releases blocks (`lowbit.models.stream`); start: the first block still to
+    compute (earlier ones were finished by a killed run); hidden: that block's saved inputs, one
+    [B, L, D] per micro-batch (None without calibration); plan: the per-layer plan of the finished
+    layers; done(index, hidden): block `index` (None: the tensors outside the blocks) is final, with
+    the next block's inputs `hidden`.
+    """
+
+    provider: BlockProvider
+    start: int
+    hidden: list[torch.Tensor] | None
+    plan: dict[str, dict]
+
+    def done(self, index: int | None, hidden: list[torch.Tensor] | None) -> None: ...
 
 
 def quantize_model(
@@ -118,6 +141,7 @@ def quantize_model(
     calib_data=None,
     progress: bool = True,
     teacher: nn.Module | None = None,
+    stream: Stream | None = None,
 ) -> dict[str, dict]:
     """Replace the selected linears of `model` in place by QLinears; return the per-layer plan.
 
@@ -125,22 +149,52 @@ def quantize_model(
     blocks are drawn from recipe.calibration.data with `tokenizer`. With SVDQuant, the layers that read
     a norm's output share one smoothing vector per norm, folded into the norm's weight (and into the
     teacher's, a copy of the original model kept for fine-tuning); see `lowbit.compress.smoothing`.
+    stream: the blocks are read, written and freed one at a time (see `Stream`); default: the model is
+    whole in memory and stays so.
     """
-    linears = select_linears(model, recipe)
-    names = list(linears)
+    names = selected_names(model, recipe)
+    provider = InMemory(model) if stream is None else stream.provider
+    start = 0 if stream is None else stream.start
+    prefix, blocks = find_blocks(model)
+    index = {n: int(n[len(prefix) + 1 :].split(".")[0]) for n in names if n.startswith(prefix + ".")}
+    linears = {n: model.get_submodule(n) for n in names if index.get(n, start) >= start}
     # Each original layer is dropped from `linears` (and its Fisher from `fisher`) once its QLinear is in
     # the model, so it is freed then rather than when the last layer is done (peak memory).
     ranks = world()
     if not recipe.needs_calibration():
-        # one block's layers at a time: their owners quantize them side by side
-        for block in tqdm(_by_block(model, names), desc="quantize", disable=not progress):
+        for i in tqdm(range(start, len(blocks)), desc="quantize", disable=not progress):
+            provider.materialise(i)
+            # the block's layers side by side on their owners (one process: all of them, in order)
+            block = [n for n in linears if index.get(n) == i]
             built = build_owned(model, block, lambda name: compress_layer(name, linears[name], recipe), ranks)
             for name, q in built.items():
                 set_submodule(model, name, q)
                 del linears[name]
             release_freed_memory()
-        return {name: model.get_submodule(name).layer_plan() for name in names}
+            if stream is not None:
+                stream.done(i, None)
+            provider.release(i)
+    else:
+        _calibrated(model, recipe, tokenizer, calib_data, progress, teacher, stream, linears)
+    provider.materialise(None)
+    for name in list(linears):  # layers outside the blocks (an lm_head the recipe selects)
+        set_submodule(model, name, compress_layer(name, linears.pop(name), recipe))
+    if stream is not None:
+        stream.done(None, None)
+    provider.release(None)
+    finished = {} if stream is None else stream.plan  # with the layers an earlier run finished
+    return {n: finished[n] if n in finished else model.get_submodule(n).layer_plan() for n in names}
 
+
+def _calibrated(model, recipe, tokenizer, calib_data, progress, teacher, stream, linears) -> None:
+    """The calibrating part of `quantize_model`: block by block, each block's layers compressed as soon
+    as its statistics are in (AWQ scaling, SVDQuant's shared smoothing, GPTQ rounding)."""
+    provider = InMemory(model) if stream is None else stream.provider
+    start = 0 if stream is None else stream.start
+    names = list(linears)
+    if not names:  # every block was finished by an earlier run
+        return
+    ranks = world()
     if calib_data is None:
         calib_data = calibration_data(recipe, tokenizer)
     fisher, readers = {}, {}
@@ -148,7 +202,8 @@ def quantize_model(
         fisher = fisher_diagonal(model, calib_data, layers=names, progress=progress)
     shared = METHODS[recipe.decompose.method].shares_smoothing
     if shared or recipe.scaling.method != "none":
-        readers = norm_readers(model, calib_data[:1, :16].to(model.get_input_embeddings().weight.device))
+        with provider.on_demand():
+            readers = norm_readers(model, calib_data[:1, :16].to(provider.device))
     smoothed = readers if shared else {}  # the norms SVDQuant folds its smoothing into
 
     def on_block(index: int, block: nn.Module, block_stats: dict) -> None:
@@ -168,7 +223,7 @@ def quantize_model(
         release_freed_memory()
 
     first = share(calib_data.shape[0], ranks).start  # this process's first sample
-    with activation_scaling(model, readers, linears, recipe, teacher, first) as scaling:
+    with activation_scaling(model, readers, linears, recipe, teacher, start, first) as scaling:
         calibrate_sequential(
             model,
             calib_data,
@@ -178,18 +233,11 @@ def quantize_model(
             propagate="quantized",
             keep=False,
             progress=progress,
+            provider=None if stream is None else provider,
+            start=start,
+            hidden=None if stream is None else stream.hidden,
+            after_block=None if stream is None else stream.done,
         )
-    return {name: model.get_submodule(name).layer_plan() for name in names}
-
-
-def _by_block(model: nn.Module, names: list[str]) -> list[list[str]]:
-    """names grouped by decoder block in model order (layers outside the blocks, one group each)."""
-    prefix = find_blocks(model)[0] + "."
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        key = ".".join(name.split(".")[: prefix.count(".") + 1]) if name.startswith(prefix) else name
-        groups.setdefault(key, []).append(name)
-    return list(groups.values())
 
 
 @functools.cache

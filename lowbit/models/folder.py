@@ -12,75 +12,72 @@ the caller falls back to `from_pretrained`.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from lowbit.nn.manifest import CheckpointError, read_safetensors_header
-
-# safetensors dtype names -> torch dtypes (the header spells dtypes this way)
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The folder's safetensors shards: those its index names, else model.safetensors (or none)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else []
+from lowbit.nn.shards import DTYPES, weight_files
 
 
 def load_safetensors_folder(folder: Path, config, dtype: torch.dtype) -> torch.nn.Module | None:
     """The model of `folder` with its weights read tensor by tensor, floating ones in `dtype`; None when
     the folder is not one this reader takes exactly (see the module docstring)."""
+    found = folder_skeleton(folder, config, dtype)
+    if found is None:
+        return None
+    model, headers = found
+    by_file: dict[Path, dict] = {}
+    for name, (f, v) in headers.items():
+        by_file.setdefault(f, {})[name] = v
+    for f, header in by_file.items():
+        model.load_state_dict(read_tensors(f, header, dtype), strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def folder_skeleton(folder: Path, config, dtype: torch.dtype) -> tuple[torch.nn.Module, dict] | None:
+    """(the model built from `config` on the meta device in `dtype`, tied as configured, non-persistent
+    buffers real; {tensor name: (its file, header entry)}), or None when the folder is not one this
+    reader takes exactly (see the module docstring)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    files = weight_files(folder)
+    try:
+        files = weight_files(folder)
+    except CheckpointError:
+        return None
     if not files or getattr(config, "quantization_config", None) is not None:
         return None
     headers = {}
     for f in files:
         try:
-            headers[f] = {k: v for k, v in read_safetensors_header(f).items() if k != "__metadata__"}
+            header = read_safetensors_header(f)
         except (CheckpointError, OSError):
             return None
+        headers.update({k: (f, v) for k, v in header.items() if k != "__metadata__"})
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     expected = set(model.state_dict())
-    stored = {k for h in headers.values() for k in h}
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     tied -= {n for n, _ in model.named_parameters()}
     if (
-        not stored <= expected
-        or expected - stored - tied
-        or any(v["dtype"] not in DTYPES for h in headers.values() for v in h.values())
+        not set(headers) <= expected
+        or expected - set(headers) - tied
+        or any(v["dtype"] not in DTYPES for _, v in headers.values())
     ):
         return None
-    for f, header in headers.items():
-        model.load_state_dict(_read_tensors(f, header, dtype), strict=False, assign=True)
-    model.tie_weights()
-    return model.eval()
+    return model, headers
 
 
-def _read_tensors(path: Path, header: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file, each read into its own storage (floating ones cast)."""
+def read_tensors(
+    path: Path, header: dict, dtype: torch.dtype | None, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The tensors of `header` (entries of one safetensors file), each read into its own storage (floating
+    ones cast to dtype unless it is None) and moved to device. Nothing stays memory-mapped, so the pages
+    read do not count as resident memory afterwards."""
     out = {}
     with open(path, "rb", buffering=0) as f:
         start = 8 + int.from_bytes(f.read(8), "little")
@@ -88,7 +85,7 @@ def _read_tensors(path: Path, header: dict, dtype: torch.dtype) -> dict[str, tor
             t = torch.empty(v["shape"], dtype=DTYPES[v["dtype"]])
             f.seek(start + v["data_offsets"][0])
             _read_into(f, memoryview(t.view(-1).view(torch.uint8).numpy()), path)
-            out[name] = t.to(dtype) if t.is_floating_point() else t
+            out[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device)
     return out
 
 

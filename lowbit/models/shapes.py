@@ -28,13 +28,15 @@ class SourceShapes:
     stored_bytes: bytes of the weights on disk (safetensors tensors, or the GGUF file);
     tokenizer_bytes: bytes of the tokenizer files a checkpoint copies (0 when unknown);
     mapped_bytes: bytes the loader keeps memory-mapped while loading: 0 for a folder that
-    `lowbit.models.folder` reads tensor by tensor, else the stored bytes."""
+    `lowbit.models.folder` reads tensor by tensor, else the stored bytes; direct: the source is such a
+    folder (which `lowbit.compress` can stream block by block)."""
 
     skeleton: torch.nn.Module
     dtype: torch.dtype
     stored_bytes: int
     tokenizer_bytes: int
     mapped_bytes: int
+    direct: bool = False
 
 
 def source_shapes(model: str) -> SourceShapes:
@@ -63,5 +65,6 @@ def source_shapes(model: str) -> SourceShapes:
             "build the model of",
             lambda: transformers.AutoModelForCausalLM.from_config(config, dtype=dtype),
         )
-    direct = kind == "folder" and weight_files(Path(where)) and not hasattr(config, "quantization_config")
-    return SourceShapes(skeleton.eval(), dtype, stored, tok, 0 if direct else stored)
+    quantized = hasattr(config, "quantization_config")
+    direct = kind == "folder" and bool(weight_files(Path(where))) and not quantized
+    return SourceShapes(skeleton.eval(), dtype, stored, tok, 0 if direct else stored, direct)

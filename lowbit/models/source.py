@@ -28,7 +28,7 @@ import transformers
 
 from lowbit.models.builtin import BUILTIN_MODELS, builtin_model, builtin_path
 from lowbit.models.errors import ModelError, call_loader
-from lowbit.models.folder import load_safetensors_folder, stored_dtype
+from lowbit.models.folder import folder_skeleton, load_safetensors_folder, stored_dtype
 from lowbit.models.gguf import gguf_tokenizer, load_gguf
 from lowbit.nn.manifest import MANIFEST as CHECKPOINT_MANIFEST
 
@@ -67,6 +67,24 @@ def _load_folder(path: Path, model: str, dtype: torch.dtype | None) -> tuple[tor
     if net is None:
         return from_pretrained(str(path), model, dtype or "auto")
     return net, hf_tokenizer(str(path), model)
+
+
+def open_folder(model: str, dtype: torch.dtype | None):
+    """(skeleton on the meta device, {tensor name: (file, header entry)}, load dtype, tokenizer) of a local
+    safetensors folder that `lowbit.models.folder` reads exactly, for reading block by block; None for
+    any other source."""
+    kind, where = locate(model)
+    if kind != "folder":
+        return None
+    auto_config = transformers.AutoConfig
+    config = call_loader(model, "read the config of", lambda: auto_config.from_pretrained(where))
+    dtype = dtype or stored_dtype(where, config)[0]
+    found = call_loader(model, "load model", lambda: folder_skeleton(where, config, dtype))
+    if found is None:
+        return None
+    skeleton, headers = found
+    skeleton.config.name_or_path = model  # the source the model card names
+    return skeleton.eval(), headers, dtype, hf_tokenizer(str(where), model)
 
 
 def locate(model: str) -> tuple[str, Path | str]:

@@ -1,9 +1,10 @@
-"""Checkpoints: a compressed model as one safetensors file, the model's config and a JSON manifest.
+"""Checkpoints: a compressed model as safetensors shards, the model's config and a JSON manifest.
 
-A checkpoint folder holds `model.safetensors` (the model's state dict: each QLinear as
-`{layer}.codes`, `.scales`, `.zeros`, `.dq_absmax`, `.l1`, `.l2`, `.smooth`, `.bias`, only those that
-exist; every other tensor as it was; tied copies left out and re-tied on load), the model's own
-`config.json`, the tokenizer's files when given, and `lowbit_config.json`, the manifest
+A checkpoint folder holds the model's state dict (each QLinear as `{layer}.codes`, `.scales`, `.zeros`,
+`.dq_absmax`, `.l1`, `.l2`, `.smooth`, `.bias`, only those that exist; every other tensor as it was; tied
+copies left out and re-tied on load) in `model.safetensors`, or, past the maximum shard size, in
+`model-0000k-of-0000n.safetensors` with `model.safetensors.index.json` (`lowbit.nn.shards`); the model's
+own `config.json`, the tokenizer's files when given, and `lowbit_config.json`, the manifest
 (`lowbit.nn.manifest`). `docs/formats.md` describes the layout. No file is ever unpickled.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.kernels.dispatch import resolve_backend
@@ -28,13 +29,22 @@ from lowbit.nn.manifest import (
     check_folder,
     lowbit_version,
     read_manifest,
-    read_safetensors_header,
     sha256,
     validate_manifest,
     verify_checkpoint,
 )
 from lowbit.nn.model_card import CARD, model_card
 from lowbit.nn.qlinear import QLinear, replace_linears
+from lowbit.nn.shards import (
+    DEFAULT_MAX_SHARD_BYTES,
+    INDEX,
+    finish_shards,
+    layout_of,
+    read_headers,
+    split_layout,
+    weight_files,
+    write_safetensors,
+)
 from lowbit.quantizers import TENSOR_FIELDS, QuantSpec, stored_layout
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -61,10 +71,11 @@ def model_bits_per_weight(model: nn.Module) -> float:
     return plan_bits(model, plan) / weights if weights else 0.0
 
 
-def _saveable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict, tied copies dropped (first name kept), each tensor contiguous, on the CPU, unshared."""
+def saveable_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict as written: tied copies dropped (first name kept), each tensor contiguous, on the CPU,
+    unshared."""
     state, seen, storages = {}, set(), set()
-    for name, t in model.state_dict().items():
+    for name, t in tensors.items():
         if t.device.type == "meta":
             raise CheckpointError(f"tensor {name} is on the meta device (never loaded); cannot save it")
         t = t.detach()
@@ -80,21 +91,34 @@ def _saveable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_files(model: nn.Module, tmp: Path, tokenizer, plan: dict, recipe: dict | None) -> dict[str, str]:
-    """Write weights, config (with the transformers quantization config), tokenizer and model card into
-    `tmp`; return {relative name: sha256} of every file."""
+def write_state(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: int) -> None:
+    """Write the tensors of `state` into folder `tmp` as shards of at most max_shard_bytes."""
+    shards = []
+    for k, group in enumerate(split_layout(layout_of(state), max_shard_bytes), 1):
+        shards.append(tmp / f".shard-{k:05d}.safetensors")
+        write_safetensors(shards[-1], group, state.__getitem__)
+    finish_shards(shards, tmp)
+
+
+def finish_checkpoint(
+    tmp: Path, config, tokenizer, plan: dict, recipe: dict | None, bits: int, source: str
+) -> None:
+    """Complete a checkpoint whose weights are in folder `tmp`: config (with the transformers quantization
+    config), tokenizer, model card (naming `source`) and the manifest with the sha256 of every file.
+    bits: the stored bits of the quantized layers (`plan_bits`)."""
     from lowbit.nn.hf_quantizer import add_quantization_config
 
-    save_file(_saveable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-    model.config.save_pretrained(tmp)
+    manifest = {"format_version": FORMAT_VERSION, "lowbit_version": lowbit_version()}
+    manifest.update(recipe=recipe, layers=plan)
+    config.save_pretrained(tmp)
     add_quantization_config(tmp / "config.json", plan)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     weights = sum(e["shape"][0] * e["shape"][1] for e in plan.values())
-    bits = plan_bits(model, plan) / weights if weights else 0.0
-    source = getattr(model.config, "name_or_path", "") or type(model).__name__
-    (tmp / CARD).write_text(model_card(source, plan, recipe, bits))
-    return {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / CARD).write_text(model_card(source, plan, recipe, bits / weights if weights else 0.0))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest["files"] = {p.relative_to(tmp).as_posix(): sha256(p) for p in files}
+    (tmp / MANIFEST).write_text(json.dumps(validate_manifest(manifest), indent=2) + "\n")
 
 
 def _check_plan(plan: dict, actual: dict) -> None:
@@ -118,9 +142,11 @@ def save(
     recipe: dict | None = None,
     tokenizer=None,
     overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write `model` (QLinears per `plan`, default the model's own) as a checkpoint folder `out_dir`;
-    return its path. A model from `lowbit.load` or from transformers saves again with its manifest.
+    """Write `model` (QLinears per `plan`, default the model's own) as a checkpoint folder `out_dir`, its
+    tensors in shards of at most max_shard_bytes; return its path. A model from `lowbit.load` or from
+    transformers saves again with its manifest.
 
     Everything is written into a hidden sibling folder first and renamed into place, so a failure
     never leaves a half-written `out_dir`; an existing `out_dir` is replaced only with overwrite=True.
@@ -129,16 +155,19 @@ def save(
         raise CheckpointError("model has no transformers config; cannot write a loadable checkpoint")
     plan = model_plan(model) if plan is None else plan
     _check_plan(plan, model_plan(model))
-    manifest = {"format_version": FORMAT_VERSION, "lowbit_version": lowbit_version()}
-    manifest.update(recipe=recipe, layers=plan)
+    check_serialisable(recipe, plan)
+    source = getattr(model.config, "name_or_path", "") or type(model).__name__
+    with atomic_folder(out_dir, overwrite) as tmp:
+        write_state(saveable_state(model.state_dict()), tmp, max_shard_bytes)
+        finish_checkpoint(tmp, model.config, tokenizer, plan, recipe, plan_bits(model, plan), source)
+    return Path(out_dir)
+
+
+def check_serialisable(recipe: dict | None, plan: dict) -> None:
     try:
-        json.dumps(manifest)
+        json.dumps({"recipe": recipe, "layers": plan})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"recipe or plan is not JSON-serialisable ({e})") from None
-    with atomic_folder(out_dir, overwrite) as tmp:
-        manifest["files"] = _write_files(model, tmp, tokenizer, plan, recipe)
-        (tmp / MANIFEST).write_text(json.dumps(validate_manifest(manifest), indent=2) + "\n")
-    return Path(out_dir)
 
 
 def _alias_groups(model: nn.Module) -> list[list[str]]:
@@ -177,11 +206,14 @@ def _skeleton(path: Path, plan: dict, backend: str) -> nn.Module:
 
 
 def _read_state(path: Path, plan: dict, device: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Tensors of model.safetensors on `device`; floating ones other than quantized fields cast to dtype."""
-    try:
-        state = load_file(str(path / WEIGHTS), device=device)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint file {WEIGHTS} cannot be read ({e})") from None
+    """Tensors of the checkpoint's shards on `device`; floating ones other than quantized fields cast to
+    dtype."""
+    state = {}
+    for f in weight_files(path):
+        try:
+            state.update(load_file(str(f), device=device))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint file {f.name} cannot be read ({e})") from None
     quantized = set()
     for fqn, e in plan.items():
         layout = stored_layout(QuantSpec.from_dict(e["spec"]), *e["shape"])
@@ -250,7 +282,8 @@ def load_tokenizer(path: str | Path):
         return None
     for name, digest in manifest["files"].items():  # the tokenizer's files (everything but the weights)
         f = path / name
-        if name != WEIGHTS and (not f.is_file() or sha256(f) != digest):
+        weights = name == INDEX or name.endswith(".safetensors")
+        if not weights and (not f.is_file() or sha256(f) != digest):
             raise CheckpointError(f"checkpoint file {name} is corrupt (sha256 does not match the manifest)")
     from transformers import AutoTokenizer
 
@@ -284,13 +317,7 @@ def checkpoint_info(path: str | Path) -> dict:
     """
     path = Path(path)
     manifest = read_manifest(path)
-    f = path / WEIGHTS
-    if not f.is_file():
-        raise CheckpointError(f"checkpoint file {WEIGHTS} is missing from {path}")
-    header = read_safetensors_header(f)
-    nbytes = {
-        k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"
-    }
+    nbytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, (_, v) in read_headers(path).items()}
     layers = {fqn: _layer_info(fqn, e, nbytes) for fqn, e in manifest["layers"].items()}
     params = sum(x["shape"][0] * x["shape"][1] for x in layers.values())
     quantized = sum(x["bytes"] for x in layers.values())

@@ -108,10 +108,11 @@ def _classes() -> tuple[type, type]:
 
         requires_calibration = True  # only pre-quantized checkpoints: compress with `lowbit compress`
         verified: Path | None = None
+        weights: list[str] = []  # the safetensors files the verified manifest lists
 
         def update_attn_implementation(self, config):
             if getattr(config, "transformers_weights", None) == WEIGHTS_GUARD:
-                del config.transformers_weights  # transformers then reads model.safetensors
+                del config.transformers_weights  # transformers then reads the weights
             folder = Path(config.name_or_path)
             if folder.is_dir():  # checked before the model is built: bad sizes never allocate
                 self._verify(folder)
@@ -130,13 +131,16 @@ def _classes() -> tuple[type, type]:
             if manifest["layers"] != self.quantization_config.layers:
                 raise HfIntegrationError(f"quantization_config of {folder} does not match its manifest")
             self.verified = folder.resolve()
+            self.weights = sorted(n for n in manifest["files"] if n.endswith(".safetensors"))
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             files = [Path(f) for f in checkpoint_files or []]
-            if [f.name for f in files] != [WEIGHTS]:
-                raise HfIntegrationError(f"a lowbit checkpoint is one {WEIGHTS} beside its manifest")
+            if not files or len({f.parent for f in files}) != 1:
+                raise HfIntegrationError(f"a lowbit checkpoint is {WEIGHTS} or shards beside its manifest")
             if files[0].parent.resolve() != self.verified:  # e.g. a hub snapshot folder
                 self._verify(files[0].parent)
+            if sorted(f.name for f in files) != self.weights:
+                raise HfIntegrationError(f"the weights files of {files[0].parent} are not its manifest's")
             # model is on the meta device here; each QLinear takes the dtype of the Linear it replaces
             replace_linears(model, self.quantization_config.layers, device="meta")
             return model

@@ -22,6 +22,7 @@ from lowbit.quantizers import QuantSpec, SpecError
 FORMAT_VERSION = 1
 MANIFEST = "lowbit_config.json"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # the index of a sharded checkpoint (`lowbit.nn.shards`)
 MAX_JSON_BYTES = 64 << 20  # a manifest or config.json larger than this is refused before parsing
 MAX_JSON_DEPTH = 32  # deeper nesting is refused (a manifest needs 5 levels, a config.json a few)
 # unlisted files with these endings would be read by transformers (weights, configs, tokenizers, code)
@@ -80,7 +81,8 @@ def validate_manifest(d: dict) -> dict:
 
     Schema (format_version 1): {"format_version": int, "lowbit_version": str, "recipe": object | null,
     "layers": {fqn: {"spec": QuantSpec dict, "shape": [N, K], "rank": int, "bias": bool, "smooth": bool}},
-    "files": {relative path: sha256 hex}}; "files" names model.safetensors and config.json.
+    "files": {relative path: sha256 hex}}; "files" names config.json and model.safetensors, or the
+    index of the shards (model.safetensors.index.json) and each shard it names.
     """
     if not isinstance(d, dict):
         raise CheckpointError("manifest must be a JSON object")
@@ -107,7 +109,8 @@ def validate_manifest(d: dict) -> dict:
             raise CheckpointError(f"manifest lists a bad file name {name!r}")
         if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")):
             raise CheckpointError(f"manifest sha256 of {name} is not 64 lowercase hex digits")
-    if missing := sorted({WEIGHTS, "config.json"} - set(files)):
+    weights = WEIGHTS_INDEX if WEIGHTS_INDEX in files else WEIGHTS
+    if missing := sorted({weights, "config.json"} - set(files)):
         raise CheckpointError(f"manifest files do not list {', '.join(missing)}")
     return d
 
@@ -260,5 +263,9 @@ def verify_checkpoint(path: Path) -> dict:
     config = read_json(path / "config.json", f"config.json in {path}")
     if not isinstance(config, dict):
         raise CheckpointError(f"config.json in {path} must be a JSON object")
-    check_config_sizes(config, read_safetensors_header(path / WEIGHTS), manifest["layers"])
+    header = {}
+    for name in manifest["files"]:
+        if name.endswith(".safetensors"):
+            header.update(read_safetensors_header(path / name))
+    check_config_sizes(config, header, manifest["layers"])
     return manifest

@@ -46,10 +46,13 @@ class World:
         return self.rank == 0
 
 
+SINGLE = World()  # a job of one process
+
+
 def world() -> World:
     """The current job's World: one process unless torch.distributed is initialised."""
     if not (dist.is_available() and dist.is_initialized()):
-        return World()
+        return SINGLE
     device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
     return World(dist.get_rank(), dist.get_world_size(), device)
 

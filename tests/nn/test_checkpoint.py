@@ -250,14 +250,14 @@ def test_failing_save_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(ckpt, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         save(model, tmp_path / "ck", plan=plan)
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
     save(model, tmp_path / "ck", plan=plan)
     before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(ckpt, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         save(model, tmp_path / "ck", plan=plan, overwrite=True)
     assert leftovers(tmp_path) == ["ck"]
