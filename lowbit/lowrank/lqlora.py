@@ -69,8 +69,9 @@ def alternate(
             break
         prev = err
     _, q, L1, L2, source = best
-    if opts.rounding != "nearest":  # the Fisher-weighted L1 L2 stays as it is, only Q is re-rounded
-        q, L1, L2 = final_q(W, spec, L1, L2, stats.H, opts.rounding, GPTQ_ROUNDS if method == "lqlora" else 0)
+    if opts.rounding != "nearest":
+        rounds = GPTQ_ROUNDS if method == "lqlora" else 0  # lqlora-fisher keeps its weighted L1 L2
+        q, L1, L2 = final_q(W, spec, L1, L2, stats.H, opts.rounding, rounds)
     return finish(W, q, L1, L2, stats, method=method, iterations=t, best=source)
 
 
