@@ -3,7 +3,7 @@ its registry is tested here without a new test.
 
 - every format of `lowbit.quantizers.FORMATS`: quantize -> dequantize is deterministic and within a
   per-bits error bound, storage_bits equals the stored bytes of its layout, the reference kernel equals
-  x @ dequantize(Q).T, and a checkpoint holding it reloads bit-identically;
+  x @ dequantize(Q).T, and a checkpoint holding it reloads bit-identically and counts those bytes;
 - every method of `lowbit.lowrank.METHODS`: the decomposition stores what its QLinear computes and, for
   the methods with a low-rank part, rank 8 is strictly better than rank 0 on the output error;
 - every target of `lowbit.export.TARGETS`: a checkpoint it can hold exports, is found again by
@@ -19,7 +19,7 @@ from lowbit.compress.recipe import DecomposeConfig, QuantizeConfig, Recipe
 from lowbit.export import TARGETS, export, find_target, load_export
 from lowbit.kernels import reference
 from lowbit.lowrank import METHODS, decompose, output_error
-from lowbit.nn import QLinear, load
+from lowbit.nn import QLinear, checkpoint_info, load
 from lowbit.quantizers import FORMATS, QuantSpec, dequantize, quantize, storage_bits, stored_layout
 from tests.conftest import compress_recipes, logits
 from tests.export.test_gguf_export import byte_tokenizer
@@ -65,6 +65,11 @@ def test_format_checkpoint_reloads_bit_identically(fmt, tmp_path):
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     assert all(m.spec.format == fmt for m in model.modules() if isinstance(m, QLinear))
+    info = checkpoint_info(root / fmt)["layers"]
+    for name, m in model.named_modules():
+        if isinstance(m, QLinear):
+            stored = sum(info[name][f"{part}_bytes"] for part in ("codes", "scales", "zeros"))
+            assert 8 * stored == storage_bits(m.spec, (m.out_features, m.in_features)), name
 
 
 def outlier_data(seed=0):

@@ -3,7 +3,8 @@
 Layers, bottom up: parallel (process groups) and quantizers; lowrank, kernels and calibration above
 them; nn (the runtime) above those; models (source-model loading); compress (the pipeline) and export
 (deployable targets) side by side; eval; the CLI on top, which nothing imports. Every import counts,
-lazy ones inside functions included.
+lazy ones inside functions included, except those under `if TYPE_CHECKING:` (annotations only; they
+never run).
 """
 
 import ast
@@ -31,11 +32,22 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node of the tree except the bodies of `if TYPE_CHECKING:` blocks."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in (child, *runtime_nodes(child)))
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
 def imported_modules(path: Path) -> set[str]:
-    """Modules of lowbit that the file imports (for `from pkg import name`, pkg.name when it is a module)."""
+    """Modules of lowbit that the file imports at run time (for `from pkg import name`, pkg.name when it is
+    a module)."""
     known = {module_name(p) for p in ROOT.rglob("*.py")}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("lowbit")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lowbit"):

@@ -12,7 +12,8 @@ Backends (BACKENDS):
   (TRITON_INTERPRET=1 set before the kernels are first used), which is how the tests run them.
 - "triton_w8a8": "triton" with FP8 activations for FP8 E4M3 weights (compute capability >= 8.9);
   an approximation of the reference, so never chosen by "auto".
-- "auto": "triton" for CUDA tensors of a dtype it takes when triton is installed, else "reference".
+- "auto": "triton" for CUDA tensors of a dtype it takes when triton is installed and the weight's
+  format has a Triton kernel (`QuantSpec.kernel`), else "reference".
 triton is imported on first use of a Triton backend, never by `import lowbit`.
 """
 
@@ -66,19 +67,26 @@ def _triton_runs_on(device: torch.device) -> bool:
 
 
 def resolve_backend(
-    backend: str, device: torch.device | None = None, dtype: torch.dtype | None = None
+    backend: str,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    spec: QuantSpec | None = None,
 ) -> str:
-    """The concrete backend for `backend` ("auto" or a key of BACKENDS) for inputs on `device` of `dtype`.
+    """The concrete backend for `backend` ("auto" or a key of BACKENDS) for inputs on `device` of `dtype`
+    and a weight in `spec`.
 
-    Without a device only the name is checked. A Triton backend that cannot run there raises
-    BackendError.
+    Without a device only the name (and the format) is checked. A Triton backend that cannot run there,
+    or for a format without a Triton kernel, raises BackendError.
     """
+    reference_only = spec is not None and spec.kernel is None
     if backend == "auto":
         if device is None or device.type != "cuda" or not TRITON_INSTALLED or dtype not in TRITON_DTYPES:
             return "reference"
-        return "triton" if _triton_runs_on(device) else "reference"
+        return "triton" if _triton_runs_on(device) and not reference_only else "reference"
     if backend not in BACKENDS:
         raise BackendError(f"unknown qlinear backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if backend != "reference" and reference_only:
+        raise BackendError(f"{spec.format} has no Triton kernel; use the reference backend")
     if backend == "reference" or device is None:
         return backend
     if not TRITON_INSTALLED:
@@ -187,7 +195,9 @@ def qlinear(
     backend: "auto" (the fastest exact backend for x's device and dtype) or a key of BACKENDS.
     """
     reference.check_inputs(x, q, l1, l2, smooth, bias)
-    name = resolve_backend(backend, x.device, x.dtype)
+    name = resolve_backend(backend, x.device, x.dtype, q.spec)
+    if q.extra:  # a format family's own tensors (`QTensor.extra`): the reference reads them, the op does not
+        return reference.qlinear(x, q, l1, l2, smooth, bias)
     n, k = q.shape
     fields = (q.codes, q.scales, q.zeros, q.dq_absmax)
     return qlinear_op(x, *fields, l1, l2, smooth, bias, *_spec_args(q.spec), n, k, name)

@@ -111,7 +111,7 @@ def forward(cache: KernelCache, x, q: QTensor, l1, l2, smooth, bias, backend: st
     key = (x.device, x.dtype, backend)
     name = cache.backends.get(key)
     if name is None:
-        name = cache.backends[key] = resolve_backend(backend, x.device, x.dtype)
+        name = cache.backends[key] = resolve_backend(backend, x.device, x.dtype, q.spec)
     if name == "triton":
         p = cache.prepared
         if p is None or not p.matches(q.codes, q.scales, l1, l2, smooth, bias):

@@ -62,7 +62,7 @@ def format_constexprs(q: QTensor) -> dict:
     spec = q.spec
     n_groups = spec.groups(q.shape[1])
     return dict(
-        FMT=spec.kind if spec.kind in ("int", "nf") else spec.format,
+        FMT=spec.kernel,
         BITS=spec.bits,
         HAS_ZEROS=spec.has_zeros,
         DOUBLE_QUANT=spec.double_quant,

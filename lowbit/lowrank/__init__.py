@@ -22,7 +22,9 @@ from lowbit.lowrank.decomposition import (
     DecomposeOptions,
     Decomposition,
     Stats,
+    check_inputs,
     quantize_only,
+    quantized,
     reconstruct,
 )
 from lowbit.lowrank.error import errors, fisher_error, frobenius_error, output_error
@@ -37,11 +39,12 @@ from lowbit.quantizers import QuantSpec
 class Method:
     """One decomposition method, described once for every stage that runs it.
 
-    fn(W, spec, rank, stats, options) -> Decomposition.
+    fn(W, spec, rank, stats, options) -> Decomposition, for inputs `decompose` has checked (W float32).
     needs: the calibration statistics it reads beyond what its rounding needs ("act": per-channel input
         magnitudes, "hessian": X^T X, "fisher": the diagonal Fisher of the loss).
     shares_smoothing: its smoothing vector is shared by the layers reading one norm and folded into it.
-    at_rank_zero: it still differs from plain quantization at rank 0 (SVDQuant's smoothing).
+    at_rank_zero: it still differs from plain quantization at rank 0 (SVDQuant's smoothing); the others
+        are not called at rank 0, `decompose` answers with the Q step alone.
     """
 
     fn: Callable[..., Decomposition]
@@ -82,7 +85,11 @@ def decompose(
     if method not in METHODS:
         raise DecomposeError(f"unknown decompose method {method!r}; choose one of {', '.join(METHODS)}")
     opts = DecomposeOptions(rounding=rounding, iterations=iterations, alpha=alpha)
-    return METHODS[method].fn(W, spec, rank, Stats(H=H, act_max=act_max, fisher=fisher), opts)
+    stats = Stats(H=H, act_max=act_max, fisher=fisher)
+    W = check_inputs(W, spec, rank, stats)
+    if rank == 0 and not METHODS[method].at_rank_zero:
+        return quantized(W, spec, stats, opts, method)
+    return METHODS[method].fn(W, spec, rank, stats, opts)
 
 
 __all__ = [

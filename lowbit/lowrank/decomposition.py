@@ -66,7 +66,6 @@ class DecomposeOptions:
             raise DecomposeError(f"alpha must lie in [0, 1], got {self.alpha!r}")
 
 
-NO_STATS = Stats()
 DEFAULT_OPTIONS = DecomposeOptions()
 
 
@@ -135,6 +134,23 @@ def gptq_lowrank(
     return best[1], best[2], best[3]
 
 
+def final_q(
+    W: torch.Tensor,
+    spec: QuantSpec,
+    L1: torch.Tensor,
+    L2: torch.Tensor,
+    H: torch.Tensor | None,
+    rounding: str,
+    rounds: int = 1,
+) -> tuple[QTensor, torch.Tensor, torch.Tensor]:
+    """The final Q of W [N, K] for the low-rank part L1 [N, r] L2 [r, K]: Q = W - L1 L2 rounded to nearest or
+    by GPTQ; with GPTQ and r > 0, `rounds` rounds of GPTQ and the output-optimal refit of L1 L2
+    (`gptq_lowrank`) instead (rounds=0: L1 L2 kept). Returns (Q, L1, L2)."""
+    if rounding == "gptq" and rounds and L1.shape[1]:
+        return gptq_lowrank(W, spec, L1.shape[1], H, L1, L2, rounds)
+    return quantize_step(W - L1 @ L2, spec, rounding, H), L1, L2
+
+
 def finish(
     W: torch.Tensor,
     q: QTensor,
@@ -183,11 +199,17 @@ def check_inputs(W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats) -> t
     return W.detach().float()
 
 
+def quantized(
+    W: torch.Tensor, spec: QuantSpec, stats: Stats, opts: DecomposeOptions, method: str
+) -> Decomposition:
+    """W ~ Q alone by the Q step of `opts.rounding`: what every method but SVDQuant computes at rank 0."""
+    return finish(W, quantize_step(W, spec, opts.rounding, stats.H), None, None, stats, method=method)
+
+
 def quantize_only(
-    W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats, opts: DecomposeOptions = DEFAULT_OPTIONS
+    W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats, opts: DecomposeOptions
 ) -> Decomposition:
     """W ~ Q, no low-rank part (method "none"): rank must be 0."""
-    W = check_inputs(W, spec, rank, stats)
     if rank:
         raise DecomposeError(f"method 'none' has no low-rank part, but rank={rank} was asked")
-    return finish(W, quantize_step(W, spec, opts.rounding, stats.H), None, None, stats, method="none")
+    return quantized(W, spec, stats, opts, "none")

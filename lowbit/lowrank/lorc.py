@@ -12,35 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.lowrank.decomposition import (
-    DEFAULT_OPTIONS,
-    NO_STATS,
-    DecomposeOptions,
-    Decomposition,
-    Stats,
-    check_inputs,
-    finish,
-    gptq_lowrank,
-    quantize_step,
-)
+from lowbit.lowrank.decomposition import DecomposeOptions, Decomposition, Stats, final_q, finish
 from lowbit.lowrank.svd import svd_r
 from lowbit.quantizers import QuantSpec, dequantize
 
 
-def lorc(
-    W: torch.Tensor,
-    spec: QuantSpec,
-    rank: int,
-    stats: Stats = NO_STATS,
-    opts: DecomposeOptions = DEFAULT_OPTIONS,
-) -> Decomposition:
+def lorc(W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats, opts: DecomposeOptions) -> Decomposition:
     """W [N, K] ~ Q + L1 L2 with Q = quantize(W) and L1 L2 = SVD_r(W - Q), or Q = GPTQ(W) and the
     output-optimal L1 L2."""
-    W = check_inputs(W, spec, rank, stats)
-    if opts.rounding == "gptq" and rank:
-        L1, L2 = W.new_zeros(W.shape[0], rank), W.new_zeros(rank, W.shape[1])
-        q, L1, L2 = gptq_lowrank(W, spec, rank, stats.H, L1, L2, rounds=1)
-        return finish(W, q, L1, L2, stats, method="lorc")
-    q = quantize_step(W, spec, opts.rounding, stats.H)
-    L1, L2 = svd_r(W - dequantize(q), rank)  # [N, r], [r, K]
+    L1, L2 = W.new_zeros(W.shape[0], rank), W.new_zeros(rank, W.shape[1])
+    q, L1, L2 = final_q(W, spec, L1, L2, stats.H, opts.rounding)  # Q of W; GPTQ: with the refit of L1 L2
+    if opts.rounding != "gptq":
+        L1, L2 = svd_r(W - dequantize(q), rank)  # [N, r], [r, K]
     return finish(W, q, L1, L2, stats, method="lorc")

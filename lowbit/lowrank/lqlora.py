@@ -24,17 +24,13 @@ from collections.abc import Callable
 import torch
 
 from lowbit.lowrank.decomposition import (
-    DEFAULT_OPTIONS,
     GPTQ_ROUNDS,
-    NO_STATS,
     DecomposeError,
     DecomposeOptions,
     Decomposition,
     Stats,
-    check_inputs,
+    final_q,
     finish,
-    gptq_lowrank,
-    quantize_step,
 )
 from lowbit.lowrank.error import fisher_error, frobenius_error
 from lowbit.lowrank.svd import fisher_weights, svd_r, weighted_svd_r
@@ -73,44 +69,27 @@ def alternate(
             break
         prev = err
     _, q, L1, L2, source = best
-    if opts.rounding == "gptq" and method == "lqlora":
-        q, L1, L2 = gptq_lowrank(W, spec, L1.shape[1], stats.H, L1, L2, GPTQ_ROUNDS)
-    elif opts.rounding != "nearest":
-        q = quantize_step(W - L1 @ L2, spec, opts.rounding, stats.H)
+    if opts.rounding != "nearest":
+        rounds = GPTQ_ROUNDS if method == "lqlora" else 0  # lqlora-fisher keeps its weighted L1 L2
+        q, L1, L2 = final_q(W, spec, L1, L2, stats.H, opts.rounding, rounds)
     return finish(W, q, L1, L2, stats, method=method, iterations=t, best=source)
 
 
 def lqlora(
-    W: torch.Tensor,
-    spec: QuantSpec,
-    rank: int,
-    stats: Stats = NO_STATS,
-    opts: DecomposeOptions = DEFAULT_OPTIONS,
+    W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats, opts: DecomposeOptions
 ) -> Decomposition:
     """W [N, K] ~ Q + L1 L2 minimising ||W - Q - L1 L2||_F by alternating SVD and quantization."""
-    W = check_inputs(W, spec, rank, stats)
-    if rank == 0:
-        q = quantize_step(W, spec, opts.rounding, stats.H)
-        return finish(W, q, None, None, stats, method="lqlora", iterations=0)
     return alternate(
         W, spec, stats, opts, lambda A: svd_r(A, rank), lambda W_hat: frobenius_error(W, W_hat), "lqlora"
     )
 
 
 def lqlora_fisher(
-    W: torch.Tensor,
-    spec: QuantSpec,
-    rank: int,
-    stats: Stats = NO_STATS,
-    opts: DecomposeOptions = DEFAULT_OPTIONS,
+    W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats, opts: DecomposeOptions
 ) -> Decomposition:
     """W [N, K] ~ Q + L1 L2 minimising sum(F * (W - Q - L1 L2)^2), F = stats.fisher [N, K]."""
-    W = check_inputs(W, spec, rank, stats)
     if stats.fisher is None:
         raise DecomposeError("method 'lqlora-fisher' needs the Fisher diagonal (fisher=[N, K])")
-    if rank == 0:
-        q = quantize_step(W, spec, opts.rounding, stats.H)
-        return finish(W, q, None, None, stats, method="lqlora-fisher", iterations=0)
     F = stats.fisher.float()
     row_w, col_w = fisher_weights(F)  # [N], [K]
     return alternate(

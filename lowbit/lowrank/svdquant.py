@@ -13,7 +13,7 @@ lambda is normalised to geometric mean 1 (x W^T = x' W'^T holds for any scaling)
 grid by the output error E||x W^T - x' (Q + L1 L2)^T||^2 = tr(D H D^T), D = W - (Q + L1 L2) diag(1/lambda),
 over ALPHAS and "no smoothing"; the search rounds to nearest and the chosen alpha is then quantized with
 the requested rounding. GPTQ rounding sees the Hessian of x', diag(1/lambda) H diag(1/lambda), and is
-followed by an output-optimal refit of L1 L2 to W' - Q (`gptq_lowrank`, one round).
+followed by an output-optimal refit of L1 L2 to W' - Q (`final_q`: `gptq_lowrank`, one round).
 
 Layers that read one input (q/k/v after one norm, gate/up after another) can share one lambda, which then
 folds into that norm's weight (x / lambda = (norm.weight / lambda) * normalized x): `shared_smoothing`
@@ -26,15 +26,13 @@ import torch
 
 from lowbit.lowrank.decomposition import (
     DEFAULT_OPTIONS,
-    NO_STATS,
     DecomposeError,
     DecomposeOptions,
     Decomposition,
     Stats,
     check_inputs,
+    final_q,
     finish,
-    gptq_lowrank,
-    quantize_step,
 )
 from lowbit.lowrank.svd import svd_r
 from lowbit.quantizers import QuantSpec
@@ -74,22 +72,14 @@ def svdquant_smoothed(
         if Hs is not None:
             Hs = Hs.float() / smooth[:, None] / smooth[None, :]  # Hessian of x' = x / lambda
     L1, L2 = svd_r(Ws, rank)  # [N, r], [r, K]
-    if rounding == "gptq" and rank:
-        q, L1, L2 = gptq_lowrank(Ws, spec, rank, Hs, L1, L2, rounds=1)
-    else:
-        q = quantize_step(Ws - L1 @ L2, spec, rounding, Hs)
+    q, L1, L2 = final_q(Ws, spec, L1, L2, Hs, rounding)
     return finish(W, q, L1, L2, stats, smooth, method="svdquant")
 
 
 def svdquant(
-    W: torch.Tensor,
-    spec: QuantSpec,
-    rank: int,
-    stats: Stats = NO_STATS,
-    opts: DecomposeOptions = DEFAULT_OPTIONS,
+    W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats, opts: DecomposeOptions
 ) -> Decomposition:
     """Smoothing + low-rank branch + residual quantization of W [N, K]; alpha searched when H is given."""
-    W = check_inputs(W, spec, rank, stats)
     amax = act_magnitude(stats)
     if opts.alpha is not None or stats.H is None:
         alpha = DEFAULT_ALPHA if opts.alpha is None else opts.alpha

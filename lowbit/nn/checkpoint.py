@@ -294,11 +294,12 @@ def _layer_info(fqn: str, e: dict, nbytes: dict[str, int]) -> dict:
     spec = QuantSpec.from_dict(e["spec"])
     if f"{fqn}.codes" not in nbytes:
         raise CheckpointError(f"{WEIGHTS} has no tensor {fqn}.codes for quantized layer {fqn!r}")
-    b = {f: nbytes.get(f"{fqn}.{f}", 0) for f in (*TENSOR_FIELDS, "l1", "l2", "smooth")}
+    layout = stored_layout(spec, *e["shape"])  # with a format family's own side tensor, if any
+    b = {f: nbytes.get(f"{fqn}.{f}", 0) for f in (*TENSOR_FIELDS, *layout, "l1", "l2", "smooth")}
     parts = {
         "codes_bytes": b["codes"],
         "scales_bytes": b["scales"] + b["dq_absmax"],
-        "zeros_bytes": b["zeros"],
+        "zeros_bytes": sum(b[f] for f in layout if f not in ("codes", "scales", "dq_absmax")),
         "lowrank_bytes": b["l1"] + b["l2"],
         "smooth_bytes": b["smooth"],
     }
@@ -312,8 +313,9 @@ def _layer_info(fqn: str, e: dict, nbytes: dict[str, int]) -> dict:
 def checkpoint_info(path: str | Path) -> dict:
     """Per-layer formats and exact stored sizes of a checkpoint, and totals.
 
-    A layer's bytes count its codes, scales (with second-level scales), zeros, low-rank factors and
-    smoothing vector, not its bias; totals["bits_per_weight"] is 8 * those bytes / quantized weights.
+    A layer's bytes count its codes, scales (with second-level scales), zeros (or a format family's other
+    side tensor), low-rank factors and smoothing vector, not its bias; totals["bits_per_weight"] is
+    8 * those bytes / quantized weights.
     """
     path = Path(path)
     manifest = read_manifest(path)

@@ -1,9 +1,10 @@
 """QLinear: the one quantized Linear module, W [N, K] ~ Q + L1 L2 with optional input smoothing.
 
-Its state is exactly what a checkpoint stores for the layer: the QTensor's fields as persistent buffers
-(`codes`, `scales`, `zeros`, `dq_absmax`, only those the spec uses), the low-rank factors `l1` [N, r]
-and `l2` [r, K] and the `bias` [N] as parameters, and the SVDQuant smoothing vector `smooth` [K] as a
-buffer. The forward pass is `lowbit.kernels.qlinear`, whose reference backend defines it:
+Its state is exactly what a checkpoint stores for the layer: the QTensor's tensors as persistent buffers
+(those `stored_layout` names: `codes`, `scales`, `zeros`, `dq_absmax`, a format family's own tensors),
+the low-rank factors `l1` [N, r] and `l2` [r, K] and the `bias` [N] as parameters, and the SVDQuant
+smoothing vector `smooth` [K] as a buffer. The forward pass is `lowbit.kernels.qlinear`, whose
+reference backend defines it:
 
     y = (x / smooth) @ dequantize(Q).T + ((x / smooth) @ l2.T) @ l1.T + bias
 
@@ -19,12 +20,7 @@ from torch import nn
 
 from lowbit.kernels.dispatch import resolve_backend
 from lowbit.kernels.prepared import KernelCache, forward
-from lowbit.quantizers import (
-    TENSOR_FIELDS,
-    QTensor,
-    QuantSpec,
-    stored_layout,
-)
+from lowbit.quantizers import TENSOR_FIELDS, QTensor, QuantSpec, stored_layout
 
 PLAN_KEYS = ("spec", "shape", "rank", "bias", "smooth")
 
@@ -42,6 +38,19 @@ def _factor_rank(l1: torch.Tensor | None, l2: torch.Tensor | None, N: int, K: in
         shapes = f"{tuple(l1.shape)}, {tuple(l2.shape)}"
         raise QLinearError(f"low-rank factors {shapes} do not fit [{N}, r], [r, {K}]")
     return rank
+
+
+def _stored_tensors(q: QTensor, spec: QuantSpec, N: int, K: int) -> dict[str, torch.Tensor]:
+    """q's tensors by field, after checking they are exactly those `spec` stores for W [N, K]."""
+    layout = stored_layout(spec, N, K)
+    tensors = q.tensors()
+    missing, unknown = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))
+    if missing or unknown:
+        raise QLinearError(f"QTensor lacks field(s) {missing} / holds field(s) {unknown}; see {spec.short()}")
+    for field, t in tensors.items():
+        if (tuple(t.shape), t.dtype) != layout[field]:
+            raise QLinearError(f"QTensor field {field!r} is {tuple(t.shape)} {t.dtype}, not {layout[field]}")
+    return tensors
 
 
 class QLinear(nn.Module):
@@ -76,7 +85,8 @@ class QLinear(nn.Module):
         # inference-time kernel state (prepared layouts, configurations), rebuilt when a tensor changes
         self.kernel_cache = KernelCache()
         layout = stored_layout(spec, out_features, in_features)
-        for field in TENSOR_FIELDS:
+        self.extra_fields = tuple(f for f in layout if f not in TENSOR_FIELDS)  # a family's own tensors
+        for field in (*TENSOR_FIELDS, *self.extra_fields):  # absent fixed fields stay None attributes
             t = None
             if field in layout:
                 shape, field_dtype = layout[field]
@@ -121,17 +131,8 @@ class QLinear(nn.Module):
             "meta",
             backend,
         )
-        for field, t in q.tensors().items():
-            expected = m._buffers.get(field)
-            if expected is None or t.shape != expected.shape or t.dtype != expected.dtype:
-                want = "absent" if expected is None else f"{tuple(expected.shape)} {expected.dtype}"
-                raise QLinearError(
-                    f"QTensor field {field!r} is {tuple(t.shape)} {t.dtype}; {q.spec.short()} expects {want}"
-                )
+        for field, t in _stored_tensors(q, q.spec, N, K).items():
             m._buffers[field] = t.detach().to(device).contiguous()
-        missing = set(stored_layout(q.spec, N, K)) - set(q.tensors())
-        if missing:
-            raise QLinearError(f"QTensor lacks field(s) {sorted(missing)} that {q.spec.short()} stores")
         if rank:
             # contiguous copies: the saved tensors are contiguous, and a strided view would take
             # another matmul path whose rounding differs from the reloaded model's
@@ -154,14 +155,9 @@ class QLinear(nn.Module):
 
     def qtensor(self) -> QTensor:
         """The stored quantized weight as a QTensor (views of this module's buffers)."""
-        return QTensor(
-            codes=self.codes,
-            scales=self.scales,
-            zeros=self.zeros,
-            dq_absmax=self.dq_absmax,
-            spec=self.spec,
-            shape=(self.out_features, self.in_features),
-        )
+        extra = {f: self._buffers[f] for f in self.extra_fields}
+        shape = (self.out_features, self.in_features)
+        return QTensor(self.codes, self.scales, self.zeros, self.dq_absmax, self.spec, shape, extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         q = self.qtensor()
@@ -181,17 +177,7 @@ class QLinear(nn.Module):
                 f"new weight is {q.spec.short()} {tuple(q.shape)}; the layer is {self.spec.short()} {(N, K)}"
             )
         rank = _factor_rank(l1, l2, N, K)
-        layout = stored_layout(self.spec, N, K)
-        tensors = q.tensors()
-        if set(tensors) != set(layout):
-            raise QLinearError(
-                f"QTensor holds {sorted(tensors)}; {self.spec.short()} stores {sorted(layout)}"
-            )
-        for field, t in tensors.items():
-            if (tuple(t.shape), t.dtype) != layout[field]:
-                raise QLinearError(
-                    f"QTensor field {field!r} is {tuple(t.shape)} {t.dtype}, not {layout[field]}"
-                )
+        tensors = _stored_tensors(q, self.spec, N, K)
         device = self.codes.device
         for field, t in tensors.items():
             self._buffers[field] = t.detach().to(device).contiguous()

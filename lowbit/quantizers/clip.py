@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 
 from lowbit.quantizers.groups import effective_group_size, expand_groups, group_minmax, group_view
-from lowbit.quantizers.quantize import _FAMILIES, fit_scales
+from lowbit.quantizers.quantize import fit_scales
 from lowbit.quantizers.spec import QuantInputError, QuantSpec
 
 
 def nearest(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Round-to-nearest quantize-dequantize of W [N, K] (float32), without packing the codes or checking
     the intermediate codes and scales again (the searches call it thousands of times)."""
-    family = _FAMILIES[spec.kind]
+    family = spec.family
     s, z = fit_scales(W, spec)
     return family.decode(family.encode(W.float(), s, z, spec), s, z, spec)
 

@@ -14,9 +14,11 @@ with the straight-through estimator (STE) for every rounding: for v = w / s,
 
 where q(v) = W_hat / s is the value of the chosen code: c - z (asymmetric INT), c - 2^(b-1) (symmetric
 INT), codebook[c] (NF: LSQ on the absmax scale with the STE through the nearest-codebook rounding; FP:
-through the cast to the minifloat grid). The rounding of s to its storage (scale dtype, or double
-quantization) is straight-through too. LSQ's gradient scale g = 1 / sqrt(n_per_step * Q_P)
-(`lsq_grad_scale`, with n_per_step = the group size) multiplies the gradients of s and z.
+through the cast to the minifloat grid). The range and the gradient in z are the format family's
+(`Family.inside`, `Family.side_gradient`), as are Q_P (`Family.positive_levels`) and how z is stored.
+The rounding of s to its storage (scale dtype, or double quantization) is straight-through too. LSQ's
+gradient scale g = 1 / sqrt(n_per_step * Q_P) (`lsq_grad_scale`, with n_per_step = the group size)
+multiplies the gradients of s and z.
 
 `peqa_dequantize` is PEQA's parametrisation (Kim et al. 2023, "Memory-Efficient Fine-Tuning of
 Compressed Large Language Models via sub-4-bit Integer Quantization"): the integer codes and zero
@@ -31,10 +33,9 @@ import math
 
 import torch
 
-from lowbit.quantizers.fp import fmax
 from lowbit.quantizers.groups import effective_group_size, expand_groups, round_scales
 from lowbit.quantizers.qtensor import QTensor
-from lowbit.quantizers.quantize import codebook, decode, encode, pack_qtensor
+from lowbit.quantizers.quantize import check_side, decode, encode, pack_qtensor
 from lowbit.quantizers.spec import QuantInputError, QuantSpec
 
 
@@ -60,10 +61,7 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
 def positive_levels(spec: QuantSpec) -> int:
     """Q_P of LSQ's gradient scale, the number of positive grid values of one scale: 2^b - 1 (asymmetric INT),
     2^(b-1) - 1 (symmetric INT), the positive codebook entries (NF, FP)."""
-    if spec.kind == "int":
-        return (1 << spec.bits) - 1 if not spec.symmetric else (1 << (spec.bits - 1)) - 1
-    values = codebook(spec.format)
-    return int((torch.isfinite(values) & (values > 0)).sum())
+    return spec.family.positive_levels(spec)
 
 
 def lsq_grad_scale(spec: QuantSpec, in_features: int) -> float:
@@ -82,11 +80,7 @@ def _check(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: Quant
         raise QuantInputError(
             f"scales must have shape {want} for a {tuple(w.shape)} weight, got {tuple(s.shape)}"
         )
-    has_zeros = spec.has_zeros
-    if has_zeros != (z is not None):
-        raise QuantInputError(f"{spec.short()} {'needs' if has_zeros else 'has no'} zero points")
-    if z is not None and tuple(z.shape) != want:
-        raise QuantInputError(f"zero points must have shape {want}, got {tuple(z.shape)}")
+    check_side(z, spec, tuple(w.shape), stored=False)
 
 
 def stored_scales(s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -95,26 +89,12 @@ def stored_scales(s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return _straight_through(round_scales(s.detach(), spec), s)
 
 
-def stored_zeros(z: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | None:
-    """z [N, G] rounded to integers in [0, 2^b - 1]; straight-through backward. None stays None."""
+def stored_side(z: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | None:
+    """Side parameters z exactly as stored (zero points: integers in [0, 2^b - 1]); straight-through
+    backward. None stays None."""
     if z is None:
         return None
-    return _straight_through(torch.round(z.detach()).clamp(0, (1 << spec.bits) - 1), z)
-
-
-def _inside(v: torch.Tensor, zx: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
-    """Where v = w / s [N, K] lies inside the grid's range (is not clamped): bool [N, K].
-
-    zx: the zero points broadcast to [N, K] (asymmetric INT), else None.
-    """
-    if spec.kind == "int":
-        half = 1 << (spec.bits - 1)
-        if zx is None:
-            return (torch.round(v) >= -half) & (torch.round(v) <= half - 1)
-        u = torch.round(v) + zx
-        return (u >= 0) & (u <= (1 << spec.bits) - 1)
-    top = 1.0 if spec.kind == "nf" else fmax(spec.format)
-    return v.abs() <= top
+    return _straight_through(spec.side.stored(z.detach().float(), spec), z)
 
 
 def fake_quantize(
@@ -129,7 +109,7 @@ def fake_quantize(
     k = w.shape[1]
     gs = effective_group_size(spec, k)
     s_hat = stored_scales(grad_scale(s.float(), g), spec)  # [N, G]
-    z_hat = None if z is None else stored_zeros(grad_scale(z.float(), g), spec)
+    z_hat = None if z is None else stored_side(grad_scale(z.float(), g), spec)
     w32 = w.float()
     with torch.no_grad():
         s_d = s_hat.detach()
@@ -139,14 +119,14 @@ def fake_quantize(
         S_d = expand_groups(s_d, k, gs)  # [N, K]
         value = S_d * q  # = decode(codes, s_d, z_d, spec): the stored model's weight, float32 [N, K]
         v = w32.detach() / S_d
-        zx = None if z_d is None else expand_groups(z_d, k, gs)
-        inside = _inside(v, zx, spec)
+        inside = spec.family.inside(v, z_d, spec)
         v_in = torch.where(inside, v, 0.0)  # v may overflow to inf where it clamps (tiny learned scales)
         inside = inside.float()
     S = expand_groups(s_hat, k, gs)  # [N, K], carries the gradient of s
     surrogate = S * (q - v_in) + inside * w32
-    if z_hat is not None:
-        surrogate = surrogate - (1 - inside) * S.detach() * expand_groups(z_hat, k, gs)
+    side_gradient = spec.family.side_gradient
+    if z_hat is not None and side_gradient is not None:
+        surrogate = surrogate + S.detach() * side_gradient(codes, z_hat, inside, spec)
     return value + (surrogate - surrogate.detach())
 
 
@@ -164,7 +144,7 @@ def requantize(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: Q
     _check(w, s, z, spec)
     with torch.no_grad():
         s_hat = round_scales(s.detach().float(), spec)
-        z_hat = stored_zeros(None if z is None else z.detach().float(), spec)
+        z_hat = stored_side(None if z is None else z.detach().float(), spec)
         return pack_qtensor(encode(w.detach().float(), s_hat, z_hat, spec), s_hat, z_hat, spec)
 
 
@@ -199,7 +179,7 @@ def project_to_codes(
         raise QuantInputError(f"codes have shape {tuple(codes.shape)}, the weight {tuple(w.shape)}")
     with torch.no_grad():
         s_hat = round_scales(s.detach().float(), spec)
-        z_hat = stored_zeros(None if z is None else z.detach().float(), spec)
+        z_hat = stored_side(None if z is None else z.detach().float(), spec)
         center = decode(codes, s_hat, z_hat, spec)  # float32 [N, K]
         w32 = w.detach().float()
         step = w32 - center

@@ -17,11 +17,16 @@ scale costs E5M2 up to a few dB: use bfloat16 or float32 scales there.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from lowbit.quantizers.family import Family, positive_entries
 from lowbit.quantizers.groups import absmax_scales, effective_group_size, expand_groups
 from lowbit.quantizers.nf import nearest_index
-from lowbit.quantizers.spec import QuantSpec
+
+if TYPE_CHECKING:  # annotations only: the spec's module reads this family
+    from lowbit.quantizers.spec import QuantSpec
 
 FP8_DTYPES: dict[str, torch.dtype] = {
     "fp8_e4m3": torch.float8_e4m3fn,
@@ -76,3 +81,18 @@ def decode(codes: torch.Tensor, s: torch.Tensor, z: None, spec: QuantSpec) -> to
     else:
         values = fp_codebook(spec.format).to(codes.device)[codes.long()]
     return expand_groups(s, k, effective_group_size(spec, k)) * values
+
+
+def inside(v: torch.Tensor, z: None, spec: QuantSpec) -> torch.Tensor:
+    """|v| <= fmax: encode saturates beyond the format's largest finite value."""
+    return v.abs() <= fmax(spec.format)
+
+
+def positive_levels(spec: QuantSpec) -> int:
+    """Q_P: the positive finite values of the format (FP8 E4M3: 126, its NaN pattern left out)."""
+    return positive_entries(fp_codebook(spec.format))
+
+
+MINIFLOAT = Family(
+    "fp", fit_scales, encode, decode, inside, positive_levels, codebook=lambda fmt, bits: fp_codebook(fmt)
+)

@@ -19,11 +19,22 @@ against the rounded scales, so `dequantize` uses exactly the scales the codes we
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from lowbit.quantizers.spec import DQ_BLOCK, SCALE_DTYPES, QuantSpec
+if TYPE_CHECKING:  # annotations only: the spec's module reads the format families, which read this one
+    from lowbit.quantizers.spec import QuantSpec
 
+SCALE_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+
+# Second-level (double) quantization of block scales, QLoRA section 3: 8-bit codes for the scales,
+# one fp32 absmax per block of DQ_BLOCK scales.
+DQ_BLOCK = 256
 DQ_LEVELS = 255
 
 

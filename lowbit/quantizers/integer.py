@@ -15,8 +15,11 @@ to its storage (scale dtype or double quantization) before z and c are computed.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from lowbit.quantizers.family import Family, Side
 from lowbit.quantizers.groups import (
     absmax_scales,
     effective_group_size,
@@ -24,7 +27,9 @@ from lowbit.quantizers.groups import (
     group_minmax,
     round_scales,
 )
-from lowbit.quantizers.spec import QuantSpec
+
+if TYPE_CHECKING:  # annotations only: the spec's module reads this family
+    from lowbit.quantizers.spec import QuantSpec
 
 
 def _levels(spec: QuantSpec) -> tuple[int, int]:
@@ -62,3 +67,39 @@ def decode(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: Q
     _, half = _levels(spec)
     offset = half if spec.symmetric else expand_groups(z, k, gs)
     return expand_groups(s, k, gs) * (codes.float() - offset)
+
+
+def inside(v: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Where round(v) [N, K] (+ z) lies on the grid 0 .. 2^b - 1 (symmetric: -2^(b-1) .. 2^(b-1) - 1)."""
+    qmax, half = _levels(spec)
+    if z is None:
+        return (torch.round(v) >= -half) & (torch.round(v) <= half - 1)
+    u = torch.round(v) + expand_groups(z, v.shape[1], effective_group_size(spec, v.shape[1]))
+    return (u >= 0) & (u <= qmax)
+
+
+def positive_levels(spec: QuantSpec) -> int:
+    """Q_P: 2^b - 1 (asymmetric), 2^(b-1) - 1 (symmetric)."""
+    qmax, half = _levels(spec)
+    return half - 1 if spec.symmetric else qmax
+
+
+def side_gradient(codes: torch.Tensor, z: torch.Tensor, inside: torch.Tensor, spec: QuantSpec):
+    """LSQ+'s learned offset: w_hat / s = c - z moves with z only where v is clamped (inside, c follows z)."""
+    k = codes.shape[1]
+    return -(1 - inside) * expand_groups(z, k, effective_group_size(spec, k))
+
+
+def stored_zeros(z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """z [N, G] rounded to integers in [0, 2^b - 1], as a uint8 zero point stores it."""
+    return torch.round(z).clamp(0, _levels(spec)[0])
+
+
+ZERO_POINTS = Side(
+    "zeros", "zero points", lambda spec: (), torch.uint8, stored_zeros, "integers in [0, 2^b - 1]"
+)
+
+INTEGER = Family(
+    "int", fit_scales, encode, decode, inside, positive_levels, ZERO_POINTS,
+    symmetric_variant=True, side_gradient=side_gradient,
+)  # fmt: skip

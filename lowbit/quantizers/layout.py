@@ -4,7 +4,8 @@ For W [N, K] under a spec with G = spec.groups(K) groups per row and b-bit codes
 
     codes      [N, ceil(K / 8) * b]      uint8    rows packed independently (`lowbit.quantizers.packing`)
     scales     [N, G]                    the scale dtype, or uint8 second-level codes (double quantization)
-    zeros      [N, G]                    uint8    asymmetric INT only (`QuantSpec.has_zeros`)
+    side       [N, G, *entries]          the family's side parameters when the spec has them
+                                         (`QuantSpec.side`; asymmetric INT: `zeros` [N, G] uint8)
     dq_absmax  [ceil(N * G / DQ_BLOCK)]  float32  double quantization only
 
 QTensor checks, QLinear's buffers, checkpoint loading and the storage cost (`lowbit.quantizers.cost`)
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.quantizers.groups import DQ_BLOCK, SCALE_DTYPES
 from lowbit.quantizers.packing import packed_row_bytes
-from lowbit.quantizers.spec import DQ_BLOCK, SCALE_DTYPES, QuantSpec
+from lowbit.quantizers.spec import QuantSpec
 
 
 def stored_layout(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, tuple]:
@@ -25,8 +27,9 @@ def stored_layout(spec: QuantSpec, out_features: int, in_features: int) -> dict[
     G = spec.groups(K)
     layout = {"codes": ((N, packed_row_bytes(K, spec.bits)), torch.uint8)}
     layout["scales"] = ((N, G), torch.uint8 if spec.double_quant else SCALE_DTYPES[spec.scale_dtype])
-    if spec.has_zeros:
-        layout["zeros"] = ((N, G), torch.uint8)
+    side = spec.side
+    if side is not None:
+        layout[side.field] = ((N, G, *side.entries(spec)), side.dtype)
     if spec.double_quant:
         layout["dq_absmax"] = ((-(-(N * G) // DQ_BLOCK),), torch.float32)
     return layout

@@ -14,12 +14,16 @@ nearest codebook value of w / s: c = argmin_j |w / s - codebook[j]|, w_hat = s *
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from lowbit.quantizers.family import Family, positive_entries
 from lowbit.quantizers.groups import absmax_scales, effective_group_size, expand_groups
-from lowbit.quantizers.spec import QuantSpec
+
+if TYPE_CHECKING:  # annotations only: the spec's module reads this family
+    from lowbit.quantizers.spec import QuantSpec
 
 
 def nf_offset(bits: int) -> float:
@@ -80,3 +84,18 @@ def decode(codes: torch.Tensor, s: torch.Tensor, z: None, spec: QuantSpec) -> to
     k = codes.shape[1]
     values = nf_codebook(spec.bits).to(codes.device)[codes.long()]  # [N, K]
     return expand_groups(s, k, effective_group_size(spec, k)) * values
+
+
+def inside(v: torch.Tensor, z: None, spec: QuantSpec) -> torch.Tensor:
+    """|v| <= 1: the codebook spans [-1, 1] of the absmax scale."""
+    return v.abs() <= 1.0
+
+
+def positive_levels(spec: QuantSpec) -> int:
+    """Q_P: the codebook's positive entries, 2^(b-1)."""
+    return positive_entries(nf_codebook(spec.bits))
+
+
+NORMALFLOAT = Family(
+    "nf", fit_scales, encode, decode, inside, positive_levels, codebook=lambda fmt, bits: nf_codebook(bits)
+)

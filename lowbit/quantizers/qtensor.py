@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lowbit.quantizers.spec import QuantSpec
 
-# Tensor fields of a QTensor, in the order they are stored; a checkpoint stores `{layer}.{field}`
-# for each field that is not None.
+# The tensor fields every QTensor has, in the order they are stored; a checkpoint stores `{layer}.{field}`
+# for each field that is not None, and for each tensor of `extra`.
 TENSOR_FIELDS = ("codes", "scales", "zeros", "dq_absmax")
 
 
@@ -29,6 +29,8 @@ class QTensor:
         quantization only), else None.
     spec: the QuantSpec that produced it.
     shape: (N, K).
+    extra: a family's other stored tensors by field name (its side parameters when they are not
+        `zeros`, see `QuantSpec.side`), shaped as `stored_layout` says; empty for INT, NF and FP.
     """
 
     codes: torch.Tensor
@@ -37,10 +39,19 @@ class QTensor:
     dq_absmax: torch.Tensor | None
     spec: QuantSpec
     shape: tuple[int, int]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor | None], spec: QuantSpec, shape: tuple) -> QTensor:
+        """The QTensor holding `tensors` by field name (those of TENSOR_FIELDS as fields, others in extra)."""
+        rest = {f: t for f, t in tensors.items() if t is not None}
+        fields = {f: rest.pop(f, None) for f in TENSOR_FIELDS}
+        return cls(**fields, spec=spec, shape=(int(shape[0]), int(shape[1])), extra=rest)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by field name, None fields left out."""
-        return {f: getattr(self, f) for f in TENSOR_FIELDS if getattr(self, f) is not None}
+        fixed = {f: getattr(self, f) for f in TENSOR_FIELDS if getattr(self, f) is not None}
+        return {**fixed, **self.extra}
 
     def nbytes(self) -> int:
         """Exact storage in bytes of every stored tensor."""

@@ -3,31 +3,27 @@
 quantize(W, spec) = pack_qtensor(encode(W, s, z, spec), s, z, spec) with (s, z) = fit_scales(W, spec);
 the scales are rounded to their storage inside fit_scales, so the codes are chosen against exactly the
 scales `dequantize` reads back. Algorithms that choose codes or scales themselves (GPTQ-style error
-feedback, learned scales) use fit_scales / encode / decode / pack_qtensor directly. Each format family
-(integer, nf, fp) provides fit_scales, encode and decode with the signatures below; dispatch is by
-spec.kind.
+feedback, learned scales) use fit_scales / encode / decode / pack_qtensor directly. The spec's format
+family (`lowbit.quantizers.family`) provides fit_scales, encode and decode with the signatures below;
+z is the family's side parameters (asymmetric INT: zero points), None where the spec has none.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
-from lowbit.quantizers import fp, integer, nf
+from lowbit.quantizers.family import Family
 from lowbit.quantizers.groups import load_scales, store_scales
 from lowbit.quantizers.layout import stored_layout
 from lowbit.quantizers.packing import pack, unpack
 from lowbit.quantizers.qtensor import QTensor
 from lowbit.quantizers.spec import FORMATS, QuantInputError, QuantSpec, SpecError
 
-_FAMILIES: dict[str, ModuleType] = {"int": integer, "nf": nf, "fp": fp}
 
-
-def _family(spec: QuantSpec) -> ModuleType:
+def _family(spec: QuantSpec) -> Family:
     if not isinstance(spec, QuantSpec):
         raise SpecError(f"expected a QuantSpec, got {type(spec).__name__}")
-    return _FAMILIES[spec.kind]
+    return spec.family
 
 
 def _check_weight(w: torch.Tensor) -> torch.Tensor:
@@ -47,8 +43,24 @@ def _check_weight(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def check_side(z: torch.Tensor | None, spec: QuantSpec, shape: tuple[int, int], stored: bool = True) -> None:
+    """z given iff the spec has side parameters, shaped [N, G, *entries]; with `stored`, also exactly
+    as its storage holds it (asymmetric INT: integers in [0, 2^b - 1])."""
+    side = spec.side
+    if side is None:
+        if z is not None:
+            raise QuantInputError(f"{spec.short()} has no zero points or other side parameters, yet z given")
+        return
+    want = (shape[0], spec.groups(shape[1]), *side.entries(spec))
+    if not isinstance(z, torch.Tensor) or tuple(z.shape) != want:
+        raise QuantInputError(f"{spec.short()} needs {side.noun} of shape {want}")
+    z = z.float()
+    if stored and not (bool(torch.isfinite(z).all()) and torch.equal(side.stored(z, spec), z)):
+        raise QuantInputError(f"{side.noun} of {spec.short()} must be {side.rule}")
+
+
 def _check_scales(s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec, shape: tuple[int, int]) -> None:
-    """s [N, G] finite and positive; z [N, G] integer-valued in range iff the format has zero points."""
+    """s [N, G] finite and positive; z as `check_side` wants it."""
     n, k = shape
     want = (n, spec.groups(k))
     if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
@@ -56,15 +68,7 @@ def _check_scales(s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec, shap
         raise QuantInputError(f"scales must have shape {want} for a {shape} weight, got {got}")
     if not bool(torch.isfinite(s).all() and (s > 0).all()):
         raise QuantInputError("scales must be finite and positive")
-    if not spec.has_zeros:
-        if z is not None:
-            raise QuantInputError(f"{spec.short()} has no zero points, but zeros were given")
-        return
-    if not isinstance(z, torch.Tensor) or tuple(z.shape) != want:
-        raise QuantInputError(f"{spec.short()} needs zero points of shape {want}")
-    qmax = (1 << spec.bits) - 1
-    if not bool((z == torch.round(z)).all() and (z >= 0).all() and (z <= qmax).all()):
-        raise QuantInputError(f"zero points must be integers in [0, {qmax}]")
+    check_side(z, spec, shape)
 
 
 def _check_codes(codes: torch.Tensor, spec: QuantSpec) -> None:
@@ -77,10 +81,10 @@ def _check_codes(codes: torch.Tensor, spec: QuantSpec) -> None:
 
 
 def fit_scales(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Round-to-nearest scales of W [N, K]: (s float32 [N, G], z float32 [N, G] or None).
+    """Round-to-nearest scales of W [N, K]: (s float32 [N, G], z float32 [N, G, *entries] or None).
 
     s is already rounded exactly to how it is stored (scale dtype, or the double-quantization round
-    trip); z holds integer values (asymmetric INT only).
+    trip); z, the side parameters (asymmetric INT: integer zero points), too.
     """
     family = _family(spec)
     return family.fit_scales(_check_weight(w), spec)
@@ -103,7 +107,7 @@ def decode(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: Q
 
 
 def pack_qtensor(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec) -> QTensor:
-    """Bundle codes uint8 [N, K], scales s [N, G] and zeros z [N, G] into a QTensor.
+    """Bundle codes uint8 [N, K], scales s [N, G] and side parameters z (zero points [N, G]) into a QTensor.
 
     The scales are stored without further rounding when s came from `fit_scales`.
     """
@@ -112,8 +116,10 @@ def pack_qtensor(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, s
     shape = (int(codes.shape[0]), int(codes.shape[1]))
     _check_scales(s, z, spec, shape)
     scales, dq_absmax = store_scales(s.float(), spec)
-    zeros = None if z is None else z.to(torch.uint8)
-    return QTensor(pack(codes, spec.bits), scales, zeros, dq_absmax, spec, shape)
+    tensors = {"codes": pack(codes, spec.bits), "scales": scales, "dq_absmax": dq_absmax}
+    if spec.side is not None:
+        tensors[spec.side.field] = z.to(spec.side.dtype)
+    return QTensor.from_tensors(tensors, spec, shape)
 
 
 def _check_qtensor(q: QTensor) -> None:
@@ -135,10 +141,11 @@ def unpack_codes(q: QTensor) -> torch.Tensor:
 
 
 def decode_scales(q: QTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The scales and zeros of a QTensor: (s float32 [N, G], z float32 [N, G] or None)."""
+    """The scales and side parameters of a QTensor: (s float32 [N, G], z float32 or None)."""
     _check_qtensor(q)
     s = load_scales(q.scales, q.dq_absmax, q.spec)
-    return s, None if q.zeros is None else q.zeros.float()
+    side = q.spec.side
+    return s, None if side is None else q.tensors()[side.field].float()
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec) -> QTensor:
@@ -157,13 +164,14 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def codebook(format: str) -> torch.Tensor:
-    """Value of every code of a codebook format, float32 [2^bits]: nf2/nf3/nf4, fp4_e2m1, fp8_e4m3/e5m2.
+    """Value of every code of a format with one fixed codebook, float32 [2^bits]: nf2/nf3/nf4, fp4_e2m1,
+    fp8_e4m3/e5m2.
 
     Multiply by the group scale to dequantize. Uniform integer formats have no fixed codebook (their
-    values depend on the zero point) and raise SpecError.
+    values depend on the zero point) and raise SpecError, as do families whose values are per group.
     """
     info = FORMATS.get(format)
-    if info is None or info.kind == "int":
-        known = [f for f, i in FORMATS.items() if i.kind != "int"]
+    if info is None or info.family.codebook is None:
+        known = [f for f, i in FORMATS.items() if i.family.codebook is not None]
         raise SpecError(f"{format!r} has no codebook; codebook formats: {', '.join(known)}")
-    return nf.nf_codebook(info.bits) if info.kind == "nf" else fp.fp_codebook(format)
+    return info.family.codebook(format, info.bits)

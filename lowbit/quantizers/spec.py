@@ -1,50 +1,47 @@
 """Quantization specs: which format, how many bits, how weights are grouped, how scales are stored.
 
 A spec is a frozen dataclass; it serialises to a flat JSON dict (`to_dict` / `from_dict`) that the
-checkpoint manifest and recipe files use. `FORMATS` is the single registry of weight formats.
+checkpoint manifest and recipe files use. `FORMATS` is the single registry of weight formats: each
+names its family (`lowbit.quantizers.family`), which everything else reads through the spec.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
+from lowbit.quantizers.family import Family, Side
+from lowbit.quantizers.fp import MINIFLOAT
+from lowbit.quantizers.groups import SCALE_DTYPES
+from lowbit.quantizers.integer import INTEGER
+from lowbit.quantizers.nf import NORMALFLOAT
 
 
 @dataclass(frozen=True)
 class FormatInfo:
-    """Static facts about one weight format.
+    """One weight format: its family (`lowbit.quantizers.family`), bits per stored code, and the Triton
+    kernels' FMT constexpr for it (None: the reference kernel only)."""
 
-    kind: "int" (uniform integer), "nf" (NormalFloat codebook), "fp" (minifloat).
-    bits: bits per stored code.
-    """
-
-    kind: str
+    family: Family
     bits: int
+    kernel: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.family.name
 
 
 FORMATS: dict[str, FormatInfo] = {
-    "int2": FormatInfo("int", 2),
-    "int3": FormatInfo("int", 3),
-    "int4": FormatInfo("int", 4),
-    "int8": FormatInfo("int", 8),
-    "nf2": FormatInfo("nf", 2),
-    "nf3": FormatInfo("nf", 3),
-    "nf4": FormatInfo("nf", 4),
-    "fp8_e4m3": FormatInfo("fp", 8),
-    "fp8_e5m2": FormatInfo("fp", 8),
-    "fp4_e2m1": FormatInfo("fp", 4),
+    "int2": FormatInfo(INTEGER, 2, "int"),
+    "int3": FormatInfo(INTEGER, 3, "int"),
+    "int4": FormatInfo(INTEGER, 4, "int"),
+    "int8": FormatInfo(INTEGER, 8, "int"),
+    "nf2": FormatInfo(NORMALFLOAT, 2, "nf"),
+    "nf3": FormatInfo(NORMALFLOAT, 3, "nf"),
+    "nf4": FormatInfo(NORMALFLOAT, 4, "nf"),
+    "fp8_e4m3": FormatInfo(MINIFLOAT, 8, "fp8_e4m3"),
+    "fp8_e5m2": FormatInfo(MINIFLOAT, 8, "fp8_e5m2"),
+    "fp4_e2m1": FormatInfo(MINIFLOAT, 4, "fp4_e2m1"),
 }
-
-SCALE_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
-
-# Second-level (double) quantization of block scales, QLoRA section 3: 8-bit codes for the scales,
-# one fp32 absmax per block of DQ_BLOCK scales.
-DQ_BLOCK = 256
 
 
 class SpecError(ValueError):
@@ -64,8 +61,9 @@ class QuantSpec:
     group_size: number of consecutive input channels sharing one scale (and zero); None means one
         group per output channel (per-channel). When K % group_size != 0 the last group of each
         row is shorter; nothing is padded in the scales.
-    symmetric: INT only. Symmetric: w ~ s * (c - 2^(b-1)); asymmetric: w ~ s * (c - z) with an
-        integer zero point z per group. NF and FP formats are always symmetric (absmax scaling).
+    symmetric: for a family with a symmetric variant (INT): w ~ s * (c - 2^(b-1)); asymmetric:
+        w ~ s * (c - z) with an integer zero point z per group. Specs of other families (NF, FP) are
+        always symmetric.
     scale_dtype: storage dtype of the scales, a key of SCALE_DTYPES.
     double_quant: QLoRA double quantization of the scales (8-bit codes + fp32 per DQ_BLOCK scales);
         scale_dtype is then unused.
@@ -88,8 +86,12 @@ class QuantSpec:
                 )
         if self.scale_dtype not in SCALE_DTYPES:
             raise SpecError(f"unknown scale dtype {self.scale_dtype!r}; known: {', '.join(SCALE_DTYPES)}")
-        if not self.symmetric and self.kind != "int":
+        if not self.symmetric and not self.family.symmetric_variant:
             object.__setattr__(self, "symmetric", True)
+
+    @property
+    def family(self) -> Family:
+        return FORMATS[self.format].family
 
     @property
     def kind(self) -> str:
@@ -100,9 +102,20 @@ class QuantSpec:
         return FORMATS[self.format].bits
 
     @property
+    def kernel(self) -> str | None:
+        """The Triton kernels' FMT constexpr for this format; None: reference kernel only."""
+        return FORMATS[self.format].kernel
+
+    @property
+    def side(self) -> Side | None:
+        """The per-group side parameters this spec stores (asymmetric INT: zero points), or None."""
+        family = self.family
+        return None if family.symmetric_variant and self.symmetric else family.side
+
+    @property
     def has_zeros(self) -> bool:
-        """Whether integer zero points are stored (asymmetric INT)."""
-        return self.kind == "int" and not self.symmetric
+        """Whether the `zeros` tensor (integer zero points) is stored."""
+        return self.side is not None and self.side.field == "zeros"
 
     def groups(self, in_features: int) -> int:
         """Number of scale groups per row for K = in_features."""
@@ -122,5 +135,5 @@ class QuantSpec:
     def short(self) -> str:
         """Human-readable name such as 'int4-g128' or 'nf4-g64-dq' or 'fp8_e4m3-pc'."""
         g = f"g{self.group_size}" if self.group_size else "pc"
-        tail = "-sym" if self.kind == "int" and self.symmetric else ""
+        tail = "-sym" if self.family.symmetric_variant and self.symmetric else ""
         return f"{self.format}-{g}{tail}{'-dq' if self.double_quant else ''}"

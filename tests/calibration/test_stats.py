@@ -9,16 +9,15 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from lowbit.calibration.stats import (
+from lowbit.calibration import (
     CalibrationError,
     CalibrationStats,
     LayerStats,
-    check_kinds,
-    check_tokens,
     find_blocks,
     fisher_diagonal,
     select_linears,
 )
+from lowbit.calibration.stats import check_kinds, check_tokens
 
 VOCAB = 128
 

@@ -5,7 +5,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from lowbit.lowrank import decompose, lorc
+from lowbit.lowrank import decompose
 from lowbit.quantizers import QuantSpec, dequantize, quantize
 
 SPECS = [
@@ -34,7 +34,7 @@ def test_lowrank_part_is_the_best_fit_of_the_quantization_error(spec):
     W = weight()
     E = W - dequantize(quantize(W, spec))
     S = torch.linalg.svdvals(E.double())
-    d = lorc(W, spec, 8)
+    d = decompose(W, spec, 8, "lorc")
     assert d.info["frobenius_error"] == pytest.approx(float(S[8:].square().sum()), rel=1e-4)
     torch.testing.assert_close(d.weight(), dequantize(d.q) + d.l1 @ d.l2)
 

@@ -5,22 +5,8 @@ import time
 import pytest
 import torch
 
-from lowbit.quantizers import (
-    FORMATS,
-    QTensor,
-    QuantInputError,
-    QuantSpec,
-    SpecError,
-    codebook,
-    decode,
-    decode_scales,
-    dequantize,
-    encode,
-    fit_scales,
-    pack_qtensor,
-    quantize,
-    unpack_codes,
-)
+from lowbit import quantizers as qz
+from lowbit.quantizers import FORMATS, QTensor, QuantInputError, QuantSpec, SpecError
 
 
 def specs():
@@ -40,25 +26,25 @@ def w() -> torch.Tensor:
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short())
 def test_quantize_is_fit_encode_pack(w, spec):
-    s, z = fit_scales(w, spec)
-    codes = encode(w, s, z, spec)
-    q = quantize(w, spec)
-    ref = pack_qtensor(codes, s, z, spec)
+    s, z = qz.fit_scales(w, spec)
+    codes = qz.encode(w, s, z, spec)
+    q = qz.quantize(w, spec)
+    ref = qz.pack_qtensor(codes, s, z, spec)
     assert q.shape == (48, 200) and q.spec == spec
     for name, t in q.tensors().items():
         assert torch.equal(t, ref.tensors()[name]), name
-    assert torch.equal(unpack_codes(q), codes)
-    s2, z2 = decode_scales(q)  # the stored scales are exactly the ones the codes were chosen against
+    assert torch.equal(qz.unpack_codes(q), codes)
+    s2, z2 = qz.decode_scales(q)  # the stored scales are exactly the ones the codes were chosen against
     assert torch.equal(s2, s) and (z is None) == (z2 is None) and (z is None or torch.equal(z2, z))
-    assert torch.equal(dequantize(q), decode(codes, s, z, spec))
+    assert torch.equal(qz.dequantize(q), qz.decode(codes, s, z, spec))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short())
 def test_deterministic_and_accurate(w, spec):
-    q1, q2 = quantize(w, spec), quantize(w.clone(), spec)
+    q1, q2 = qz.quantize(w, spec), qz.quantize(w.clone(), spec)
     for name, t in q1.tensors().items():
         assert torch.equal(t, q2.tensors()[name])
-    w_hat = dequantize(q1)
+    w_hat = qz.dequantize(q1)
     assert w_hat.dtype == torch.float32 and w_hat.shape == w.shape
     rel = ((w_hat - w).norm() / w.norm()).item()
     assert rel < {2: 0.9, 3: 0.35, 4: 0.2, 8: 0.1}[spec.bits]
@@ -67,11 +53,11 @@ def test_deterministic_and_accurate(w, spec):
 def test_dtypes_in_and_out(w):
     spec = QuantSpec("int4", 64)
     w16 = w.half()
-    q = quantize(w16, spec)
-    assert torch.equal(q.codes, quantize(w16.float(), spec).codes)
-    out = dequantize(q, dtype=torch.bfloat16)
+    q = qz.quantize(w16, spec)
+    assert torch.equal(q.codes, qz.quantize(w16.float(), spec).codes)
+    out = qz.dequantize(q, dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out, dequantize(q).to(torch.bfloat16))
+    assert torch.equal(out, qz.dequantize(q).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize(
@@ -88,45 +74,45 @@ def test_dtypes_in_and_out(w):
 )
 def test_bad_weights_rejected(bad, match):
     with pytest.raises(QuantInputError, match=match):
-        quantize(bad, QuantSpec())
+        qz.quantize(bad, QuantSpec())
     with pytest.raises(ValueError):
-        fit_scales(bad, QuantSpec("nf4"))
+        qz.fit_scales(bad, QuantSpec("nf4"))
 
 
 def test_bad_scales_and_codes_rejected(w):
     spec = QuantSpec("int4", 64)
-    s, z = fit_scales(w, spec)
+    s, z = qz.fit_scales(w, spec)
     with pytest.raises(QuantInputError, match="shape"):
-        encode(w, s[:, :2], z, spec)
+        qz.encode(w, s[:, :2], z, spec)
     with pytest.raises(QuantInputError, match="positive"):
-        encode(w, torch.zeros_like(s), z, spec)
+        qz.encode(w, torch.zeros_like(s), z, spec)
     with pytest.raises(QuantInputError, match="zero points"):
-        encode(w, s, None, spec)
+        qz.encode(w, s, None, spec)
     with pytest.raises(QuantInputError, match="integers"):
-        encode(w, s, z + 0.5, spec)
+        qz.encode(w, s, z + 0.5, spec)
     with pytest.raises(QuantInputError, match="no zero points"):
-        encode(w, s, z, QuantSpec("nf4", 64))
+        qz.encode(w, s, z, QuantSpec("nf4", 64))
     with pytest.raises(QuantInputError, match="< 2\\^4"):
-        decode(torch.full((48, 200), 16, dtype=torch.uint8), s, z, spec)
+        qz.decode(torch.full((48, 200), 16, dtype=torch.uint8), s, z, spec)
     with pytest.raises(SpecError, match="QuantSpec"):
-        quantize(w, "int4")
+        qz.quantize(w, "int4")
 
 
 def test_corrupt_qtensor_rejected(w):
-    q = quantize(w, QuantSpec("int4", 64))
+    q = qz.quantize(w, QuantSpec("int4", 64))
     bad = QTensor(q.codes, q.scales[:, :1], q.zeros, q.dq_absmax, q.spec, q.shape)
     with pytest.raises(QuantInputError, match="scales has shape"):
-        dequantize(bad)
+        qz.dequantize(bad)
     missing = QTensor(q.codes, q.scales, None, None, q.spec, q.shape)
     with pytest.raises(QuantInputError, match="must hold"):
-        dequantize(missing)
+        qz.dequantize(missing)
 
 
 def test_codebook_export():
-    assert codebook("nf4").shape == (16,) and codebook("fp4_e2m1").shape == (16,)
-    assert codebook("nf2").tolist()[0] == -1.0
+    assert qz.codebook("nf4").shape == (16,) and qz.codebook("fp4_e2m1").shape == (16,)
+    assert qz.codebook("nf2").tolist()[0] == -1.0
     with pytest.raises(SpecError, match="no codebook"):
-        codebook("int4")
+        qz.codebook("int4")
 
 
 @pytest.mark.parametrize("fmt", ["int4", "nf4", "fp8_e4m3", "fp4_e2m1"])
@@ -141,7 +127,7 @@ def test_fast(fmt):
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
-            quantize(w, spec)
+            qz.quantize(w, spec)
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
