@@ -10,9 +10,9 @@ target=GPUTarget("cuda", arch, 32))` (the ptxas bundled in the triton wheel) and
 wheel's `cuobjdump -sass`; `cuobjdump -res-usage` gives registers and local memory. For every kernel,
 format and configuration (one row each) it prints
 
-    sass/w      thread-instructions per weight in the hot loop: the SASS instructions of the largest loop
-                (a backward branch and what it jumps over; NOPs not counted) times the threads of a
-                program, over the weights one iteration of that loop reads (BLOCK_N * BLOCK_K);
+    sass/w      thread-instructions per weight in the hot loop: the SASS instructions of the largest
+                innermost loop (a backward branch and what it jumps over; NOPs not counted) times the
+                threads of a program, over the weights one iteration of that loop reads (BLOCK_N * BLOCK_K);
     regs        registers per thread;  spills: bytes of local memory (LDL/STL spill traffic) per thread;
     launches    device kernels one QLinear call at that M starts: Triton launches plus every torch op
                 that is not a view or an allocation, counted from a traced call under Triton's CPU
@@ -128,14 +128,19 @@ def disassemble(cubin: bytes) -> tuple[list[tuple[int, str]], int, int]:
 
 
 def hot_loop(instrs: list[tuple[int, str]]) -> list[str]:
-    """The instructions of the largest loop: from a backward branch's target to the branch, NOPs out."""
-    best: list[str] = []
-    for i, (addr, ins) in enumerate(instrs):
+    """The instructions of the largest innermost loop (from a backward branch's target to the branch,
+    with no other backward branch inside), NOPs out."""
+    loops = []
+    for addr, ins in instrs:
         m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", ins)
         if m and int(m.group(1), 16) <= addr:
-            target = int(m.group(1), 16)
-            body = [s for a, s in instrs[: i + 1] if a >= target and not s.startswith("NOP")]
-            best = max(best, body, key=len)
+            loops.append((int(m.group(1), 16), addr))
+    best: list[str] = []
+    for start, end in loops:
+        if any(start <= s and e < end for s, e in loops if (s, e) != (start, end)):
+            continue  # an outer loop
+        body = [s for a, s in instrs if start <= a <= end and not s.startswith("NOP")]
+        best = max(best, body, key=len)
     return best
 
 
@@ -244,6 +249,11 @@ DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", offsets_ptr="*bf16"
                        inv_smooth_ptr="*fp32", ws_ptr="*fp32", t_ptr="*fp32", lock_ptr="*i32")  # fmt: skip
 
 
+# (rows the configuration is chosen for, the M range it serves) of the split-K kernel
+DECODE_BUCKETS = ((16, "1-16"), (32, "17-32"), (64, "33-64"), (128, "65-128"), (256, "129-256"),
+                  (1024, "257-1024"))  # fmt: skip
+
+
 def decode_cases(fmt: str) -> list[Case]:
     """The decode kernel on a 4096 x 4096 layer of `fmt` (bf16 activations), one row per M bucket."""
     from lowbit.kernels import triton_decode
@@ -259,14 +269,16 @@ def decode_cases(fmt: str) -> list[Case]:
     if not rank:
         absent.update(l1_ptr=None, l2_ptr=None, t_ptr=None)
     out = []
-    for m, label in ((16, "1-16"), (32, "17-32"), (64, "33-64")):
-        config = triton_decode.decode_config(m, n, k, tile, rank, 132)
+    for m, label in DECODE_BUCKETS:
+        config = triton_decode.decode_config(m, n, k, tile, spec.group_size or k, rank, 132)
         stages = config.pop("num_stages")
-        consts = dict(absent, **config, FMT=spec.kind, EVEN_K=True, USE_ASM=spec.kind == "int",
+        consts = dict(absent, **config, FMT=spec.kind, EVEN_K=True, USE_ASM=True,
                       MAGIC_VALUE=MAGIC[torch.bfloat16], GROUP_SIZE=spec.group_size or k, HAS_SMOOTH=False,
                       HAS_LOWRANK=rank > 0, HAS_BIAS=False,
                       DOT_IEEE=False, BLOCK_N=triton_decode.BLOCK_N, TILE=tile)  # fmt: skip
-        name = f"N={triton_decode.BLOCK_N},K={tile},M={config['BLOCK_M']},SPLIT_K={config['SPLIT_K']}"
+        name = f"N={triton_decode.BLOCK_N},K={tile},M={config['BLOCK_M']},SPLIT_K={config['SPLIT_K']}" + (
+            ",SCALE_W" if config["SCALE_W"] else ""
+        )
         out.append(Case("decode", fmt, label, name, triton_decode._decode_kernel, consts, DECODE_POINTERS,
                         triton_decode.NUM_WARPS, stages, triton_decode.BLOCK_N * tile))
     return out

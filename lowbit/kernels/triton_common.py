@@ -249,6 +249,21 @@ def dot_nt(a, b, acc, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def add_rank_product(acc, a_ptr, b_ptr, offs_i, offs_j, I, J, R, stride_ai, stride_ar, stride_bj, stride_br,
+                     BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_I, BLOCK_J] + a[offs_i, :R] @ b[offs_j, :R].T in fp32, over R in BLOCK_R steps
+    (a, b: any strides, e.g. b = l2.T with stride_bj 1, stride_br the row stride of l2)."""
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        a_mask = (offs_i[:, None] < I) & (offs_r[None, :] < R)
+        a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_r[None, :] * stride_ar, mask=a_mask, other=0.0)
+        b_mask = (offs_j[:, None] < J) & (offs_r[None, :] < R)
+        b = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_r[None, :] * stride_br, mask=b_mask, other=0.0)
+        acc = dot_nt(a, b, acc, BLOCK_I, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def add_lowrank_and_bias(
     acc,
     t_ptr,
@@ -269,13 +284,8 @@ def add_lowrank_and_bias(
 ):
     """Epilogue: acc [BLOCK_M, BLOCK_N] + t[offs_m] @ l1[offs_n].T + bias[offs_n], still in fp32."""
     if HAS_LOWRANK:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            t_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-            t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=t_mask, other=0.0)
-            l1_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
-            l1 = tl.load(l1_ptr + offs_n[:, None] * stride_l1n + offs_r[None, :], mask=l1_mask, other=0.0)
-            acc = dot_nt(t, l1, acc, BLOCK_M, DOT_PRECISION)
+        acc = add_rank_product(acc, t_ptr, l1_ptr, offs_m, offs_n, M, N, R, stride_tm, 1, stride_l1n, 1,
+                               BLOCK_M, BLOCK_R, DOT_PRECISION)  # fmt: skip
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     return acc
