@@ -87,7 +87,8 @@ class Prepared:
             if config is None:
                 N, K = self.q.shape
                 tile, group = dw.tile, dw.group_size
-                config = triton_decode.decode_config(bucket, N, K, tile, group, self.rank, self._sms)
+                smooth = self.smooth is not None
+                config = triton_decode.decode_config(bucket, N, K, tile, group, self.rank, smooth, self._sms)
                 self._configs[(x.dtype, bucket)] = config
             y = triton_decode.decode(x2, dw, l1, l2, inv, bias, config)
         else:

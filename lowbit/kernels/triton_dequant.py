@@ -131,6 +131,34 @@ def dequant_tile(words, f0, f1, f2, f3, lut_ptr, FMT: tl.constexpr, USE_ASM: tl.
 
 
 @triton.jit
+def group_rows(ptr, g, stride_gn, offs_n, GROUPS: tl.constexpr):
+    """Per-row values [BN] of the groups of nibbles j with j % 4 = 0..3 in a K tile starting in group g
+    (1, 2 or 4 groups a tile: nibble j's group by j % 4, see `layout`)."""
+    v0 = tl.load(ptr + g * stride_gn + offs_n)
+    v1 = v0
+    v2 = v0
+    v3 = v0
+    if GROUPS == 2:
+        v1 = tl.load(ptr + (g + 1) * stride_gn + offs_n)
+        v3 = v1
+    if GROUPS == 4:
+        v2 = tl.load(ptr + (g + 1) * stride_gn + offs_n)
+        v1 = tl.load(ptr + (g + 2) * stride_gn + offs_n)
+        v3 = tl.load(ptr + (g + 3) * stride_gn + offs_n)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def scaled(o, s, IN_FP32: tl.constexpr):
+    """o [BN, W] * s [BN] rounded to x's dtype (the product of s in that dtype and o, rounded once);
+    IN_FP32 (the interpreter, whose 16-bit arithmetic is not IEEE): computed in fp32."""
+    s = s.to(o.dtype)[:, None]
+    if IN_FP32:
+        return (o.to(tl.float32) * s.to(tl.float32)).to(o.dtype)
+    return o * s
+
+
+@triton.jit
 def columns(parts, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, SLOTS: tl.constexpr):
     """The weight tile [BLOCK_N, SLOTS * WORDS] of a join tree of SLOTS nibble tensors [BLOCK_N, WORDS]
     (flattened join order = slot order): column slot * WORDS + word, as `layout.pack_words` places it."""

@@ -35,10 +35,10 @@ def _checked_rows(x, q, l1, l2, smooth, bias) -> torch.Tensor:
 
 def run(x2: torch.Tensor, q: QTensor, l1, l2, smooth, bias) -> torch.Tensor:
     """y [M, N] for x2 [M, K] (M > 0) with the GEMV (M <= 16) or the GEMM, inputs already checked."""
-    # the low-rank down-projection t [M, r], computed once, as the reference computes it
-    x_s = x2 if smooth is None or l2 is None else x2 / smooth.to(x2.dtype)
+    # x smoothed once, and the low-rank down-projection t [M, r], as the reference computes them
+    x_s = x2 if smooth is None else x2 / smooth.to(x2.dtype)  # x_s: [M, K]
     kernel = qgemv if x2.shape[0] <= MAX_ROWS else qgemm
-    return kernel(x2, q, lowrank_down(x_s, l2), l1, smooth, bias)
+    return kernel(x_s, q, lowrank_down(x_s, l2), l1, bias)
 
 
 def _run_w8a8(x2: torch.Tensor, q: QTensor, l1, l2, smooth, bias) -> torch.Tensor:

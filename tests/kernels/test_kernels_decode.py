@@ -46,8 +46,8 @@ def run_decode(x, q, l1, l2, smooth, bias):
     """The decode kernel on x [M, K] into an output pre-filled with NaN."""
     dw = layout.prepare_decode(q, x.dtype)
     inv = None if smooth is None else 1.0 / smooth.float()
-    rank = 0 if l1 is None else l1.shape[1]
-    config = triton_decode.decode_config(x.shape[0], N, K, dw.tile, dw.group_size, rank, 4)
+    rank, smoothed = 0 if l1 is None else l1.shape[1], smooth is not None
+    config = triton_decode.decode_config(x.shape[0], N, K, dw.tile, dw.group_size, rank, smoothed, 4)
     out = torch.full((x.shape[0], N), float("nan"), dtype=x.dtype)
     assert triton_decode.decode(x, dw, l1, l2, inv, bias, config, out=out) is out
     return out

@@ -127,7 +127,7 @@ def run_kernel(x, q, l1, l2, smooth, bias, **kw):
     t = None if l2 is None else x_s @ l2.T
     out = torch.full((x.shape[0], N), float("nan"), dtype=x.dtype)
     kernel = triton_gemv.qgemv if x.shape[0] <= triton_gemv.MAX_ROWS else triton_gemm.qgemm
-    y = kernel(x, q, t, l1, smooth, bias, out=out, **kw)
+    y = kernel(x_s, q, t, l1, bias, out=out, **kw)  # the caller smooths x once
     assert y is out
     return y
 
@@ -203,9 +203,10 @@ def test_gemv_split_k(split_k):
 def test_gemm_takes_few_rows_and_gemv_takes_sixteen():
     q, *parts = make_case(QuantSpec("nf3", 128), 4, True, True)
     x = rand_x(16)
-    t = (x / parts[2]) @ parts[1].T
+    x_s = x / parts[2]
+    t = x_s @ parts[1].T
     for kernel, rows in ((triton_gemm.qgemm, x[:3]), (triton_gemv.qgemv, x)):
-        y = kernel(rows, q, t[: len(rows)], parts[0], parts[2], parts[3])
+        y = kernel(x_s[: len(rows)], q, t[: len(rows)], parts[0], parts[3])
         assert relative_error(y, rows, q, *parts) <= TOL[torch.float32]
     with pytest.raises(KernelInputError, match="at most 16 rows"):
         triton_gemv.qgemv(rand_x(17), q)
