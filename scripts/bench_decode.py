@@ -114,12 +114,8 @@ def plan(args: argparse.Namespace) -> dict:
     return out
 
 
-def dry_run(args: argparse.Namespace) -> int:
-    try:
-        sizes = plan(args)
-    except ValueError as e:
-        print(f"bench_decode: {e}", file=sys.stderr)
-        return 1
+def dry_run(args: argparse.Namespace, sizes: dict) -> int:
+    """Import what the run imports, print the plan."""
     import transformers  # noqa: F401
     import triton  # noqa: F401
 
@@ -250,8 +246,13 @@ def weight_gib(model: nn.Module) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        sizes = plan(args)
+    except ValueError as e:
+        print(f"bench_decode: {e}", file=sys.stderr)
+        return 1
     if args.dry_run:
-        return dry_run(args)
+        return dry_run(args, sizes)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(

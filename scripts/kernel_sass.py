@@ -243,7 +243,7 @@ def cases() -> list[Case]:
     for fmt in ("int4-g128", "int4-g128-r64", "nf4-g64", "int3-g128"):
         kw = dict(format_consts(fmt), BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=triton_large.BLOCK_R)
         first = triton_large.CROSSOVER_M.get(FORMATS[fmt][0][0], triton_large.DEFAULT_CROSSOVER_M)
-        out.append(Case("fold", fmt, f"{first}+", f"N={bn},K={bk},w=4", triton_large._fold_kernel.fn, kw,
+        out.append(Case("fold", fmt, f"{first}+", f"N={bn},K={bk},w=4", triton_large._fold_kernel, kw,
                         dict(POINTERS, inv_smooth_ptr="*fp32"), 4, 1, bn * bk, True))
     consts = format_consts("fp8-w8a8")
     for c in triton_fp8.W8A8_CONFIGS:
@@ -260,7 +260,7 @@ DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", offsets_ptr="*bf16"
 
 # (rows the configuration is chosen for, the M range it serves) of the split-K kernel
 DECODE_BUCKETS = ((16, "1-16"), (32, "17-32"), (64, "33-64"), (128, "65-128"), (256, "129-256"),
-                  (1024, "257-1024"))  # fmt: skip
+                  (1024, "257-1023"))  # fmt: skip
 
 
 def decode_cases(fmt: str) -> list[Case]:
