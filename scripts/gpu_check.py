@@ -100,9 +100,10 @@ def dry_run(args: argparse.Namespace) -> int:
         print(f"gpu_check: {e}", file=sys.stderr)
         return 1
     import triton  # noqa: F401
+    from bench_cpu_generate import quantize_blocks  # noqa: F401
 
-    from lowbit.compress import checkpoint  # noqa: F401
-    from lowbit.kernels import prepared, triton_decode, triton_qlinear  # noqa: F401
+    from lowbit.kernels import prepared, triton_decode, triton_large, triton_qlinear  # noqa: F401
+    from lowbit.nn.checkpoint import model_plan  # noqa: F401
 
     peak = max(c["peak_bytes"] for c in cases)
     copies = sorted(c["copies"] for c in cases)

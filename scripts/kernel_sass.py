@@ -10,9 +10,9 @@ target=GPUTarget("cuda", arch, 32))` (the ptxas bundled in the triton wheel) and
 wheel's `cuobjdump -sass`; `cuobjdump -res-usage` gives registers and local memory. For every kernel,
 format and configuration (one row each) it prints
 
-    sass/w      thread-instructions per weight in the hot loop: the SASS instructions of the largest loop
-                (a backward branch and what it jumps over; NOPs not counted) times the threads of a
-                program, over the weights one iteration of that loop reads (BLOCK_N * BLOCK_K);
+    sass/w      thread-instructions per weight in the hot loop: the SASS instructions of the largest
+                innermost loop (a backward branch and what it jumps over; NOPs not counted) times the
+                threads of a program, over the weights one iteration of that loop reads (BLOCK_N * BLOCK_K);
     regs        registers per thread;  spills: bytes of local memory (LDL/STL spill traffic) per thread;
     launches    device kernels one QLinear call at that M starts: Triton launches plus every torch op
                 that is not a view or an allocation, counted from a traced call under Triton's CPU
@@ -128,14 +128,19 @@ def disassemble(cubin: bytes) -> tuple[list[tuple[int, str]], int, int]:
 
 
 def hot_loop(instrs: list[tuple[int, str]]) -> list[str]:
-    """The instructions of the largest loop: from a backward branch's target to the branch, NOPs out."""
-    best: list[str] = []
-    for i, (addr, ins) in enumerate(instrs):
+    """The instructions of the largest innermost loop (from a backward branch's target to the branch,
+    with no other backward branch inside), NOPs out."""
+    loops = []
+    for addr, ins in instrs:
         m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", ins)
         if m and int(m.group(1), 16) <= addr:
-            target = int(m.group(1), 16)
-            body = [s for a, s in instrs[: i + 1] if a >= target and not s.startswith("NOP")]
-            best = max(best, body, key=len)
+            loops.append((int(m.group(1), 16), addr))
+    best: list[str] = []
+    for start, end in loops:
+        if any(start <= s and e < end for s, e in loops if (s, e) != (start, end)):
+            continue  # an outer loop
+        body = [s for a, s in instrs if start <= a <= end and not s.startswith("NOP")]
+        best = max(best, body, key=len)
     return best
 
 
@@ -180,6 +185,7 @@ FORMATS = {  # name -> (QuantSpec arguments, rank)
     "int4-g128": (("int4", 128), 0),
     "int4-g128-r64": (("int4", 128), 64),
     "nf4-g64": (("nf4", 64), 0),
+    "int3-g128": (("int3", 128), 0),
     "fp8-w8a8": (("fp8_e4m3", None), 0),
 }
 
@@ -214,23 +220,31 @@ def config_name(c) -> str:
 
 
 def cases() -> list[Case]:
-    """Every kernel, format and configuration the autotuner may pick."""
-    from lowbit.kernels import triton_fp8, triton_gemm, triton_gemv
+    """Every kernel, format and configuration the autotuner may pick: the split-K kernel of 4-bit INT / NF
+    below the crossover, the fold of the large-M path from it, the GEMV / GEMM of the other formats
+    (int3-g128 here) and the FP8 W8A8 GEMM."""
+    from lowbit.kernels import triton_fp8, triton_gemm, triton_gemv, triton_large
 
     out = []
     for fmt in ("int4-g128", "int4-g128-r64", "nf4-g64"):
-        consts = format_consts(fmt)
-        for c in triton_gemv.GEMV_CONFIGS:
-            for block_m, m in ((1, "1"), (16, "2-16")):
-                kw = dict(consts, **c.kwargs, BLOCK_M=block_m)
-                out.append(Case("gemv", fmt, m, config_name(c), triton_gemv._qgemv_kernel.fn, kw, POINTERS,
-                                c.num_warps, c.num_stages, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
-        for c in triton_gemm.GEMM_CONFIGS:
-            kw = dict(consts, **c.kwargs, GROUP_M=8)
-            out.append(Case("gemm", fmt, "65+", config_name(c), triton_gemm._qgemm_kernel.fn, kw, POINTERS,
-                            c.num_warps, c.num_stages, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
-    for fmt in ("int4-g128", "int4-g128-r64", "nf4-g64"):
         out += decode_cases(fmt)
+    consts = format_consts("int3-g128")
+    for c in triton_gemv.GEMV_CONFIGS:
+        for block_m, m in ((1, "1"), (16, "2-16")):
+            kw = dict(consts, **c.kwargs, BLOCK_M=block_m)
+            out.append(Case("gemv", "int3-g128", m, config_name(c), triton_gemv._qgemv_kernel.fn, kw,
+                            POINTERS, c.num_warps, c.num_stages, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
+    for c in triton_gemm.GEMM_CONFIGS:
+        kw = dict(consts, **c.kwargs, GROUP_M=8)
+        out.append(Case("gemm", "int3-g128", "17-511", config_name(c), triton_gemm._qgemm_kernel.fn, kw,
+                        POINTERS, c.num_warps, c.num_stages, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
+    # the fold (dequantize + L1 L2, times 1 / smooth) has no loop: its whole program is counted
+    bn, bk = triton_large.BLOCK_N, triton_large.BLOCK_K
+    for fmt in ("int4-g128", "int4-g128-r64", "nf4-g64", "int3-g128"):
+        kw = dict(format_consts(fmt), BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=triton_large.BLOCK_R)
+        first = triton_large.CROSSOVER_M.get(FORMATS[fmt][0][0], triton_large.DEFAULT_CROSSOVER_M)
+        out.append(Case("fold", fmt, f"{first}+", f"N={bn},K={bk},w=4", triton_large._fold_kernel, kw,
+                        dict(POINTERS, inv_smooth_ptr="*fp32"), 4, 1, bn * bk, True))
     consts = format_consts("fp8-w8a8")
     for c in triton_fp8.W8A8_CONFIGS:
         kw = dict(consts, **c.kwargs, GROUP_M=8)
@@ -244,6 +258,11 @@ DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", offsets_ptr="*bf16"
                        inv_smooth_ptr="*fp32", ws_ptr="*fp32", t_ptr="*fp32", lock_ptr="*i32")  # fmt: skip
 
 
+# (rows the configuration is chosen for, the M range it serves) of the split-K kernel
+DECODE_BUCKETS = ((16, "1-16"), (32, "17-32"), (64, "33-64"), (128, "65-128"), (256, "129-256"),
+                  (1024, "257-1023"))  # fmt: skip
+
+
 def decode_cases(fmt: str) -> list[Case]:
     """The decode kernel on a 4096 x 4096 layer of `fmt` (bf16 activations), one row per M bucket."""
     from lowbit.kernels import triton_decode
@@ -255,18 +274,20 @@ def decode_cases(fmt: str) -> list[Case]:
     n = k = 4096
     tile = decode_tile(spec.group_size, k)
     absent = dict(lut_ptr=None) if spec.kind == "int" else {}
-    absent.update(inv_smooth_ptr=None, bias_ptr=None)
+    absent.update(inv_smooth_ptr=None, bias_ptr=None, xs_ptr=None)
     if not rank:
         absent.update(l1_ptr=None, l2_ptr=None, t_ptr=None)
     out = []
-    for m, label in ((16, "1-16"), (32, "17-32"), (64, "33-64")):
-        config = triton_decode.decode_config(m, n, k, tile, rank, 132)
+    for m, label in DECODE_BUCKETS:
+        config = triton_decode.decode_config(m, n, k, tile, spec.group_size or k, rank, False, 132)
         stages = config.pop("num_stages")
-        consts = dict(absent, **config, FMT=spec.kind, EVEN_K=True, USE_ASM=spec.kind == "int",
+        consts = dict(absent, **config, FMT=spec.kind, EVEN_K=True, USE_ASM=True,
                       MAGIC_VALUE=MAGIC[torch.bfloat16], GROUP_SIZE=spec.group_size or k, HAS_SMOOTH=False,
                       HAS_LOWRANK=rank > 0, HAS_BIAS=False,
                       DOT_IEEE=False, BLOCK_N=triton_decode.BLOCK_N, TILE=tile)  # fmt: skip
-        name = f"N={triton_decode.BLOCK_N},K={tile},M={config['BLOCK_M']},SPLIT_K={config['SPLIT_K']}"
+        name = f"N={triton_decode.BLOCK_N},K={tile},M={config['BLOCK_M']},SPLIT_K={config['SPLIT_K']}" + (
+            ",SCALE_W" if config["SCALE_W"] else ""
+        )
         out.append(Case("decode", fmt, label, name, triton_decode._decode_kernel, consts, DECODE_POINTERS,
                         triton_decode.NUM_WARPS, stages, triton_decode.BLOCK_N * tile))
     return out
@@ -294,20 +315,21 @@ def import_gemlite():
     )
     rt.driver.set_active(Hopper())
     try:
-        from gemlite.triton_kernels import gemv_revsplitK_kernels
+        from gemlite.triton_kernels import gemm_splitK_kernels, gemv_revsplitK_kernels
     finally:
         torch.cuda.get_device_capability, torch.cuda.get_device_properties = saved
         rt.driver._active = None
-    return gemv_revsplitK_kernels
+    return gemv_revsplitK_kernels, gemm_splitK_kernels
 
 
 def gemlite_cases() -> list[Case]:
     """gemlite's int4 g128 GEMV for M = 1 (its reverse split-K kernel, asymmetric: (W - z) * s) in the
     configuration its H100 table picks for 4096 x 4096 and in its other table entries. It has no loop
     (each program reads two K blocks), so its whole program is counted: weights = BLOCK_N * 2 BLOCK_K."""
-    g = import_gemlite()
-    if g is None:
+    modules = import_gemlite()
+    if modules is None:
         return []
+    g, gemm = modules
     n = k = 4096
     pointers = dict(a_ptr="*bf16", b_ptr="*i32", c_ptr="*fp32", scales_ptr="*bf16", zeros_ptr="*bf16")
     out = []
@@ -329,6 +351,32 @@ def gemlite_cases() -> list[Case]:
         weights = bn * 2 * bk
         out.append(Case("gemlite-gemv", "int4-g128", "1", name,
                         fn, consts, pointers, warps, stages, weights, True))
+    return out + gemlite_gemm_cases(gemm)
+
+
+def gemlite_gemm_cases(gemm) -> list[Case]:
+    """gemlite's int4 g128 split-K GEMM (`gemm_splitK_INT_kernel`, asymmetric) at M = 16, 32, 64 in the
+    configurations of its H100 table for 4096 x 4096 (`GEMM_SPLITK`, keys (M, 4096, 4096, 128, 8, 104)).
+    Its K loop is counted, over BLOCK_N * BLOCK_K weights an iteration."""
+    n = k = 4096
+    pointers = dict(a_ptr="*bf16", b_ptr="*i32", c_ptr="*bf16", scales_ptr="*bf16", zeros_ptr="*bf16")
+    out = []
+    for m, (bm, bn, bk, split, order) in {16: (16, 64, 64, 16, 0), 32: (32, 64, 64, 8, 2),
+                                          64: (64, 64, 64, 8, 0)}.items():  # fmt: skip
+        consts = dict(
+            N=n, K=k, W_nbits=4, group_size=128, unpack_mask=15, elements_per_sample=8, type_id=104,
+            a_sizeof=2, b_sizeof=4, load_scales_as_block=False, input_dtype=tl_dtype("bfloat16"),
+            output_dtype=tl_dtype("bfloat16"), acc_dtype=tl_dtype("float32"), meta_dtype=tl_dtype("bfloat16"),
+            channel_scale_mode=0, W_group_mode=3, zero_is_scalar=False, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn,
+            BLOCK_SIZE_K=bk, GROUP_SIZE_M=8, SPLIT_K=split, NUM_STAGES=1, A_load_order=order,
+            data_contiguous=True, EVEN_M=False, EVEN_K=True, EVEN_N=True, scales_a_ptr=None,
+            meta_scale_norm_ptr=None, use_tma=False, use_5d_scales=False, warp_specialize=False,
+            meta_evict_policy="", atomic_mode="relaxed", a_evict="evict_last", b_evict="evict_first",
+            block_quant_size=gemm.BLOCK_QUANT_SIZE,
+        )
+        name = f"M={bm},N={bn},K={bk},SPLIT_K={split},w=4,s=1"
+        out.append(Case("gemlite-gemm", "int4-g128", str(m), name, gemm.gemm_splitK_INT_kernel.fn.fn, consts,
+                        pointers, 4, 1, bn * bk))
     return out
 
 
@@ -340,7 +388,14 @@ def tl_dtype(name: str):
 
 # (format, M) pairs whose launches per call are counted; a row takes the count of its format at the
 # first M of its M range
-LAUNCH_MS = (1, 17, 33, 65)
+LAUNCH_MS = (1, 2, 17, 33, 65, 129, 257, 512, 1024)
+
+
+def launch_rows(counts: dict) -> list[dict]:
+    """One row per format: the launches per call at every counted M, whatever path serves it."""
+    ms = ",".join(map(str, LAUNCH_MS))
+    per_m = {f: ",".join(str(counts[(f, m)]) for m in LAUNCH_MS) for f in FORMATS}
+    return [dict(kernel="(call)", format=f, M=ms, launches_per_call=per_m[f]) for f in FORMATS]
 
 
 def launch_cases() -> list[tuple]:
@@ -365,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in (r for r in rows if not r["kernel"].startswith("gemlite")):  # ours only
             first = int(r["M"].split("-")[0].rstrip("+"))
             r["launches_per_call"] = counts.get((r["format"], first), "")
+        rows += launch_rows(counts)
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

@@ -6,9 +6,12 @@ per word (the magic-number trick: OR a nibble c into the mantissa of 128.0 in bf
 fp16, which is exactly 128 + c, resp. 1024 + c) and one packed add per pair that subtracts 128 + z
 (exactly c - z). NF: one load per byte from a 256-entry table of code pairs (`pair_table`).
 
-A K tile of KT = 128 columns of one row is 16 words; tile column c sits in word c % 16 at nibble
-NIBBLE_OF_SLOT[c // 16] (the order in which the kernel's joins lay the eight nibbles of a word side by
-side). A tile spans 1, 2 or 4 scale groups (groups of 128 or more, 64, 32): slots 0-3 and 4-7, or slot
+A K tile of KT = 128 columns of one row is 16 words. The kernel dequantizes a word pair (w, w + 1)
+into eight registers j = 0..7, register j holding tensor o_j at elements w and w + 1, and lays o_j at
+the tile slot s with NIBBLE_OF_SLOT[s] = j (the order of its joins): tile column c = s * 16 + word
+holds o_j[word], j = NIBBLE_OF_SLOT[c // 16]. INT: o_j[w] is nibble j of word w. NF: o_j[2p + i] is
+nibble 2 (j % 4) + i of word 2p + j // 4, so the two codes of one register share one byte (`placement`).
+A tile spans 1, 2 or 4 scale groups (groups of 128 or more, 64, 32): slots 0-3 and 4-7, or slot
 pairs, so nibble j belongs to group j % 2 (two groups) or (0, 2, 1, 3)[j % 4] (four). Columns past K
 are padded with code 0 (their activations are 0), rows past N too.
 
@@ -49,9 +52,10 @@ class DecodeWeight:
 
     words int32 [Np, Kp / 8] (Kp = K rounded up to the tile KT, Np = N rounded up to ROW_TILE, padding
     rows and columns hold code 0); scales float32 [Gp, Np] (G groups of K, decoded from double
-    quantization, then zero groups up to whole K tiles); offsets [Gp, Np] in the activation dtype:
-    -(MAGIC + z) for INT, zeros for NF; lut int32 [256] (NF: `pair_table` of the codebook) or None;
-    fmt "int" or "nf".
+    quantization, then zero groups up to whole K tiles); offsets: INT [Gp, Np] in the activation dtype,
+    -(MAGIC + z); NF int64 [Np], the address of lut in every row (the kernel's inline PTX reads it as a
+    row vector: a scalar operand makes the compiler move the dequantized tile through shared memory);
+    lut int32 [256] (NF: `pair_table` of the codebook) or None; fmt "int" or "nf".
     """
 
     words: torch.Tensor
@@ -83,15 +87,26 @@ def supports(q: QTensor, dtype: torch.dtype) -> bool:
     )
 
 
-def pack_words(codes: torch.Tensor, tile: int) -> torch.Tensor:
-    """int32 [N, Kp / 8] words of uint8 codes [N, K] in the kernel's tile order (see the module doc)."""
+def placement(fmt: str, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(word, nibble) int64 [tile] of every tile column in the kernel's order for `fmt` (module doc)."""
+    width = tile // 8
+    c = torch.arange(tile)
+    j, w = torch.tensor(NIBBLE_OF_SLOT)[c // width], c % width
+    if fmt == "nf":
+        return w - w % 2 + j // 4, 2 * (j % 4) + w % 2
+    return w, j
+
+
+def pack_words(codes: torch.Tensor, tile: int, fmt: str = "int") -> torch.Tensor:
+    """int32 [N, Kp / 8] words of uint8 codes [N, K] in the kernel's tile order for `fmt` (module doc)."""
     N, K = codes.shape
     Kp = -(-K // tile) * tile
     c = torch.zeros(N, Kp, dtype=torch.int64, device=codes.device)
     c[:, :K] = codes
-    c = c.view(N, Kp // tile, 8, tile // 8)  # [N, tiles, slot, word]
-    shifts = 4 * torch.tensor(NIBBLE_OF_SLOT, device=codes.device)
-    words = (c << shifts[None, None, :, None]).sum(dim=2)  # [N, tiles, word], disjoint nibbles
+    c = c.view(N, Kp // tile, tile)  # [N, tiles, column]
+    word, nibble = (t.to(codes.device) for t in placement(fmt, tile))
+    words = torch.zeros(N, Kp // tile, tile // 8, dtype=torch.int64, device=codes.device)
+    words.index_add_(2, word, c << (4 * nibble))  # [N, tiles, word], disjoint nibbles
     # int32 two's complement of the 32-bit pattern
     return (words - (words >= 2**31).long() * 2**32).to(torch.int32).reshape(N, Kp // 8)
 
@@ -113,21 +128,21 @@ def prepare_decode(q: QTensor, dtype: torch.dtype) -> DecodeWeight:
     spec = q.spec
     tile = decode_tile(spec.group_size, K)
     s, z = decode_scales(q)  # float32 [N, G]
-    if spec.kind == "int":
-        zero = torch.full_like(s, 8.0) if z is None else z
-        offsets = -(MAGIC[dtype] + zero)
-        lut = None
-    else:
-        offsets = torch.zeros_like(s)
-        lut = pair_table(codebook(spec.format), dtype).to(q.codes.device)
     pad = -N % ROW_TILE  # rows padded to whole row tiles: the kernel loads them without masks
     # groups padded to whole K tiles (zero scales): the last tile's groups past K exist
     G = s.shape[1]
     g_pad = -(-K // tile) * tile // spec.group_size - G if 1 < G and spec.group_size < tile else 0
+    if spec.kind == "int":
+        zero = torch.full_like(s, 8.0) if z is None else z
+        offsets = F.pad(-(MAGIC[dtype] + zero).T, (0, pad, 0, g_pad)).to(dtype).contiguous()
+        lut = None
+    else:
+        lut = pair_table(codebook(spec.format), dtype).to(q.codes.device)
+        offsets = torch.full((N + pad,), lut.data_ptr(), dtype=torch.int64, device=lut.device)
     return DecodeWeight(
-        words=F.pad(pack_words(unpack_codes(q), tile), (0, 0, 0, pad)).contiguous(),
+        words=F.pad(pack_words(unpack_codes(q), tile, spec.kind), (0, 0, 0, pad)).contiguous(),
         scales=F.pad(s.T, (0, pad, 0, g_pad)).contiguous(),
-        offsets=F.pad(offsets.T, (0, pad, 0, g_pad)).to(dtype).contiguous(),
+        offsets=offsets,
         lut=lut,
         fmt=spec.kind,
         tile=tile,

@@ -6,9 +6,10 @@ bias, backend)` computes `lowbit.kernels.qlinear`'s function. Without gradients 
 torch op:
 
 - backend "triton" (resolved once per device and dtype): a `Prepared` weight, rebuilt only when a
-  tensor of the layer is replaced (identity check); M <= 64 rows of a 4-bit INT / NF weight in bf16 or
-  fp16 run the one-launch decode kernel (`triton_decode`) with a configuration cached per M bucket,
-  other rows and formats `triton_qlinear.qlinear`.
+  tensor of the layer is replaced (identity check); rows of a 4-bit INT / NF weight in bf16 or fp16
+  below the format's crossover run the one-launch split-K kernel (`triton_decode`) with a configuration
+  cached per row bucket, rows from the crossover dequantize + matmul (`triton_large`), other formats
+  the GEMV / GEMM of `triton_qlinear`.
 - backend "reference": the reference, with the dequantized weight kept between calls when the cache
   was made with `keep_dequantized=True` (speed over memory, for generation on a CPU).
 
@@ -29,19 +30,23 @@ class Prepared:
     """The Triton kernels' form of one layer, for activations of any dtype the kernels take.
 
     Built from the layer's tensors, which it keeps (`matches` tells whether they are still the
-    layer's); the decode layout, cast factors and configurations are built on first use per dtype.
+    layer's); the inputs are checked here, once. Per activation dtype, on first use: the decode layout,
+    the factors cast to that dtype; per row bucket, the launch configuration. A call picks the path
+    by its row count M: the split-K kernel (`triton_decode`, 4-bit INT / NF in bf16 / fp16) below the
+    format's crossover, dequantize + matmul (`triton_large`) from it, else the GEMV / GEMM.
     """
 
     def __init__(self, q: QTensor, l1, l2, smooth, bias) -> None:
-        from lowbit.kernels import triton_decode
+        from lowbit.kernels import triton_decode, triton_large
 
         x = torch.empty((0, q.shape[1]), device=q.codes.device)
         reference.check_inputs(x, q, l1, l2, smooth, bias)  # once, at preparation
         self.q, self.l1, self.l2, self.smooth, self.bias = q, l1, l2, smooth, bias
         rank = 0 if l1 is None else l1.shape[1]
         self.rank = rank
-        self._decodes = {}  # dtype -> (DecodeWeight, l1, l2, inv_smooth, bias) or None
-        self._configs = {}  # (dtype, M bucket) -> decode launch config
+        self.crossover = triton_large.crossover(q)
+        self._parts = {}  # dtype -> (DecodeWeight or None, l1, l2, inv_smooth, bias)
+        self._configs = {}  # (dtype, row bucket) -> split-K launch configuration
         self._rank_fits = rank <= triton_decode.MAX_RANK
         self._sms = triton_decode.multiprocessors(q.codes.device)
 
@@ -51,37 +56,43 @@ class Prepared:
         mine = (q.codes, q.scales, self.l1, self.l2, self.smooth, self.bias)
         return all(a is b for a, b in zip(mine, (codes, scales, l1, l2, smooth, bias), strict=True))
 
-    def _decode_parts(self, dtype: torch.dtype):
-        """The decode kernel's weight and factors for activations of `dtype`, or None if it has none."""
-        if dtype not in self._decodes:
+    def parts(self, dtype: torch.dtype) -> tuple:
+        """(decode layout or None, l1, l2, 1 / smooth in float32, bias) for activations of `dtype`."""
+        if dtype not in self._parts:
             from lowbit.kernels import layout
 
-            parts = None
-            parts_of = (self.l1, self.l2, self.bias)
-            if self._rank_fits and layout.supports(self.q, dtype):
-                cast = [None if t is None else t.to(dtype).contiguous() for t in parts_of]
-                inv = None if self.smooth is None else 1.0 / self.smooth.to(dtype).float()
-                parts = (layout.prepare_decode(self.q, dtype), cast[0], cast[1], inv, cast[2])
-            self._decodes[dtype] = parts
-        return self._decodes[dtype]
+            cast = (None if t is None else t.to(dtype).contiguous() for t in (self.l1, self.l2, self.bias))
+            l1, l2, bias = cast
+            inv = None if self.smooth is None else 1.0 / self.smooth.to(dtype).float()
+            fits = self._rank_fits and layout.supports(self.q, dtype)
+            dw = layout.prepare_decode(self.q, dtype) if fits else None
+            self._parts[dtype] = (dw, l1, l2, inv, bias)
+        return self._parts[dtype]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """y [..., N] for x [..., K]: one launch for M <= 64 where the decode kernel takes the weight."""
-        from lowbit.kernels import triton_decode, triton_qlinear
+        """y [..., N] for x [..., K]: one launch below the crossover where the split-K kernel takes the
+        weight, two (fold, GEMM) from it."""
+        from lowbit.kernels import triton_decode, triton_large, triton_qlinear
 
         x2 = x.reshape(-1, x.shape[-1])
         M = x2.shape[0]
-        parts = self._decode_parts(x.dtype) if 0 < M <= triton_decode.MAX_ROWS else None
-        if parts is None or x2.stride(-1) != 1:
+        if M == 0 or x.dtype not in triton_qlinear.DTYPES:
             return triton_qlinear.qlinear(x, self.q, self.l1, self.l2, self.smooth, self.bias)
-        bucket = triton_decode.row_bucket(M)
-        config = self._configs.get((x.dtype, bucket))
-        if config is None:
-            N, K = self.q.shape
-            config = triton_decode.decode_config(bucket, N, K, parts[0].tile, self.rank, self._sms)
-            self._configs[(x.dtype, bucket)] = config
-        dw, l1, l2, inv, bias = parts
-        y = triton_decode.decode(x2, dw, l1, l2, inv, bias, config)
+        dw, l1, l2, inv, bias = self.parts(x.dtype)
+        if M >= self.crossover:
+            y = triton_large.large(x2, self.q, l1, l2, inv, bias)
+        elif dw is not None and M <= triton_decode.MAX_ROWS and x2.stride(-1) == 1:
+            bucket = triton_decode.row_bucket(M)
+            config = self._configs.get((x.dtype, bucket))
+            if config is None:
+                N, K = self.q.shape
+                tile, group = dw.tile, dw.group_size
+                smooth = self.smooth is not None
+                config = triton_decode.decode_config(bucket, N, K, tile, group, self.rank, smooth, self._sms)
+                self._configs[(x.dtype, bucket)] = config
+            y = triton_decode.decode(x2, dw, l1, l2, inv, bias, config)
+        else:
+            y = triton_qlinear.run(x2, self.q, self.l1, self.l2, self.smooth, self.bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

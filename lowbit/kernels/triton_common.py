@@ -85,10 +85,24 @@ def weight_args(q: QTensor, device: torch.device) -> tuple:
     return tuple(None if t is None else t.contiguous() for t in fields) + (lut,)
 
 
-def epilogue_args(l1, smooth, bias, dtype: torch.dtype) -> tuple:
-    """(l1, smooth, bias) cast to the activation dtype as the reference casts them, and the rank r."""
-    l1, smooth, bias = (None if t is None else t.to(dtype) for t in (l1, smooth, bias))
-    return l1, smooth, bias, 0 if l1 is None else l1.shape[1]
+def epilogue_args(l1, bias, dtype: torch.dtype) -> tuple:
+    """(l1, bias) cast to the activation dtype as the reference casts them, and the rank r."""
+    l1, bias = (None if t is None else t.to(dtype) for t in (l1, bias))
+    return l1, bias, 0 if l1 is None else l1.shape[1]
+
+
+def gemm_launch(x: torch.Tensor, q: QTensor, t, l1, bias, out: torch.Tensor) -> tuple[tuple, dict]:
+    """(positional, keyword) launch arguments shared by the GEMM and GEMV kernels: pointers x, weight,
+    t, l1, bias, out; M, N, K, G, R; strides of x, codes, t, l1; the format, mode and rank constexprs."""
+    M, K = x.shape
+    l1, bias, R = epilogue_args(l1, bias, x.dtype)
+    codes, scales, zeros, dq_absmax, lut = weight_args(q, x.device)
+    args = (x, codes, scales, zeros, dq_absmax, lut, t, l1, bias, out, M, q.shape[0], K, scales.shape[1], R,
+            x.stride(0), x.stride(1), codes.stride(0), 0 if t is None else t.stride(0),
+            0 if l1 is None else l1.stride(0))  # fmt: skip
+    consts = dict(format_constexprs(q), HAS_LOWRANK=R > 0, HAS_BIAS=bias is not None,
+                  DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R))  # fmt: skip
+    return args, consts
 
 
 def lowrank_down(x_s: torch.Tensor, l2: torch.Tensor | None) -> torch.Tensor | None:
@@ -103,7 +117,8 @@ def rank_block(r: int) -> int:
 
 @triton.jit
 def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program's output tile, in the matmul tutorial's grouped order (L2 reuse)."""
+    """(offs_m, offs_n): rows and columns of this program's output tile, in the matmul tutorial's grouped
+    order (L2 reuse)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -112,7 +127,8 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M * K may pass 2^31 in a long prefill
+    return offs_m, pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit
@@ -140,21 +156,9 @@ def load_codes(codes_ptr, offs_n, k0, N, K, stride_cn, BITS: tl.constexpr, BLOCK
 
 
 @triton.jit
-def load_group_scales(
-    scales_ptr,
-    dq_absmax_ptr,
-    offs_n,
-    k0,
-    N,
-    K,
-    G,
-    DOUBLE_QUANT: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
-    DQ_BLOCK: tl.constexpr,
-    DQ_LEVELS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+def load_group_scales(scales_ptr, dq_absmax_ptr, offs_n, k0, N, K, G, DOUBLE_QUANT: tl.constexpr,
+                      PER_CHANNEL: tl.constexpr, GROUP_SIZE: tl.constexpr, DQ_BLOCK: tl.constexpr,
+                      DQ_LEVELS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """fp32 scales of the tile at columns k0 .. k0 + BLOCK_K of rows offs_n, with their index and mask.
 
     Shape [BLOCK_N, 1] when the tile lies in one group (per-channel, or BLOCK_K divides the group
@@ -181,28 +185,10 @@ def load_group_scales(
 
 
 @triton.jit
-def load_weight_tile(
-    codes_ptr,
-    scales_ptr,
-    zeros_ptr,
-    dq_absmax_ptr,
-    lut_ptr,
-    offs_n,
-    k0,
-    N,
-    K,
-    G,
-    stride_cn,
-    FMT: tl.constexpr,
-    BITS: tl.constexpr,
-    HAS_ZEROS: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
-    DQ_BLOCK: tl.constexpr,
-    DQ_LEVELS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+def load_weight_tile(codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, offs_n, k0, N, K, G,
+                     stride_cn, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                     DQ_BLOCK: tl.constexpr, DQ_LEVELS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Dequantized W[offs_n, k0 : k0 + BLOCK_K] in fp32: [BLOCK_N, BLOCK_K] (0 outside W)."""
     codes = load_codes(codes_ptr, offs_n, k0, N, K, stride_cn, BITS, BLOCK_K)
     s, idx, mask = load_group_scales(
@@ -233,6 +219,27 @@ def load_weight_tile(
 
 
 @triton.jit
+def dequant_dot_range(acc, x_ptr, codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, offs_m, offs_n,
+                      k_begin, k_end, M, N, K, G, stride_xm, stride_xk, stride_cn, FMT: tl.constexpr,
+                      BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                      PER_CHANNEL: tl.constexpr, GROUP_SIZE: tl.constexpr, DQ_BLOCK: tl.constexpr,
+                      DQ_LEVELS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_M, BLOCK_N] + x[offs_m, k] @ W[offs_n, k].T over k in [k_begin, k_end) in BLOCK_K
+    tiles: the weight dequantized in registers and rounded to x's dtype, as the reference does."""
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
+        w = load_weight_tile(
+            codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, offs_n, k0, N, K, G, stride_cn,
+            FMT, BITS, HAS_ZEROS, DOUBLE_QUANT, PER_CHANNEL, GROUP_SIZE, DQ_BLOCK, DQ_LEVELS, BLOCK_K,
+        )  # fmt: skip
+        acc = dot_nt(x, w.to(x_ptr.dtype.element_ty), acc, BLOCK_M, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def dot_nt(a, b, acc, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] + a [BLOCK_M, BLOCK_K] @ b[BLOCK_N, BLOCK_K].T, fp32 accumulation.
 
@@ -249,33 +256,42 @@ def dot_nt(a, b, acc, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def add_lowrank_and_bias(
-    acc,
-    t_ptr,
-    l1_ptr,
-    bias_ptr,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    R,
-    stride_tm,
-    stride_l1n,
-    HAS_LOWRANK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+def add_rank_product(acc, a_ptr, b_ptr, offs_i, offs_j, I, J, R, stride_ai, stride_ar, stride_bj, stride_br,
+                     BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_I, BLOCK_J] + a[offs_i, :R] @ b[offs_j, :R].T in fp32, over R in BLOCK_R steps
+    (a, b: any strides, e.g. b = l2.T with stride_bj 1, stride_br the row stride of l2)."""
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        a_mask = (offs_i[:, None] < I) & (offs_r[None, :] < R)
+        a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_r[None, :] * stride_ar, mask=a_mask, other=0.0)
+        b_mask = (offs_j[:, None] < J) & (offs_r[None, :] < R)
+        b = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_r[None, :] * stride_br, mask=b_mask, other=0.0)
+        acc = dot_nt(a, b, acc, BLOCK_I, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def add_lowrank_and_bias(acc, t_ptr, l1_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_l1n,
+                         HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
     """Epilogue: acc [BLOCK_M, BLOCK_N] + t[offs_m] @ l1[offs_n].T + bias[offs_n], still in fp32."""
     if HAS_LOWRANK:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            t_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-            t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=t_mask, other=0.0)
-            l1_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
-            l1 = tl.load(l1_ptr + offs_n[:, None] * stride_l1n + offs_r[None, :], mask=l1_mask, other=0.0)
-            acc = dot_nt(t, l1, acc, BLOCK_M, DOT_PRECISION)
+        acc = add_rank_product(acc, t_ptr, l1_ptr, offs_m, offs_n, M, N, R, stride_tm, 1, stride_l1n, 1,
+                               BLOCK_M, BLOCK_R, DOT_PRECISION)  # fmt: skip
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def store_output(acc, t_ptr, l1_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_l1n,
+                 stride_ym, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """y[offs_m, offs_n] = acc [BLOCK_M, BLOCK_N] + t @ l1.T + bias in y's dtype (`add_lowrank_and_bias`)."""
+    acc = add_lowrank_and_bias(
+        acc, t_ptr, l1_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_l1n,
+        HAS_LOWRANK, HAS_BIAS, BLOCK_M, BLOCK_R, DOT_PRECISION,
+    )  # fmt: skip
+    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=y_mask)

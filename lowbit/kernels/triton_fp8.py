@@ -22,17 +22,17 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.triton_common import (
-    add_lowrank_and_bias,
     dot_precision,
     epilogue_args,
     format_constexprs,
     interpreting,
     load_group_scales,
     rank_block,
+    store_output,
     tile_ids,
     weight_args,
 )
-from lowbit.kernels.triton_gemm import fit_tiles
+from lowbit.kernels.triton_gemm import fit_tiles, tile_config
 from lowbit.quantizers import QTensor
 
 E4M3_MAX = 448.0
@@ -43,19 +43,15 @@ TINY_C = tl.constexpr(torch.finfo(torch.float32).tiny)
 MIN_BLOCK_K = 32
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-
-
 W8A8_CONFIGS = [
-    _config(32, 64, 128, 4, 4),
-    _config(64, 64, 128, 4, 4),
-    _config(64, 128, 128, 4, 4),
-    _config(128, 128, 128, 8, 3),
-    _config(128, 256, 128, 8, 3),
-    _config(64, 128, 64, 4, 4),
-    _config(128, 128, 64, 8, 3),
-    _config(64, 128, 32, 4, 4),
+    tile_config(32, 64, 128, 4, 4),
+    tile_config(64, 64, 128, 4, 4),
+    tile_config(64, 128, 128, 4, 4),
+    tile_config(128, 128, 128, 8, 3),
+    tile_config(128, 256, 128, 8, 3),
+    tile_config(64, 128, 64, 4, 4),
+    tile_config(128, 128, 64, 8, 3),
+    tile_config(64, 128, 32, 4, 4),
 ]
 
 
@@ -81,7 +77,7 @@ def prune_w8a8_configs(configs: list, named_args: dict, **kwargs) -> list:
     args = {**named_args, **kwargs}
     whole = args["PER_CHANNEL"]
     if interpreting():
-        return [_config(32, 64, 64 if whole or args["GROUP_SIZE"] % 64 == 0 else MIN_BLOCK_K, 4, 1)]
+        return [tile_config(32, 64, 64 if whole or args["GROUP_SIZE"] % 64 == 0 else MIN_BLOCK_K, 4, 1)]
     if not whole:
         configs = [c for c in configs if args["GROUP_SIZE"] % c.kwargs["BLOCK_K"] == 0]
     return fit_tiles(configs, args)
@@ -144,9 +140,7 @@ def _w8a8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M * K may pass 2^31 in a long prefill
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -170,23 +164,13 @@ def _w8a8_gemm_kernel(
         )  # fmt: skip
         acc = acc * tl.reshape(s, (1, BLOCK_N))
     acc = acc * tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-    acc = add_lowrank_and_bias(
-        acc, t_ptr, l1_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_l1n,
+    store_output(
+        acc, t_ptr, l1_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_l1n, stride_ym,
         HAS_LOWRANK, HAS_BIAS, BLOCK_M, BLOCK_R, DOT_PRECISION,
     )  # fmt: skip
-    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=y_mask)
 
 
-def w8a8_gemm(
-    x_s: torch.Tensor,
-    q: QTensor,
-    t: torch.Tensor | None = None,
-    l1: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def w8a8_gemm(x_s: torch.Tensor, q: QTensor, t=None, l1=None, bias=None, out=None) -> torch.Tensor:
     """y [M, N] ~ x_s @ dequantize(q).T + t @ l1.T + bias with x_s [M, K] quantized per token to FP8.
 
     x_s is the (already smoothed) activation; q must satisfy `w8a8_applies`. out: optional [M, N]
@@ -199,7 +183,7 @@ def w8a8_gemm(
     # one launch on a GPU; the interpreter's fp32 -> E4M3 conversion drops the carry of a rounding that
     # reaches the next power of two, so there the torch definition quantizes
     x_q, s_x = (quantize_activations if interpreting() else quantize_activations_fused)(x_s)
-    l1, _, bias, R = epilogue_args(l1, None, bias, dtype)
+    l1, bias, R = epilogue_args(l1, bias, dtype)
     codes, scales, _, dq_absmax, _ = weight_args(q, x_s.device)
     fmt = format_constexprs(q)
 

@@ -2,13 +2,13 @@
 
 `qgemm` computes the reference's function (`lowbit.kernels.reference`)
 
-    y [M, N] = (x / smooth) @ dequantize(Q).T + t @ l1.T + bias,   t = (x / smooth) @ l2.T
+    y [M, N] = x_s @ dequantize(Q).T + t @ l1.T + bias,   t = x_s @ l2.T,   x_s = x / smooth,
 
-with one kernel in the layout of the Triton matmul tutorial: each program owns a BLOCK_M x BLOCK_N
-tile of y; its K loop loads packed codes and their group scales, dequantizes them in registers
-(`triton_common.load_weight_tile`) and accumulates x_s @ W.T in fp32 with tl.dot. The low-rank
-down-projection t [M, r] is computed once beforehand (a small matmul); the epilogue adds t @ l1.T
-while the accumulator is still in registers, then the bias, and casts to the output dtype.
+(the caller smooths x once) with one kernel in the layout of the Triton matmul tutorial: each program
+owns a BLOCK_M x BLOCK_N tile of y; its K loop loads packed codes and their group scales, dequantizes
+them in registers and accumulates x_s @ W.T in fp32 with tl.dot (`triton_common.dequant_dot_range`).
+The low-rank down-projection t [M, r] is computed once beforehand (a small matmul); the epilogue adds
+t @ l1.T while the accumulator is still in registers, then the bias, and casts to the output dtype.
 """
 
 from __future__ import annotations
@@ -18,40 +18,36 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.triton_common import (
-    add_lowrank_and_bias,
-    dot_nt,
-    dot_precision,
-    epilogue_args,
-    format_constexprs,
+    dequant_dot_range,
+    gemm_launch,
     interpreting,
-    load_weight_tile,
-    rank_block,
+    store_output,
     tile_ids,
-    weight_args,
 )
 from lowbit.quantizers import QTensor
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+def tile_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    """A matmul tile configuration: BLOCK_M x BLOCK_N output tiles, BLOCK_K columns a K step."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
 GEMM_CONFIGS = [
-    _config(16, 64, 64, 4, 4),
-    _config(16, 64, 128, 4, 4),
-    _config(32, 64, 64, 4, 4),
-    _config(32, 64, 128, 4, 4),
-    _config(32, 128, 64, 4, 4),
-    _config(64, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(64, 128, 128, 8, 3),
-    _config(128, 64, 64, 4, 4),
-    _config(128, 128, 64, 8, 3),
-    _config(128, 256, 64, 8, 3),
+    tile_config(16, 64, 64, 4, 4),
+    tile_config(16, 64, 128, 4, 4),
+    tile_config(32, 64, 64, 4, 4),
+    tile_config(32, 64, 128, 4, 4),
+    tile_config(32, 128, 64, 4, 4),
+    tile_config(64, 64, 64, 4, 4),
+    tile_config(64, 128, 64, 4, 4),
+    tile_config(64, 128, 128, 8, 3),
+    tile_config(128, 64, 64, 4, 4),
+    tile_config(128, 128, 64, 8, 3),
+    tile_config(128, 256, 64, 8, 3),
 ]
 # The one configuration the CPU interpreter runs (its cost is per program and per operation, not per
 # element); BLOCK_K = 64 exercises both scale paths (group sizes 64, 128: whole tiles; 32, 48: not).
-INTERPRETER_GEMM_CONFIG = _config(32, 64, 64, 4, 1)
+INTERPRETER_GEMM_CONFIG = tile_config(32, 64, 64, 4, 1)
 
 
 def fit_tiles(configs: list, args: dict) -> list:
@@ -84,72 +80,40 @@ _TUNE_KEY = ["M_BUCKET", "N", "K", "FMT", "BITS", "GROUP_SIZE", "HAS_LOWRANK"]
 )
 @triton.jit
 def _qgemm_kernel(
-    x_ptr, codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr,
-    smooth_ptr, t_ptr, l1_ptr, bias_ptr, y_ptr,
-    M, N, K, G, R, M_BUCKET,
-    stride_xm, stride_xk, stride_cn, stride_tm, stride_l1n, stride_ym,
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, t_ptr, l1_ptr, bias_ptr, y_ptr,
+    M, N, K, G, R, stride_xm, stride_xk, stride_cn, stride_tm, stride_l1n, stride_ym, M_BUCKET,
     FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     PER_CHANNEL: tl.constexpr, GROUP_SIZE: tl.constexpr, DQ_BLOCK: tl.constexpr, DQ_LEVELS: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M * K may pass 2^31 in a long prefill
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
-        if HAS_SMOOTH:
-            smooth = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0)
-            x = (x.to(tl.float32) / smooth.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
-        w = load_weight_tile(
-            codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, offs_n, k0, N, K, G, stride_cn,
-            FMT, BITS, HAS_ZEROS, DOUBLE_QUANT, PER_CHANNEL, GROUP_SIZE, DQ_BLOCK, DQ_LEVELS, BLOCK_K,
-        )  # fmt: skip
-        acc = dot_nt(x, w.to(x_ptr.dtype.element_ty), acc, BLOCK_M, DOT_PRECISION)
-    acc = add_lowrank_and_bias(
-        acc, t_ptr, l1_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_l1n,
+    acc = dequant_dot_range(
+        acc, x_ptr, codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, offs_m, offs_n, 0, K, M, N, K,
+        G, stride_xm, stride_xk, stride_cn, FMT, BITS, HAS_ZEROS, DOUBLE_QUANT, PER_CHANNEL, GROUP_SIZE,
+        DQ_BLOCK, DQ_LEVELS, DOT_PRECISION, BLOCK_M, BLOCK_K,
+    )  # fmt: skip
+    store_output(
+        acc, t_ptr, l1_ptr, bias_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_l1n, stride_ym,
         HAS_LOWRANK, HAS_BIAS, BLOCK_M, BLOCK_R, DOT_PRECISION,
     )  # fmt: skip
-    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=y_mask)
 
 
-def qgemm(
-    x: torch.Tensor,
-    q: QTensor,
-    t: torch.Tensor | None = None,
-    l1: torch.Tensor | None = None,
-    smooth: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    config: dict | None = None,
-) -> torch.Tensor:
-    """y [M, N] = (x / smooth) @ dequantize(q).T + t @ l1.T + bias for x [M, K] (t = x_s @ l2.T, [M, r]).
+def qgemm(x_s: torch.Tensor, q: QTensor, t=None, l1=None, bias=None, out=None, config=None) -> torch.Tensor:
+    """y [M, N] = x_s @ dequantize(q).T + t @ l1.T + bias for x_s [M, K] (already smoothed; t = x_s @ l2.T).
 
-    out: optional [M, N] output in x.dtype (written in full); config: fixed launch parameters (BLOCK_M,
+    out: optional [M, N] output in x_s.dtype (written in full); config: fixed launch parameters (BLOCK_M,
     BLOCK_N, BLOCK_K, num_warps) instead of the autotuned ones. Inputs are checked by the caller.
     """
-    M, K = x.shape
-    N = q.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
-    l1, smooth, bias, R = epilogue_args(l1, smooth, bias, x.dtype)
-    codes, scales, zeros, dq_absmax, lut = weight_args(q, x.device)
+    M, N = x_s.shape[0], q.shape[0]
+    out = torch.empty((M, N), dtype=x_s.dtype, device=x_s.device) if out is None else out
+    args, consts = gemm_launch(x_s, q, t, l1, bias, out)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     kernel = _qgemm_kernel if config is None else _qgemm_kernel.fn
-    kernel[grid](
-        x, codes, scales, zeros, dq_absmax, lut, smooth, t, l1, bias, out,
-        M, N, K, scales.shape[1], R, triton.next_power_of_2(M),
-        x.stride(0), x.stride(1), codes.stride(0), 0 if t is None else t.stride(0),
-        0 if l1 is None else l1.stride(0), out.stride(0),
-        **format_constexprs(q), HAS_SMOOTH=smooth is not None, HAS_LOWRANK=R > 0, HAS_BIAS=bias is not None,
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R), GROUP_M=8, **(config or {}),
-    )  # fmt: skip
+    kernel[grid](*args, out.stride(0), triton.next_power_of_2(M), **consts, GROUP_M=8, **(config or {}))
     return out

@@ -3,10 +3,10 @@
 At a handful of activation rows the layer is memory-bound: the time is the time to read the packed
 weight once. The grid is (N / BLOCK_N) x SPLIT_K programs, so a 4096-row layer still fills every
 multiprocessor; program (n, s) reads the weight tile rows offs_n, K range s exactly once, dequantizes
-it in registers (`triton_common.load_weight_tile`) and applies it to all M rows (tl.dot on M padded to
-16 rows, or a broadcast multiply and row sum when M == 1). Partial sums are added atomically into an
-fp32 buffer [M, N]; the programs of the first K range also add the low-rank term t @ l1.T and the
-bias, so each is counted once. The buffer is cast to the output dtype at the end.
+it in registers (`triton_common.dequant_dot_range`; x comes smoothed) and applies it to all M rows
+(tl.dot on M padded to 16 rows, or a broadcast multiply and row sum when M == 1). Partial sums are
+added atomically into an fp32 buffer [M, N]; the programs of the first K range also add the low-rank
+term t @ l1.T and the bias, so each is counted once. The buffer is cast to the output dtype at the end.
 """
 
 from __future__ import annotations
@@ -16,17 +16,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.reference import KernelInputError
-from lowbit.kernels.triton_common import (
-    add_lowrank_and_bias,
-    dot_nt,
-    dot_precision,
-    epilogue_args,
-    format_constexprs,
-    interpreting,
-    load_weight_tile,
-    rank_block,
-    weight_args,
-)
+from lowbit.kernels.triton_common import add_lowrank_and_bias, dequant_dot_range, gemm_launch, interpreting
 from lowbit.quantizers import QTensor
 
 MAX_ROWS = 16  # the GEMV path's largest M
@@ -90,13 +80,11 @@ _TUNE_KEY = ["M", "N", "K", "FMT", "BITS", "GROUP_SIZE", "HAS_LOWRANK"]
 )
 @triton.jit
 def _qgemv_kernel(
-    x_ptr, codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr,
-    smooth_ptr, t_ptr, l1_ptr, bias_ptr, acc_ptr,
-    M, N, K, G, R,
-    stride_xm, stride_xk, stride_cn, stride_tm, stride_l1n,
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, t_ptr, l1_ptr, bias_ptr, acc_ptr,
+    M, N, K, G, R, stride_xm, stride_xk, stride_cn, stride_tm, stride_l1n,
     FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     PER_CHANNEL: tl.constexpr, GROUP_SIZE: tl.constexpr, DQ_BLOCK: tl.constexpr, DQ_LEVELS: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):  # fmt: skip
@@ -106,22 +94,14 @@ def _qgemv_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_begin = pid_k * tiles_per_split * BLOCK_K
     k_end = tl.minimum(K, k_begin + tiles_per_split * BLOCK_K)
-
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
-        if HAS_SMOOTH:
-            smooth = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0)
-            x = (x.to(tl.float32) / smooth.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
-        w = load_weight_tile(
-            codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, offs_n, k0, N, K, G, stride_cn,
-            FMT, BITS, HAS_ZEROS, DOUBLE_QUANT, PER_CHANNEL, GROUP_SIZE, DQ_BLOCK, DQ_LEVELS, BLOCK_K,
-        )  # fmt: skip
-        acc = dot_nt(x, w.to(x_ptr.dtype.element_ty), acc, BLOCK_M, DOT_PRECISION)
+    acc = dequant_dot_range(
+        acc, x_ptr, codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, offs_m, offs_n, k_begin, k_end,
+        M, N, K, G, stride_xm, stride_xk, stride_cn, FMT, BITS, HAS_ZEROS, DOUBLE_QUANT, PER_CHANNEL,
+        GROUP_SIZE, DQ_BLOCK, DQ_LEVELS, DOT_PRECISION, BLOCK_M, BLOCK_K,
+    )  # fmt: skip
     if pid_k == 0:
         acc = add_lowrank_and_bias(
             acc, t_ptr, l1_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_l1n,
@@ -131,43 +111,23 @@ def _qgemv_kernel(
     tl.atomic_add(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=acc_mask)
 
 
-def qgemv(
-    x: torch.Tensor,
-    q: QTensor,
-    t: torch.Tensor | None = None,
-    l1: torch.Tensor | None = None,
-    smooth: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    config: dict | None = None,
-) -> torch.Tensor:
-    """y [M, N] = (x / smooth) @ dequantize(q).T + t @ l1.T + bias for x [M, K], M <= 16.
+def qgemv(x_s: torch.Tensor, q: QTensor, t=None, l1=None, bias=None, out=None, config=None) -> torch.Tensor:
+    """y [M, N] = x_s @ dequantize(q).T + t @ l1.T + bias for x_s [M, K] (already smoothed), M <= 16.
 
-    t = x_s @ l2.T [M, r]; out: optional [M, N] output in x.dtype; config: fixed launch parameters
+    t = x_s @ l2.T [M, r]; out: optional [M, N] output in x_s.dtype; config: fixed launch parameters
     (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) instead of the autotuned ones. Inputs are checked by the caller.
     """
-    M, K = x.shape
-    N = q.shape[0]
+    M, N = x_s.shape[0], q.shape[0]
     if M > MAX_ROWS:
         raise KernelInputError(f"the GEMV path takes at most {MAX_ROWS} rows, got {M}")
-    dtype = x.dtype
-    l1, smooth, bias, R = epilogue_args(l1, smooth, bias, dtype)
-    codes, scales, zeros, dq_absmax, lut = weight_args(q, x.device)
-    acc = torch.zeros((M, N), dtype=torch.float32, device=x.device)  # split-K partial sums land here
+    acc = torch.zeros((M, N), dtype=torch.float32, device=x_s.device)  # split-K partial sums land here
+    args, consts = gemm_launch(x_s, q, t, l1, bias, acc)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     kernel = _qgemv_kernel if config is None else _qgemv_kernel.fn
-    kernel[grid](
-        x, codes, scales, zeros, dq_absmax, lut, smooth, t, l1, bias, acc,
-        M, N, K, scales.shape[1], R,
-        x.stride(0), x.stride(1), codes.stride(0),
-        0 if t is None else t.stride(0), 0 if l1 is None else l1.stride(0),
-        **format_constexprs(q), HAS_SMOOTH=smooth is not None, HAS_LOWRANK=R > 0, HAS_BIAS=bias is not None,
-        DOT_PRECISION=dot_precision(dtype), BLOCK_M=1 if M == 1 else MAX_ROWS, BLOCK_R=rank_block(R),
-        **(config or {}),
-    )  # fmt: skip
+    kernel[grid](*args, **consts, BLOCK_M=1 if M == 1 else MAX_ROWS, **(config or {}))
     if out is None:
-        return acc.to(dtype)
+        return acc.to(x_s.dtype)
     return out.copy_(acc)

@@ -1,7 +1,8 @@
 """The Triton backends of the quantized linear: check, pick the kernel by row count, launch.
 
 `qlinear` (backend "triton") computes `lowbit.kernels.reference.qlinear` with the split-K GEMV for
-M <= 16 activation rows and the GEMM above; `qlinear_w8a8` (backend "triton_w8a8") runs FP8 E4M3
+M <= 16 activation rows and the GEMM above (a prepared layer, `lowbit.kernels.prepared`, calls `run`:
+its inputs were checked once); `qlinear_w8a8` (backend "triton_w8a8") runs FP8 E4M3
 weights through the FP8 W8A8 GEMM at M > 16 on GPUs that have FP8 tensor cores and is `qlinear`
 everywhere else. Both take the reference's arguments; x [..., K] may have any leading dims.
 
@@ -21,7 +22,7 @@ from lowbit.kernels.triton_gemv import MAX_ROWS, qgemv
 from lowbit.quantizers import QTensor
 
 
-def _prepare(x, q, l1, l2, smooth, bias) -> torch.Tensor:
+def _checked_rows(x, q, l1, l2, smooth, bias) -> torch.Tensor:
     """Check the inputs; x as a 2-D [M, K] view (or copy)."""
     check_inputs(x, q, l1, l2, smooth, bias)
     if x.dtype not in DTYPES:
@@ -32,39 +33,34 @@ def _prepare(x, q, l1, l2, smooth, bias) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def qlinear(
-    x: torch.Tensor,
-    q: QTensor,
-    l1: torch.Tensor | None = None,
-    l2: torch.Tensor | None = None,
-    smooth: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y [..., N] = (x / smooth) @ dequantize(q).T + ((x / smooth) @ l2.T) @ l1.T + bias, fused in Triton."""
-    x2 = _prepare(x, q, l1, l2, smooth, bias)  # x2: [M, K]
-    M, N = x2.shape[0], q.shape[0]
-    if M == 0:
-        return x.new_empty((*x.shape[:-1], N))
-    # the low-rank down-projection t [M, r], computed once, as the reference computes it
-    x_s = x2 if smooth is None or l2 is None else x2 / smooth.to(x.dtype)
-    t = lowrank_down(x_s, l2)
-    kernel = qgemv if M <= MAX_ROWS else qgemm
-    return kernel(x2, q, t, l1, smooth, bias).reshape(*x.shape[:-1], N)
+def run(x2: torch.Tensor, q: QTensor, l1, l2, smooth, bias) -> torch.Tensor:
+    """y [M, N] for x2 [M, K] (M > 0) with the GEMV (M <= 16) or the GEMM, inputs already checked."""
+    # x smoothed once, and the low-rank down-projection t [M, r], as the reference computes them
+    x_s = x2 if smooth is None else x2 / smooth.to(x2.dtype)  # x_s: [M, K]
+    kernel = qgemv if x2.shape[0] <= MAX_ROWS else qgemm
+    return kernel(x_s, q, lowrank_down(x_s, l2), l1, bias)
 
 
-def qlinear_w8a8(
-    x: torch.Tensor,
-    q: QTensor,
-    l1: torch.Tensor | None = None,
-    l2: torch.Tensor | None = None,
-    smooth: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`qlinear` with per-token FP8 activations for FP8 E4M3 weights at M > 16 where FP8 tl.dot runs."""
-    x2 = _prepare(x, q, l1, l2, smooth, bias)
-    M, N = x2.shape[0], q.shape[0]
-    if M <= MAX_ROWS or not triton_fp8.w8a8_applies(q, x.device):
-        return qlinear(x, q, l1, l2, smooth, bias)
-    x_s = x2 if smooth is None else x2 / smooth.to(x.dtype)  # x_s: [M, K]
-    y = triton_fp8.w8a8_gemm(x_s, q, lowrank_down(x_s, l2), l1, bias)
-    return y.reshape(*x.shape[:-1], N)
+def _run_w8a8(x2: torch.Tensor, q: QTensor, l1, l2, smooth, bias) -> torch.Tensor:
+    """`run` with per-token FP8 activations where the W8A8 GEMM applies (M > 16, FP8 E4M3 weights)."""
+    if x2.shape[0] <= MAX_ROWS or not triton_fp8.w8a8_applies(q, x2.device):
+        return run(x2, q, l1, l2, smooth, bias)
+    x_s = x2 if smooth is None else x2 / smooth.to(x2.dtype)  # x_s: [M, K]
+    return triton_fp8.w8a8_gemm(x_s, q, lowrank_down(x_s, l2), l1, bias)
+
+
+def _entry(rows_fn, doc: str):
+    """The public form of rows_fn: check, flatten x [..., K] to rows, run, restore the leading dims."""
+
+    def call(x: torch.Tensor, q: QTensor, l1=None, l2=None, smooth=None, bias=None) -> torch.Tensor:
+        x2 = _checked_rows(x, q, l1, l2, smooth, bias)  # x2: [M, K]
+        if x2.shape[0] == 0:
+            return x.new_empty((*x.shape[:-1], q.shape[0]))
+        return rows_fn(x2, q, l1, l2, smooth, bias).reshape(*x.shape[:-1], q.shape[0])
+
+    call.__doc__ = doc
+    return call
+
+
+qlinear = _entry(run, "y [..., N] = (x / smooth) @ dequantize(q).T + ((x / smooth) @ l2.T) @ l1.T + bias.")
+qlinear_w8a8 = _entry(_run_w8a8, "`qlinear` with per-token FP8 activations for FP8 E4M3 weights (M > 16).")

@@ -19,7 +19,7 @@ from tests.kernels.test_kernels_triton import (
 
 triton = pytest.importorskip("triton")
 
-from lowbit.kernels import layout, prepared, reference, triton_decode  # noqa: E402
+from lowbit.kernels import layout, prepared, reference, triton_decode, triton_large  # noqa: E402
 from lowbit.kernels.trace import count_launches  # noqa: E402
 from lowbit.quantizers import QuantSpec, dequantize, quantize, unpack_codes  # noqa: E402
 
@@ -46,21 +46,31 @@ def run_decode(x, q, l1, l2, smooth, bias):
     """The decode kernel on x [M, K] into an output pre-filled with NaN."""
     dw = layout.prepare_decode(q, x.dtype)
     inv = None if smooth is None else 1.0 / smooth.float()
-    config = triton_decode.decode_config(x.shape[0], N, K, dw.tile, 0 if l1 is None else l1.shape[1], 4)
+    rank, smoothed = 0 if l1 is None else l1.shape[1], smooth is not None
+    # 16 SMs: two programs per SM split K at every row count here up to 256
+    config = triton_decode.decode_config(x.shape[0], N, K, dw.tile, dw.group_size, rank, smoothed, 16)
     out = torch.full((x.shape[0], N), float("nan"), dtype=x.dtype)
     assert triton_decode.decode(x, dw, l1, l2, inv, bias, config, out=out) is out
     return out
 
 
-def test_packed_words_hold_every_code_where_the_kernel_reads_it():
+@pytest.mark.parametrize("fmt", ["int", "nf"])
+def test_packed_words_hold_every_code_where_the_kernel_reads_it(fmt):
+    """INT: column slot * W + w in nibble NIBBLE_OF_SLOT[slot] of word w; NF: the two columns of one
+    output register (words w, w + 1 of a pair, same slot) in the two nibbles of one byte."""
     q = quantize(torch.randn(N, K), QuantSpec("int4", 64))
     codes = unpack_codes(q)
     for tile in (32, 64, 128):
-        words = layout.pack_words(codes, tile).long() & 0xFFFFFFFF  # [N, Kp / 8]
+        width = tile // 8
+        words = layout.pack_words(codes, tile, fmt).long() & 0xFFFFFFFF  # [N, Kp / 8]
         col = torch.arange(K)
-        word = col // tile * (tile // 8) + col % (tile // 8)
-        nibble = torch.tensor(layout.NIBBLE_OF_SLOT)[col % tile // (tile // 8)]
-        assert torch.equal((words[:, word] >> (4 * nibble)) & 0xF, codes.long())
+        w, j = col % width, torch.tensor(layout.NIBBLE_OF_SLOT)[col % tile // width]
+        if fmt == "nf":
+            w, nibble = w - w % 2 + j // 4, 2 * (j % 4) + w % 2
+        else:
+            nibble = j
+        got = (words[:, col // tile * width + w] >> (4 * nibble)) & 0xF
+        assert torch.equal(got, codes.long())
 
 
 def test_decode_tile_takes_groups_that_tile_k():
@@ -87,7 +97,10 @@ CASES = [  # (spec, dtype, M, rank, smooth, bias)
     (QuantSpec("nf4", 64), torch.bfloat16, 1, 16, False, True),
     (QuantSpec("nf4", 64, double_quant=True), torch.float16, 5, 0, True, False),
     (QuantSpec("nf4", 128), torch.bfloat16, 32, 0, False, False),
-    (QuantSpec("int4", 64), torch.bfloat16, 64, 8, True, True),
+    (QuantSpec("int4", 64), torch.bfloat16, 64, 8, True, True),  # weights scaled (SCALE_W)
+    (QuantSpec("nf4", 64), torch.bfloat16, 100, 16, True, True),  # two row tiles, split K
+    # five row tiles, one K range (as in the 65-row prepared layer below, on 4 SMs)
+    pytest.param(QuantSpec("int4", 128), torch.float16, 300, 8, False, True, marks=pytest.mark.slow),
 ]
 
 
@@ -112,7 +125,7 @@ def test_one_hot_rows_read_back_every_int_weight_exactly():
     assert torch.equal(run_decode(x, q, None, None, None, None), dequantize(q, torch.float16)[:, cols].T)
 
 
-@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("m", [1, 5, 33, 65])
 def test_a_prepared_layer_launches_one_kernel_per_call(m):
     q, *parts = make_layer(QuantSpec("int4", 128), 8, True, True, torch.bfloat16)
     layer = prepared.Prepared(q, *parts)
@@ -120,6 +133,24 @@ def test_a_prepared_layer_launches_one_kernel_per_call(m):
     y = layer(x)  # first call: layout, configuration, scratch
     assert relative_error(y.reshape(-1, N), x.reshape(-1, K), q, *parts) <= TOL[torch.bfloat16]
     assert count_launches(lambda: layer(x)) == 1
+
+
+LARGE_SPECS = [QuantSpec("int3", 128), QuantSpec("nf4", 64, double_quant=True), QuantSpec("fp8_e4m3", None)]
+
+
+@pytest.mark.parametrize("spec", LARGE_SPECS, ids=case_id)
+def test_large_rows_fold_the_weight_and_run_one_matmul(spec, monkeypatch):
+    """From the crossover (lowered here to 33 rows): W' = (dequantize(Q) + L1 L2) / smooth in one launch,
+    then one matmul with the bias (two launches), within the tolerance of the other paths."""
+    q, *parts = make_layer(spec, 8, True, True, torch.bfloat16)
+    monkeypatch.setitem(triton_large.CROSSOVER_M, spec.format, 33)
+    monkeypatch.setattr(triton_large, "DEFAULT_CROSSOVER_M", 33)
+    layer = prepared.Prepared(q, *parts)
+    x = torch.randn(40, K).to(torch.bfloat16)
+    y = layer(x)
+    assert relative_error(y, x, q, *parts) <= TOL[torch.bfloat16]
+    assert count_launches(lambda: layer(x)) == 2
+    assert triton_large.crossover(q) == 33
 
 
 def test_kernel_cache_forward_takes_every_path():

@@ -127,7 +127,7 @@ def run_kernel(x, q, l1, l2, smooth, bias, **kw):
     t = None if l2 is None else x_s @ l2.T
     out = torch.full((x.shape[0], N), float("nan"), dtype=x.dtype)
     kernel = triton_gemv.qgemv if x.shape[0] <= triton_gemv.MAX_ROWS else triton_gemm.qgemm
-    y = kernel(x, q, t, l1, smooth, bias, out=out, **kw)
+    y = kernel(x_s, q, t, l1, bias, out=out, **kw)  # the caller smooths x once
     assert y is out
     return y
 
@@ -203,9 +203,10 @@ def test_gemv_split_k(split_k):
 def test_gemm_takes_few_rows_and_gemv_takes_sixteen():
     q, *parts = make_case(QuantSpec("nf3", 128), 4, True, True)
     x = rand_x(16)
-    t = (x / parts[2]) @ parts[1].T
+    x_s = x / parts[2]
+    t = x_s @ parts[1].T
     for kernel, rows in ((triton_gemm.qgemm, x[:3]), (triton_gemv.qgemv, x)):
-        y = kernel(rows, q, t[: len(rows)], parts[0], parts[2], parts[3])
+        y = kernel(x_s[: len(rows)], q, t[: len(rows)], parts[0], parts[3])
         assert relative_error(y, rows, q, *parts) <= TOL[torch.float32]
     with pytest.raises(KernelInputError, match="at most 16 rows"):
         triton_gemv.qgemv(rand_x(17), q)
@@ -377,7 +378,7 @@ COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lowbit.kernels import triton_decode, triton_fp8, triton_gemm, triton_gemv
+from lowbit.kernels import triton_decode, triton_fp8, triton_gemm, triton_gemv, triton_large
 
 # pointer element types; every other pointer points to bf16 (activations, factors, bias, output)
 POINTERS = dict(codes_ptr="*u8", scales_ptr="*u8", zeros_ptr="*u8", dq_absmax_ptr="*fp32", lut_ptr="*fp32",
@@ -409,16 +410,19 @@ fp8 = dict(INT3_DQ, PER_CHANNEL=True, GROUP_SIZE=None, DOUBLE_QUANT=False, dq_ab
 fp8_tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
 compile_kernel(triton_fp8._w8a8_gemm_kernel, dict(fp8, **fp8_tile), 90, 8)
 # the decode kernel, inline PTX included: 4-bit INT with every epilogue part, and NF4
-DECODE = dict(FMT="int", EVEN_K=False, USE_ASM=True, MAGIC_VALUE=128, GROUP_SIZE=128, HAS_SMOOTH=True,
-              HAS_LOWRANK=True, HAS_BIAS=True, DOT_IEEE=False, BLOCK_M=16, BLOCK_N=128, TILE=128, BLOCK_R=64,
-              SPLIT_K=4, T_PROGS=4, T_BLOCK_K=512, lut_ptr=None)
+DECODE = dict(FMT="int", EVEN_K=False, USE_ASM=True, MAGIC_VALUE=128, GROUP_SIZE=128, SCALE_W=False,
+              HAS_SMOOTH=True, HAS_LOWRANK=True, HAS_BIAS=True, DOT_IEEE=False, BLOCK_M=16, BLOCK_N=128,
+              TILE=128, BLOCK_R=64, SPLIT_K=4, T_PROGS=4, T_BLOCK_K=512, lut_ptr=None)
 DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", inv_smooth_ptr="*fp32", ws_ptr="*fp32",
                        lut_ptr="*i32", t_ptr="*fp32", lock_ptr="*i32")
+NF_POINTERS = dict(DECODE_POINTERS, offsets_ptr="*i64")
 for arch in (80, 90):
     compile_kernel(triton_decode._decode_kernel, DECODE, arch, 4, DECODE_POINTERS)
-nf4 = dict(DECODE, FMT="nf", USE_ASM=False, GROUP_SIZE=64, TILE=64, BLOCK_M=32)
+nf4 = dict(DECODE, FMT="nf", GROUP_SIZE=64, BLOCK_M=64, SCALE_W=True)
 del nf4["lut_ptr"]
-compile_kernel(triton_decode._decode_kernel, nf4, 90, 4, DECODE_POINTERS)
+compile_kernel(triton_decode._decode_kernel, nf4, 90, 4, NF_POINTERS)
+fold = dict(INT3_DQ, BLOCK_N=64, BLOCK_K=64)
+compile_kernel(triton_large._fold_kernel, fold, 90, 4, dict(POINTERS, inv_smooth_ptr="*fp32"))
 print("compiled")
 """
 

@@ -1,0 +1,166 @@
+"""Dequantization of the decode layout (`lowbit.kernels.layout`) in registers, for the split-K kernel.
+
+A K tile of one row block is int32 words [BLOCK_N, TILE / 8]; it becomes eight [BLOCK_N, TILE / 8]
+tensors o_j in the activation dtype (INT: c - z, NF: codebook[c]) that the kernel lays side by side
+(`columns`). Compiled code runs inline PTX on pairs of words (Triton's `pack=2`: the two 16-bit
+values of one output register are elements w and w + 1 of o_j, the K-adjacent pair a tensor-core
+operand register holds):
+
+- INT: `prmt` joins the low (high) halves of the two words, then per nibble a shift and a `lop3`
+  ((t & 0x000F000F) | MAGIC: the magic-number trick, exactly MAGIC + c) and one packed fma adding
+  -(MAGIC + z): 1.5 instructions per weight.
+- NF: the layout puts the two codes of one output register in one byte, so a byte indexes the
+  256-entry pair table (`layout.pair_table`, L1-resident) whose entry is that register: `prmt`
+  (the byte), `mad.wide` (its address), one load: 1.5 instructions per weight.
+
+The interpreter (and `USE_ASM=False`) runs the same arithmetic in plain Triton.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# eight codes of two words -> eight bf16x2 (fp16x2) pairs (code - (MAGIC + z)); nibble j takes the
+# offsets operand j % 4 (the K tile may span up to four groups); fma by 1.0: sub.bf16x2 needs sm_90
+_INT_ASM = """{
+.reg .b32 t, u, one;
+mov.b32 one, ONE;
+prmt.b32 t, $8, $9, 0x5410;
+prmt.b32 u, $8, $9, 0x7632;
+""" + "".join(
+    ("shr.b32 t, t, 4;\nshr.b32 u, u, 4;\n" if j else "")
+    + f"lop3.b32 ${j}, t, 0x000F000F, MAGIC, 0xEA;\nlop3.b32 ${j + 4}, u, 0x000F000F, MAGIC, 0xEA;\n"
+    for j in range(4)
+) + "".join(f"fma.rn.OP ${j}, ${j}, one, ${10 + j % 4};\n" for j in range(8)) + "}"
+
+# output register j: the pair-table entry of byte j % 4 of word w (j < 4) or w + 1 (j >= 4)
+_NF_ASM = "{\n.reg .b32 i;\n.reg .b64 a;\n" + "".join(
+    f"prmt.b32 i, ${8 + j // 4}, 0, 0x444{j % 4};\nmad.wide.u32 a, i, 4, $10;\nld.global.nc.b32 ${j}, [a];\n"
+    for j in range(8)
+) + "}"
+
+
+def _int_asm(one: str, magic: str, op: str) -> tl.constexpr:
+    return tl.constexpr(_INT_ASM.replace("ONE", one).replace("MAGIC", magic).replace("OP", op))
+
+
+INT_ASM_BF16 = _int_asm("0x3F803F80", "0x43004300", "bf16x2")
+INT_ASM_F16 = _int_asm("0x3C003C00", "0x64006400", "f16x2")
+NF_ASM = tl.constexpr(_NF_ASM)
+
+
+@triton.jit
+def _int_nibbles_asm(words, f0, f1, f2, f3, dtype: tl.constexpr):
+    """Eight [BN, KT / 8] tensors: nibble j of every word plus offsets f(j % 4) [BN, KT / 8], in `dtype`."""
+    cons: tl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r"
+    args = [words, f0, f1, f2, f3]
+    if dtype == tl.bfloat16:
+        out = tl.inline_asm_elementwise(INT_ASM_BF16, cons, args, (tl.bfloat16,) * 8, True, 2)
+    else:
+        out = tl.inline_asm_elementwise(INT_ASM_F16, cons, args, (tl.float16,) * 8, True, 2)
+    return out
+
+
+@triton.jit
+def _nf_asm(words, base, dtype: tl.constexpr):
+    """Eight [BN, KT / 8] tensors o_j of NF words (layout `placement`), base: the pair table's address."""
+    cons: tl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r,r,r,l,l"
+    if dtype == tl.bfloat16:
+        out = tl.inline_asm_elementwise(NF_ASM, cons, [words, base], (tl.bfloat16,) * 8, True, 2)
+    else:
+        out = tl.inline_asm_elementwise(NF_ASM, cons, [words, base], (tl.float16,) * 8, True, 2)
+    return out
+
+
+@triton.jit
+def _int_nibble(words, offsets, SHIFT: tl.constexpr, MAGIC_VALUE: tl.constexpr, dtype: tl.constexpr):
+    """(MAGIC + nibble) + offsets = c - z, exactly, as the inline PTX computes it."""
+    c = ((words >> SHIFT) & 0xF) + MAGIC_VALUE
+    return (c.to(tl.float32) + offsets.to(tl.float32)[:, None]).to(dtype)
+
+
+@triton.jit
+def _nf_pair(lut_ptr, words, SHIFT: tl.constexpr, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+             WORDS: tl.constexpr):  # fmt: skip
+    """o [BN, WORDS]: o[:, 2p], o[:, 2p + 1] = both codes of byte SHIFT / 8 of words[:, 2p (+ 1)]."""
+    pair = tl.load(lut_ptr + ((words >> SHIFT) & 0xFF))  # int32 [BN, WORDS / 2]
+    lo = (pair & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+    hi = (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, WORDS))
+
+
+@triton.jit
+def dequant_tile(words, f0, f1, f2, f3, lut_ptr, FMT: tl.constexpr, USE_ASM: tl.constexpr,
+                 MAGIC_VALUE: tl.constexpr, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TILE: tl.constexpr):  # fmt: skip
+    """Unscaled weights of int32 words [BLOCK_N, TILE / 8], as eight [BLOCK_N, TILE / 8] tensors o_j
+    (see the module doc and `layout`): INT c - z, NF codebook[c] in `dtype`. f0..f3 [BLOCK_N] in dtype:
+    -(MAGIC + z) of the group of nibbles j with j % 4 = 0..3 (INT)."""
+    W: tl.constexpr = TILE // 8
+    if FMT == "nf":
+        if USE_ASM:
+            base = tl.broadcast_to(f0[:, None], (BLOCK_N, W))
+            o0, o1, o2, o3, o4, o5, o6, o7 = _nf_asm(words, base, dtype)
+        else:
+            even, odd = tl.split(tl.reshape(words, (BLOCK_N, W // 2, 2)))  # [BN, W / 2] each
+            o0 = _nf_pair(lut_ptr, even, 0, dtype, BLOCK_N, W)
+            o1 = _nf_pair(lut_ptr, even, 8, dtype, BLOCK_N, W)
+            o2 = _nf_pair(lut_ptr, even, 16, dtype, BLOCK_N, W)
+            o3 = _nf_pair(lut_ptr, even, 24, dtype, BLOCK_N, W)
+            o4 = _nf_pair(lut_ptr, odd, 0, dtype, BLOCK_N, W)
+            o5 = _nf_pair(lut_ptr, odd, 8, dtype, BLOCK_N, W)
+            o6 = _nf_pair(lut_ptr, odd, 16, dtype, BLOCK_N, W)
+            o7 = _nf_pair(lut_ptr, odd, 24, dtype, BLOCK_N, W)
+    elif USE_ASM:
+        shape: tl.constexpr = (BLOCK_N, W)
+        o0, o1, o2, o3, o4, o5, o6, o7 = _int_nibbles_asm(
+            words, tl.broadcast_to(f0[:, None], shape), tl.broadcast_to(f1[:, None], shape),
+            tl.broadcast_to(f2[:, None], shape), tl.broadcast_to(f3[:, None], shape), dtype,
+        )  # fmt: skip
+    else:
+        o0 = _int_nibble(words, f0, 0, MAGIC_VALUE, dtype)
+        o1 = _int_nibble(words, f1, 4, MAGIC_VALUE, dtype)
+        o2 = _int_nibble(words, f2, 8, MAGIC_VALUE, dtype)
+        o3 = _int_nibble(words, f3, 12, MAGIC_VALUE, dtype)
+        o4 = _int_nibble(words, f0, 16, MAGIC_VALUE, dtype)
+        o5 = _int_nibble(words, f1, 20, MAGIC_VALUE, dtype)
+        o6 = _int_nibble(words, f2, 24, MAGIC_VALUE, dtype)
+        o7 = _int_nibble(words, f3, 28, MAGIC_VALUE, dtype)
+    return o0, o1, o2, o3, o4, o5, o6, o7
+
+
+@triton.jit
+def group_rows(ptr, g, stride_gn, offs_n, GROUPS: tl.constexpr):
+    """Per-row values [BN] of the groups of nibbles j with j % 4 = 0..3 in a K tile starting in group g
+    (1, 2 or 4 groups a tile: nibble j's group by j % 4, see `layout`)."""
+    v0 = tl.load(ptr + g * stride_gn + offs_n)
+    v1 = v0
+    v2 = v0
+    v3 = v0
+    if GROUPS == 2:
+        v1 = tl.load(ptr + (g + 1) * stride_gn + offs_n)
+        v3 = v1
+    if GROUPS == 4:
+        v2 = tl.load(ptr + (g + 1) * stride_gn + offs_n)
+        v1 = tl.load(ptr + (g + 2) * stride_gn + offs_n)
+        v3 = tl.load(ptr + (g + 3) * stride_gn + offs_n)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def scaled(o, s, IN_FP32: tl.constexpr):
+    """o [BN, W] * s [BN] rounded to x's dtype (the product of s in that dtype and o, rounded once);
+    IN_FP32 (the interpreter, whose 16-bit arithmetic is not IEEE): computed in fp32."""
+    s = s.to(o.dtype)[:, None]
+    if IN_FP32:
+        return (o.to(tl.float32) * s.to(tl.float32)).to(o.dtype)
+    return o * s
+
+
+@triton.jit
+def columns(parts, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, SLOTS: tl.constexpr):
+    """The weight tile [BLOCK_N, SLOTS * WORDS] of a join tree of SLOTS nibble tensors [BLOCK_N, WORDS]
+    (flattened join order = slot order): column slot * WORDS + word, as `layout.pack_words` places it."""
+    w = tl.reshape(parts, (BLOCK_N, WORDS, SLOTS))
+    return tl.reshape(tl.permute(w, (0, 2, 1)), (BLOCK_N, SLOTS * WORDS))
