@@ -8,6 +8,10 @@ compressed block's outputs (GPTQ's sequential protocol). SVDQuant's smoothing of
 norm's output is shared per norm and folded into the norm's weight (`lowbit.compress.smoothing`); other
 layers keep their own in their QLinear. AWQ's scaling and clipping (`lowbit.compress.awq`) run on each
 block before its layers are rounded.
+
+The model is walked block by block in both cases, through a block provider (`lowbit.compress.blocks`):
+for a model in memory it does nothing; for a streamed job (`lowbit.compress.stream`) it reads each block
+from disk before its turn, and the job writes and frees it once it is compressed.
 """
 
 from __future__ import annotations
