@@ -224,7 +224,7 @@ def _read_state(path: Path, plan: dict, device: str, dtype: torch.dtype | None) 
                 got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
                 raise CheckpointError(f"tensor {key} is {got}; the plan expects {shape} {field_dtype}")
             quantized.add(key)
-    check_finite(state.items())
+    check_finite(state.items(), plan)
     if dtype is not None:
         state = {
             k: t.to(dtype) if t.is_floating_point() and k not in quantized else t for k, t in state.items()

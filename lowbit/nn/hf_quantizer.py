@@ -149,7 +149,7 @@ def _classes() -> tuple[type, type]:
             for name, m in model.named_modules():
                 if isinstance(m, QLinear):
                     try:
-                        check_finite((f"{name}.{k}", t) for k, t in m.state_dict().items())
+                        check_finite(((f"{name}.{k}", t) for k, t in m.state_dict().items()), {name})
                     except CheckpointError as e:
                         raise HfIntegrationError(str(e)) from None
             return model

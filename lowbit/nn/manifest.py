@@ -27,8 +27,6 @@ MAX_JSON_BYTES = 64 << 20  # a manifest or config.json larger than this is refus
 MAX_JSON_DEPTH = 32  # deeper nesting is refused (a manifest needs 5 levels, a config.json a few)
 # unlisted files with these endings would be read by transformers (weights, configs, tokenizers, code)
 READ_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".bin", ".py", ".tiktoken", ".pt")
-# quantized fields whose values must be finite (codes are integers; bias is the model's own)
-FINITE_FIELDS = ("scales", "zeros", "dq_absmax", "l1", "l2", "smooth")
 # config.json sizes that set allocations, each checked against the stored tensors before the model is built
 SIZE_KEYS = ("vocab_size", "hidden_size")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")  # a block's index: the first numeric part of a tensor name
@@ -233,11 +231,14 @@ def check_config_sizes(config: dict, header: dict, plan: dict) -> None:
             raise CheckpointError(f"config.json {key} {v!r} matches no stored tensor's size")
 
 
-def check_finite(tensors) -> None:
-    """Every scale, zero point, second-level scale, low-rank factor and smoothing vector among the
-    (name, tensor) pairs `tensors` is finite."""
+def check_finite(tensors, layers) -> None:
+    """Every floating-point tensor that a quantized layer stores among the (name, tensor) pairs `tensors`
+    (scales, zero points, second-level scales, a format family's own per-group tensor, low-rank factors,
+    smoothing) is finite; layers: the quantized layers' names. Codes are integers; the bias is the
+    model's own."""
     for name, t in tensors:
-        if name.rpartition(".")[2] in FINITE_FIELDS and t.is_floating_point() and not t.isfinite().all():
+        layer, _, field = name.rpartition(".")
+        if layer in layers and field != "bias" and t.is_floating_point() and not t.isfinite().all():
             raise CheckpointError(f"tensor {name} holds NaN or infinite values; the checkpoint is corrupt")
 
 

@@ -175,3 +175,15 @@ def test_a_hub_cache_snapshot_linking_to_its_blobs_loads(saved, tmp_path):
     ids = torch.arange(1, 6)[None]
     with torch.no_grad():
         assert torch.equal(load(snapshot)(ids).logits, load(saved)(ids).logits)
+
+
+def test_every_floating_tensor_of_a_quantized_layer_must_be_finite():
+    from lowbit.nn.manifest import check_finite
+
+    nan = torch.tensor([1.0, float("nan")])
+    layers = {"model.layers.0.mlp.up_proj"}
+    # a format family's own per-group tensor is checked like the scales; the bias and others are not
+    with pytest.raises(CheckpointError, match="up_proj.codebook holds NaN"):
+        check_finite([("model.layers.0.mlp.up_proj.codebook", nan)], layers)
+    check_finite([("model.layers.0.mlp.up_proj.bias", nan), ("model.norm.weight", nan)], layers)
+    check_finite([("model.layers.0.mlp.up_proj.codes", torch.tensor([3], dtype=torch.uint8))], layers)
