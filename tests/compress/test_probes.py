@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lowbit.calibration import calibrate
+from lowbit.cli import BUDGET_PRESET, build_parser, resolve_recipe
 from lowbit.compress import budget
 from lowbit.compress.allocate import Candidate, ErrorTable, error_table
 from lowbit.compress.budget import compress_to_budgets, scaling_stage
@@ -162,3 +163,13 @@ def test_recipe_allows_scaling_with_a_budget_without_clip():
         Recipe.from_dict({"decompose": {"method": "svdquant"}, "allocate": {"check": True}})
     with pytest.raises(RecipeError, match="probes"):
         Recipe.from_dict({"allocate": {"probes": -1}})
+
+
+def test_cli_budget_without_a_preset_takes_the_budget_recipe():
+    def recipe(*argv):
+        return resolve_recipe(build_parser().parse_args(["compress", "--out", "x", *argv]))
+
+    assert recipe("--budget", "3") == preset(BUDGET_PRESET)
+    assert recipe("--budgets", "3,3.5") == preset(BUDGET_PRESET)
+    assert recipe() == preset("int4-g128")
+    assert recipe("--budget", "3", "--preset", "alloc-int") == preset("alloc-int")
