@@ -304,8 +304,9 @@ def compress_to_budgets(
     linears = select_linears(model, recipe)
     recipe = with_budget(recipe, budgets[0])  # so that needs_calibration() sees the allocation
     a = recipe.allocate
-    reads = a.probes or a.check or not work.path("calibration.safetensors").is_file()
-    if recipe.needs_calibration() and calib_data is None and reads:
+    # probes and the check read the token blocks themselves; the statistics only when not yet saved
+    saved = work.path("calibration.safetensors").is_file()
+    if calib_data is None and (a.probes or a.check or (recipe.needs_calibration() and not saved)):
         calib_data = calibration_data(recipe, tokenizer)
     scaling_stage(model, linears, recipe, calib_data, work, progress)
     stats = calibration_stage(model, linears, recipe, calib_data, work, progress)
