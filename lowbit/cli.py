@@ -26,6 +26,8 @@ from lowbit.parallel import launched_size
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "builtin:lee-news"
+DEFAULT_PRESET = "int4-g128"
+BUDGET_PRESET = "alloc-awq"  # the best budget recipe measured (docs/benchmarks.md)
 
 
 def _positive(minimum: int):
@@ -70,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"built-in name, local folder/.gguf or hub id (default {DEFAULT_MODEL})",
     )
     c.add_argument("--recipe", help="recipe file (.yaml/.json); see lowbit.compress.recipe")
-    c.add_argument("--preset", help=f"named recipe: {', '.join(PRESETS)} (default int4-g128)")
+    c.add_argument(
+        "--preset",
+        help=f"named recipe: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; {BUDGET_PRESET} with a budget)",
+    )
     c.add_argument(
         "--data", help=f"calibration (and --eval) text source (default: the recipe's, {DEFAULT_DATA})"
     )
@@ -142,17 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def preset_name(args: argparse.Namespace) -> str:
+    """--preset, or the default: the best measured budget recipe with --budget(s), int4-g128 without."""
+    budget = getattr(args, "budget", None) is not None or getattr(args, "budgets", None)
+    return args.preset or (BUDGET_PRESET if budget else DEFAULT_PRESET)
+
+
 def resolve_recipe(args: argparse.Namespace) -> Recipe:
     if args.recipe and args.preset:
         raise ValueError("give either --recipe or --preset, not both")
-    return load_recipe(args.recipe) if args.recipe else preset(args.preset or "int4-g128")
+    return load_recipe(args.recipe) if args.recipe else preset(preset_name(args))
 
 
 def calibration_args(args: argparse.Namespace, recipe: Recipe, budgets: list[float] | None) -> dict:
     """compress()'s data / samples / seq_len from --data, --samples, --seq-len; refused when unused."""
     evaluates = args.eval or len(budgets or []) > 1
     uses = calibrates(with_budget(recipe, budgets[0]) if budgets else recipe)
-    name = f"--recipe {args.recipe}" if args.recipe else f"--preset {args.preset or 'int4-g128'}"
+    name = f"--recipe {args.recipe}" if args.recipe else f"--preset {preset_name(args)}"
     unused = "reads no calibration data (no GPTQ, SVDQuant, Fisher weights or fine-tuning)"
     for flag, value in (("--samples", args.samples), ("--seq-len", args.seq_len)):
         if value is not None and not uses:

@@ -3,7 +3,8 @@
 Usage:
     python scripts/quality.py [--model smollm2-135m] [--data builtin:lee-news] [--samples 32]
         [--seq-len 512] [--eval-tokens N] [--eval SOURCE,...] [--awq KEY=VALUE,...] [--skip-original]
-        [--only NAME[:SPEC],...] [--json results.json]
+        [--only NAME[:SPEC],...] [--budgets B,...] [--budget-recipes PRESET,...] [--work-dir DIR]
+        [--json results.json]
 
 Each row: method, spec, rank, bits per weight of the quantized layers (codes, scales, zeros and low-rank
 factors counted), perplexity on the held-out part of each --eval source (default: --data; the held-out
@@ -12,14 +13,19 @@ take the recipe's `scaling` section with the --awq overrides (e.g. `objective=la
 see `lowbit.compress.recipe.ScalingConfig`). --skip-original leaves out the uncompressed model's row. The
 model
 is loaded once and deep-copied for every row; one set of calibration blocks is shared by every row that
-needs calibration.
+needs calibration. --budgets adds a row per budget and budget preset (`--budget-recipes`, default
+alloc-awq; `--only` with no method row runs them alone), sharing one work area per preset so that the
+budgets reuse one calibration and error table; each budget row's time is its own share (the first
+includes the calibration and the table; --work-dir keeps the work areas there, reused by a later run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import tempfile
 import time
 
 import yaml
@@ -88,6 +94,9 @@ def main() -> None:
     p.add_argument(
         "--only", default=None, help="comma-separated rows to run: method, or method:spec (gptq:int2-g64)"
     )
+    p.add_argument("--budgets", default="", help="comma-separated bits-per-weight budgets")
+    p.add_argument("--budget-recipes", default="alloc-awq", help="comma-separated budget presets")
+    p.add_argument("--work-dir", default=None, help="work areas of the budget rows (default: temporary)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
 
@@ -139,6 +148,42 @@ def main() -> None:
         cells = " ".join(f"{v:>18.3f}" for v in ppl.values())
         print(f"{name:<16} {spec:<14} {row['rank']:>4} {row['bpw']:>6.2f} {cells} {row['seconds']:>7}")
         del model
+    for name in args.budget_recipes.split(",") if args.budgets else ():
+        with (
+            contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory() as work
+        ):
+            for b in (float(b) for b in args.budgets.split(",")):
+                t0 = time.perf_counter()
+                model, report = compress(
+                    copy.deepcopy(base),
+                    name,
+                    budget=b,
+                    tokenizer=tok,
+                    calib_data=blocks[:16],
+                    work_dir=work,
+                    progress=False,
+                )
+                seconds = round(time.perf_counter() - t0, 1)
+                ppl = perplexities(model)
+                r = report.budgets[0]
+                row = dict(
+                    method=f"{name}@{b:g}",
+                    spec="allocated",
+                    rank=0,
+                    bpw=report.bits_per_weight,
+                    ppl=ppl,
+                    seconds=seconds,
+                    fallback=r.get("fallback"),
+                    losses=r.get("losses"),
+                )
+                rows.append(row)
+                cells = " ".join(f"{v:>18.3f}" for v in ppl.values())
+                spec = r.get("fallback") or "allocated"
+                print(
+                    f"{row['method']:<16} {spec:<14} {0:>4} {row['bpw']:>6.2f} {cells} {seconds:>7}",
+                    flush=True,
+                )
+                del model
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -199,6 +199,8 @@ class ActivationScaling:
         self.recorder = BlockRecorder(max(0, samples - first))
         self.recorder.attach(self.blocks[start])  # the first block this run calibrates
         self.alphas: dict[str, float] = {}
+        # the folded scales s [K], "norm:<norm>" or "previous:<layer>", for `apply_scales` to replay
+        self.scales: dict[str, torch.Tensor] = {}
 
     def __call__(self, index: int, block: nn.Module, block_stats: dict) -> None:
         """Scale, fold and clip the block's layers in place; rescale their entries of block_stats."""
@@ -218,6 +220,7 @@ class ActivationScaling:
             s = awq_scales(s_x, alpha)
             if alpha == 0 or not fold_group(self.model, norm, self.readers, members, s, self.teacher):
                 continue
+            self.scales[f"norm:{norm}"] = s
             for name, m in zip(members, mods, strict=True):
                 _scale(m, s, 1)
                 block_stats[name] = scaled_stats(block_stats[name], s)
@@ -267,6 +270,7 @@ class ActivationScaling:
                 m.load_state_dict(sd)
             return
         self.alphas[name] = alpha
+        self.scales[f"previous:{name}"] = s
         block_stats[name] = scaled_stats(block_stats[name], s)
         if self.teacher is not None:
             _scale(self.teacher.get_submodule(name), s, 1)
@@ -290,6 +294,24 @@ def _scale(m: nn.Linear, s: torch.Tensor, dim: int) -> None:
     m.weight.data = (m.weight.data.float() * (s[None, :] if dim else s[:, None])).to(m.weight.dtype)
     if dim == 0 and m.bias is not None:
         m.bias.data = (m.bias.data.float() * s).to(m.bias.dtype)
+
+
+@torch.no_grad()
+def apply_scales(model: nn.Module, readers: dict, linears: dict, scales: dict[str, torch.Tensor]) -> None:
+    """Fold the scales an `ActivationScaling` stage chose (its `scales`) into a fresh copy of the model it
+    ran on: the same folds, in the same order, without the search."""
+    groups = norm_groups(model, readers, list(linears))
+    for key, s in scales.items():
+        kind, _, name = key.partition(":")
+        if kind == "norm":
+            if not fold_group(model, name, readers, groups[name], s):
+                raise ValueError(f"the saved scales of {name!r} do not fold into this model")
+            for member in groups[name]:
+                _scale(linears[member], s, 1)
+        else:
+            head, _, leaf = name.rpartition(".")
+            _scale(linears[name], s, 1)
+            _scale(model.get_submodule(f"{head}.{PREVIOUS[leaf]}"), 1 / s, 0)
 
 
 @contextmanager

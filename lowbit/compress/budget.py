@@ -5,7 +5,10 @@ The stages are resumable: calibration statistics, every layer's row of the error
 compressed layer are saved in a work area (`lowbit.compress.workarea`) as they finish, so a killed job
 resumes where it stopped and a new budget reuses the calibration and the error table. With SVDQuant, the
 layers that read a norm's output share one smoothing vector per norm, folded into it, as in the uniform
-path (`smoothing_stage`).
+path (`smoothing_stage`). With a `scaling` section, AWQ's scales are searched once on the float model and
+folded before the statistics and the error table (`scaling_stage`), so every candidate is measured, and
+rounded, on the scaled weights. `allocate.probes` rescales the table by measured probes and
+`allocate.check` keeps the best uniform spec when the allocation is worse (`lowbit.compress.probes`).
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.calibration import CalibrationStats, calibrate
+from lowbit.calibration import CalibrationStats, calibrate, calibrate_sequential
 from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
+from lowbit.compress.awq import activation_scaling, apply_scales
 from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
+from lowbit.compress.probes import best_uniform, corrected, loss_with, probe_factors
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups
 from lowbit.compress.uniform import calibration_data, finetune_stage, select_linears
@@ -86,6 +92,34 @@ class BudgetResult:
     solve_seconds: float
     out: str | None = None
     work_bytes: int = 0
+    fallback: str | None = None
+    losses: dict | None = None
+
+
+def readers_of(model: nn.Module) -> dict:
+    """`norm_readers` of the model, traced on 16 token ids."""
+    n_vocab = model.get_input_embeddings().num_embeddings
+    return norm_readers(
+        model, (torch.arange(16) % n_vocab)[None].to(model.get_input_embeddings().weight.device)
+    )
+
+
+@torch.no_grad()
+def scaling_stage(model, linears, recipe: Recipe, calib_data, work: WorkArea, progress) -> None:
+    """AWQ's scales (`lowbit.compress.awq`) searched once per norm group (and per up -> down, v -> o pair)
+    on the float model, for quantize's spec, and folded in place; saved, and replayed on a resumed job."""
+    if recipe.scaling.method == "none":
+        return
+    path, readers = work.path("scaling.safetensors"), readers_of(model)
+    if path.is_file():
+        apply_scales(model, readers, linears, load_file(path))
+        return
+    with activation_scaling(model, readers, linears, recipe) as stage:
+        names = list(linears)
+        calibrate_sequential(model, calib_data, layers=names, on_block=stage, keep=False, progress=progress)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.float().contiguous() for k, v in stage.scales.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def calibration_stage(
@@ -147,13 +181,49 @@ def table_stage(linears, recipe: Recipe, stats: dict[str, Stats], work: WorkArea
     return table
 
 
-def allocation_stage(table: ErrorTable, recipe: Recipe, budget: float):
-    """The ILP (or greedy) choice of one candidate per layer under `budget` bits per weight."""
+def probe_stage(model, linears, table: ErrorTable, recipe: Recipe, calib_data, work: WorkArea) -> ErrorTable:
+    """The table rescaled by `allocate.probes` measured probes (`lowbit.compress.probes`), on the first 4
+    calibration blocks; the factors are saved."""
+    if not recipe.allocate.probes:
+        return table
+    saved = work.load("probe_factors.safetensors")
+    if saved is None:
+        k = probe_factors(model, linears, table, calib_data[:4], recipe.allocate.probes)
+        saved = {"factors": torch.from_numpy(k)}, {}
+        work.save("probe_factors.safetensors", *saved)
+    return corrected(table, saved[0]["factors"].numpy())
+
+
+def allowed_mask(table: ErrorTable, recipe: Recipe) -> np.ndarray:
     a = recipe.allocate
     forbid = [(f["match"], {k: v for k, v in f.items() if k != "match"}) for f in a.forbid]
-    allowed = table.mask(pins=a.pins, forbid=forbid, min_bits=a.min_bits)
-    alloc = table.allocate(budget, allowed=allowed, solver=a.solver)
+    return table.mask(pins=a.pins, forbid=forbid, min_bits=a.min_bits)
+
+
+def allocation_stage(table: ErrorTable, recipe: Recipe, budget: float):
+    """The ILP (or greedy) choice of one candidate per layer under `budget` bits per weight."""
+    alloc = table.allocate(budget, allowed=allowed_mask(table, recipe), solver=recipe.allocate.solver)
     return table.plan(alloc), alloc
+
+
+def check_stage(model, linears, table, recipe, stats, work, budget, plan, qlinears, calib_data, progress):
+    """(plan, QLinears, fallback spec or None, losses): the allocated layers, or those of the best uniform
+    spec at no more bits when its calibration loss is lower (`lowbit.compress.probes`)."""
+    c = best_uniform(table, budget, allowed_mask(table, recipe))
+    if c is None:
+        return plan, qlinears, None, None
+    spec = table.candidates[c].spec.short()
+    uniform = {name: table.candidates[c] for name in linears}
+    tag = f"uniform-{spec}"
+    q_uniform = quantize_stage(linears, uniform, recipe, stats, work, tag, progress)
+    losses = {
+        "allocated": loss_with(model, qlinears, calib_data),
+        tag: loss_with(model, q_uniform, calib_data),
+    }
+    logger.info("budget %.3f: calibration loss %s", budget, losses)
+    if losses[tag] < losses["allocated"]:
+        return uniform, q_uniform, spec, losses
+    return plan, qlinears, None, losses
 
 
 @torch.no_grad()
@@ -168,9 +238,7 @@ def smoothing_stage(
     lambda. Returns ({layer: (lambda, folded)}, [(module, its state before the fold)]) so that the
     caller can undo the folds before the next budget.
     """
-    n_vocab = model.get_input_embeddings().num_embeddings
-    ids = (torch.arange(16) % n_vocab)[None].to(model.get_input_embeddings().weight.device)
-    readers = norm_readers(model, ids)
+    readers = readers_of(model)
     smooth, before = {}, []
     for norm, members in norm_groups(model, readers, linears).items():
         saved = work.load(f"{tag}/smoothing/{norm}.safetensors")
@@ -235,14 +303,15 @@ def compress_to_budgets(
     """
     linears = select_linears(model, recipe)
     recipe = with_budget(recipe, budgets[0])  # so that needs_calibration() sees the allocation
-    if (
-        recipe.needs_calibration()
-        and calib_data is None
-        and not work.path("calibration.safetensors").is_file()
-    ):
+    a = recipe.allocate
+    # probes and the check read the token blocks themselves; the statistics only when not yet saved
+    saved = work.path("calibration.safetensors").is_file()
+    if calib_data is None and (a.probes or a.check or (recipe.needs_calibration() and not saved)):
         calib_data = calibration_data(recipe, tokenizer)
+    scaling_stage(model, linears, recipe, calib_data, work, progress)
     stats = calibration_stage(model, linears, recipe, calib_data, work, progress)
     table = table_stage(linears, recipe, stats, work, progress)
+    table = probe_stage(model, linears, table, recipe, calib_data, work)
     teacher = copy.deepcopy(model) if recipe.finetune else None  # the original, before any swap
     results = []
     for i, (budget, out) in enumerate(zip(budgets, outs, strict=True)):
@@ -252,6 +321,10 @@ def compress_to_budgets(
         if METHODS[allocation_method(recipe)].shares_smoothing:
             smooth, before = smoothing_stage(model, linears, plan, stats, work, tag, teacher)
         qlinears = quantize_stage(linears, plan, recipe, stats, work, tag, progress, smooth)
+        fallback = losses = None
+        if a.check:
+            args = (budget, plan, qlinears, calib_data, progress)
+            plan, qlinears, fallback, losses = check_stage(model, linears, table, recipe, stats, work, *args)
         for name, q in qlinears.items():
             set_submodule(model, name, q)
         entries = {name: q.layer_plan() for name, q in qlinears.items()}
@@ -266,6 +339,8 @@ def compress_to_budgets(
             float(alloc.error),
             alloc.status,
             float(alloc.seconds),
+            fallback=fallback,
+            losses=losses,
         )
         if out is not None:
             used = with_budget(recipe, budget).to_dict()

@@ -14,7 +14,7 @@ A recipe file looks like this (every key optional; defaults shown)::
     allocate:            # per-layer format / bits / group / rank by ILP under `budget` bits per weight
       {budget: null, formats: [int, nf], bits: [2, 3, 4, 8], group_sizes: [32, 64, 128],
        ranks: [0, 8, 16, 32, 64], metric: fisher, rounding: null, solver: ilp,
-       pins: {}, forbid: [], min_bits: {}}                    # e.g. min_bits: {"*.down_proj": 4}
+       pins: {}, forbid: [], min_bits: {}, probes: 0, check: false}  # e.g. min_bits: {"*.down_proj": 4}
     finetune:            # optional: lora | peqa | l4q | lsq, lm or distill (see lowbit.compress.finetune)
       {mode: lora, objective: distill, steps: 100}
     exclude: ["lm_head"] # fnmatch patterns of layers left as they are
@@ -155,6 +155,11 @@ class AllocateConfig:
     allocation it picks scores perplexity 1392 where "fisher" scores 122 (round to nearest, both).
     rounding: how the error table is measured, None meaning quantize.rounding. "nearest" with a GPTQ
     recipe measures the table ~10x faster on a CPU; the chosen candidates are still rounded by GPTQ.
+    probes: decoder blocks per spec whose measured calibration-loss change rescales that spec's column of
+    the table (`lowbit.compress.probes`; 0: the table as measured). check: compare the allocated model's
+    calibration loss with the best uniform spec's at no more bits and keep the uniform plan when it wins.
+    With a `scaling` section the AWQ scales are searched once, for quantize's spec, and folded before the
+    table is measured, so every candidate is measured on the scaled weights.
     """
 
     budget: float | None = None
@@ -168,6 +173,8 @@ class AllocateConfig:
     pins: dict = field(default_factory=dict)
     forbid: tuple = ()
     min_bits: dict = field(default_factory=dict)
+    probes: int = 0
+    check: bool = False
 
     def __post_init__(self) -> None:
         for name in ("formats", "bits", "group_sizes", "ranks", "forbid"):
@@ -184,6 +191,8 @@ class AllocateConfig:
             raise RecipeError(
                 f"allocate.budget must be a positive number of bits per weight, got {self.budget}"
             )
+        if self.probes < 0:
+            raise RecipeError(f"allocate.probes must be >= 0, got {self.probes}")
         if not (self.formats and self.bits and self.group_sizes and self.ranks):
             raise RecipeError("allocate needs at least one format, bit width, group size and rank")
 
@@ -212,8 +221,10 @@ class Recipe:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     def __post_init__(self) -> None:
-        if self.scaling.method != "none" and self.allocate.budget is not None:
-            raise RecipeError("scaling runs with one setting for every layer: drop it or the budget")
+        if self.scaling.method != "none" and self.scaling.clip and self.allocate.budget is not None:
+            raise RecipeError("scaling with a budget needs scaling.clip false (the clip depends on the spec)")
+        if self.allocate.check and METHODS[self.decompose.method].shares_smoothing:
+            raise RecipeError("allocate.check cannot compare plans that fold SVDQuant smoothing into norms")
         if self.scaling.method != "none" and self.scaling.clip and self.decompose.rank:
             raise RecipeError("scaling.clip needs decompose.rank 0: the low-rank part keeps what it cuts")
 
@@ -319,6 +330,16 @@ ALLOCATE_INT = AllocateConfig(
 )
 ALLOC_QUANTIZE = QuantizeConfig(rounding="gptq")
 AWQ = ScalingConfig(method="awq")
+# The budget recipe built on activation-aware scaling: AWQ scales searched for int3-g128 (quantize's spec)
+# through the layers' Hessians and folded before the table; a low-bit grid with int3 at groups 32 / 64 and
+# nf3; the table rescaled by probes on 3 blocks; the result checked against the best uniform spec.
+ALLOC_AWQ = Recipe(
+    quantize=QuantizeConfig(format="int3", group_size=128, rounding="gptq"),
+    scaling=ScalingConfig(method="awq", objective="layers", clip=False),
+    allocate=replace(ALLOCATE_INT, formats=("int", "nf3"), group_sizes=(32, 64, 128), probes=3, check=True),
+    calibration=CalibrationConfig(samples=16),
+    decompose=DecomposeConfig("lorc"),
+)
 
 PRESETS: dict[str, Recipe] = {
     "int8": _preset("int8", None, symmetric=True),
@@ -349,6 +370,7 @@ PRESETS: dict[str, Recipe] = {
         calibration=CalibrationConfig(samples=16),
         decompose=DecomposeConfig("lorc"),
     ),
+    "alloc-awq": ALLOC_AWQ,
     "alloc-int-nf": Recipe(
         quantize=ALLOC_QUANTIZE,
         allocate=replace(ALLOCATE_INT, formats=("int", "nf")),

@@ -1,0 +1,175 @@
+"""The budget path with activation-aware scaling, probes and the uniform check (lowbit.compress.budget,
+lowbit.compress.probes), on a tiny random Llama whose norms make a few input channels outliers."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lowbit.calibration import calibrate
+from lowbit.cli import BUDGET_PRESET, build_parser, resolve_recipe
+from lowbit.compress import budget
+from lowbit.compress.allocate import Candidate, ErrorTable, error_table
+from lowbit.compress.budget import compress_to_budgets, scaling_stage
+from lowbit.compress.probes import best_uniform, calibration_loss, corrected, loss_with, probe_factors
+from lowbit.compress.recipe import Recipe, RecipeError, preset
+from lowbit.compress.uniform import select_linears
+from lowbit.compress.workarea import WorkArea
+from lowbit.lowrank import Stats
+from lowbit.quantizers import QuantSpec
+from lowbit.quantizers.clip import nearest
+from tests.compress.test_awq import CALIB, HELD_OUT, outlier_llama
+from tests.conftest import logits
+
+GRID = {"formats": ["int"], "bits": [2, 3, 4], "group_sizes": [64, 128], "ranks": [0]}
+SCALING = {"method": "awq", "objective": "layers", "grid": 5, "clip": False}
+
+
+def budget_recipe(**allocate) -> Recipe:
+    return Recipe.from_dict(
+        {
+            "quantize": {"format": "int3", "group_size": 128},
+            "scaling": SCALING,
+            "allocate": {**GRID, "budget": 3.0, "metric": "output", **allocate},
+            "calibration": {"samples": 8, "seq_len": 32},
+        }
+    )
+
+
+def test_scaling_stage_keeps_float_logits_and_replays_on_resume(tmp_path):
+    model = outlier_llama()
+    before = copy.deepcopy(model)
+    recipe = budget_recipe()
+    work = WorkArea(tmp_path, {"job": 1})
+    scaling_stage(model, select_linears(model, recipe), recipe, CALIB, work, progress=False)
+    ref, got = logits(before, HELD_OUT), logits(model, HELD_OUT)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert not torch.equal(
+        model.model.layers[0].input_layernorm.weight, before.model.layers[0].input_layernorm.weight
+    )
+    replay = copy.deepcopy(before)  # a resumed job: the saved scales, no search
+    scaling_stage(replay, select_linears(replay, recipe), recipe, None, work, progress=False)
+    for (name, p), q in zip(model.named_parameters(), replay.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_budget_path_with_scaling_is_closer_to_float_at_int3():
+    """Every candidate measured and rounded on the scaled weights: at a budget that buys int3-g128
+    everywhere the scaled model's logits are closer to the float model's than without scaling."""
+    original = outlier_llama()
+    errors = {}
+    for name, scaling in {"plain": {}, "awq": SCALING}.items():
+        recipe = Recipe.from_dict({**budget_recipe().to_dict(), "scaling": scaling})
+        model = copy.deepcopy(original)
+        with budget.work_area(None, recipe, None, None, restart=False) as work:
+            compress_to_budgets(model, recipe, [3.25], work, calib_data=CALIB, outs=[None], progress=False)
+        errors[name] = float((logits(model, HELD_OUT) - logits(original, HELD_OUT)).square().mean())
+    assert errors["awq"] < errors["plain"], errors
+
+
+def tiny_table(model, blocks=CALIB):
+    recipe = budget_recipe()
+    linears = select_linears(model, recipe)
+    specs = [QuantSpec(f"int{b}", group_size=64) for b in (2, 3, 4)]
+    cands = [Candidate(s) for s in specs]
+    cal = calibrate(model, blocks, stats=("hessian",), layers=list(linears), progress=False)
+    stats = {n: Stats(H=st.hessian_matrix()) for n, st in cal.layers.items()}
+    weights = {n: m.weight.detach().float() for n, m in linears.items()}
+    return linears, error_table(weights, cands, "none", stats=stats, metric="output")
+
+
+def test_probe_factors_match_measured_loss_and_restore_weights():
+    """With every block probed, the corrected table's summed error of a spec is the measured loss increase
+    of rounding every layer of each block to it, block by block; the weights are put back."""
+    model = outlier_llama()
+    linears, table = tiny_table(model)
+    before = {n: m.weight.clone() for n, m in linears.items()}
+    k = probe_factors(model, linears, table, CALIB[:4], probes=2)
+    for n, m in linears.items():
+        assert torch.equal(m.weight, before[n]), n
+    fixed = corrected(table, k)
+    base = calibration_loss(model, CALIB[:4])
+    c = 0  # int2-g64: a loss increase far above noise
+    measured = 0.0
+    for b in range(2):
+        rows = [n for n in linears if n.startswith(f"model.layers.{b}.")]
+        W0 = {n: linears[n].weight.data for n in rows}
+        for n in rows:
+            linears[n].weight.data = nearest(W0[n], table.candidates[c].spec)
+        measured += calibration_loss(model, CALIB[:4]) - base
+        for n in rows:
+            linears[n].weight.data = W0[n]
+    assert measured > 0
+    assert float(fixed.errors[:, c].sum()) == pytest.approx(measured, rel=1e-6)
+    assert all(k > 0)
+
+
+def test_best_uniform_fits_the_budget():
+    names, shapes = ["a", "b"], [(4, 128), (4, 128)]
+    cands = [Candidate(QuantSpec(f"int{b}", group_size=128)) for b in (2, 3, 4)] + [
+        Candidate(QuantSpec("int4", group_size=128), 8)
+    ]
+    sizes = np.array([[2 * 512 + 256, 3 * 512 + 256, 4 * 512 + 256, 99999]] * 2)
+    table = ErrorTable(names, shapes, cands, np.array([[0.0, 3.0, 1.0, 0.1]] * 2), sizes)
+    assert best_uniform(table, 3.5) == 1  # the most bits that fit, whatever the table says
+    assert best_uniform(table, 4.5) == 2
+    assert best_uniform(table, 1.0) is None
+    allowed = np.ones((2, 4), dtype=bool)
+    allowed[0, 1] = False
+    assert best_uniform(table, 3.5, allowed) == 0
+
+
+def test_check_rejects_an_allocation_worse_than_uniform(monkeypatch):
+    """A table that lies (int2 looks free) makes the ILP choose int2 for every layer it can; the check
+    measures both models and keeps the best uniform spec at no more bits."""
+    recipe = budget_recipe(check=True)
+    real = budget.table_stage
+
+    def lying(*args, **kwargs):
+        table = real(*args, **kwargs)
+        errors = table.errors.clone()
+        errors[:, [c.spec.bits == 2 for c in table.candidates]] = 0.0
+        return ErrorTable(table.names, table.shapes, table.candidates, errors, table.sizes, table.info)
+
+    monkeypatch.setattr(budget, "table_stage", lying)
+    model = outlier_llama()
+    with budget.work_area(None, recipe, None, None, restart=False) as work:
+        (r,) = compress_to_budgets(model, recipe, [3.25], work, calib_data=CALIB, outs=[None], progress=False)
+    assert r.fallback is not None and r.fallback.startswith("int3")
+    uniform = r.losses[f"uniform-{r.fallback}"]
+    assert uniform < r.losses["allocated"]
+    assert {e["spec"]["format"] for e in r.plan.values()} == {"int3"}
+    assert calibration_loss(model, CALIB) == pytest.approx(uniform, rel=1e-6)
+
+
+def test_loss_with_puts_the_layers_back():
+    model = outlier_llama()
+    name = "model.layers.0.mlp.up_proj"
+    old = model.get_submodule(name)
+    zero = nn.Linear(old.in_features, old.out_features, bias=False)
+    nn.init.zeros_(zero.weight)
+    assert loss_with(model, {name: zero}, CALIB[:2]) != calibration_loss(model, CALIB[:2])
+    assert model.get_submodule(name) is old
+
+
+def test_recipe_allows_scaling_with_a_budget_without_clip():
+    assert preset("alloc-awq").allocate.check and preset("alloc-awq").allocate.probes == 3
+    assert Recipe.from_dict(preset("alloc-awq").to_dict()) == preset("alloc-awq")
+    with pytest.raises(RecipeError, match="clip"):
+        Recipe.from_dict({"scaling": {"method": "awq"}, "allocate": {"budget": 3.0}})
+    with pytest.raises(RecipeError, match="SVDQuant"):
+        Recipe.from_dict({"decompose": {"method": "svdquant"}, "allocate": {"check": True}})
+    with pytest.raises(RecipeError, match="probes"):
+        Recipe.from_dict({"allocate": {"probes": -1}})
+
+
+def test_cli_budget_without_a_preset_takes_the_budget_recipe():
+    def recipe(*argv):
+        return resolve_recipe(build_parser().parse_args(["compress", "--out", "x", *argv]))
+
+    assert recipe("--budget", "3") == preset(BUDGET_PRESET)
+    assert recipe("--budgets", "3,3.5") == preset(BUDGET_PRESET)
+    assert recipe() == preset("int4-g128")
+    assert recipe("--budget", "3", "--preset", "alloc-int") == preset("alloc-int")
