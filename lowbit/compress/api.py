@@ -68,6 +68,7 @@ def compress(
     dtype: str | torch.dtype | None = None,
     budget: float | None = None,
     budgets: list[float] | None = None,
+    target: str | None = None,
     tokenizer=None,
     calib_data: torch.Tensor | None = None,
     overwrite: bool = False,
@@ -92,12 +93,18 @@ def compress(
     one checkpoint per budget (`bpw-<budget>`); the same call resumes, keeping the budgets already
     written. The work area (`work_dir`, default `.lowbit-work` beside `out`) keeps finished stages so
     that the same command resumes and a new budget reuses the calibration and error table; `restart`
-    discards it. Every argument is checked before the model is loaded; `out` and the work area are
-    locked against a second job. Checkpoints are never half-written. Returns the compressed model (the
-    last budget's) and the report.
+    discards it. target (default the recipe's, "lowbit"): the engine that will serve the checkpoint,
+    "vllm" or "llama.cpp": layers take only specs it serves (a uniform recipe's group size falls back per
+    layer to one the engine serves; an allocation chooses among the candidates it serves and ties each
+    fused q/k/v and gate/up group to one candidate), so that `lowbit export` writes them as they are
+    (see `lowbit.quantizers.engines`). Every argument is checked before the model is loaded; `out` and
+    the work area are locked against a second job. Checkpoints are never half-written. Returns the
+    compressed model (the last budget's) and the report.
     """
     t0 = time.perf_counter()
     recipe = resolve_recipe(recipe)
+    if target is not None:
+        recipe = replace(recipe, target=target)  # validated by the recipe
     budgets = check_budgets(list(budgets or ([budget] if budget is not None else [])))
     if not budgets and recipe.allocate.budget is not None:
         budgets = [recipe.allocate.budget]

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calibration import CalibrationStats, calibrate
-from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
+from lowbit.compress.allocate import ErrorTable, candidate_grid, engine_constraints, error_row
 from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups
@@ -148,11 +148,13 @@ def table_stage(linears, recipe: Recipe, stats: dict[str, Stats], work: WorkArea
 
 
 def allocation_stage(table: ErrorTable, recipe: Recipe, budget: float):
-    """The ILP (or greedy) choice of one candidate per layer under `budget` bits per weight."""
+    """The ILP (or greedy) choice of one candidate per layer under `budget` bits per weight, among the
+    candidates the recipe's target engine serves, each fused group of layers tied to one candidate."""
     a = recipe.allocate
     forbid = [(f["match"], {k: v for k, v in f.items() if k != "match"}) for f in a.forbid]
     allowed = table.mask(pins=a.pins, forbid=forbid, min_bits=a.min_bits)
-    alloc = table.allocate(budget, allowed=allowed, solver=a.solver)
+    served, tied = engine_constraints(table.names, table.shapes, table.candidates, recipe.target)
+    alloc = table.allocate(budget, allowed=allowed & served, solver=a.solver, tied=tied)
     return table.plan(alloc), alloc
 
 

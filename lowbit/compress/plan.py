@@ -22,6 +22,7 @@ from lowbit.lowrank import METHODS, Decomposition, Stats, decompose
 from lowbit.lowrank.svdquant import svdquant_smoothed
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantizers import SCALE_DTYPES, QuantSpec
+from lowbit.quantizers.engines import served_group
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,16 @@ class LayerChoice:
     rounding: str = "nearest"
 
 
-def uniform_choice(recipe: Recipe, name: str) -> LayerChoice | None:
-    """The recipe's single setting for layer `name` (overrides applied), or None when it stays dense."""
+def uniform_choice(recipe: Recipe, name: str, in_features: int) -> LayerChoice | None:
+    """The recipe's single setting for layer `name` of `in_features` inputs (overrides applied), or None
+    when it stays dense. For a recipe made for a serving engine (`recipe.target`), a group size that the
+    engine does not serve on this layer falls back to the largest it serves that divides in_features
+    (e.g. g128 on K = 576 -> g64 for vLLM); the manifest's per-layer plan records the group used."""
     cfg = recipe.layer_config(name)
     if cfg is None:
         return None
-    return LayerChoice(cfg.spec(), recipe.decompose.rank, recipe.decompose.method, cfg.rounding)
+    spec = served_group(recipe.target, cfg.spec(), in_features)
+    return LayerChoice(spec, recipe.decompose.rank, recipe.decompose.method, cfg.rounding)
 
 
 def allocation_method(recipe: Recipe) -> str:
