@@ -93,7 +93,7 @@ def served_group(engine: str, spec: QuantSpec, in_features: int) -> QuantSpec:
     problem = ENGINES[engine].problem
     if problem is None or problem(spec, in_features) is None or spec.group_size is None:
         return spec
-    for g in range(spec.group_size - 1, 0, -1):
+    for g in range(spec.group_size - 8, 0, -8):  # group sizes are multiples of 8
         candidate = QuantSpec(spec.format, g, spec.symmetric, spec.scale_dtype, spec.double_quant)
         if in_features % g == 0 and problem(candidate, in_features) is None:
             return candidate
