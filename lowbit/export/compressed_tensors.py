@@ -8,7 +8,8 @@ only; `weight_shape` [2]), FP8 E4M3 per-channel as `float-quantized` (`weight` f
 `weight_scale` [N, 1]). A group size that does not divide K (a shorter last group) is written exactly at
 the group gcd(g, K), each group's scale and zero repeated (`ct_group`). The low-rank branch L1 L2 goes
 to `adapter/`, a PEFT LoRA adapter (lora_B = L1, lora_A = L2, lora_alpha = r: scaling 1). What the
-layout cannot hold is refused or converted by `lowbit.export.fit`. `reload_ct` loads such a folder back as transformers (+ PEFT) computes it.
+layout cannot hold is refused or converted by `lowbit.export.fit`. `reload_ct` loads such a folder back
+as transformers (+ PEFT) computes it.
 """
 
 from __future__ import annotations
