@@ -9,6 +9,7 @@ tensor's llama.cpp type the one its allocated spec maps to. Tiny random Llama (h
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,16 @@ def test_llama_cpp_budget_checkpoint_exports_per_tensor_types_as_allocated(tmp_p
     for n, spec in plan.items():
         gname = names.get_name(f"{n}.weight", try_suffixes=(".weight",))
         assert types[gname] == GGUF_TYPES[(spec.format, spec.symmetric)], n
+
+
+def test_dry_run_sees_the_target(tiny_llama_dir):
+    """The plan of a --target job: vLLM's group fallback in the sizes, its candidates in the budget check."""
+    from lowbit.compress import dry_run
+    from lowbit.compress.allocate import AllocationError
+
+    lowbit_plan = dry_run(str(tiny_llama_dir), preset("int4-g128"))
+    vllm_plan = dry_run(str(tiny_llama_dir), replace(preset("int4-g128"), target="vllm"))
+    assert vllm_plan.bits_per_weight[0] > lowbit_plan.bits_per_weight[0]  # down_proj: g128 -> g32 on K 160
+    with pytest.raises(AllocationError, match="infeasible"):  # 2 and 3 bits are not served by vLLM
+        dry_run(str(tiny_llama_dir), Recipe.from_dict({"target": "vllm", **RECIPE}), budgets=[3.5])
+    dry_run(str(tiny_llama_dir), Recipe.from_dict(RECIPE), budgets=[3.5])
