@@ -174,3 +174,18 @@ def test_dry_run_sees_the_target(tiny_llama_dir):
     with pytest.raises(AllocationError, match="infeasible"):  # 2 and 3 bits are not served by vLLM
         dry_run(str(tiny_llama_dir), Recipe.from_dict({"target": "vllm", **RECIPE}), budgets=[3.5])
     dry_run(str(tiny_llama_dir), Recipe.from_dict(RECIPE), budgets=[3.5])
+
+
+def test_gguf_export_keeps_the_checkpoint_s_dtype(tmp_path):
+    """A bfloat16 source gives a bfloat16 checkpoint, whose GGUF export writes the token embedding in
+    BF16 by default (float32 only when the checkpoint is float32 or --dtype asks for it)."""
+    from tests.export.test_gguf_export import byte_tokenizer
+
+    source, tok = tmp_path / "source", byte_tokenizer()
+    make_tiny_llama(len(tok)).to(torch.bfloat16).save_pretrained(source)
+    tok.save_pretrained(source)
+    assert main(["compress", "--model", str(source), "--out", str(tmp_path / "int4"), "--json"]) == 0
+    report = export(tmp_path / "int4", tmp_path / "gguf", "gguf")
+    assert report["dtype"] == "bfloat16"
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.BF16
