@@ -29,6 +29,7 @@ from lowbit.compress.checks import (
     check_dtype,
     check_source,
 )
+from lowbit.compress.plan import check_fused
 from lowbit.compress.recipe import Recipe, resolve_recipe
 from lowbit.compress.uniform import finetune_stage, quantize_model
 from lowbit.models import check_model, load_model
@@ -142,6 +143,7 @@ def compress(
             report.budgets = [r.__dict__ for r in results]
             plan = results[-1].plan
         else:
+            check_fused(recipe, model)
             teacher = copy.deepcopy(model) if recipe.finetune else None
             job = dict(calib_data=calib_data, progress=progress, teacher=teacher)
             plan = _timed("calibration and compression", quantize_model, model, recipe, tokenizer, **job)

@@ -189,3 +189,12 @@ def test_gguf_export_keeps_the_checkpoint_s_dtype(tmp_path):
     assert report["dtype"] == "bfloat16"
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").tensors}
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.BF16
+
+
+def test_uniform_recipe_splitting_a_fused_group_is_refused_for_vllm(tiny_llama_dir):
+    from lowbit.compress.api import compress
+
+    int8_k = [{"match": "*.k_proj", "quantize": {"format": "int8", "symmetric": True}}]
+    for split in ({"overrides": int8_k}, {"exclude": ["lm_head", "*.up_proj"]}):
+        with pytest.raises(RecipeError, match="one matrix"):
+            compress(str(tiny_llama_dir), Recipe.from_dict({"target": "vllm", **split}), progress=False)
