@@ -70,19 +70,19 @@ class Engine:
 
     problem(spec, in_features or None): why the engine cannot serve a layer of that spec, or None;
     None for an engine that serves every spec. fused: whether the layers of each `FUSED` group run as
-    one matrix there, so that they must share one spec (and rank). export: the `lowbit export` target.
+    one matrix there, so that they must share one spec (and rank). The `lowbit export` target of vLLM is
+    `compressed-tensors`, of llama.cpp `gguf`.
     """
 
     name: str
     problem: Callable[[QuantSpec, int | None], str | None] | None
     fused: bool
-    export: str | None
 
 
 ENGINES: dict[str, Engine] = {
-    "lowbit": Engine("lowbit", None, False, None),
-    "vllm": Engine("vLLM", vllm_problem, True, "compressed-tensors"),
-    "llama.cpp": Engine("llama.cpp", llama_cpp_problem, False, "gguf"),
+    "lowbit": Engine("lowbit", None, False),
+    "vllm": Engine("vLLM", vllm_problem, True),
+    "llama.cpp": Engine("llama.cpp", llama_cpp_problem, False),
 }
 
 
