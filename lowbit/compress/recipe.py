@@ -337,8 +337,9 @@ def _preset(fmt: str, group_size: int | None, method: str = "none", rank: int = 
 
 
 # The int4 presets are symmetric (the W4A16 convention: GPTQ / AWQ checkpoints for vLLM, Q4_0 in
-# llama.cpp), which every engine serves and transformers loads from compressed-tensors; lower bit
-# widths keep the recipe's default, asymmetric, where a zero point matters more.
+# llama.cpp), which every engine serves and transformers loads from compressed-tensors; int4-g128-asym
+# keeps zero points (more accurate: docs/benchmarks.md, "Symmetric int4 presets"); lower bit widths keep
+# the recipe's default, asymmetric, where a zero point matters more.
 # Joint allocation of bits, group sizes and ranks (INT codes, ranks 0 or 8) under `--budget`; a grid
 # small enough for a CPU (12 candidates per layer, LoRC errors weighted by the Fisher diagonal, measured
 # with round-to-nearest; 16 calibration blocks), the chosen candidates then rounded by GPTQ.
@@ -351,6 +352,7 @@ AWQ = ScalingConfig(method="awq")
 PRESETS: dict[str, Recipe] = {
     "int8": _preset("int8", None, symmetric=True),
     "int4-g128": _preset("int4", 128, symmetric=True),
+    "int4-g128-asym": _preset("int4", 128),
     "int4-g64": _preset("int4", 64, symmetric=True),
     "int3-g128": _preset("int3", 128),
     "int3-g64": _preset("int3", 64),
