@@ -18,13 +18,10 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import compressed_tensors
 import torch
 import transformers
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-from compressed_tensors.config import CompressionFormat
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors.torch import save_file
 from torch import nn
 
@@ -35,6 +32,9 @@ from lowbit.models.source import from_pretrained, hf_tokenizer
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantizers import QuantSpec, decode_scales, expand_groups, unpack_codes
 from lowbit.quantizers.engines import vllm_problem
+
+if TYPE_CHECKING:  # compressed-tensors imports triton: loaded only when an export is written or read
+    from compressed_tensors.quantization import QuantizationArgs
 
 ADAPTER_DIR = "adapter"
 
@@ -95,6 +95,10 @@ def _ct_layer(
 ) -> tuple[dict[str, torch.Tensor], QuantizationArgs, str]:
     """(tensors by name, compressed-tensors weight args, format) of one quantized layer, packed by
     compressed-tensors' own `pack_to_int32` (codes along K; zero points along N, its packed_dim=0)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationArgs
+
     N, K = m.out_features, m.in_features
     codes, _, s, z = _ct_values(m)
     spec, group = m.spec, ct_group(m.spec, K)
@@ -119,6 +123,10 @@ def _ct_config(groups: dict[str, list], ignore: list[str]) -> dict:
     """config.json's quantization_config, a compressed-tensors QuantizationConfig as its ModelCompressor
     writes it: one config group per distinct scheme, targeting its layers by exact name; the format per
     group ("mixed-precision" on top when they differ)."""
+    import compressed_tensors
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
     schemes = {}
     for i, (key, names) in enumerate(groups.items()):
         args, fmt = json.loads(key)
