@@ -99,8 +99,8 @@ def test_bash_commands_run_on_a_tiny_model(news_file, tmp_path, monkeypatch):
     from tests.conftest import make_tiny_llama
     from tests.export.test_gguf_export import byte_tokenizer
 
-    model, tok = tmp_path / "tiny", byte_tokenizer()
-    make_tiny_llama(len(tok)).save_pretrained(model)
+    model, tok = tmp_path / "tiny", byte_tokenizer()  # MLP width 192: groups of 64 divide it, as for vLLM
+    make_tiny_llama(len(tok), intermediate_size=192).save_pretrained(model)
     tok.save_pretrained(model)
     (tmp_path / "recipe.yaml").write_text(readme_recipe())
     monkeypatch.chdir(tmp_path)

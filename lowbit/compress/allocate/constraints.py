@@ -72,9 +72,10 @@ def engine_constraints(names, shapes, candidates, target: str) -> tuple[np.ndarr
             mask[m] = [engine.problem(c.spec, k) is None for c in candidates]
     empty = np.flatnonzero(~mask.any(1))
     if empty.size:
+        m, k = empty[0], shapes[empty[0]][1]
+        why = dict.fromkeys(engine.problem(c.spec, k) for c in candidates)  # distinct reasons, in order
         raise AllocationError(
-            f"{engine.name} serves none of the candidates on layer {names[empty[0]]!r} "
-            f"(K = {shapes[empty[0]][1]}): {engine.problem(candidates[0].spec, shapes[empty[0]][1])}"
+            f"{engine.name} serves none of the candidates on layer {names[m]!r} (K = {k}): {'; '.join(why)}"
         )
     index = {n: m for m, n in enumerate(names)}
     tied = [[index[n] for n in group] for group in fused_groups(names)] if engine.fused else []
