@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from lowbit import __version__
@@ -23,6 +24,7 @@ from lowbit.compress.checks import calibrates, check_budgets, check_device, chec
 from lowbit.compress.recipe import PRESETS, Recipe, load_recipe, preset
 from lowbit.export import DTYPES, TARGETS
 from lowbit.parallel import launched_size
+from lowbit.quantizers.engines import ENGINES
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "builtin:lee-news"
@@ -87,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", type=float, help="average bits per weight: allocate format, group and rank per layer"
     )
     c.add_argument("--budgets", help="several budgets, e.g. 2.5,3,3.5,4.25: one checkpoint each under --out")
+    c.add_argument(
+        "--target",
+        choices=list(ENGINES),
+        help="the engine that serves the result (default: the recipe's, lowbit): only specs it serves, "
+        "fused q/k/v and gate/up layers tied to one scheme",
+    )
     c.add_argument("--restart", action="store_true", help="discard the work area of an earlier run")
     c.add_argument(
         "--dry-run",
@@ -181,6 +189,8 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     from lowbit.compress.api import compress
 
     recipe = resolve_recipe(args)
+    if args.target is not None:
+        recipe = replace(recipe, target=args.target)
     budgets = parse_budgets(args)
     if args.dry_run:
         from lowbit.compress import dry_run

@@ -31,6 +31,7 @@ from lowbit.compress.checks import (
     check_dtype,
     check_source,
 )
+from lowbit.compress.plan import check_fused
 from lowbit.compress.recipe import Recipe, resolve_recipe
 from lowbit.compress.stream import StreamedJob, stream_work_area
 from lowbit.compress.uniform import finetune_stage, quantize_model
@@ -87,6 +88,7 @@ def compress(
     dtype: str | torch.dtype | None = None,
     budget: float | None = None,
     budgets: list[float] | None = None,
+    target: str | None = None,
     tokenizer=None,
     calib_data: torch.Tensor | None = None,
     overwrite: bool = False,
@@ -112,10 +114,14 @@ def compress(
     one checkpoint per budget (`bpw-<budget>`); the same call resumes, keeping the budgets already
     written. The work area (`work_dir`, default `.lowbit-work` beside `out`) keeps finished stages so
     that the same command resumes and a new budget reuses the calibration and error table; `restart`
-    discards it. Every argument is checked before the model is loaded; `out` and the work area are
-    locked against a second job. Checkpoints are never half-written; their tensors go to shards of at
-    most `max_shard_size` (bytes, or a size such as "2GB"). Returns the compressed model (the last
-    budget's) and the report.
+    discards it. target (default the recipe's, "lowbit"): the engine that will serve the checkpoint,
+    "vllm" or "llama.cpp": layers take only specs it serves (a uniform recipe's group size falls back per
+    layer to one the engine serves; an allocation chooses among the candidates it serves and ties each
+    fused q/k/v and gate/up group to one candidate), so that `lowbit export` writes them as they are
+    (see `lowbit.quantizers.engines`). Every argument is checked before the model is loaded; `out` and
+    the work area are locked against a second job. Checkpoints are never half-written; their tensors go
+    to shards of at most `max_shard_size` (bytes, or a size such as "2GB"). Returns the compressed model
+    (the last budget's) and the report.
 
     A local safetensors folder compressed into `out` without a budget is streamed (`lowbit.compress.
     stream`): one decoder block in memory at a time, read from the shards, compressed on `device`,
@@ -130,6 +136,8 @@ def compress(
     """
     t0 = time.perf_counter()
     recipe = resolve_recipe(recipe)
+    if target is not None:
+        recipe = replace(recipe, target=target)  # validated by the recipe
     budgets = check_budgets(list(budgets or ([budget] if budget is not None else [])))
     if not budgets and recipe.allocate.budget is not None:
         budgets = [recipe.allocate.budget]
@@ -175,10 +183,12 @@ def compress(
             report.budgets = [r.__dict__ for r in results]
             plan = results[-1].plan
         elif streamed is not None:
+            check_fused(recipe, model)  # the skeleton: names and shapes only
             settings = dict(dtype=str(dtype), device=str(device), max_shard_bytes=max_shard)
             job = (source, recipe, tokenizer, calib_data, out, overwrite, progress)
             plan, bits = _timed("streamed compression", _compress_streamed, *job, work_dir, restart, settings)
         else:
+            check_fused(recipe, model)
             teacher = copy.deepcopy(model) if recipe.finetune else None
             job = dict(calib_data=calib_data, progress=progress, teacher=teacher)
             plan = _timed("calibration and compression", quantize_model, model, recipe, tokenizer, **job)

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calibration import CalibrationStats, calibrate, calibrate_sequential
-from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
+from lowbit.compress.allocate import ErrorTable, candidate_grid, engine_constraints, error_row
 from lowbit.compress.awq import activation_scaling, apply_scales
 from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
 from lowbit.compress.probes import best_uniform, corrected, loss_with, probe_factors
@@ -194,22 +194,27 @@ def probe_stage(model, linears, table: ErrorTable, recipe: Recipe, calib_data, w
     return corrected(table, saved[0]["factors"].numpy())
 
 
-def allowed_mask(table: ErrorTable, recipe: Recipe) -> np.ndarray:
+def allowed_mask(table: ErrorTable, recipe: Recipe) -> tuple[np.ndarray, list[list[int]]]:
+    """(allowed bool [M, C], tied groups of rows): the recipe's pins, forbids and minimum bits, among the
+    candidates the recipe's target engine serves, each fused group of layers it runs as one matrix."""
     a = recipe.allocate
     forbid = [(f["match"], {k: v for k, v in f.items() if k != "match"}) for f in a.forbid]
-    return table.mask(pins=a.pins, forbid=forbid, min_bits=a.min_bits)
+    served, tied = engine_constraints(table.names, table.shapes, table.candidates, recipe.target)
+    return table.mask(pins=a.pins, forbid=forbid, min_bits=a.min_bits) & served, tied
 
 
 def allocation_stage(table: ErrorTable, recipe: Recipe, budget: float):
-    """The ILP (or greedy) choice of one candidate per layer under `budget` bits per weight."""
-    alloc = table.allocate(budget, allowed=allowed_mask(table, recipe), solver=recipe.allocate.solver)
+    """The ILP (or greedy) choice of one candidate per layer under `budget` bits per weight, within
+    `allowed_mask`, each fused group of layers tied to one candidate."""
+    allowed, tied = allowed_mask(table, recipe)
+    alloc = table.allocate(budget, allowed=allowed, solver=recipe.allocate.solver, tied=tied)
     return table.plan(alloc), alloc
 
 
 def check_stage(model, linears, table, recipe, stats, work, budget, plan, qlinears, calib_data, progress):
     """(plan, QLinears, fallback spec or None, losses): the allocated layers, or those of the best uniform
     spec at no more bits when its calibration loss is lower (`lowbit.compress.probes`)."""
-    c = best_uniform(table, budget, allowed_mask(table, recipe))
+    c = best_uniform(table, budget, allowed_mask(table, recipe)[0])
     if c is None:
         return plan, qlinears, None, None
     spec = table.candidates[c].spec.short()

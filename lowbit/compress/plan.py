@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from lowbit.compress.allocate import Candidate
-from lowbit.compress.recipe import Recipe
+from lowbit.compress.recipe import Recipe, RecipeError
 from lowbit.lowrank import METHODS, Decomposition, Stats, decompose
 from lowbit.lowrank.svdquant import svdquant_smoothed
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantizers import SCALE_DTYPES, QuantSpec
+from lowbit.quantizers.engines import ENGINES, fused_groups, served_group
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,16 @@ class LayerChoice:
     rounding: str = "nearest"
 
 
-def uniform_choice(recipe: Recipe, name: str) -> LayerChoice | None:
-    """The recipe's single setting for layer `name` (overrides applied), or None when it stays dense."""
+def uniform_choice(recipe: Recipe, name: str, in_features: int) -> LayerChoice | None:
+    """The recipe's single setting for layer `name` of `in_features` inputs (overrides applied), or None
+    when it stays dense. For a recipe made for a serving engine (`recipe.target`), a group size that the
+    engine does not serve on this layer falls back to the largest it serves that divides in_features
+    (e.g. g128 on K = 576 -> g64 for vLLM); the manifest's per-layer plan records the group used."""
     cfg = recipe.layer_config(name)
     if cfg is None:
         return None
-    return LayerChoice(cfg.spec(), recipe.decompose.rank, recipe.decompose.method, cfg.rounding)
+    spec = served_group(recipe.target, cfg.spec(), in_features)
+    return LayerChoice(spec, recipe.decompose.rank, recipe.decompose.method, cfg.rounding)
 
 
 def allocation_method(recipe: Recipe) -> str:
@@ -104,3 +109,18 @@ def apply_choice(
         iterations=recipe.decompose.iterations,
     )
     return qlinear_of(linear, d, recipe)
+
+
+def check_fused(recipe: Recipe, model: nn.Module) -> None:
+    """Refuse a uniform recipe for an engine that fuses q/k/v and gate/up (vLLM) when the layers of such a
+    group would not share one choice (an override or exclusion matching some of them). Reads no weight."""
+    if not ENGINES[recipe.target].fused:
+        return
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for group in fused_groups(linears):
+        choices = {uniform_choice(recipe, n, linears[n].in_features) for n in group}
+        if len(choices) > 1:
+            raise RecipeError(
+                f"target {recipe.target} runs {', '.join(group)} as one matrix: the recipe (overrides, "
+                "exclude) must give them one setting"
+            )

@@ -34,6 +34,7 @@ from lowbit.compress.allocate import (
     candidate_bits,
     candidate_grid,
     constraint_mask,
+    engine_constraints,
 )
 from lowbit.compress.recipe import Recipe, resolve_recipe
 from lowbit.compress.uniform import block_weights, selected_names
@@ -41,6 +42,7 @@ from lowbit.lowrank import METHODS
 from lowbit.models.shapes import source_shapes
 from lowbit.nn.shards import DEFAULT_MAX_SHARD_BYTES
 from lowbit.quantizers import SCALE_DTYPES, storage_bits
+from lowbit.quantizers.engines import served_group
 
 # Resident memory of a process that has imported torch, transformers and lowbit (measured: 0.49 GB).
 BASE_RSS = 485 << 20
@@ -163,7 +165,8 @@ def layer_bits(recipe: Recipe, name: str, shape: tuple[int, int]) -> int:
     """Exact stored bits of one layer under the recipe's single setting: codes, scales, zeros, L1 L2."""
     lowrank = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize
     rank = min(recipe.decompose.rank, *shape)
-    return storage_bits(recipe.layer_config(name).spec(), shape) + rank * sum(shape) * lowrank
+    spec = served_group(recipe.target, recipe.layer_config(name).spec(), shape[1])
+    return storage_bits(spec, shape) + rank * sum(shape) * lowrank
 
 
 def other_bytes(net: nn.Module, layers: dict, dtype: torch.dtype) -> int:
@@ -182,13 +185,15 @@ def other_bytes(net: nn.Module, layers: dict, dtype: torch.dtype) -> int:
 
 
 def check_budgets(recipe: Recipe, layers: dict, budgets) -> None:
-    """Refuse a budget below the smallest storage the allocation's candidate grid allows."""
+    """Refuse a budget below the smallest storage the allocation's candidate grid allows (among the
+    candidates the recipe's target engine serves)."""
     a = recipe.allocate
     grid = candidate_grid(a.formats, a.bits, a.group_sizes, a.ranks, base=recipe.quantize.spec())
     lowrank = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize
     names, shapes = list(layers), list(layers.values())
     forbid = [(f["match"], {k: v for k, v in f.items() if k != "match"}) for f in a.forbid]
     allowed = constraint_mask(names, grid, pins=a.pins, forbid=forbid, min_bits=a.min_bits)
+    allowed &= engine_constraints(names, shapes, grid, recipe.target)[0]  # what the target engine serves
     applies = np.array([[c.rank <= min(s) for c in grid] for s in shapes])
     sizes = np.array([[candidate_bits(c, s, lowrank) for c in grid] for s in shapes], dtype=np.int64)
     ok = allowed & applies

@@ -17,6 +17,7 @@ A recipe file looks like this (every key optional; defaults shown)::
        pins: {}, forbid: [], min_bits: {}, probes: 0, check: false}  # e.g. min_bits: {"*.down_proj": 4}
     finetune:            # optional: lora | peqa | l4q | lsq, lm or distill (see lowbit.compress.finetune)
       {mode: lora, objective: distill, steps: 100}
+    target: lowbit       # the engine that serves it: lowbit | vllm | llama.cpp (lowbit.quantizers.engines)
     exclude: ["lm_head"] # fnmatch patterns of layers left as they are
     overrides:           # per-layer quantize settings, first match wins
       - {match: "*.down_proj", quantize: {format: int8}}
@@ -33,10 +34,12 @@ from pathlib import Path
 
 import yaml
 
+from lowbit.compress.allocate.candidates import candidate_grid
 from lowbit.compress.allocate.solve import SOLVERS
 from lowbit.compress.allocate.table import METRICS
 from lowbit.lowrank import METHODS, ROUNDINGS
 from lowbit.quantizers import SCALE_DTYPES, QuantSpec, SpecError
+from lowbit.quantizers.engines import ENGINES
 
 RECIPE_VERSION = 1
 DECOMPOSE_METHODS = tuple(METHODS)
@@ -219,14 +222,35 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     version: int = RECIPE_VERSION
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    target: str = "lowbit"
 
     def __post_init__(self) -> None:
+        self.check_target()
         if self.scaling.method != "none" and self.scaling.clip and self.allocate.budget is not None:
             raise RecipeError("scaling with a budget needs scaling.clip false (the clip depends on the spec)")
         if self.allocate.check and METHODS[self.decompose.method].shares_smoothing:
             raise RecipeError("allocate.check cannot compare plans that fold SVDQuant smoothing into norms")
         if self.scaling.method != "none" and self.scaling.clip and self.decompose.rank:
             raise RecipeError("scaling.clip needs decompose.rank 0: the low-rank part keeps what it cuts")
+
+    def check_target(self) -> None:
+        """Refuse a recipe whose formats the target engine does not serve at any group size: the
+        quantize spec and overrides, or, with a budget, every format of the candidate grid."""
+        if self.target not in ENGINES:
+            raise RecipeError(f"unknown target {self.target!r}; choose one of {', '.join(ENGINES)}")
+        problem = ENGINES[self.target].problem
+        if problem is None:
+            return
+        cfgs = [self.quantize, *(o.quantize for o in self.overrides)]
+        if self.allocate.budget is None:
+            for spec in (replace(c.spec(), group_size=None) for c in cfgs):
+                if problem(spec, None):
+                    raise RecipeError(f"target {self.target}: {problem(spec, None)}")
+            return
+        a = self.allocate
+        grid = [c.spec for c in candidate_grid(a.formats, a.bits, (None,), (0,), base=self.quantize.spec())]
+        if all(problem(spec, None) for spec in grid):
+            raise RecipeError(f"target {self.target} serves none of the candidates: {problem(grid[0], None)}")
 
     def needs_calibration(self) -> bool:
         """True when some stage reads calibration statistics (GPTQ, SVDQuant, Fisher weights)."""
@@ -280,6 +304,7 @@ class Recipe:
             exclude=tuple(d.get("exclude", base.exclude)),
             overrides=tuple(overrides),
             version=version,
+            target=d.get("target", base.target),
         )
 
 
@@ -322,6 +347,10 @@ def _preset(fmt: str, group_size: int | None, method: str = "none", rank: int = 
     )
 
 
+# The int4 presets are symmetric (the W4A16 convention: GPTQ / AWQ checkpoints for vLLM, Q4_0 in
+# llama.cpp), which every engine serves and transformers loads from compressed-tensors; int4-g128-asym
+# keeps zero points (more accurate: docs/benchmarks.md, "Symmetric int4 presets"); lower bit widths keep
+# the recipe's default, asymmetric, where a zero point matters more.
 # Joint allocation of bits, group sizes and ranks (INT codes, ranks 0 or 8) under `--budget`; a grid
 # small enough for a CPU (12 candidates per layer, LoRC errors weighted by the Fisher diagonal, measured
 # with round-to-nearest; 16 calibration blocks), the chosen candidates then rounded by GPTQ.
@@ -343,8 +372,9 @@ ALLOC_AWQ = Recipe(
 
 PRESETS: dict[str, Recipe] = {
     "int8": _preset("int8", None, symmetric=True),
-    "int4-g128": _preset("int4", 128),
-    "int4-g64": _preset("int4", 64),
+    "int4-g128": _preset("int4", 128, symmetric=True),
+    "int4-g128-asym": _preset("int4", 128),
+    "int4-g64": _preset("int4", 64, symmetric=True),
     "int3-g128": _preset("int3", 128),
     "int3-g64": _preset("int3", 64),
     "int2-g64": _preset("int2", 64),
@@ -355,13 +385,13 @@ PRESETS: dict[str, Recipe] = {
     "fp8": _preset("fp8_e4m3", None),
     "fp8-e5m2": _preset("fp8_e5m2", None),
     "fp4-g32": _preset("fp4_e2m1", 32),
-    "int4-g128-gptq": _preset("int4", 128, rounding="gptq"),
+    "int4-g128-gptq": _preset("int4", 128, rounding="gptq", symmetric=True),
     "int3-g128-gptq": _preset("int3", 128, rounding="gptq"),
-    "int4-g128-awq": replace(_preset("int4", 128), scaling=AWQ),
+    "int4-g128-awq": replace(_preset("int4", 128, symmetric=True), scaling=AWQ),
     "int3-g128-awq": replace(_preset("int3", 128), scaling=AWQ),
     "int3-g128-lqlora-r32": _preset("int3", 128, "lqlora", 32),
     "int3-g128-lqlora-fisher-r32": _preset("int3", 128, "lqlora-fisher", 32),
-    "int4-g128-svdquant-r32": _preset("int4", 128, "svdquant", 32),
+    "int4-g128-svdquant-r32": _preset("int4", 128, "svdquant", 32, symmetric=True),
     "int3-g128-svdquant-r32": _preset("int3", 128, "svdquant", 32),
     "nf3-g64-lorc-r16": _preset("nf3", 64, "lorc", 16),
     "alloc-int": Recipe(
@@ -408,7 +438,7 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 def resolve_recipe(recipe: Recipe | str | Path | None) -> Recipe:
     """A Recipe from a Recipe, a preset name, a recipe file path, or None (the default, int4-g128)."""
     if recipe is None:
-        return Recipe()
+        return PRESETS["int4-g128"]
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, str) and recipe in PRESETS:

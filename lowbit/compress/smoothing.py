@@ -81,7 +81,7 @@ def compress_norm_groups(
     for norm, members in norm_groups(model, readers, [n for n in linears if n in block_stats]).items():
         st = block_stats[members[0]]  # the members read one input: their statistics agree
         stats = Stats(H=st.hessian_matrix(), act_max=st.act_max)
-        choices = [uniform_choice(recipe, n) for n in members]
+        choices = [uniform_choice(recipe, n, linears[n].in_features) for n in members]
         Ws = [linears[n].weight.detach().float() for n in members]  # W_i [N_i, K], as calibrated
         lam, _ = shared_smoothing(Ws, [c.spec for c in choices], [rank] * len(Ws), stats)
         folded = lam is not None and fold_group(model, norm, readers, members, lam, teacher)

@@ -116,7 +116,7 @@ def compress_layer(name: str, linear: nn.Linear, recipe: Recipe, stats=None, fis
     H = None if stats is None else stats.hessian_matrix()
     act_max = None if stats is None else stats.act_max
     stats = Stats(H=H, act_max=act_max, fisher=fisher)
-    return apply_choice(linear, uniform_choice(recipe, name), recipe, stats)
+    return apply_choice(linear, uniform_choice(recipe, name, linear.in_features), recipe, stats)
 
 
 class Stream(Protocol):

@@ -1,18 +1,24 @@
 """The compressed-tensors export (served by vLLM and SGLang) and its PEFT LoRA adapter.
 
-Each quantized layer's base Q goes in the layout of the compressed-tensors library: INT4 / INT8 as
-`pack-quantized` (`weight_packed` int32 [N, ceil(K b / 32)], the codes' bit stream; `weight_scale`
-[N, G]; `weight_zero_point` int32 [ceil(N b / 32), G] packed along the rows, asymmetric only;
-`weight_shape` [2]), FP8 E4M3 per-channel as `float-quantized` (`weight` float8_e4m3fn [N, K],
-`weight_scale` [N, 1]). The low-rank branch L1 L2 goes to `adapter/`, a PEFT LoRA adapter (lora_B = L1,
-lora_A = L2, lora_alpha = r: scaling 1). What the layout cannot hold is refused or converted by
-`lowbit.export.fit`. `reload_ct` loads such a folder back as transformers (+ PEFT) computes it.
+Each quantized layer's base Q goes in the layout of the compressed-tensors library, packed by its own
+`pack_to_int32` and described by its own QuantizationArgs / QuantizationScheme / QuantizationConfig:
+INT4 / INT8 as `pack-quantized` (`weight_packed` int32 [N, ceil(K b / 32)], the codes' bit stream;
+`weight_scale` [N, G]; `weight_zero_point` int32 [ceil(N b / 32), G] packed along the rows, asymmetric
+only; `weight_shape` [2]), FP8 E4M3 per-channel as `float-quantized` (`weight` float8_e4m3fn [N, K],
+`weight_scale` [N, 1]). A group size that does not divide K (a shorter last group) is written exactly at
+the group gcd(g, K), each group's scale and zero repeated (`ct_group`). The low-rank branch L1 L2 goes
+to `adapter/`, a PEFT LoRA adapter (lora_B = L1, lora_A = L2, lora_alpha = r: scaling 1). What the
+layout cannot hold is refused or converted by `lowbit.export.fit`. `reload_ct` loads such a folder back
+as transformers (+ PEFT) computes it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -24,105 +30,120 @@ from lowbit.export.target import Target
 from lowbit.models.errors import ModelError, call_loader
 from lowbit.models.source import from_pretrained, hf_tokenizer
 from lowbit.nn.qlinear import QLinear
-from lowbit.quantizers import QuantSpec, decode_scales, expand_groups, pack, unpack_codes
+from lowbit.quantizers import QuantSpec, decode_scales, expand_groups, unpack_codes
+from lowbit.quantizers.engines import vllm_problem
+
+if TYPE_CHECKING:  # compressed-tensors imports triton: loaded only when an export is written or read
+    from compressed_tensors.quantization import QuantizationArgs
 
 ADAPTER_DIR = "adapter"
-CT_GROUP_SIZES = (128, 64, 32, 16, 8)  # fallbacks for ragged groups, largest first
+
+
+def ct_group(spec: QuantSpec, in_features: int) -> int | None:
+    """The group size Q of this spec is written with: its own when it divides K (None: per channel), else
+    gcd(g, K), a divisor of both, each of Q's groups (the last one shorter) being g / gcd of these that
+    repeat its scale and zero: exact, nothing re-quantized (g128 on K = 576 -> g64)."""
+    g = spec.group_size
+    return g if g is None or in_features % g == 0 else math.gcd(g, in_features)
 
 
 def ct_problem(spec: QuantSpec, in_features: int) -> str | None:
-    """Why compressed-tensors (as vLLM serves it) cannot hold Q of this spec as is, or None if it can."""
-    if spec.kind == "fp":
-        if spec.format != "fp8_e4m3":
-            return f"{spec.format} has no compressed-tensors layout"
-        return None if spec.group_size is None else "FP8 is exported per-channel only"
-    if spec.kind != "int":  # NormalFloat and any other codebook family
-        return f"{spec.format} (a {spec.kind} codebook) has no compressed-tensors layout"
-    if spec.bits not in (4, 8):
-        return f"{spec.format}: vLLM serves 4- and 8-bit integer weights only"
-    if spec.bits == 8 and not spec.symmetric:
-        return "asymmetric int8: vLLM serves 8-bit weights symmetric only"
-    if spec.group_size is not None and in_features % spec.group_size:
-        return f"group size {spec.group_size} does not divide in_features {in_features} (ragged last group)"
-    return None
+    """Why compressed-tensors (as vLLM serves it) cannot hold Q of this spec as is, or None if it can:
+    vLLM's formats (`lowbit.quantizers.engines.vllm_problem`), any integer group size (see ct_group),
+    double-quantized scales decoded to the export dtype."""
+    flat = replace(spec, double_quant=False, group_size=None if spec.kind == "int" else spec.group_size)
+    return vllm_problem(flat, None)
 
 
 def ct_spec(spec: QuantSpec, in_features: int, dtype: torch.dtype) -> QuantSpec:
     """The nearest spec compressed-tensors can hold: INT4 (NF, FP4, INT2/3), symmetric INT8, FP8 E4M3
-    per-channel; a ragged group size falls to the largest of CT_GROUP_SIZES that divides K (else per-channel);
-    scales stored in the export dtype."""
+    per-channel, the group size kept; scales stored in the export dtype."""
     scale_dtype = str(dtype).removeprefix("torch.")
     if spec.kind == "fp" and spec.bits == 8:
         return QuantSpec("fp8_e4m3", None, True, scale_dtype)
     bits = 8 if spec.format == "int8" else 4
-    symmetric = spec.symmetric or bits == 8
-    g = spec.group_size
-    if g is not None and in_features % g:
-        g = next((c for c in CT_GROUP_SIZES if c <= g and in_features % c == 0), None)
-    return QuantSpec(f"int{bits}", g, symmetric, scale_dtype)
+    return QuantSpec(f"int{bits}", spec.group_size, spec.symmetric or bits == 8, scale_dtype)
 
 
 def _ct_values(m: QLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes uint8 [N, K], grid values float32 [N, K]: c - z, c - 2^(b-1) or the FP8 value,
-    scales float32 [N, G], zeros float32 [N, G] or None)."""
+    scales float32 [N, G'], zeros float32 [N, G'] or None), G' the groups of `ct_group`."""
     q = m.qtensor()
     codes, (s, z) = unpack_codes(q), decode_scales(q)
+    K, gs = m.in_features, m.spec.group_size or m.in_features
+    d = ct_group(m.spec, K) or K
+    s, z = (None if t is None else t.repeat_interleave(gs // d, dim=1)[:, : K // d] for t in (s, z))
     if m.spec.kind == "fp":
         return codes, codes.view(torch.float8_e4m3fn).float(), s, z
-    K, gs = m.in_features, m.spec.group_size or m.in_features
-    return codes, codes.float() - (2.0 ** (m.spec.bits - 1) if z is None else expand_groups(z, K, gs)), s, z
+    return codes, codes.float() - (2.0 ** (m.spec.bits - 1) if z is None else expand_groups(z, K, d)), s, z
 
 
 def _ct_weight(m: QLinear, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as compressed-tensors decodes it: grid value * scale, both in `dtype` (float32 out)."""
     _, v, s, _ = _ct_values(m)
-    s = expand_groups(s, m.in_features, m.spec.group_size or m.in_features)
+    s = expand_groups(s, m.in_features, ct_group(m.spec, m.in_features) or m.in_features)
     return (v.to(dtype) * s.to(dtype)).float()
 
 
-def _pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """compressed-tensors' pack_to_int32 of uint8 codes [R, C]: the same LSB-first bit stream as lowbit's
-    `pack`, cut into little-endian int32 words -> int32 [R, ceil(C * bits / 32)]."""
-    R, C = codes.shape
-    b = pack(codes, bits)
-    b = torch.nn.functional.pad(b, (0, -b.shape[1] % 4)).to(torch.int64).view(R, -1, 4)
-    w = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24
-    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
-    return w[:, : -(-C * bits // 32)].contiguous()
+def _signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' int8 quantized values q = c - 2^(b-1) of unsigned codes c (what it packs)."""
+    return (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
 
 
-def _ct_layer(fqn: str, m: QLinear, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict, str]:
-    """(tensors by name, compressed-tensors weight args, format) of one quantized layer."""
+def _ct_layer(
+    fqn: str, m: QLinear, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], QuantizationArgs, str]:
+    """(tensors by name, compressed-tensors weight args, format) of one quantized layer, packed by
+    compressed-tensors' own `pack_to_int32` (codes along K; zero points along N, its packed_dim=0)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationArgs
+
     N, K = m.out_features, m.in_features
     codes, _, s, z = _ct_values(m)
-    spec = m.spec
+    spec, group = m.spec, ct_group(m.spec, K)
     t = {f"{fqn}.weight_scale": s.to(dtype).contiguous()}
-    args = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "dynamic": False}
-    args.update(strategy="group" if spec.group_size else "channel", group_size=spec.group_size)
     if spec.kind == "fp":
         t[f"{fqn}.weight"] = codes.view(torch.float8_e4m3fn)
-        args.update(type="float", strategy="channel", group_size=None)
-        return t, args, "float-quantized"
-    t[f"{fqn}.weight_packed"] = _pack_int32(codes, spec.bits)
+        args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
+        return t, args, CompressionFormat.float_quantized.value
+    strategy = "group" if group else "channel"
+    args = QuantizationArgs(
+        num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy=strategy, group_size=group
+    )
+    t[f"{fqn}.weight_packed"] = pack_to_int32(_signed(codes, spec.bits), spec.bits)
     t[f"{fqn}.weight_shape"] = torch.tensor([N, K], dtype=torch.int64)
-    if z is not None:  # packed along the rows (compressed-tensors' packed_dim=0)
-        zp = _pack_int32(z.to(torch.uint8).T.contiguous(), spec.bits)  # [G, ceil(N b / 32)]
-        t[f"{fqn}.weight_zero_point"] = zp.T.contiguous()
-    return t, args, "pack-quantized"
+    if z is not None:
+        zp = _signed(z.round().to(torch.uint8), spec.bits)  # [N, G']
+        t[f"{fqn}.weight_zero_point"] = pack_to_int32(zp, spec.bits, packed_dim=0)
+    return t, args, CompressionFormat.pack_quantized.value
 
 
 def _ct_config(groups: dict[str, list], ignore: list[str]) -> dict:
-    """config.json's quantization_config for compressed-tensors: one config group per distinct scheme,
-    targeting its layers by exact name; format per group ("mixed-precision" on top when they differ)."""
-    config_groups = {}
+    """config.json's quantization_config, a compressed-tensors QuantizationConfig as its ModelCompressor
+    writes it: one config group per distinct scheme, targeting its layers by exact name; the format per
+    group ("mixed-precision" on top when they differ)."""
+    import compressed_tensors
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    schemes = {}
     for i, (key, names) in enumerate(groups.items()):
         args, fmt = json.loads(key)
-        scheme = {"targets": names, "weights": args, "input_activations": None, "output_activations": None}
-        config_groups[f"group_{i}"] = {**scheme, "format": fmt}
-    formats = {g["format"] for g in config_groups.values()}
-    fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
-    head = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed"}
-    return {**head, "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None}
+        weights = QuantizationArgs.model_validate(args)
+        schemes[f"group_{i}"] = QuantizationScheme(targets=names, weights=weights, format=fmt)
+    formats = {g.format for g in schemes.values()}
+    fmt = formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value
+    qc = QuantizationConfig(
+        config_groups=schemes, format=fmt, quantization_status="compressed", ignore=ignore
+    )
+    head = {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors"}
+    return {
+        **head,
+        "sparsity_config": {},
+        "transform_config": {},
+        **qc.model_dump(mode="json", exclude={"quant_method"}),
+    }
 
 
 def _adapter(layers: dict[str, QLinear], dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]] | None:
@@ -151,7 +172,7 @@ def write_ct(model: nn.Module, tmp: Path, dtype: torch.dtype, tokenizer, name: s
         state.update(tensors)
         if m.bias is not None:
             state[f"{n}.bias"] = m.bias.detach().to(dtype).contiguous()
-        groups.setdefault(json.dumps([args, fmt]), []).append(n)
+        groups.setdefault(json.dumps([args.model_dump(mode="json"), fmt]), []).append(n)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     write_model(tmp, state, model.config, dtype, _ct_config(groups, ignore))
     adapter = _adapter(layers, dtype)

@@ -28,6 +28,7 @@ alpha is r when all layers share one rank, else 0, so every layer's scaling is 1
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -42,10 +43,10 @@ from lowbit.models.errors import ModelError
 from lowbit.models.gguf import gguf_tokenizer, load_gguf
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantizers import QuantSpec, decode_scales, unpack_codes
+from lowbit.quantizers.engines import QK, llama_cpp_problem
 
 MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
-QK = 32  # weights per block of Q8_0 / Q4_0 / Q4_1
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES = {("int8", True): Q.Q8_0, ("int4", True): Q.Q4_0, ("int4", False): Q.Q4_1}
 FILE_TYPES = {
@@ -63,20 +64,11 @@ DENSE_FILE_TYPES = {
 
 
 def gguf_problem(spec: QuantSpec, in_features: int) -> str | None:
-    """Why no llama.cpp quant type holds Q of this spec as is, or None if Q8_0 / Q4_0 / Q4_1 does.
-
-    A group of g = 32 j weights (or a whole row, per-channel) is j blocks of 32 sharing its scale and
-    zero: llama.cpp holds it exactly by repeating them in each block (`block_scales`).
-    """
-    if spec.kind != "int" or spec.bits not in (4, 8):
-        return f"{spec.format} has no llama.cpp type (Q8_0, Q4_0 and Q4_1 hold INT8 and INT4 only)"
-    if (spec.format, spec.symmetric) not in GGUF_TYPES:
-        return "asymmetric int8 has no llama.cpp type (Q8_0 is symmetric)"
-    if spec.group_size is not None and spec.group_size % QK:
-        return f"group size {spec.group_size} is not a multiple of llama.cpp's block of 32 weights"
-    if in_features % QK:
-        return f"in_features {in_features} is not a multiple of llama.cpp's block of 32"
-    return None
+    """Why no llama.cpp type holds Q of this spec as is, or None if Q8_0 / Q4_0 / Q4_1 does: llama.cpp's
+    rules (`lowbit.quantizers.engines.llama_cpp_problem`), double-quantized scales decoded and rounded to
+    fp16. A group of g = 32 j weights (or a whole row, per-channel) is j blocks of 32 sharing its scale
+    and zero: llama.cpp holds it exactly by repeating them in each block (`block_scales`)."""
+    return llama_cpp_problem(replace(spec, double_quant=False), in_features)
 
 
 def block_scales(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:

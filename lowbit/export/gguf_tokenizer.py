@@ -12,8 +12,9 @@ llama.cpp tokenizes with these keys, and transformers builds a tokenizer from th
   "gpt2", the tokens by id (padded with `[PAD{i}]`, type UNUSED, up to the model's vocab size), token
   types (special added tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL), the merges, the
   special token ids, whether the tokenizer adds BOS / EOS, the chat template, and `pre`, llama.cpp's name
-  for its pre-tokenizer (PRE_TOKENIZERS: GPT-2's regex or Llama 3's split). `check_tokenizer` then builds
-  the tokenizer back from the written file with transformers and compares encodings of a probe text.
+  for its pre-tokenizer (PRE_TOKENIZERS: GPT-2's regex, Llama 3's split, or SmolLM2's digits then GPT-2).
+  `check_tokenizer` then builds the tokenizer back from the written file as lowbit reads GGUF tokenizers
+  (`lowbit.models.gguf.gguf_tokenizer`) and compares encodings of a probe text.
 
 Anything else (SentencePiece, Unigram, WordPiece, byte fallback, other pre-tokenizers) is refused in one line.
 """
@@ -25,12 +26,12 @@ import json
 from pathlib import Path
 
 import gguf
-import transformers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from lowbit.export.target import ExportError
 from lowbit.models import BUILTIN_MODELS, ModelError, builtin_path
+from lowbit.models.gguf import gguf_tokenizer
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -39,6 +40,7 @@ LLAMA3_SPLIT = (
 # signature of a tokenizer.json pre_tokenizer (see _signature) -> llama.cpp's tokenizer.ggml.pre
 PRE_TOKENIZERS = {
     ("ByteLevel", False, True): "gpt-2",
+    (("Digits", True), ("ByteLevel", False, True)): "smollm",  # SmolLM2's tokenizer.json
     (("Split", LLAMA3_SPLIT, "Isolated", False), ("ByteLevel", False, False)): "llama-bpe",
 }
 PROBE = "Hello world! It's 2024; isn't it?\n\n  Prices rose 3.5% to $1,234.\tCafé naïve, 東京 🙂 <tag>"
@@ -51,6 +53,8 @@ def _signature(pre: dict | None) -> tuple | None:
         return None
     if pre["type"] == "Sequence":
         return tuple(_signature(p) for p in pre["pretokenizers"])
+    if pre["type"] == "Digits":
+        return ("Digits", pre.get("individual_digits", False))
     if pre["type"] == "ByteLevel":
         return ("ByteLevel", pre.get("add_prefix_space", True), pre.get("use_regex", True))
     if pre["type"] == "Split":
@@ -156,8 +160,8 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int) -> bool:
 
 def check_tokenizer(folder: Path, file: str, tokenizer) -> None:
     """Refuse when transformers, reading `folder / file`, does not tokenize PROBE as `tokenizer` does."""
-    try:
-        rebuilt = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=file)
+    try:  # as lowbit reads a GGUF tokenizer: llama.cpp's digit split kept (lowbit.models.gguf)
+        rebuilt = gguf_tokenizer(str(folder / file))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"transformers cannot read the tokenizer written to GGUF: {first}") from None

@@ -46,12 +46,14 @@ def random_problem(seed: int, M: int = 4, C: int = 4, holes: bool = False):
     return E, S, int(rng.integers(lo, hi + 1)), allowed
 
 
-def brute_force(E, S, budget, allowed=None) -> float:
+def brute_force(E, S, budget, allowed=None, tied=()) -> float:
     M, C = E.shape
     ok = np.isfinite(E) & (True if allowed is None else allowed)
     best = math.inf
     for choice in itertools.product(range(C), repeat=M):
         rows = np.arange(M)
+        if any(len({choice[m] for m in group}) > 1 for group in tied):
+            continue
         if ok[rows, choice].all() and S[rows, choice].sum() <= budget:
             best = min(best, E[rows, choice].sum())
     return best
@@ -68,6 +70,37 @@ def test_ilp_equals_brute_force(holes):
         assert a.error == pytest.approx(E[rows, a.choice].sum())
         assert allowed is None or allowed[rows, a.choice].all()
         assert a.status == "optimal"
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_tied_groups_take_one_candidate_and_equal_brute_force(holes):
+    """Ties (q/k/v, gate/up of one block for vLLM): the ILP's optimum equals brute force over the choices
+    that give every member of a group the same candidate; greedy keeps the ties too."""
+    tied = [[0, 2, 3], [1, 4]]
+    solved = 0
+    for seed in range(30):
+        E, S, _, allowed = random_problem(seed, M=6, C=3, holes=holes)
+        ok = np.isfinite(E) & (True if allowed is None else allowed)
+        sums = [np.where(ok[g].all(0), S[g].sum(0), 10**9) for g in tied]
+        lo = sum(x.min() for x in sums) + np.where(ok[5], S[5], 10**9).min()
+        if lo >= 10**9:  # some group has no candidate allowed for all its members
+            with pytest.raises(AllocationError, match="tied together"):
+                allocate(E, S, 10**9, allowed=allowed, tied=tied)
+            continue
+        budget = int(lo) + seed * 7
+        for solver in (allocate, allocate_greedy):
+            a = solver(E, S, budget, allowed=allowed, tied=tied)
+            assert all(len(set(a.choice[g].tolist())) == 1 for g in tied)
+            assert a.bits <= budget and (allowed is None or allowed[np.arange(6), a.choice].all())
+        assert a.error >= allocate(E, S, budget, allowed=allowed, tied=tied).error - 1e-9
+        best = allocate(E, S, budget, allowed=allowed, tied=tied)
+        assert best.error == pytest.approx(brute_force(E, S, budget, allowed, tied), rel=1e-9, abs=1e-12)
+        solved += 1
+    assert solved >= 10
+    with pytest.raises(AllocationError, match="already tied"):
+        allocate(E, S, 10**9, tied=[[0, 1], [1, 2]])
+    with pytest.raises(AllocationError, match="indices below 6"):
+        allocate(E, S, 10**9, tied=[[0, 6]])
 
 
 def test_ilp_never_worse_than_greedy_and_both_respect_budget():

@@ -24,9 +24,9 @@ def test_uniform_choice_reads_the_recipe_with_overrides_and_excludes():
         }
     )
     expected = LayerChoice(QuantSpec("int3", 32), 8, "lorc", "gptq")
-    assert uniform_choice(recipe, "m.layers.0.q_proj") == expected
-    assert uniform_choice(recipe, "m.layers.0.down_proj").spec.format == "int4"
-    assert uniform_choice(recipe, "lm_head") is None
+    assert uniform_choice(recipe, "m.layers.0.q_proj", 64) == expected
+    assert uniform_choice(recipe, "m.layers.0.down_proj", 64).spec.format == "int4"
+    assert uniform_choice(recipe, "lm_head", 64) is None
 
 
 def test_allocated_choice_takes_the_candidate_and_the_recipes_method():

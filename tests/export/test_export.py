@@ -14,7 +14,7 @@ import torch
 from lowbit.cli import build_parser, cmd_export, main
 from lowbit.compress.recipe import DecomposeConfig, Override, QuantizeConfig, Recipe
 from lowbit.export import ExportError, export, load_export, stored_bits_per_weight
-from lowbit.export.compressed_tensors import _pack_int32, ct_problem, ct_spec
+from lowbit.export.compressed_tensors import ct_group, ct_problem, ct_spec
 from lowbit.export.fit import probe_ids
 from lowbit.nn.atomic import OutputExistsError
 from lowbit.nn.checkpoint import load, save
@@ -74,25 +74,15 @@ def with_adapter(base, folder, ids):
     return peft.PeftModel.from_pretrained(base, folder / "adapter").eval()
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_pack_int32_is_compressed_tensors_packing(bits):
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-    codes = torch.randint(
-        0, 2**bits, (5, 77), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8
-    )
-    ref = pack_to_int32((codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8), bits)
-    assert torch.equal(_pack_int32(codes, bits), ref)
-
-
 def test_expressible_formats_and_their_conversions():
     assert ct_problem(QuantSpec("int4", 32), 64) is None
     assert ct_problem(QuantSpec("int8", None, True), 64) is None
     assert ct_problem(QuantSpec("fp8_e4m3", None), 64) is None
-    for spec, k in [(QuantSpec("int3", 32), 64), (QuantSpec("nf4", 32), 64), (QuantSpec("int4", 48), 64)]:
+    assert ct_problem(QuantSpec("int4", 48), 64) is None  # a shorter last group: written at gcd(48, 64)
+    assert ct_group(QuantSpec("int4", 128), 576) == 64 and ct_group(QuantSpec("int4", 64), 576) == 64
+    for spec, k in [(QuantSpec("int3", 32), 64), (QuantSpec("nf4", 32), 64), (QuantSpec("int8", 32), 64)]:
         assert ct_problem(spec, k) is not None
         assert ct_problem(ct_spec(spec, k, torch.float32), k) is None
-    assert ct_spec(QuantSpec("int4", 48), 64, torch.float32).group_size == 32  # ragged -> divisor of K
     assert ct_spec(QuantSpec("fp8_e5m2", 32), 64, torch.float16) == QuantSpec(
         "fp8_e4m3", None, True, "float16"
     )

@@ -332,6 +332,25 @@ def test_llama3_pre_tokenizer_and_vocab_padding(tmp_path):
         add_tokenizer(gguf.GGUFWriter(None, "llama"), tok, len(tok) - 1)
 
 
+def test_smollm_digit_split_is_written_as_llama_cpp_s_smollm(tmp_path):
+    """SmolLM2's tokenizer.json splits digits one by one before GPT-2's byte-level regex: written as
+    llama.cpp's "smollm", and read back with the same split (check_tokenizer compares a probe text)."""
+    from tokenizers import pre_tokenizers
+
+    tok = byte_tokenizer()
+    backend = tok.backend_tokenizer
+    split = pre_tokenizers.Digits(individual_digits=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([split, backend.pre_tokenizer])
+    w = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+    assert add_tokenizer(w, tok, len(tok)) is False
+    assert w.kv_data[0]["tokenizer.ggml.pre"].value == "smollm"
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    check_tokenizer(tmp_path, "t.gguf", tok)
+
+
 def test_builtin_tokenizer_fields_are_copied(ckpts, tmp_path, monkeypatch):
     """A checkpoint whose vocabulary is a built-in GGUF's gets that file's tokenizer.* keys verbatim, its
     llama.cpp pre-tokenizer name included (here a small GGUF stands in for the built-in file)."""

@@ -169,3 +169,16 @@ def test_builtin_model_loads_as_a_dense_llama_once_per_process():
     model.model.embed_tokens.weight.data.zero_()
     assert again.model.embed_tokens.weight.abs().sum() > 0
     assert torch.equal(again.lm_head.weight, again.model.embed_tokens.weight)
+
+
+@needs_builtin
+def test_builtin_tokenizer_splits_digits_like_llama_cpp():
+    """The built-in GGUF says `tokenizer.ggml.pre = smollm`: llama.cpp splits every digit off first, so a
+    space before a digit is a token of its own; transformers' GGUF converter alone would merge " 1"."""
+    from lowbit.models.gguf import gguf_tokenizer
+
+    tok = gguf_tokenizer(str(builtin_path("smollm2-135m")))
+    ids = tok.encode("a 123 b  45", add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(ids) == ["a", "Ġ", "1", "2", "3", "Ġb", "ĠĠ", "4", "5"]
+    pieces = tok.convert_ids_to_tokens(tok.encode("x1 2 in 2024, 3.5%", add_special_tokens=False))
+    assert all(len(p) == 1 for p in pieces if any(c.isdigit() for c in p))

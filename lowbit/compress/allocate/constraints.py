@@ -1,4 +1,5 @@
-"""Per-layer constraints on the allocation (pins, forbidden candidates, minimum bits) as a bool mask."""
+"""Per-layer constraints on the allocation: pins, forbidden candidates and minimum bits as a bool mask,
+and what a serving engine needs (the candidates it serves on each layer, one candidate per fused group)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import numpy as np
 
 from lowbit.compress.allocate.candidates import AllocationError, Candidate
+from lowbit.quantizers.engines import ENGINES, fused_groups
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +59,24 @@ def constraint_mask(names, candidates, *, pins=None, forbid=(), min_bits=None) -
     if empty.size:
         raise AllocationError(f"the allocation constraints leave layer {names[empty[0]]!r} no candidate")
     return mask
+
+
+def engine_constraints(names, shapes, candidates, target: str) -> tuple[np.ndarray, list[list[int]]]:
+    """(allowed bool [M, C], tied groups of row indices) for a checkpoint served by `target` (a key of
+    ENGINES): layer names[m] of shape [N, K] may take candidates[c] when the engine serves its spec on K
+    inputs; an engine that runs q/k/v and gate/up as one fused matrix ties each such group."""
+    engine = ENGINES[target]
+    mask = np.ones((len(names), len(candidates)), dtype=bool)
+    if engine.problem is not None:
+        for m, (_, k) in enumerate(shapes):
+            mask[m] = [engine.problem(c.spec, k) is None for c in candidates]
+    empty = np.flatnonzero(~mask.any(1))
+    if empty.size:
+        m, k = empty[0], shapes[empty[0]][1]
+        why = dict.fromkeys(engine.problem(c.spec, k) for c in candidates)  # distinct reasons, in order
+        raise AllocationError(
+            f"{engine.name} serves none of the candidates on layer {names[m]!r} (K = {k}): {'; '.join(why)}"
+        )
+    index = {n: m for m, n in enumerate(names)}
+    tied = [[index[n] for n in group] for group in fused_groups(names)] if engine.fused else []
+    return mask, tied

@@ -1,6 +1,10 @@
 """The solvers of the allocation problem (formulated in the package docstring): `allocate`, the LQ-LoRA
 ILP solved exactly by PuLP's bundled CBC, and `allocate_greedy`, the Lagrangian baseline it is measured
-against. Both are pure functions over errors [M, C] and sizes [M, C]."""
+against. Both are pure functions over errors [M, C] and sizes [M, C], with optional ties: groups of
+matrices that must take the same candidate (an engine that runs q/k/v or gate/up as one fused matrix
+serves one scheme for all of them). A tied group is solved as one row whose error and size are its
+members' sums and whose allowed candidates are those every member allows; this is the ILP with the
+constraints x[m, c] = x[m', c] for m, m' in a group, with fewer variables."""
 
 from __future__ import annotations
 
@@ -66,6 +70,34 @@ def _problem(errors, sizes, allowed) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if empty.size:
         raise AllocationError(f"matrix {empty[0]} has no allowed candidate with a finite error")
     return E, S, ok
+
+
+def _tie(E, S, ok, tied) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(E', S', ok' over the groups [G, C], owner int64 [M]: each matrix's group) with every tied group of
+    row indices merged into one row (sums of E and S, ok of all members) and every other matrix alone."""
+    M = E.shape[0]
+    owner = np.full(M, -1)
+    for g, rows in enumerate(tied or ()):
+        rows = np.asarray(rows)
+        bad = rows.ndim != 1 or rows.size == 0 or rows.dtype.kind not in "iu"
+        if bad or rows.min() < 0 or rows.max() >= M:
+            raise AllocationError(f"tied group {g} must be a non-empty list of matrix indices below {M}")
+        if (owner[rows] >= 0).any() or len(set(rows.tolist())) < rows.size:
+            raise AllocationError(f"tied group {g} repeats a matrix already tied")
+        owner[rows] = g
+    alone = np.flatnonzero(owner < 0)
+    owner[alone] = len(tied or ()) + np.arange(alone.size)
+    G = int(owner.max()) + 1
+    C = E.shape[1]
+    E2, S2, ok2 = np.zeros((G, C)), np.zeros((G, C), np.int64), np.ones((G, C), bool)
+    np.add.at(E2, owner, np.where(ok, E, 0.0))
+    np.add.at(S2, owner, S)
+    np.logical_and.at(ok2, owner, ok)
+    empty = np.flatnonzero(~ok2.any(1))
+    if empty.size:
+        members = np.flatnonzero(owner == empty[0]).tolist()
+        raise AllocationError(f"the matrices {members} tied together have no candidate allowed for all")
+    return E2, S2, ok2, owner
 
 
 def _fmt(bits: int, params: int | None) -> str:
@@ -165,15 +197,18 @@ def _fill(E: np.ndarray, S: np.ndarray, keep: np.ndarray, budget: int, choice: n
 
 
 def allocate_greedy(
-    errors, sizes, budget_bits: int, *, allowed=None, params: int | None = None
+    errors, sizes, budget_bits: int, *, allowed=None, params: int | None = None, tied=None
 ) -> Allocation:
     """Lagrangian baseline: bisect lambda on min_c E[m, c] + lambda S[m, c] per matrix until the choice fits
-    the budget, then greedily upgrade matrices while bits remain. Fast; no optimality guarantee."""
+    the budget, then greedily upgrade matrices while bits remain. Fast; no optimality guarantee.
+    tied: groups of matrix indices that take one candidate (see the module docstring)."""
     t0 = time.perf_counter()
-    E, S, ok = _problem(errors, sizes, allowed)
+    E0, S0, ok0 = _problem(errors, sizes, allowed)
+    E, S, ok, owner = _tie(E0, S0, ok0, tied)
     budget = _check_budget(S, ok, budget_bits, params)
     keep = _pareto(E, S, ok)
-    return _result(E, S, _fill(E, S, keep, budget, _lagrangian(E, S, keep, budget)), budget, t0, "greedy")
+    choice = _fill(E, S, keep, budget, _lagrangian(E, S, keep, budget))
+    return _result(E0, S0, choice[owner], budget, t0, "greedy")
 
 
 def _solve_ilp(E, S, keep, budget, start, deadline, gap) -> tuple[np.ndarray | None, str]:
@@ -216,6 +251,7 @@ def allocate(
     params: int | None = None,
     time_limit: float | None = 6.0,
     gap: float | None = None,
+    tied=None,
 ) -> Allocation:
     """The LQ-LoRA allocation ILP: one candidate per matrix, total size <= budget_bits, least total error.
 
@@ -224,23 +260,25 @@ def allocate(
     CBC (PuLP's bundled solver) proves optimality on small problems; time_limit (seconds of wall time
     for the whole call, None: none) and gap (relative) cap large ones, which then return the best
     solution found, never worse than allocate_greedy's (CBC starts from it). Errors are scaled to
-    [-1, 1] for the solver; the returned error is in the original units.
+    [-1, 1] for the solver; the returned error is in the original units. tied: groups of matrix indices
+    (lists of row numbers) that must take the same candidate, e.g. a layer's q, k and v.
     """
     t0 = time.perf_counter()
-    E, S, ok = _problem(errors, sizes, allowed)
+    E0, S0, ok0 = _problem(errors, sizes, allowed)
+    E, S, ok, owner = _tie(E0, S0, ok0, tied)
     budget = _check_budget(S, ok, budget_bits, params)
     keep = _pareto(E, S, ok)
     rows = np.arange(E.shape[0])
     best = np.where(keep, E, np.inf).argmin(1)  # the most accurate candidate of each matrix
     if int(S[rows, best].sum()) <= budget:
-        return _result(E, S, best, budget, t0, "optimal")
+        return _result(E0, S0, best[owner], budget, t0, "optimal")
     start = _fill(E, S, keep, budget, _lagrangian(E, S, keep, budget))
     deadline = None if time_limit is None else t0 + time_limit
     choice, status = _solve_ilp(E, S, keep, budget, start, deadline, gap)
     if choice is None or E[rows, choice].sum() > E[rows, start].sum():
         logger.warning("ILP solver gave no better solution (%s); keeping the greedy one", status)
         choice, status = start, "greedy"
-    return _result(E, S, choice, budget, t0, status)
+    return _result(E0, S0, choice[owner], budget, t0, status)
 
 
 SOLVERS = {"ilp": allocate, "greedy": allocate_greedy}
