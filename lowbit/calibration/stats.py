@@ -152,8 +152,8 @@ class CalibrationStats:
                 if t is not None:
                     t = t.detach().to("cpu", torch.float32).contiguous()
                     # layers reading one input share tensors; a file holds each under every name
-                    tensors[f"{name}.{f}"] = t.clone() if id(t) in written else t
-                    written.add(id(t))
+                    tensors[f"{name}.{f}"] = t.clone() if t.data_ptr() in written else t
+                    written.add(t.data_ptr())
         meta = {
             "samples": self.samples,
             "seq_len": self.seq_len,

@@ -232,3 +232,14 @@ def test_fisher_leaves_the_model_as_it_was():
     assert torch.equal(q.grad, torch.ones_like(q))
     assert all(p.grad is None for n, p in model.named_parameters() if p is not q)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_statistics_shared_by_layers_reading_one_input_save_and_load(tmp_path):
+    from lowbit.calibration import CalibrationStats, LayerStats
+
+    lead = LayerStats()
+    lead.update(torch.randn(6, 4), ("act", "hessian"))
+    shared = LayerStats(lead.act_max, lead.act_sqmean, lead.hessian, lead.tokens)  # k_proj beside q_proj
+    CalibrationStats({"q": lead, "k": shared}, samples=1, seq_len=6, tokens=6).save(tmp_path / "s.safetensors")
+    back = CalibrationStats.load(tmp_path / "s.safetensors")
+    assert torch.equal(back["k"].hessian, lead.hessian) and torch.equal(back["q"].act_sqmean, lead.act_sqmean)
