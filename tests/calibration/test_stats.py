@@ -240,6 +240,7 @@ def test_statistics_shared_by_layers_reading_one_input_save_and_load(tmp_path):
     lead = LayerStats()
     lead.update(torch.randn(6, 4), ("act", "hessian"))
     shared = LayerStats(lead.act_max, lead.act_sqmean, lead.hessian, lead.tokens)  # k_proj beside q_proj
-    CalibrationStats({"q": lead, "k": shared}, samples=1, seq_len=6, tokens=6).save(tmp_path / "s.safetensors")
-    back = CalibrationStats.load(tmp_path / "s.safetensors")
+    path = tmp_path / "s.safetensors"
+    CalibrationStats({"q": lead, "k": shared}, samples=1, seq_len=6, tokens=6).save(path)
+    back = CalibrationStats.load(path)
     assert torch.equal(back["k"].hessian, lead.hessian) and torch.equal(back["q"].act_sqmean, lead.act_sqmean)
