@@ -171,10 +171,10 @@ def quantize_model(
             # the block's layers side by side on their owners (one process: all of them, in order)
             block = [n for n in linears if index.get(n) == i]
             built = build_owned(model, block, lambda name: compress_layer(name, linears[name], recipe), ranks)
-            for name, q in built.items():
+            for name, q in built:
                 set_submodule(model, name, q)
                 del linears[name]
-            release_freed_memory()
+                release_freed_memory()
             if stream is not None:
                 stream.done(i, None)
             provider.release(i)
@@ -219,7 +219,7 @@ def _calibrated(model, recipe, tokenizer, calib_data, progress, teacher, stream,
         def build(name: str) -> QLinear:
             return compress_layer(name, linears[name], recipe, block_stats[name], fisher.get(name))
 
-        for name, q in build_owned(model, todo, build, ranks).items():
+        for name, q in build_owned(model, todo, build, ranks):
             set_submodule(model, name, q)
             fisher.pop(name, None)
         for name in block_stats:
