@@ -12,7 +12,8 @@ modules later never rebinds the name). Importing lowbit also registers its quant
 
 from lowbit.calibration import calibrate
 from lowbit.compress import api as _api
-from lowbit.compress.recipe import Recipe, load_recipe, preset
+from lowbit.compress.presets import preset
+from lowbit.compress.recipe import Recipe, load_recipe
 from lowbit.export import export
 from lowbit.lowrank import decompose
 from lowbit.nn.checkpoint import load, save

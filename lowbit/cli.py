@@ -21,7 +21,9 @@ from lowbit import __version__
 from lowbit.compress.budget import with_budget
 from lowbit.compress.checks import DTYPES as MODEL_DTYPES
 from lowbit.compress.checks import calibrates, check_budgets, check_device, check_dtype, check_source
-from lowbit.compress.recipe import PRESETS, Recipe, load_recipe, preset
+from lowbit.compress.presets import PRESETS, preset
+from lowbit.compress.recipe import Recipe, load_recipe
+from lowbit.eval.compare import compare
 from lowbit.export import DTYPES, TARGETS
 from lowbit.parallel import launched_size
 from lowbit.quantizers.engines import ENGINES
@@ -225,7 +227,11 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         result["budgets"] = [{k: b[k] for k in keys} for b in report.budgets]
     if args.eval or len(report.budgets) > 1:
         shapes = [tuple(e["shape"]) for e in report.layers.values()]
-        result.update(evaluate_compressed(args, recipe, result, shapes, progress))
+        baselines = None if args.no_baselines else shapes
+        job = dict(
+            tokens=args.eval_tokens, device=args.device, dtype=check_dtype(args.dtype), progress=progress
+        )
+        result.update(compare(args.model, result, args.data or recipe.calibration.data, baselines, **job))
     return result
 
 
@@ -241,37 +247,6 @@ def parse_budgets(args: argparse.Namespace) -> list[float] | None:
     except ValueError:
         raise ValueError(f"--budgets must be comma-separated numbers, got {args.budgets!r}") from None
     return check_budgets(budgets)
-
-
-def evaluate_compressed(
-    args: argparse.Namespace, recipe: Recipe, result: dict, shapes: list[tuple[int, int]], progress: bool
-) -> dict:
-    """Perplexity of the original, of every written checkpoint and of round-to-nearest baselines at
-    similar sizes; several budgets also get report.json + pareto.png in --out."""
-    from lowbit.compress.api import compress
-    from lowbit.compress.report import write_report
-    from lowbit.eval import evaluate
-    from lowbit.eval.baselines import RTN_BASELINES, nearest_baseline
-
-    data = args.data or recipe.calibration.data
-    run = {"progress": progress, "device": args.device}
-    dtype = check_dtype(args.dtype)
-    evaluated = {"original": evaluate(args.model, data, args.eval_tokens, dtype=dtype, **run)}
-    budgets = result.get("budgets") or [{"out": result["out"], "budget": None}]
-    for b in budgets:
-        evaluated[b["out"]] = evaluate(b["out"], data, args.eval_tokens, **run)
-    wanted = RTN_BASELINES if len(budgets) > 1 else [nearest_baseline(result["bits_per_weight"], shapes)]
-    rtn = {}
-    for name in [] if args.no_baselines else wanted:
-        model, _ = compress(args.model, preset(name), dtype=dtype, **run)
-        rtn[name] = evaluate(args.model, data, args.eval_tokens, model=model, **run)
-    if len(budgets) == 1:
-        return {"original": evaluated["original"], "compressed": evaluated[result["out"]], "rtn": rtn}
-    points = [{"label": "original", "kind": "original", **evaluated["original"]}]
-    points += [{"label": f"budget {b['budget']:g}", "kind": "budget", **evaluated[b["out"]]} for b in budgets]
-    points += [{"label": name, "kind": "rtn", **r} for name, r in rtn.items()]
-    files = write_report(Path(args.out), points, {"model": args.model, "data": data})
-    return {"points": points, "report": [str(f) for f in files]}
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 from lowbit.calibration import calibrate
 from lowbit.calibration.data import calibration_blocks, eval_tokens
 from lowbit.compress.allocate import ErrorTable, candidate_bits, candidate_grid
-from lowbit.compress.recipe import preset
+from lowbit.compress.presets import preset
 from lowbit.eval.perplexity import perplexity
 from lowbit.lowrank.decomposition import quantize_step
 from lowbit.lowrank.svd import svd_r

@@ -31,7 +31,8 @@ from dataclasses import replace
 from lowbit.calibration.data import calibration_blocks, eval_tokens
 from lowbit.compress.api import compress
 from lowbit.compress.finetune import FinetuneConfig, finetune
-from lowbit.compress.recipe import DecomposeConfig, preset
+from lowbit.compress.presets import preset
+from lowbit.compress.recipe import DecomposeConfig
 from lowbit.eval.perplexity import dense_bits_per_weight, perplexity
 from lowbit.models import load_model
 from lowbit.nn.checkpoint import load, plan_bits

@@ -179,7 +179,7 @@ def test_python_api_keywords(tiny_llama_dir, news_file, tmp_path):
 
 def test_a_running_jobs_work_area_is_locked_even_against_restart(tmp_path):
     from lowbit.compress.budget import work_area
-    from lowbit.compress.recipe import preset
+    from lowbit.compress.presets import preset
     from lowbit.nn.atomic import LockedError
 
     recipe = preset("alloc-int")

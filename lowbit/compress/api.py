@@ -32,7 +32,8 @@ from lowbit.compress.checks import (
     check_source,
 )
 from lowbit.compress.plan import check_fused
-from lowbit.compress.recipe import Recipe, resolve_recipe
+from lowbit.compress.presets import resolve_recipe
+from lowbit.compress.recipe import Recipe
 from lowbit.compress.stream import StreamedJob, stream_work_area
 from lowbit.compress.uniform import finetune_stage, quantize_model
 from lowbit.lowrank import METHODS
@@ -98,7 +99,7 @@ def compress(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
 ) -> tuple[nn.Module, CompressReport]:
     """Compress a model (a name, a path or a loaded transformers model) with `recipe`: a Recipe, a
-    preset name (`lowbit.compress.recipe.PRESETS`) or a recipe file (.yaml / .json); default int4-g128.
+    preset name (`lowbit.compress.presets.PRESETS`) or a recipe file (.yaml / .json); default int4-g128.
 
         model, report = compress("smollm2-135m", "int3-g128-gptq", data="builtin:lee-news", samples=32,
                                  seq_len=256, device="cuda", out="out/int3")

@@ -315,22 +315,14 @@ def apply_scales(model: nn.Module, readers: dict, linears: dict, scales: dict[st
 
 
 @contextmanager
-def activation_scaling(
-    model: nn.Module,
-    readers: dict,
-    linears: dict,
-    recipe: Recipe,
-    teacher=None,
-    start: int = 0,
-    first: int = 0,
-):
-    """The AWQ stage for `calibrate_sequential`'s callback from block `start` on, or None when the recipe
-    has no scaling; its hook on the model is removed on exit. first: the index of this process's first
-    calibration sample."""
+def activation_scaling(model: nn.Module, readers: dict, linears: dict, recipe: Recipe, *rest):
+    """The AWQ stage (`ActivationScaling(model, readers, linears, recipe, *rest)`: teacher, start block,
+    this process's first sample) for `calibrate_sequential`'s callback, or None when the recipe has no
+    scaling; its hook on the model is removed on exit."""
     if recipe.scaling.method == "none":
         yield None
         return
-    stage = ActivationScaling(model, readers, linears, recipe, teacher, start, first)
+    stage = ActivationScaling(model, readers, linears, recipe, *rest)
     try:
         yield stage
     finally:

@@ -36,7 +36,8 @@ from lowbit.compress.allocate import (
     constraint_mask,
     engine_constraints,
 )
-from lowbit.compress.recipe import Recipe, resolve_recipe
+from lowbit.compress.presets import resolve_recipe
+from lowbit.compress.recipe import Recipe
 from lowbit.compress.uniform import block_weights, selected_names
 from lowbit.lowrank import METHODS
 from lowbit.models.shapes import source_shapes

@@ -340,82 +340,6 @@ def _section(cls: type, d: dict | None, where: str, base):
         raise RecipeError(f"bad value in {where}: {e}") from None
 
 
-def _preset(fmt: str, group_size: int | None, method: str = "none", rank: int = 0, **quant) -> Recipe:
-    return Recipe(
-        quantize=QuantizeConfig(format=fmt, group_size=group_size, **quant),
-        decompose=DecomposeConfig(method=method, rank=rank),
-    )
-
-
-# The int4 presets are symmetric (the W4A16 convention: GPTQ / AWQ checkpoints for vLLM, Q4_0 in
-# llama.cpp), which every engine serves and transformers loads from compressed-tensors; int4-g128-asym
-# keeps zero points (more accurate: docs/benchmarks.md, "Symmetric int4 presets"); lower bit widths keep
-# the recipe's default, asymmetric, where a zero point matters more.
-# Joint allocation of bits, group sizes and ranks (INT codes, ranks 0 or 8) under `--budget`; a grid
-# small enough for a CPU (12 candidates per layer, LoRC errors weighted by the Fisher diagonal, measured
-# with round-to-nearest; 16 calibration blocks), the chosen candidates then rounded by GPTQ.
-ALLOCATE_INT = AllocateConfig(
-    formats=("int",), bits=(2, 3, 4), group_sizes=(64, 128), ranks=(0, 8), rounding="nearest"
-)
-ALLOC_QUANTIZE = QuantizeConfig(rounding="gptq")
-AWQ = ScalingConfig(method="awq")
-# The budget recipe built on activation-aware scaling: AWQ scales searched for int3-g128 (quantize's spec)
-# through the layers' Hessians and folded before the table; a low-bit grid with int3 at groups 32 / 64 and
-# nf3; the table rescaled by probes on 3 blocks; the result checked against the best uniform spec.
-ALLOC_AWQ = Recipe(
-    quantize=QuantizeConfig(format="int3", group_size=128, rounding="gptq"),
-    scaling=ScalingConfig(method="awq", objective="layers", clip=False),
-    allocate=replace(ALLOCATE_INT, formats=("int", "nf3"), group_sizes=(32, 64, 128), probes=3, check=True),
-    calibration=CalibrationConfig(samples=16),
-    decompose=DecomposeConfig("lorc"),
-)
-
-PRESETS: dict[str, Recipe] = {
-    "int8": _preset("int8", None, symmetric=True),
-    "int4-g128": _preset("int4", 128, symmetric=True),
-    "int4-g128-asym": _preset("int4", 128),
-    "int4-g64": _preset("int4", 64, symmetric=True),
-    "int3-g128": _preset("int3", 128),
-    "int3-g64": _preset("int3", 64),
-    "int2-g64": _preset("int2", 64),
-    "nf4-g64": _preset("nf4", 64),
-    "nf4-g64-dq": _preset("nf4", 64, double_quant=True),
-    "nf3-g64": _preset("nf3", 64),
-    "nf2-g64": _preset("nf2", 64),
-    "fp8": _preset("fp8_e4m3", None),
-    "fp8-e5m2": _preset("fp8_e5m2", None),
-    "fp4-g32": _preset("fp4_e2m1", 32),
-    "int4-g128-gptq": _preset("int4", 128, rounding="gptq", symmetric=True),
-    "int3-g128-gptq": _preset("int3", 128, rounding="gptq"),
-    "int4-g128-awq": replace(_preset("int4", 128, symmetric=True), scaling=AWQ),
-    "int3-g128-awq": replace(_preset("int3", 128), scaling=AWQ),
-    "int3-g128-lqlora-r32": _preset("int3", 128, "lqlora", 32),
-    "int3-g128-lqlora-fisher-r32": _preset("int3", 128, "lqlora-fisher", 32),
-    "int4-g128-svdquant-r32": _preset("int4", 128, "svdquant", 32, symmetric=True),
-    "int3-g128-svdquant-r32": _preset("int3", 128, "svdquant", 32),
-    "nf3-g64-lorc-r16": _preset("nf3", 64, "lorc", 16),
-    "alloc-int": Recipe(
-        quantize=ALLOC_QUANTIZE,
-        allocate=ALLOCATE_INT,
-        calibration=CalibrationConfig(samples=16),
-        decompose=DecomposeConfig("lorc"),
-    ),
-    "alloc-awq": ALLOC_AWQ,
-    "alloc-int-nf": Recipe(
-        quantize=ALLOC_QUANTIZE,
-        allocate=replace(ALLOCATE_INT, formats=("int", "nf")),
-        calibration=CalibrationConfig(samples=16),
-        decompose=DecomposeConfig("lorc"),
-    ),
-}
-
-
-def preset(name: str) -> Recipe:
-    if name not in PRESETS:
-        raise RecipeError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe from a .yaml/.yml/.json file."""
     path = Path(path)
@@ -433,19 +357,3 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     path = Path(path)
     d = recipe.to_dict()
     path.write_text(json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False))
-
-
-def resolve_recipe(recipe: Recipe | str | Path | None) -> Recipe:
-    """A Recipe from a Recipe, a preset name, a recipe file path, or None (the default, int4-g128)."""
-    if recipe is None:
-        return PRESETS["int4-g128"]
-    if isinstance(recipe, Recipe):
-        return recipe
-    if isinstance(recipe, str) and recipe in PRESETS:
-        return preset(recipe)
-    if isinstance(recipe, (str, Path)) and Path(recipe).suffix in (".yaml", ".yml", ".json"):
-        return load_recipe(recipe)
-    raise RecipeError(
-        f"recipe must be a Recipe, a preset name ({', '.join(PRESETS)}) or a .yaml / .json file, "
-        f"got {recipe!r}"
-    )

@@ -7,7 +7,7 @@ and text, with bits per weight counted exactly as for the checkpoint.
 
 from __future__ import annotations
 
-from lowbit.compress.recipe import preset
+from lowbit.compress.presets import preset
 from lowbit.quantizers import storage_bits
 
 # Uniform round-to-nearest presets measured beside allocated budgets.

@@ -11,7 +11,8 @@ from torch import nn
 from lowbit.calibration import LayerStats, calibrate_sequential
 from lowbit.compress import awq
 from lowbit.compress.awq import ActivationScaling, awq_scales, scaled_stats
-from lowbit.compress.recipe import Recipe, RecipeError, preset
+from lowbit.compress.presets import preset
+from lowbit.compress.recipe import Recipe, RecipeError
 from lowbit.compress.uniform import quantize_model
 from lowbit.nn.smoothing import norm_readers
 from tests.compress.test_smoothing import with_outlier_norms

@@ -9,7 +9,7 @@ import transformers
 
 from lowbit.compress import dry_run
 from lowbit.compress.api import compress
-from lowbit.compress.recipe import PRESETS
+from lowbit.compress.presets import PRESETS
 from lowbit.compress.uniform import CompressError, block_bits_per_weight
 from tests.conftest import make_tiny_llama
 

@@ -9,7 +9,8 @@ from lowbit.calibration.data import DataError
 from lowbit.compress import dry_run
 from lowbit.compress.allocate import AllocationError
 from lowbit.compress.api import compress
-from lowbit.compress.recipe import PRESETS, RecipeError
+from lowbit.compress.presets import PRESETS
+from lowbit.compress.recipe import RecipeError
 from lowbit.compress.uniform import CompressError
 from lowbit.models import ModelError, source
 

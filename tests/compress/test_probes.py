@@ -13,8 +13,9 @@ from lowbit.cli import BUDGET_PRESET, build_parser, resolve_recipe
 from lowbit.compress import budget
 from lowbit.compress.allocate import Candidate, ErrorTable, error_table
 from lowbit.compress.budget import compress_to_budgets, scaling_stage
+from lowbit.compress.presets import preset
 from lowbit.compress.probes import best_uniform, calibration_loss, corrected, loss_with, probe_factors
-from lowbit.compress.recipe import Recipe, RecipeError, preset
+from lowbit.compress.recipe import Recipe, RecipeError
 from lowbit.compress.uniform import select_linears
 from lowbit.compress.workarea import WorkArea
 from lowbit.lowrank import Stats

@@ -1,14 +1,7 @@
 import pytest
 
-from lowbit.compress.recipe import (
-    PRESETS,
-    QuantizeConfig,
-    Recipe,
-    RecipeError,
-    load_recipe,
-    preset,
-    save_recipe,
-)
+from lowbit.compress.presets import PRESETS, preset
+from lowbit.compress.recipe import QuantizeConfig, Recipe, RecipeError, load_recipe, save_recipe
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])

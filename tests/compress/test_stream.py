@@ -13,7 +13,8 @@ import torch
 
 from lowbit.compress import api
 from lowbit.compress.blocks import StreamedFolder
-from lowbit.compress.recipe import DecomposeConfig, preset
+from lowbit.compress.presets import preset
+from lowbit.compress.recipe import DecomposeConfig
 from lowbit.compress.stream import KILL_AFTER
 from lowbit.models import load_model
 from lowbit.nn.checkpoint import load

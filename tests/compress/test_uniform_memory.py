@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.compress import uniform
-from lowbit.compress.recipe import preset
+from lowbit.compress.presets import preset
 from tests.conftest import make_tiny_llama
 
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from lowbit.cli import main
 from lowbit.compress.plan import uniform_choice
-from lowbit.compress.recipe import PRESETS, Recipe, RecipeError, preset
+from lowbit.compress.presets import PRESETS, preset
+from lowbit.compress.recipe import Recipe, RecipeError
 from lowbit.export import export
 from lowbit.nn.checkpoint import load
 from lowbit.nn.manifest import read_manifest

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from lowbit import cli
 from lowbit.compress.api import check_processes
 from lowbit.compress.checks import ArgumentError
-from lowbit.compress.recipe import preset
+from lowbit.compress.presets import preset
 from lowbit.parallel import World
 
 
