@@ -214,12 +214,12 @@ def _calibrated(model, recipe, tokenizer, calib_data, progress, teacher, stream,
         if scaling is not None:
             scaling(index, block, block_stats)  # AWQ: scales folded into the norms, weights clipped
         done = compress_norm_groups(model, smoothed, linears, block_stats, recipe, teacher)
-        todo = [name for name in block_stats if name in linears and name not in done]
+        pending = [name for name in block_stats if name in linears and name not in done]
 
         def build(name: str) -> QLinear:
             return compress_layer(name, linears[name], recipe, block_stats[name], fisher.get(name))
 
-        for name, q in build_owned(model, todo, build, ranks):
+        for name, q in build_owned(model, pending, build, ranks):
             set_submodule(model, name, q)
             fisher.pop(name, None)
         for name in block_stats:
