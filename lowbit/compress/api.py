@@ -211,13 +211,12 @@ def compress(
 
 
 def check_processes(ranks: World, recipe: Recipe, budgets: list[float]) -> None:
-    """Refuse what several processes do not share yet: the budget path and fine-tuning."""
+    """Refuse what several processes do not share yet: the budget path. (Fine-tuning runs data-parallel,
+    `lowbit.compress.finetune.ddp`.)"""
     if ranks.size == 1:
         return
     if budgets:
         raise ArgumentError("budget allocation runs in a single process: run it without torchrun or --nproc")
-    if recipe.finetune:
-        raise ArgumentError("fine-tuning runs in a single process: run it without torchrun or --nproc")
 
 
 def _streamed(model_or_id, recipe: Recipe, budgets, out, device, dtype):

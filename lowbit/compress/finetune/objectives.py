@@ -8,6 +8,7 @@ from torch import nn
 
 from lowbit.calibration.data import calibration_blocks
 from lowbit.compress.finetune.config import FinetuneConfig, FinetuneError
+from lowbit.parallel import broadcast_tensors, world
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -72,7 +73,9 @@ def sample_blocks(teacher: nn.Module, n: int, seq_len: int, bos_id: int, seed: i
 
 
 def training_blocks(config: FinetuneConfig, blocks, tokenizer, teacher) -> torch.Tensor:
-    """Token blocks [S, L] to train and evaluate on: from config.data when set, else `blocks`."""
+    """Token blocks [S, L] to train and evaluate on: from config.data when set, else `blocks`. Text
+    sampled from the teacher is sampled by rank 0 and sent to the other processes, so that every rank
+    trains on the same blocks."""
     if config.data == "teacher":
         if teacher is None:
             raise FinetuneError("data 'teacher' samples text from the teacher, but no teacher was given")
@@ -80,7 +83,11 @@ def training_blocks(config: FinetuneConfig, blocks, tokenizer, teacher) -> torch
         bos = getattr(teacher.config, "bos_token_id", None) if bos is None else bos
         if bos is None:
             raise FinetuneError("cannot sample from the teacher: no BOS token id in tokenizer or config")
-        blocks = sample_blocks(teacher, config.samples, config.seq_len, bos, config.seed)
+        w = world()
+        sampled = None
+        if w.main:
+            sampled = {"blocks": sample_blocks(teacher, config.samples, config.seq_len, bos, config.seed)}
+        blocks = broadcast_tensors(sampled, {}, 0, w)[0]["blocks"]
     elif config.data is not None:
         if tokenizer is None:
             raise FinetuneError(f"finetune data {config.data!r} needs a tokenizer")

@@ -14,11 +14,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.compress.finetune.config import FinetuneConfig, FinetuneError, FinetuneReport
+from lowbit.compress.finetune.ddp import check_batch, data_parallel, local_part
 from lowbit.compress.finetune.fakequant import FakeQuantLinear
 from lowbit.compress.finetune.layers import _restore_layers, export_layers, prepare_layers, trainable_tensors
 from lowbit.compress.finetune.objectives import _device, batch_indices, objective_loss, training_blocks
 from lowbit.compress.finetune.state import TrainState, _digest, load_state, save_state
 from lowbit.nn.qlinear import QLinear
+from lowbit.parallel import World, all_reduce, barrier, share, world
 
 SCALE_PARAMS = ("s", "z")
 
@@ -33,16 +35,18 @@ def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _evaluate(model, teacher, held: torch.Tensor, config: FinetuneConfig) -> float:
-    """Mean held-out loss over the blocks held [E, L]."""
+def _evaluate(model, teacher, held: torch.Tensor, config: FinetuneConfig, w: World) -> float:
+    """Mean held-out loss over the blocks held [E, L]; each rank evaluates its share of them and the sums
+    are added over the ranks, so every rank gets the same number."""
     model.eval()
     total = 0.0
+    part = held[share(len(held), w)]
     with torch.no_grad():
-        for i in range(0, len(held), config.batch_size):
-            x = held[i : i + config.batch_size].to(_device(model))
+        for i in range(0, len(part), config.batch_size):
+            x = part[i : i + config.batch_size].to(_device(model))
             loss = objective_loss(model, teacher, x, config.resolved_objective(), config.hidden_weight)
             total += loss.item() * len(x)
-    return total / len(held)
+    return all_reduce(torch.tensor([total], dtype=torch.float64), "sum", w).item() / len(held)
 
 
 def _record_eval(st: TrainState, loss: float, params: dict, patience: int) -> None:
@@ -77,33 +81,42 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _step(model, teacher, x, params: dict, opt, config: FinetuneConfig) -> float:
+def _step(model, teacher, x, factor: float, params: dict, opt, config: FinetuneConfig, w: World) -> float:
+    """One optimizer step on this rank's blocks x [b, L]; returns the loss over the whole batch.
+
+    factor: this rank's weight in the batch's mean loss times the number of ranks (`local_part`), which
+    DDP's average of the gradients over the ranks divides again."""
     model.train()
     loss = objective_loss(model, teacher, x, config.resolved_objective(), config.hidden_weight)
-    if not torch.isfinite(loss):
+    total = all_reduce(loss.detach().double().reshape(1) * (factor / w.size), "sum", w)  # on every rank
+    if not torch.isfinite(total).all():
         raise FinetuneError("training loss is NaN/Inf; lower lr or scale_lr")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * factor).backward()
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
     opt.step()
-    return loss.item()
+    return total.item()
 
 
 def _train(model, teacher, train, held, params, opt, st: TrainState, config, save, callback, progress):
     """The training loop from st.step to config.steps (or an early stop); updates st in place and
-    returns the seconds spent in training steps (evaluations and saving left out)."""
+    returns the seconds spent in training steps (evaluations and saving left out). Under several
+    processes each step runs data-parallel (`lowbit.compress.finetune.ddp`)."""
     step_seconds = 0.0
-    bar = tqdm(total=config.steps, initial=st.step, desc=f"finetune {config.mode}", disable=not progress)
+    w = world()
+    show = progress and w.main
+    bar = tqdm(total=config.steps, initial=st.step, desc=f"finetune {config.mode}", disable=not show)
     device = _device(model)
+    ddp = data_parallel(model, params, w)
     try:
         while st.step < config.steps and not st.stopped:
             factor = lr_factor(st.step, config.steps, config.warmup, config.schedule)
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            x = train[batch_indices(st.step, len(train), config.batch_size, config.seed)].to(device)
+            part, weight = local_part(batch_indices(st.step, len(train), config.batch_size, config.seed), w)
             t0 = time.perf_counter()
-            loss = _step(model, teacher, x, params, opt, config)
+            loss = _step(ddp, teacher, train[part].to(device), weight, params, opt, config, w)
             step_seconds += time.perf_counter() - t0
             st.step += 1
             st.losses.append(loss)
@@ -111,7 +124,7 @@ def _train(model, teacher, train, held, params, opt, st: TrainState, config, sav
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
             last = st.step == config.steps
             if held is not None and (last or (config.eval_every and st.step % config.eval_every == 0)):
-                _record_eval(st, _evaluate(model, teacher, held, config), params, config.patience)
+                _record_eval(st, _evaluate(model, teacher, held, config, w), params, config.patience)
             if save is not None and (
                 last or st.stopped or (config.save_every and st.step % config.save_every == 0)
             ):
@@ -136,16 +149,18 @@ def _optimizer(params: dict, config: FinetuneConfig) -> torch.optim.AdamW:
 def _fit(model, teacher, train, held, params, opt, config, state_dir, meta, callback, progress):
     """Train from scratch or from the state in state_dir; restore the best tensors when early stopping
     is on. Returns (state, first step of this call, seconds spent in training steps)."""
-    device = _device(model)
-    save = None if state_dir is None else (lambda st: save_state(state_dir, params, opt, st, meta))
+    device, w = _device(model), world()
+    writes = state_dir is not None and w.main  # every rank reads the state, rank 0 alone writes it
+    save = (lambda st: save_state(state_dir, params, opt, st, meta)) if writes else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         st = None if state_dir is None else load_state(state_dir, params, opt, meta)
+        barrier(w)  # every rank has read the state before rank 0 writes the next one
         start = 0 if st is None else st.step
         if st is None:
             st = TrainState()
             if held is not None:
-                _record_eval(st, _evaluate(model, teacher, held, config), params, config.patience)
+                _record_eval(st, _evaluate(model, teacher, held, config, w), params, config.patience)
         checkpointing = config.gradient_checkpointing and _checkpointing(model, True)
         try:
             step_seconds = _train(
@@ -185,6 +200,7 @@ def finetune(
         raise FinetuneError("the distill objective needs the teacher (the original model)")
     if teacher is not None:
         teacher.eval()
+    check_batch(config.batch_size, world())
     data = training_blocks(config, blocks, tokenizer, teacher)
     n_held = config.eval_blocks
     train, held = data[: len(data) - n_held], (data[len(data) - n_held :] if n_held else None)
