@@ -25,6 +25,7 @@ from lowbit.compress.presets import PRESETS, preset
 from lowbit.compress.recipe import Recipe, load_recipe
 from lowbit.eval.compare import compare
 from lowbit.export import DTYPES, TARGETS
+from lowbit.nn.shards import parse_size
 from lowbit.parallel import launched_size
 from lowbit.quantizers.engines import ENGINES
 
@@ -106,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--work-dir", help="where finished stages are kept (default: .lowbit-work beside --out)")
     c.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors shard written, e.g. 2GB (default 5GB)"
+    )
+    c.add_argument(
+        "--max-hidden-memory",
+        help="calibration hidden states kept in memory, e.g. 4GB; the rest go to disk (default: no limit)",
     )
     c.add_argument(
         "--eval", action="store_true", help="reload the checkpoint and compare perplexity with the original"
@@ -193,6 +198,9 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     recipe = resolve_recipe(args)
     if args.target is not None:
         recipe = replace(recipe, target=args.target)
+    if args.max_hidden_memory is not None:
+        limit = parse_size(args.max_hidden_memory, "--max-hidden-memory")
+        recipe = replace(recipe, calibration=replace(recipe.calibration, max_hidden_memory=limit))
     budgets = parse_budgets(args)
     if args.dry_run:
         from lowbit.compress import dry_run

@@ -15,6 +15,9 @@ After a block's statistics are in, `on_block(index, block, block_stats)` may rep
 block, so later layers are calibrated on the errors earlier ones make (GPTQ's protocol); with
 propagate="original" it sees the outputs of the unmodified block.
 
+The hidden states between two blocks stay in memory up to `offload_bytes` and go to disk past it
+(`lowbit.calibration.hidden`), bit for bit.
+
 A block provider (`lowbit.models.stream`) lets the blocks live on disk: block i is materialised just
 before its turn and released once it is done, and the capture runs with each block read on demand; the
 run may start at a later block with the hidden states an earlier run saved (`start`, `hidden`,
@@ -24,7 +27,7 @@ run may start at a later block with the hidden states an earlier run saved (`sta
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit.calibration.data import DataError, calibration_blocks
+from lowbit.calibration.hidden import HiddenStates
 from lowbit.calibration.stats import (
     CalibrationError,
     CalibrationStats,
@@ -54,7 +58,7 @@ PROPAGATE = ("quantized", "original")
 DEFAULT_SOURCE = "builtin:lee-news"
 
 OnBlock = Callable[[int, nn.Module, dict[str, LayerStats]], None]
-AfterBlock = Callable[[int, list[Tensor]], None]
+AfterBlock = Callable[[int, HiddenStates], None]
 
 
 class BlockProvider(Protocol):
@@ -76,23 +80,23 @@ class _Captured(Exception):
 class BlockInputs:
     """What the model passes its decoder blocks for one micro-batch.
 
-    hidden:  [B, L, D] hidden states entering the current block (replaced by each block's outputs in turn)
+    hidden:  [B, L, D] hidden states entering the first block (None when they are kept in a HiddenStates)
     context: per attention kind, the block's other positional args and keyword args (attention mask,
              position_embeddings (cos, sin), position_ids, cache_position, ...)
     by_name: the hidden states go in as the keyword `hidden_states` rather than the first positional arg
     """
 
-    hidden: Tensor
+    hidden: Tensor | None
     context: dict[str, tuple[tuple, dict]]
     by_name: bool = False
 
-    def run(self, block: nn.Module, kind: str) -> Tensor:
-        """The block's output hidden states [B, L, D] on these inputs."""
+    def run(self, block: nn.Module, kind: str, hidden: Tensor) -> Tensor:
+        """The block's output hidden states [B, L, D] on these inputs with `hidden` [B, L, D] entering it."""
         args, kwargs = self.context[kind]
         if self.by_name:
-            out = block(*args, hidden_states=self.hidden, **kwargs)
+            out = block(*args, hidden_states=hidden, **kwargs)
         else:
-            out = block(self.hidden, *args, **kwargs)
+            out = block(hidden, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -118,11 +122,17 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict, bool]
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, kinds: list[str], data: Tensor, batch_size: int
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    kinds: list[str],
+    data: Tensor,
+    batch_size: int,
+    hidden: HiddenStates | None = None,
 ) -> list[BlockInputs]:
     """Run the model on each micro-batch of data [S, L] up to the first block of every attention kind.
 
-    Returns the inputs of block 0 (and the context each attention kind gets), one entry per micro-batch.
+    Returns the inputs of block 0 (and the context each attention kind gets), one entry per micro-batch;
+    with `hidden`, the hidden states go there as each micro-batch is captured (the entries hold None).
     """
     firsts: dict[str, int] = {}
     for i, kind in enumerate(kinds):
@@ -151,8 +161,12 @@ def capture_block_inputs(
                 pass
             if len(record) < len(firsts):
                 raise CalibrationError(f"the model's forward never called its decoder block {last}")
-            hidden, _, _, by_name = record[kinds[0]]
-            inputs.append(BlockInputs(hidden, {k: (r[1], r[2]) for k, r in record.items()}, by_name))
+            states, _, _, by_name = record[kinds[0]]
+            if hidden is not None:
+                hidden.append(states)
+                states = None
+            inputs.append(BlockInputs(states, {k: (r[1], r[2]) for k, r in record.items()}, by_name))
+            record.clear()
     finally:
         for h in handles:
             h.remove()
@@ -198,6 +212,7 @@ def _run_block(
     block: nn.Module,
     kind: str,
     inputs: list[BlockInputs],
+    hidden: HiddenStates,
     linears: dict[str, nn.Module],
     kinds: tuple[str, ...],
     write: bool,
@@ -209,11 +224,11 @@ def _run_block(
     recorder = _Recorder(linears, kinds)
     handles = [m.register_forward_pre_hook(partial(recorder, name)) for name, m in linears.items()]
     try:
-        for inp in inputs:
-            out = inp.run(block, kind)  # [B, L, D]
+        for j, inp in enumerate(inputs):
+            out = inp.run(block, kind, hidden[j])  # [B, L, D]
             recorder.next_batch()
             if write:
-                inp.hidden = out
+                hidden[j] = out
             del out  # a discarded output must not outlive its micro-batch
     finally:
         for h in handles:
@@ -233,8 +248,10 @@ def calibrate_sequential(
     progress: bool = True,
     provider: BlockProvider | None = None,
     start: int = 0,
-    hidden: list[Tensor] | None = None,
+    hidden: Sequence[Tensor] | None = None,
     after_block: AfterBlock | None = None,
+    offload_bytes: int | None = None,
+    offload_dir: str | Path | None = None,
 ) -> dict[str, LayerStats]:
     """Collect input statistics ('act', 'hessian') of the selected linears, one decoder block at a time.
 
@@ -250,6 +267,11 @@ def calibrate_sequential(
     provider: materialises each block before its turn and releases it after (default: the model is
     whole). start, hidden: begin at block `start` with `hidden` (one [B, L, D] per micro-batch) as its
     inputs. after_block(index, hidden): called once block `index` is done, with the next block's inputs.
+
+    offload_bytes: the hidden states between two blocks are kept in memory up to this many bytes, the
+    rest in safetensors files in a temporary folder inside `offload_dir` (default: the system's temporary
+    folder), removed at the end (`lowbit.calibration.hidden`); the results are the same bit for bit.
+    None keeps them all in memory.
     """
     kinds = check_kinds(stats, ("act", "hessian"))
     if propagate not in PROPAGATE:
@@ -265,12 +287,14 @@ def calibrate_sequential(
     write = on_block is None or propagate == "original"
     was_training = model.training
     result: dict[str, LayerStats] = {}
+    states = HiddenStates(offload_bytes, offload_dir)
     try:
         model.eval()
         with provider.on_demand() if provider is not None else contextlib.nullcontext():
-            inputs = capture_block_inputs(model, blocks, attn, data, batch_size)
-        for inp, h in zip(inputs, hidden or [], strict=False):
-            inp.hidden = h.to(inp.hidden.device, inp.hidden.dtype)
+            inputs = capture_block_inputs(model, blocks, attn, data, batch_size, states)
+        for j in range(min(len(states), len(hidden or []))):  # one saved micro-batch in memory at a time
+            dtype, _, device = states.layout[j]
+            states[j] = hidden[j].to(device, dtype)
         for i in tqdm(range(start, len(blocks)), desc="calibrate", disable=not progress):
             if provider is not None:
                 provider.materialise(i)
@@ -278,20 +302,23 @@ def calibrate_sequential(
             # taken out of `selected`: a layer that on_block replaces is freed with this block
             linears = {n: selected.pop(n) for n in list(selected) if n in names}
             block_stats = (
-                _run_block(blocks[i], attn[i], inputs, linears, kinds, write) if linears or write else {}
+                _run_block(blocks[i], attn[i], inputs, states, linears, kinds, write)
+                if linears or write
+                else {}
             )
             reduce_stats(block_stats, w)  # every rank now holds the statistics of all samples
             if on_block is not None:
                 on_block(i, blocks[i], block_stats)
                 if propagate == "quantized":
-                    _run_block(blocks[i], attn[i], inputs, {}, kinds, write=True)
+                    _run_block(blocks[i], attn[i], inputs, states, {}, kinds, write=True)
             if after_block is not None:
-                after_block(i, [inp.hidden for inp in inputs])
+                after_block(i, states)
             if provider is not None:
                 provider.release(i)
             if keep:
                 result.update(block_stats)
     finally:
+        states.close()
         model.train(was_training)
     return result
 

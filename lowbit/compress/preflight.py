@@ -47,6 +47,8 @@ from lowbit.quantizers.engines import served_group
 
 # Resident memory of a process that has imported torch, transformers and lowbit (measured: 0.49 GB).
 BASE_RSS = 485 << 20
+# Samples per micro-batch of `lowbit.calibration.calibrate_sequential` (its batch_size default).
+HIDDEN_BATCH = 8
 # Per-file overheads of a checkpoint besides tensors: safetensors header entries, manifest, config.
 HEADER_BYTES_PER_TENSOR = 120
 MANIFEST_BYTES_PER_LAYER = 400
@@ -236,6 +238,27 @@ def work_bytes(recipe: Recipe, layers: dict, budgets, bits: list[int]) -> int:
     return stats + sum(bits) // 8
 
 
+def hidden_bytes(recipe: Recipe, net: nn.Module, size: int) -> tuple[int, int, int]:
+    """(all, resident, offloaded) bytes of the calibration hidden states between two blocks ([S, L, D]
+    in the model's dtype, `size` bytes per element; zeros without calibration).
+
+    Without calibration.max_hidden_memory, or when they fit under it, they count twice (entering and
+    leaving a block); past it, the micro-batches (`calibrate_sequential`'s 8 samples) that fit under
+    the limit count twice, the micro-batch in flight twice more (read from disk, and its output), and
+    the others are on disk (`lowbit.calibration.hidden`)."""
+    cal = recipe.calibration
+    if not recipe.needs_calibration():
+        return 0, 0, 0
+    per_sample = cal.seq_len * net.config.hidden_size * size
+    total = cal.samples * per_sample
+    limit = cal.max_hidden_memory
+    if limit is None or total <= limit:
+        return total, 2 * total, 0
+    batch = min(HIDDEN_BATCH, cal.samples) * per_sample
+    kept = limit // batch * batch
+    return total, 2 * kept + 2 * batch, total - kept
+
+
 def streamed_peak_ram(
     recipe: Recipe, net: nn.Module, layers: dict, dtype: torch.dtype, out: int
 ) -> tuple[int, int]:
@@ -246,10 +269,10 @@ def streamed_peak_ram(
               the hidden states [S, L, D])
     block:    one decoder block in `dtype` + one layer's fp32 copy and its quantization temporaries
               (about 4 fp32 copies) + with calibration, the hidden states entering and leaving the block
-              and one fp32 Hessian [K, K] per quantized layer of the block
+              (`hidden_bytes`) and one fp32 Hessian [K, K] per quantized layer of the block
     plus BASE_RSS. The work area holds every finished shard until the end, the finished blocks' parts
     until they fill a shard (`DEFAULT_MAX_SHARD_BYTES`), at most that much again while a shard is written,
-    and, with calibration, the hidden states of the next block.
+    and, with calibration, the hidden states of the next block (and those offloaded past the limit).
     """
     prefix, blocks = find_blocks(net)
     size = dtype.itemsize
@@ -262,13 +285,10 @@ def streamed_peak_ram(
     first = f"{prefix}.0."
     inside = [s for name, s in layers.items() if name.startswith(first)] or list(layers.values())
     largest = max(n * k for n, k in inside)
-    hidden = hessians = 0
-    if recipe.needs_calibration():
-        cal = recipe.calibration
-        hidden = cal.samples * cal.seq_len * net.config.hidden_size * size
-        hessians = sum(4 * k * k for _, k in inside)
-    ram = max(outside + hidden, block + 16 * largest + 2 * hidden + hessians)
-    return BASE_RSS + ram, out + min(out, DEFAULT_MAX_SHARD_BYTES) + hidden
+    saved, hidden, offloaded = hidden_bytes(recipe, net, size)  # saved: the next block's inputs, for a resume
+    hessians = sum(4 * k * k for _, k in inside) if recipe.needs_calibration() else 0
+    ram = max(outside + hidden // 2, block + 16 * largest + hidden + hessians)
+    return BASE_RSS + ram, out + min(out, DEFAULT_MAX_SHARD_BYTES) + saved + offloaded
 
 
 def peak_ram(
@@ -287,7 +307,8 @@ def peak_ram(
               pages read count as resident until loading ends, when transformers loads them; nothing
               for a safetensors folder read tensor by tensor, each straight into its own storage)
     quantize: the model + one layer's fp32 copy and its quantization temporaries (about 4 fp32 copies)
-              + with calibration, the hidden states entering and leaving a block; the uniform path frees
+              + with calibration, the hidden states entering and leaving a block (`hidden_bytes`: less
+              past calibration.max_hidden_memory; all of them on the budget path); the uniform path frees
               each original layer as its compressed one comes in, so that is its largest point; a
               budget run (`work` > 0) also holds every compressed layer, every layer's statistics
               (`work` less the compressed layers) and, with fine-tuning, a copy of the model
@@ -296,9 +317,11 @@ def peak_ram(
     model = sum(p.numel() for p in net.parameters()) * dtype.itemsize
     largest = max(n * k for n, k in layers.values())
     quantize = model + 16 * largest
-    if recipe.needs_calibration() or work:
+    if work:  # the budget path keeps every hidden state in memory
         cal = recipe.calibration
         quantize += 2 * cal.samples * cal.seq_len * net.config.hidden_size * dtype.itemsize
+    else:
+        quantize += hidden_bytes(recipe, net, dtype.itemsize)[1]
     if work:
         quantize += max(work, compressed) + (model if recipe.finetune else 0)
     return BASE_RSS + max(model + mapped, quantize, 2 * out)

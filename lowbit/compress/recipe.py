@@ -38,6 +38,8 @@ from lowbit.compress.allocate.candidates import candidate_grid
 from lowbit.compress.allocate.solve import SOLVERS
 from lowbit.compress.allocate.table import METRICS
 from lowbit.lowrank import METHODS, ROUNDINGS
+from lowbit.nn.manifest import CheckpointError
+from lowbit.nn.shards import parse_size
 from lowbit.quantizers import SCALE_DTYPES, QuantSpec, SpecError
 from lowbit.quantizers.engines import ENGINES
 
@@ -107,16 +109,32 @@ class DecomposeConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Which text calibrates the model and how much of it."""
+    """Which text calibrates the model and how much of it.
+
+    max_hidden_memory: bytes (or a size such as "4GB") of the hidden states between two decoder blocks
+    kept in memory; the rest go to disk and are read back one micro-batch at a time, with the same
+    result bit for bit (`lowbit.calibration.hidden`). None keeps them all in memory. Like every recipe
+    key it is part of a work area's key: a killed job resumes with the same value.
+    """
 
     data: str = "builtin:lee-news"
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
+    max_hidden_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seq_len < 2:
             raise RecipeError("calibration.samples must be >= 1 and calibration.seq_len >= 2")
+        limit = self.max_hidden_memory
+        if isinstance(limit, str):
+            try:
+                limit = parse_size(limit, "calibration.max_hidden_memory")
+            except CheckpointError as e:
+                raise RecipeError(str(e)) from None
+            object.__setattr__(self, "max_hidden_memory", limit)  # stored as bytes
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise RecipeError(f"calibration.max_hidden_memory must be a size in bytes >= 0, got {limit!r}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,10 @@ part; every block is computed from the same inputs as in an uninterrupted run, s
 identical bit for bit. A part that a shard already holds (a kill between writing the shard and removing
 its parts) is removed on resume.
 
+Past the recipe's calibration.max_hidden_memory the hidden states between two blocks are kept in a
+temporary folder inside the work area (`lowbit.calibration.hidden`), and the resume file is written from
+them one micro-batch at a time.
+
 LOWBIT_TEST_KILL_AFTER_BLOCK=i (a testing hook, not a setting) kills the process with SIGKILL right after
 block i's part is written.
 """
@@ -28,11 +32,13 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from lowbit.calibration.hidden import HiddenStates
 from lowbit.compress.workarea import WorkArea, job_key
 from lowbit.models.folder import read_tensors
 from lowbit.nn.atomic import hold_lock
@@ -50,13 +56,32 @@ def part_name(index: int | None) -> str:
     return OUTSIDE if index is None else f"block-{index:05d}"
 
 
+class SavedHidden(Sequence):
+    """The hidden states a killed run saved after a block, one [B, L, D] per micro-batch, each read from
+    the file when asked for (a resumed run holds no more of them in memory than an uninterrupted one)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with safe_open(str(path), framework="pt") as f:
+            self.n = len(f.keys())
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        if not 0 <= j < self.n:
+            raise IndexError(j)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(str(j))
+
+
 class StreamedJob:
     """The `lowbit.compress.uniform.Stream` of a block provider over a work area (module docstring)."""
 
     def __init__(self, provider, work: WorkArea, max_shard_bytes: int, ranks: World = SINGLE):
         self.provider, self.model, self.max_shard_bytes = provider, provider.model, max_shard_bytes
         self.parts, self.shards = work.path("parts"), work.path("shards")
-        self.hidden_dir, self.ranks = work.dir, ranks
+        self.work, self.ranks = work.dir, ranks
         if ranks.main:
             self.parts.mkdir(exist_ok=True)
             self.shards.mkdir(exist_ok=True)
@@ -86,22 +111,21 @@ class StreamedJob:
     def _hidden_path(self, index: int) -> Path:
         """The saved inputs of block index + 1 (each process keeps those of its share of the samples)."""
         rank = f"-rank{self.ranks.rank}" if self.ranks.size > 1 else ""
-        return self.hidden_dir / f"hidden-{index:05d}{rank}.safetensors"
+        return self.work / f"hidden-{index:05d}{rank}.safetensors"
 
-    def _load_hidden(self, index: int) -> list[torch.Tensor] | None:
+    def _load_hidden(self, index: int) -> SavedHidden | None:
         path = self._hidden_path(index)
         if not path.is_file():
             return None  # a job without calibration saves none
-        with safe_open(str(path), framework="pt") as f:
-            return [f.get_tensor(str(j)) for j in range(len(f.keys()))]
+        return SavedHidden(path)
 
-    def done(self, index: int | None, hidden: list[torch.Tensor] | None) -> None:
+    def done(self, index: int | None, hidden: HiddenStates | None) -> None:
         """Write block `index`'s part (None: the tensors outside the blocks), after the inputs of the next
-        block when there are any; then pack full shards."""
+        block when there are any (one micro-batch in memory at a time: some may be on disk); then pack
+        full shards."""
         if hidden is not None:
-            tensors = {str(j): h.detach().contiguous().cpu() for j, h in enumerate(hidden)}
-            path = self._hidden_path(index)
-            write_safetensors(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, tensors.get)
+            layout = {str(j): (dtype, shape) for j, (dtype, shape, _) in enumerate(hidden.layout)}
+            write_safetensors(self._hidden_path(index), layout, lambda key: hidden[int(key)])
         prefix = self.provider.prefix
         inside = f"{prefix}.{index}." if index is not None else None
         state = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import calibrate_sequential, fisher_diagonal
 from lowbit.calibration.data import calibration_blocks
+from lowbit.calibration.hidden import HiddenStates
 from lowbit.calibration.sequential import BlockProvider
 from lowbit.calibration.stats import find_blocks
 from lowbit.compress.awq import activation_scaling
@@ -126,15 +128,16 @@ class Stream(Protocol):
     compute (earlier ones were finished by a killed run); hidden: that block's saved inputs, one
     [B, L, D] per micro-batch (None without calibration); plan: the per-layer plan of the finished
     layers; done(index, hidden): block `index` (None: the tensors outside the blocks) is final, with
-    the next block's inputs `hidden`.
+    the next block's inputs `hidden`; work: the folder for the job's temporary files.
     """
 
     provider: BlockProvider
     start: int
-    hidden: list[torch.Tensor] | None
+    hidden: Sequence[torch.Tensor] | None
     plan: dict[str, dict]
+    work: Path
 
-    def done(self, index: int | None, hidden: list[torch.Tensor] | None) -> None: ...
+    def done(self, index: int | None, hidden: HiddenStates | None) -> None: ...
 
 
 def quantize_model(
@@ -154,7 +157,9 @@ def quantize_model(
     a norm's output share one smoothing vector per norm, folded into the norm's weight (and into the
     teacher's, a copy of the original model kept for fine-tuning); see `lowbit.compress.smoothing`.
     stream: the blocks are read, written and freed one at a time (see `Stream`); default: the model is
-    whole in memory and stays so.
+    whole in memory and stays so. The calibration hidden states past recipe.calibration.max_hidden_memory
+    bytes are kept on disk (`lowbit.calibration.hidden`), in the stream's work folder or else the
+    system's temporary folder.
     """
     names = selected_names(model, recipe)
     provider = InMemory(model) if stream is None else stream.provider
@@ -241,6 +246,8 @@ def _calibrated(model, recipe, tokenizer, calib_data, progress, teacher, stream,
             start=start,
             hidden=None if stream is None else stream.hidden,
             after_block=None if stream is None else stream.done,
+            offload_bytes=recipe.calibration.max_hidden_memory,
+            offload_dir=None if stream is None else stream.work,
         )
 
 

@@ -42,8 +42,9 @@ NAMES = {v: k for k, v in DTYPES.items()}
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # tensor name -> (dtype, shape), in file order
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a size such as "5GB", "500MB", "2GiB" (decimal and binary units)."""
+def parse_size(size: int | str, what: str = "shard size") -> int:
+    """Bytes from an int or a size such as "5GB", "500MB", "2GiB" (decimal and binary units); `what` names
+    the setting in the error."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     text = str(size).strip().upper()
     number = text.rstrip("KMGIB")
@@ -52,7 +53,7 @@ def parse_size(size: int | str) -> int:
     except (KeyError, ValueError):
         n = 0
     if n < 1:
-        raise CheckpointError(f"shard size must be a positive size such as 2GB or 500MB, got {size!r}")
+        raise CheckpointError(f"{what} must be a positive size such as 2GB or 500MB, got {size!r}")
     return n
 
 

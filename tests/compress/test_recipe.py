@@ -76,3 +76,13 @@ def test_unknown_preset_and_missing_file(tmp_path):
     broken.write_text("quantize: [unclosed")
     with pytest.raises(RecipeError, match="cannot parse"):
         load_recipe(broken)
+
+
+def test_hidden_memory_limit_is_stored_in_bytes():
+    recipe = Recipe.from_dict({"calibration": {"max_hidden_memory": "2GB"}})
+    assert recipe.calibration.max_hidden_memory == 2 * 10**9
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert Recipe.from_dict({"calibration": {"max_hidden_memory": 0}}).calibration.max_hidden_memory == 0
+    for bad in ("lots", -1, 1.5, True):
+        with pytest.raises(RecipeError, match="max_hidden_memory"):
+            Recipe.from_dict({"calibration": {"max_hidden_memory": bad}})

@@ -140,3 +140,36 @@ def test_dry_run_predicts_the_streamed_path(source):
     assert streamed.peak_ram_bytes < whole.peak_ram_bytes  # one block, not the model, is in memory
     assert streamed.work_bytes >= streamed.output_bytes[0]  # the shards wait in the work area
     assert not dry_run(str(source), "alloc-int", budget=4.0).streamed  # the budget path loads the model
+
+
+def test_hidden_states_on_disk_give_the_same_checkpoint(source, tmp_path, monkeypatch, capsys):
+    from lowbit import cli
+    from lowbit.calibration import hidden
+
+    written = []
+    monkeypatch.setattr(hidden.HiddenStates, "_write", spy_write(hidden.HiddenStates._write, written))
+    gptq = preset("int4-g128-gptq")
+    on_disk = replace(gptq, calibration=replace(gptq.calibration, max_hidden_memory=0))
+    api.compress(str(source), on_disk, tmp_path / "s", data=BLOCKS, progress=False)
+    assert written and all(f.is_relative_to(tmp_path / ".lowbit-work") for f in written)  # the work area
+    ref, _ = in_memory(source, "int4-g128-gptq", tmp_path / "m")
+    ta, tb = tensors(tmp_path / "s"), tensors(ref)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    # the dry run predicts less memory and more work-area disk past the limit (128 samples of 512 tokens)
+    argv = ["compress", "--model", str(source), "--preset", "int4-g128-gptq", "--out", str(tmp_path / "d")]
+    argv += ["--dry-run", "--json"]
+    assert cli.main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["dry_run"]
+    assert cli.main([*argv, "--max-hidden-memory", "1MB"]) == 0
+    limited = json.loads(capsys.readouterr().out)["dry_run"]
+    hidden_bytes = 128 * 512 * 64 * 2  # [S, L, D] in bf16
+    assert plain["peak_ram_bytes"] - limited["peak_ram_bytes"] > hidden_bytes
+    assert limited["work_bytes"] - plain["work_bytes"] > hidden_bytes // 2
+
+
+def spy_write(write, written: list):
+    def spy(self, j, t):
+        write(self, j, t)
+        written.append(self._path(j))
+
+    return spy
