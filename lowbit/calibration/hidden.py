@@ -2,15 +2,15 @@
 disk past it.
 
 `calibrate_sequential` runs every calibration sample through one block at a time, so it keeps the hidden
-states of all of them ([S, L, D] in the model's dtype: 0.5 GiB for 128 samples of 2048 tokens at hidden
-size 4096 in bf16, 4 GiB in fp32 at 8192) between two blocks. `HiddenStates` holds them one micro-batch
-[B, L, D] at a time: the first micro-batches stay in memory while their total stays within `limit`
-bytes, the others are written to a folder of their own, one safetensors file per micro-batch, and read
-back when their turn comes; a block's output for a micro-batch replaces its input (the input file is
-read whole before it is replaced, through a temporary name, so a file is always whole). Memory then
-holds at most `limit` bytes plus the micro-batch in flight (its input and output), and the disk the
-rest once. The values go through the file bit for bit, so a run with a limit computes exactly what a
-run without one does.
+states of all of them ([S, L, D] in the model's dtype: 2 GiB for 128 samples of 2048 tokens at hidden
+size 4096 in bf16, 8 GiB in fp32 at hidden size 8192) between two blocks. `HiddenStates` holds them one
+micro-batch [B, L, D] at a time: the first micro-batches stay in memory while their total stays within
+`limit` bytes, the others are written to a folder of their own, one safetensors file per micro-batch, and
+read back when their turn comes; a block's output for a micro-batch replaces its input (the input file is
+read whole before it is replaced, through a temporary name, so a file is always whole). Memory then holds
+at most `limit` bytes plus the micro-batch in flight (its input and output), and the disk the rest once.
+The values go through the file bit for bit, so a run with a limit computes exactly what a run without
+one does.
 """
 
 from __future__ import annotations
