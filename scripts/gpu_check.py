@@ -46,6 +46,7 @@ FORMATS = {
     "int3-g128": (("int3", 128), 0, "triton"),
     "int2-g64": (("int2", 64), 0, "triton"),
     "fp8-w8a8": (("fp8_e4m3", None), 0, "triton_w8a8"),
+    "fp8-w8a8-scaled-mm": (("fp8_e4m3", None), 0, "triton_w8a8_scaled_mm"),
 }
 FOLD_ROWS = 256  # the two-launch large-M path is timed from this many rows
 L2_BYTES = 50 * 2**20  # H100 (H200: 50 MiB as well)
@@ -105,7 +106,7 @@ def dry_run(args: argparse.Namespace) -> int:
     import triton  # noqa: F401
     from bench_cpu_generate import quantize_blocks  # noqa: F401
 
-    from lowbit.kernels import prepared, triton_decode, triton_large, triton_qlinear  # noqa: F401
+    from lowbit.kernels import prepared, triton_decode, triton_fused, triton_large, triton_w8a8  # noqa: F401
     from lowbit.nn.checkpoint import model_plan  # noqa: F401
 
     peak = max(c["peak_bytes"] for c in cases)
@@ -165,7 +166,8 @@ def graph_time(calls: list) -> float:
 
 
 def kernel_row(case: dict, bandwidth: float, device: torch.device) -> dict:
-    from lowbit.kernels import reference, triton_large, triton_qlinear
+    from lowbit.kernels import reference, triton_large
+    from lowbit.kernels.dispatch import BACKENDS
     from lowbit.kernels.prepared import Prepared
     from lowbit.quantizers import QuantSpec, quantize
 
@@ -180,8 +182,8 @@ def kernel_row(case: dict, bandwidth: float, device: torch.device) -> dict:
         l2 = 0.01 * torch.randn(rank, k, device=device, dtype=DTYPE) if rank else None
         layers.append((q, l1, l2))
         dense.append(w.to(DTYPE))
-    if backend == "triton_w8a8":
-        calls = [lambda q=q, a=a, b=b: triton_qlinear.qlinear_w8a8(x, q, a, b) for q, a, b in layers]
+    if backend != "triton":  # the W8A8 backends: their function, without the op's dispatch
+        calls = [lambda q=q, a=a, b=b: BACKENDS[backend](x, q, a, b, None, None) for q, a, b in layers]
     else:
         calls = [(lambda p: lambda: p(x))(Prepared(q, a, b, None, None)) for q, a, b in layers]
     y, want = calls[0](), reference.qlinear(x, *layers[0])

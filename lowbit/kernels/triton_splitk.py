@@ -43,11 +43,16 @@ MAX_RANK = 128  # largest low-rank rank the kernels take (one BLOCK_R tile)
 @triton.jit
 def load_x(x_ptr, inv_smooth_ptr, offs_m, offs_k, M, K, stride_xm, HAS_SMOOTH: tl.constexpr,
            EVEN_K: tl.constexpr):  # fmt: skip
-    """x_s [BLOCK_M, BLOCK_K] = x * (1 / smooth) rounded to x's dtype, 0 outside x (EVEN_K: K % TILE == 0)."""
-    mask = offs_m[:, None] < M
-    if not EVEN_K:
-        mask = mask & (offs_k[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    """x_s [BLOCK_M, BLOCK_K] = x * (1 / smooth) rounded to x's dtype, 0 past K (EVEN_K: K % TILE == 0).
+
+    Rows past M repeat row M - 1 (no row mask: no zeroing, no predicated loads): output row m depends
+    on row m of x only, and rows past M are never stored."""
+    rows = tl.minimum(offs_m, M - 1)
+    ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    if EVEN_K:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=offs_k[None, :] < K, other=0.0)
     if HAS_SMOOTH:
         inv = tl.load(inv_smooth_ptr + offs_k, mask=offs_k < K, other=0.0)
         x = (x.to(tl.float32) * inv[None, :]).to(x_ptr.dtype.element_ty)
