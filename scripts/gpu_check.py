@@ -15,7 +15,9 @@ Usage:
    (together more than twice the L2 cache: one copy would stay in L2 and flatter a 4-bit weight); time
    per call = graph replay time / copies (median of triton.testing.do_bench_cudagraph). Columns: us,
    bf16 us, speedup (bf16 us / us), floor us (bytes moved over the device's copy bandwidth measured
-   at start), x floor (us / floor us), max err against the reference.
+   at start), x floor (us / floor us), max err against the reference; from FOLD_ROWS rows also fold
+   us, the two-launch path (`triton_large.large`: dequantize into a scratch, one cuBLAS GEMM): where it
+   beats us, its first M is the format's measured crossover (`triton_large.CROSSOVER_M`).
 
 Writes gpu_check.json (all rows and the correctness results) and gpu_check.md (markdown tables) into
 --out. --dry-run needs no GPU: it checks every format, shape and row count, the kernels' imports and the
@@ -44,7 +46,9 @@ FORMATS = {
     "int3-g128": (("int3", 128), 0, "triton"),
     "int2-g64": (("int2", 64), 0, "triton"),
     "fp8-w8a8": (("fp8_e4m3", None), 0, "triton_w8a8"),
+    "fp8-w8a8-scaled-mm": (("fp8_e4m3", None), 0, "triton_w8a8_scaled_mm"),
 }
+FOLD_ROWS = 256  # the two-launch large-M path is timed from this many rows
 L2_BYTES = 50 * 2**20  # H100 (H200: 50 MiB as well)
 GPU_BYTES = 80 * 2**30
 DTYPE = torch.bfloat16
@@ -102,7 +106,7 @@ def dry_run(args: argparse.Namespace) -> int:
     import triton  # noqa: F401
     from bench_cpu_generate import quantize_blocks  # noqa: F401
 
-    from lowbit.kernels import prepared, triton_decode, triton_large, triton_qlinear  # noqa: F401
+    from lowbit.kernels import prepared, triton_decode, triton_fused, triton_large, triton_w8a8  # noqa: F401
     from lowbit.nn.checkpoint import model_plan  # noqa: F401
 
     peak = max(c["peak_bytes"] for c in cases)
@@ -162,7 +166,8 @@ def graph_time(calls: list) -> float:
 
 
 def kernel_row(case: dict, bandwidth: float, device: torch.device) -> dict:
-    from lowbit.kernels import reference, triton_qlinear
+    from lowbit.kernels import reference, triton_large
+    from lowbit.kernels.dispatch import BACKENDS
     from lowbit.kernels.prepared import Prepared
     from lowbit.quantizers import QuantSpec, quantize
 
@@ -177,22 +182,26 @@ def kernel_row(case: dict, bandwidth: float, device: torch.device) -> dict:
         l2 = 0.01 * torch.randn(rank, k, device=device, dtype=DTYPE) if rank else None
         layers.append((q, l1, l2))
         dense.append(w.to(DTYPE))
-    if backend == "triton_w8a8":
-        calls = [lambda q=q, a=a, b=b: triton_qlinear.qlinear_w8a8(x, q, a, b) for q, a, b in layers]
+    if backend != "triton":  # the W8A8 backends: their function, without the op's dispatch
+        calls = [lambda q=q, a=a, b=b: BACKENDS[backend](x, q, a, b, None, None) for q, a, b in layers]
     else:
         calls = [(lambda p: lambda: p(x))(Prepared(q, a, b, None, None)) for q, a, b in layers]
     y, want = calls[0](), reference.qlinear(x, *layers[0])
     err = float((y.float() - want.float()).abs().max() / want.float().abs().max())
     us = graph_time(calls)
     bf16_us = graph_time([lambda w=w: torch.matmul(x, w.T) for w in dense])
+    fold_us = None
+    if m >= FOLD_ROWS and backend == "triton":
+        fold_us = round(graph_time([lambda q=q, a=a, b=b: triton_large.large(x, q, a, b, None, None)
+                                    for q, a, b in layers]), 2)  # fmt: skip
     floor_us = (weight_bytes(case["format"], k, n) + 2 * m * (k + n)) / bandwidth * 1e6
     return dict(shape=case["shape"], format=case["format"], m=m, us=round(us, 2), bf16_us=round(bf16_us, 2),
                 speedup=round(bf16_us / us, 3), floor_us=round(floor_us, 2), x_floor=round(us / floor_us, 2),
-                max_err=err, copies=copies)  # fmt: skip
+                max_err=err, copies=copies, fold_us=fold_us)  # fmt: skip
 
 
 def markdown(rows: list[dict], check: dict, device_name: str) -> str:
-    cols = ["shape", "format", "m", "us", "bf16_us", "speedup", "floor_us", "x_floor", "max_err"]
+    cols = ["shape", "format", "m", "us", "bf16_us", "speedup", "floor_us", "x_floor", "max_err", "fold_us"]
     lines = [f"GPU check on {device_name}", "", f"correctness: {json.dumps(check)}", ""]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 # launches are counted in a subprocess under the interpreter, whose Triton must be imported fresh
 LAUNCH_SCRIPT = r"""
 import json, sys, torch
-from lowbit.kernels import triton_qlinear
+from lowbit.kernels.dispatch import BACKENDS
 from lowbit.kernels.prepared import Prepared
 from lowbit.kernels.trace import count_launches
 from lowbit.quantizers import QuantSpec, quantize
@@ -56,8 +56,8 @@ for spec, rank, m, backend in json.loads(sys.argv[1]):
     l1 = 0.1 * torch.randn(n, rank, dtype=torch.bfloat16) if rank else None
     l2 = 0.1 * torch.randn(rank, k, dtype=torch.bfloat16) if rank else None
     x = torch.randn(m, k, dtype=torch.bfloat16)
-    if backend == "triton_w8a8":
-        call = lambda: triton_qlinear.qlinear_w8a8(x, q, l1, l2)
+    if backend != "triton":
+        call = lambda: BACKENDS[backend](x, q, l1, l2, None, None)
     else:
         call = Prepared(q, l1, l2, None, None)  # what QLinear runs without gradients
         call = (lambda layer: lambda: layer(x))(call)
@@ -186,8 +186,15 @@ FORMATS = {  # name -> (QuantSpec arguments, rank)
     "int4-g128-r64": (("int4", 128), 64),
     "nf4-g64": (("nf4", 64), 0),
     "int3-g128": (("int3", 128), 0),
+    "int3-g128-r64": (("int3", 128), 64),
+    "int2-g64": (("int2", 64), 0),
+    "int8": (("int8", None), 0),
+    "fp8-e4m3": (("fp8_e4m3", None), 0),
+    "fp4-g32": (("fp4_e2m1", 32), 0),
     "fp8-w8a8": (("fp8_e4m3", None), 0),
 }
+# the formats the one-launch kernel of `triton_fused` serves (no decode layout)
+FUSED_FORMATS = ("int3-g128", "int3-g128-r64", "int2-g64", "int8", "fp8-e4m3", "fp4-g32")
 
 
 def format_consts(name: str) -> dict:
@@ -220,37 +227,77 @@ def config_name(c) -> str:
 
 
 def cases() -> list[Case]:
-    """Every kernel, format and configuration the autotuner may pick: the split-K kernel of 4-bit INT / NF
-    below the crossover, the fold of the large-M path from it, the GEMV / GEMM of the other formats
-    (int3-g128 here) and the FP8 W8A8 GEMM."""
-    from lowbit.kernels import triton_fp8, triton_gemm, triton_gemv, triton_large
+    """Every kernel, format and configuration a QLinear call may run: the split-K kernel of 4-bit INT /
+    NF (`triton_decode`) and of the other formats (`triton_fused`) per M bucket, the fold of the
+    two-launch large-M path (behind a measured crossover), the FP8 W8A8 GEMM; then the GEMV / GEMM of the
+    torch op (the path with gradients, int3-g128 here) in every autotune configuration."""
+    from lowbit.kernels import triton_gemm, triton_gemv, triton_large
 
     out = []
     for fmt in ("int4-g128", "int4-g128-r64", "nf4-g64"):
         out += decode_cases(fmt)
-    consts = format_consts("int3-g128")
-    for c in triton_gemv.GEMV_CONFIGS:
-        for block_m, m in ((1, "1"), (16, "2-16")):
-            kw = dict(consts, **c.kwargs, BLOCK_M=block_m)
-            out.append(Case("gemv", "int3-g128", m, config_name(c), triton_gemv._qgemv_kernel.fn, kw,
-                            POINTERS, c.num_warps, c.num_stages, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
-    for c in triton_gemm.GEMM_CONFIGS:
-        kw = dict(consts, **c.kwargs, GROUP_M=8)
-        out.append(Case("gemm", "int3-g128", "17-511", config_name(c), triton_gemm._qgemm_kernel.fn, kw,
-                        POINTERS, c.num_warps, c.num_stages, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
+    for fmt in FUSED_FORMATS:
+        out += fused_cases(fmt)
     # the fold (dequantize + L1 L2, times 1 / smooth) has no loop: its whole program is counted
     bn, bk = triton_large.BLOCK_N, triton_large.BLOCK_K
     for fmt in ("int4-g128", "int4-g128-r64", "nf4-g64", "int3-g128"):
         kw = dict(format_consts(fmt), BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=triton_large.BLOCK_R)
-        first = triton_large.CROSSOVER_M.get(FORMATS[fmt][0][0], triton_large.DEFAULT_CROSSOVER_M)
-        out.append(Case("fold", fmt, f"{first}+", f"N={bn},K={bk},w=4", triton_large._fold_kernel, kw,
-                        dict(POINTERS, inv_smooth_ptr="*fp32"), 4, 1, bn * bk, True))
-    consts = format_consts("fp8-w8a8")
-    for c in triton_fp8.W8A8_CONFIGS:
+        out.append(Case("fold", fmt, "crossover+", f"N={bn},K={bk},w=4", triton_large._fold_kernel, kw,
+                        dict(POINTERS, inv_smooth_ptr="*fp32"), 4, 1, bn * bk, True))  # fmt: skip
+    out += w8a8_cases()
+    consts = format_consts("int3-g128")
+    for c in triton_gemv.GEMV_CONFIGS:
+        for block_m, m in ((1, "1"), (16, "2-16")):
+            kw = dict(consts, **c.kwargs, BLOCK_M=block_m)
+            out.append(
+                Case(
+                    "op-gemv",
+                    "int3-g128",
+                    m,
+                    config_name(c),
+                    triton_gemv._qgemv_kernel.fn,
+                    kw,
+                    POINTERS,
+                    c.num_warps,
+                    c.num_stages,
+                    c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"],
+                )
+            )
+    for c in triton_gemm.GEMM_CONFIGS:
         kw = dict(consts, **c.kwargs, GROUP_M=8)
-        out.append(Case("w8a8", "fp8-w8a8", "17+", config_name(c), triton_fp8._w8a8_gemm_kernel.fn, kw,
-                        dict(POINTERS, scales_ptr="*fp32", codes_ptr="*u8"), c.num_warps, c.num_stages,
-                        c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
+        out.append(
+            Case(
+                "op-gemm",
+                "int3-g128",
+                "17+",
+                config_name(c),
+                triton_gemm._qgemm_kernel.fn,
+                kw,
+                POINTERS,
+                c.num_warps,
+                c.num_stages,
+                c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"],
+            )
+        )
+    return out
+
+
+def w8a8_cases() -> list[Case]:
+    """The one-launch FP8 W8A8 kernel (`triton_w8a8`, per-channel FP8 E4M3 weights, bf16 activations)
+    on a 4096 x 4096 layer, one row per configuration of its row buckets."""
+    from lowbit.kernels import triton_w8a8
+
+    consts = dict(format_consts("fp8-w8a8"), inv_smooth_ptr=None, xs_ptr=None, DOT_IEEE=False,
+                  ROUND_IN_FP32=False)  # fmt: skip
+    pointers = dict(DECODE_POINTERS, codes_ptr="*u8", scales_ptr="*fp16")
+    out = []
+    for m, label in ((32, "17-32"), (64, "33-64"), (128, "65-128"), (256, "129-256"), (512, "257+")):
+        config = triton_w8a8.w8a8_config(m, 4096, 4096, None, 0, False, 132)
+        warps, stages = config.pop("num_warps"), config.pop("num_stages")
+        bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        name = f"M={bm},N={bn},K={bk},SPLIT_K={config['SPLIT_K']},w={warps},s={stages}"
+        out.append(Case("w8a8", "fp8-w8a8", label, name, triton_w8a8._w8a8_kernel, dict(consts, **config),
+                        pointers, warps, stages, bn * bk))  # fmt: skip
     return out
 
 
@@ -258,9 +305,30 @@ DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", offsets_ptr="*bf16"
                        inv_smooth_ptr="*fp32", ws_ptr="*fp32", t_ptr="*fp32", lock_ptr="*i32")  # fmt: skip
 
 
-# (rows the configuration is chosen for, the M range it serves) of the split-K kernel
+# (rows the configuration is chosen for, the M range it serves) of the split-K kernels
 DECODE_BUCKETS = ((16, "1-16"), (32, "17-32"), (64, "33-64"), (128, "65-128"), (256, "129-256"),
-                  (1024, "257-1023"))  # fmt: skip
+                  (1024, "257+"))  # fmt: skip
+
+
+def fused_cases(fmt: str) -> list[Case]:
+    """The one-launch kernel of the other formats (`triton_fused`) on a 4096 x 4096 layer of `fmt` (bf16
+    activations), one row per M bucket."""
+    from lowbit.kernels import triton_fused
+    from lowbit.quantizers import QTensor, QuantSpec
+
+    spec, rank = FORMATS[fmt]
+    q = QTensor(None, None, None, None, QuantSpec(*spec), (4096, 4096))
+    tile = triton_fused.block_k(q)
+    consts = dict(format_consts(fmt), inv_smooth_ptr=None, xs_ptr=None, DOT_IEEE=False)
+    out = []
+    for m, label in DECODE_BUCKETS:
+        config = triton_fused.fused_config(m, 4096, 4096, tile, rank, False, 132)
+        stages = config.pop("num_stages")
+        name = f"N={triton_fused.BLOCK_N},K={tile},M={config['BLOCK_M']},SPLIT_K={config['SPLIT_K']}"
+        out.append(Case("fused", fmt, label, name, triton_fused._fused_kernel,
+                        dict(consts, **config, BLOCK_N=triton_fused.BLOCK_N), DECODE_POINTERS | POINTERS,
+                        triton_fused.NUM_WARPS, stages, triton_fused.BLOCK_N * tile))  # fmt: skip
+    return out
 
 
 def decode_cases(fmt: str) -> list[Case]:
@@ -288,8 +356,20 @@ def decode_cases(fmt: str) -> list[Case]:
         name = f"N={triton_decode.BLOCK_N},K={tile},M={config['BLOCK_M']},SPLIT_K={config['SPLIT_K']}" + (
             ",SCALE_W" if config["SCALE_W"] else ""
         )
-        out.append(Case("decode", fmt, label, name, triton_decode._decode_kernel, consts, DECODE_POINTERS,
-                        triton_decode.NUM_WARPS, stages, triton_decode.BLOCK_N * tile))
+        out.append(
+            Case(
+                "decode",
+                fmt,
+                label,
+                name,
+                triton_decode._decode_kernel,
+                consts,
+                DECODE_POINTERS,
+                triton_decode.NUM_WARPS,
+                stages,
+                triton_decode.BLOCK_N * tile,
+            )
+        )
     return out
 
 
@@ -336,21 +416,53 @@ def gemlite_cases() -> list[Case]:
     configs = ((128, 8, 1, 1), (256, 8, 2, 1), (512, 8, 4, 2), (128, 32, 1, 1), (256, 64, 2, 2))
     for bn, bk, warps, stages in configs:
         consts = dict(
-            N=n, K=k, W_nbits=4, group_size=128, unpack_mask=15, elements_per_sample=8, type_id=104,
-            use_prehook=False, stride_am=k, stride_ak=1, stride_bk=n, stride_bn=1, stride_cm=n, stride_cn=1,
-            stride_meta_a_m=0, stride_meta_a_g=0, stride_meta_g=n, stride_meta_n=1,
-            input_dtype=tl_dtype("bfloat16"), output_dtype=tl_dtype("float32"), acc_dtype=tl_dtype("float32"),
-            meta_dtype=tl_dtype("bfloat16"), channel_scale_mode=0, W_group_mode=3, zero_is_scalar=False,
-            BLOCK_SIZE_M=1, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, A_load_order=0, dot_prod_mode=0,
-            data_contiguous=True, EVEN_K=True, EVEN_N=True, scales_a_ptr=None, dump_b_val=0,
-            meta_evict_policy="", atomic_mode="relaxed", a_evict="evict_last", b_evict="evict_first",
+            N=n,
+            K=k,
+            W_nbits=4,
+            group_size=128,
+            unpack_mask=15,
+            elements_per_sample=8,
+            type_id=104,
+            use_prehook=False,
+            stride_am=k,
+            stride_ak=1,
+            stride_bk=n,
+            stride_bn=1,
+            stride_cm=n,
+            stride_cn=1,
+            stride_meta_a_m=0,
+            stride_meta_a_g=0,
+            stride_meta_g=n,
+            stride_meta_n=1,
+            input_dtype=tl_dtype("bfloat16"),
+            output_dtype=tl_dtype("float32"),
+            acc_dtype=tl_dtype("float32"),
+            meta_dtype=tl_dtype("bfloat16"),
+            channel_scale_mode=0,
+            W_group_mode=3,
+            zero_is_scalar=False,
+            BLOCK_SIZE_M=1,
+            BLOCK_SIZE_N=bn,
+            BLOCK_SIZE_K=bk,
+            A_load_order=0,
+            dot_prod_mode=0,
+            data_contiguous=True,
+            EVEN_K=True,
+            EVEN_N=True,
+            scales_a_ptr=None,
+            dump_b_val=0,
+            meta_evict_policy="",
+            atomic_mode="relaxed",
+            a_evict="evict_last",
+            b_evict="evict_first",
             block_quant_size=g.BLOCK_QUANT_SIZE,
         )
         name = f"N={bn},K={bk},w={warps},s={stages}"
         fn = g.gemv_INT_revsplitK_kernel.fn
         weights = bn * 2 * bk
-        out.append(Case("gemlite-gemv", "int4-g128", "1", name,
-                        fn, consts, pointers, warps, stages, weights, True))
+        out.append(
+            Case("gemlite-gemv", "int4-g128", "1", name, fn, consts, pointers, warps, stages, weights, True)
+        )
     return out + gemlite_gemm_cases(gemm)
 
 
@@ -364,19 +476,60 @@ def gemlite_gemm_cases(gemm) -> list[Case]:
     for m, (bm, bn, bk, split, order) in {16: (16, 64, 64, 16, 0), 32: (32, 64, 64, 8, 2),
                                           64: (64, 64, 64, 8, 0)}.items():  # fmt: skip
         consts = dict(
-            N=n, K=k, W_nbits=4, group_size=128, unpack_mask=15, elements_per_sample=8, type_id=104,
-            a_sizeof=2, b_sizeof=4, load_scales_as_block=False, input_dtype=tl_dtype("bfloat16"),
-            output_dtype=tl_dtype("bfloat16"), acc_dtype=tl_dtype("float32"), meta_dtype=tl_dtype("bfloat16"),
-            channel_scale_mode=0, W_group_mode=3, zero_is_scalar=False, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn,
-            BLOCK_SIZE_K=bk, GROUP_SIZE_M=8, SPLIT_K=split, NUM_STAGES=1, A_load_order=order,
-            data_contiguous=True, EVEN_M=False, EVEN_K=True, EVEN_N=True, scales_a_ptr=None,
-            meta_scale_norm_ptr=None, use_tma=False, use_5d_scales=False, warp_specialize=False,
-            meta_evict_policy="", atomic_mode="relaxed", a_evict="evict_last", b_evict="evict_first",
+            N=n,
+            K=k,
+            W_nbits=4,
+            group_size=128,
+            unpack_mask=15,
+            elements_per_sample=8,
+            type_id=104,
+            a_sizeof=2,
+            b_sizeof=4,
+            load_scales_as_block=False,
+            input_dtype=tl_dtype("bfloat16"),
+            output_dtype=tl_dtype("bfloat16"),
+            acc_dtype=tl_dtype("float32"),
+            meta_dtype=tl_dtype("bfloat16"),
+            channel_scale_mode=0,
+            W_group_mode=3,
+            zero_is_scalar=False,
+            BLOCK_SIZE_M=bm,
+            BLOCK_SIZE_N=bn,
+            BLOCK_SIZE_K=bk,
+            GROUP_SIZE_M=8,
+            SPLIT_K=split,
+            NUM_STAGES=1,
+            A_load_order=order,
+            data_contiguous=True,
+            EVEN_M=False,
+            EVEN_K=True,
+            EVEN_N=True,
+            scales_a_ptr=None,
+            meta_scale_norm_ptr=None,
+            use_tma=False,
+            use_5d_scales=False,
+            warp_specialize=False,
+            meta_evict_policy="",
+            atomic_mode="relaxed",
+            a_evict="evict_last",
+            b_evict="evict_first",
             block_quant_size=gemm.BLOCK_QUANT_SIZE,
         )
         name = f"M={bm},N={bn},K={bk},SPLIT_K={split},w=4,s=1"
-        out.append(Case("gemlite-gemm", "int4-g128", str(m), name, gemm.gemm_splitK_INT_kernel.fn.fn, consts,
-                        pointers, 4, 1, bn * bk))
+        out.append(
+            Case(
+                "gemlite-gemm",
+                "int4-g128",
+                str(m),
+                name,
+                gemm.gemm_splitK_INT_kernel.fn.fn,
+                consts,
+                pointers,
+                4,
+                1,
+                bn * bk,
+            )
+        )
     return out
 
 
@@ -388,7 +541,7 @@ def tl_dtype(name: str):
 
 # (format, M) pairs whose launches per call are counted; a row takes the count of its format at the
 # first M of its M range
-LAUNCH_MS = (1, 2, 17, 33, 65, 129, 257, 512, 1024)
+LAUNCH_MS = (1, 2, 17, 33, 65, 129, 257, 1024, 4096)
 
 
 def launch_rows(counts: dict) -> list[dict]:
@@ -417,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_launches:
         lc = launch_cases()
         counts = dict(zip([(c[0], c[3]) for c in lc], launches([c[1:] for c in lc], ROOT), strict=True))
-        for r in (r for r in rows if not r["kernel"].startswith("gemlite")):  # ours only
+        for r in (r for r in rows if r["kernel"] in ("decode", "fused", "w8a8")):  # a QLinear call's kernels
             first = int(r["M"].split("-")[0].rstrip("+"))
             r["launches_per_call"] = counts.get((r["format"], first), "")
         rows += launch_rows(counts)

@@ -11,7 +11,8 @@ Backends (BACKENDS):
   float32 activations on CUDA GPUs; on CPU tensors only under Triton's interpreter
   (TRITON_INTERPRET=1 set before the kernels are first used), which is how the tests run them.
 - "triton_w8a8": "triton" with FP8 activations for FP8 E4M3 weights (compute capability >= 8.9);
-  an approximation of the reference, so never chosen by "auto".
+  an approximation of the reference, so never chosen by "auto". One launch (`triton_w8a8`).
+- "triton_w8a8_scaled_mm": "triton_w8a8" with `torch._scaled_mm` (row-wise scales) for the GEMM.
 - "auto": "triton" for CUDA tensors of a dtype it takes when triton is installed and the weight's
   format has a Triton kernel (`QuantSpec.kernel`), else "reference".
 triton is imported on first use of a Triton backend, never by `import lowbit`.
@@ -43,7 +44,18 @@ def _triton_w8a8(x, q, l1, l2, smooth, bias):
     return triton_qlinear.qlinear_w8a8(x, q, l1, l2, smooth, bias)
 
 
-BACKENDS = {"reference": reference.qlinear, "triton": _triton, "triton_w8a8": _triton_w8a8}
+def _triton_w8a8_scaled_mm(x, q, l1, l2, smooth, bias):
+    from lowbit.kernels import triton_qlinear
+
+    return triton_qlinear.qlinear_w8a8_scaled_mm(x, q, l1, l2, smooth, bias)
+
+
+BACKENDS = {
+    "reference": reference.qlinear,
+    "triton": _triton,
+    "triton_w8a8": _triton_w8a8,
+    "triton_w8a8_scaled_mm": _triton_w8a8_scaled_mm,
+}
 
 
 class BackendError(ValueError):

@@ -6,10 +6,11 @@ bias, backend)` computes `lowbit.kernels.qlinear`'s function. Without gradients 
 torch op:
 
 - backend "triton" (resolved once per device and dtype): a `Prepared` weight, rebuilt only when a
-  tensor of the layer is replaced (identity check); rows of a 4-bit INT / NF weight in bf16 or fp16
-  below the format's crossover run the one-launch split-K kernel (`triton_decode`) with a configuration
-  cached per row bucket, rows from the crossover dequantize + matmul (`triton_large`), other formats
-  the GEMV / GEMM of `triton_qlinear`.
+  tensor of the layer is replaced (identity check); every row count runs one launch, a split-K kernel
+  with a configuration cached per row bucket: `triton_decode` for 4-bit INT / NF weights in bf16 or
+  fp16, `triton_fused` for every other format and dtype. From a measured crossover (none yet, see
+  `triton_large`), dequantize + matmul instead; ranks above `triton_splitk.MAX_RANK` and x with a
+  strided last dim take the GEMV / GEMM of `triton_qlinear`.
 - backend "reference": the reference, with the dequantized weight kept between calls when the cache
   was made with `keep_dequantized=True` (speed over memory, for generation on a CPU).
 
@@ -32,12 +33,13 @@ class Prepared:
     Built from the layer's tensors, which it keeps (`matches` tells whether they are still the
     layer's); the inputs are checked here, once. Per activation dtype, on first use: the decode layout,
     the factors cast to that dtype; per row bucket, the launch configuration. A call picks the path
-    by its row count M: the split-K kernel (`triton_decode`, 4-bit INT / NF in bf16 / fp16) below the
-    format's crossover, dequantize + matmul (`triton_large`) from it, else the GEMV / GEMM.
+    by its row count M: a one-launch split-K kernel (`triton_decode` for 4-bit INT / NF in bf16 / fp16,
+    else `triton_fused`) below the format's measured crossover, dequantize + matmul (`triton_large`)
+    from it; the GEMV / GEMM for ranks above MAX_RANK.
     """
 
     def __init__(self, q: QTensor, l1, l2, smooth, bias) -> None:
-        from lowbit.kernels import triton_decode, triton_large
+        from lowbit.kernels import triton_large, triton_splitk
 
         x = torch.empty((0, q.shape[1]), device=q.codes.device)
         reference.check_inputs(x, q, l1, l2, smooth, bias)  # once, at preparation
@@ -47,8 +49,8 @@ class Prepared:
         self.crossover = triton_large.crossover(q)
         self._parts = {}  # dtype -> (DecodeWeight or None, l1, l2, inv_smooth, bias)
         self._configs = {}  # (dtype, row bucket) -> split-K launch configuration
-        self._rank_fits = rank <= triton_decode.MAX_RANK
-        self._sms = triton_decode.multiprocessors(q.codes.device)
+        self._rank_fits = rank <= triton_splitk.MAX_RANK
+        self._sms = triton_splitk.multiprocessors(q.codes.device)
 
     def matches(self, codes, scales, l1, l2, smooth, bias) -> bool:
         """Whether these are the tensors this preparation was built from (same objects)."""
@@ -70,30 +72,42 @@ class Prepared:
         return self._parts[dtype]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """y [..., N] for x [..., K]: one launch below the crossover where the split-K kernel takes the
-        weight, two (fold, GEMM) from it."""
-        from lowbit.kernels import triton_decode, triton_large, triton_qlinear
+        """y [..., N] for x [..., K]: one launch (a split-K kernel) below a measured crossover, two (fold,
+        GEMM) from it."""
+        from lowbit.kernels import triton_large, triton_qlinear
 
         x2 = x.reshape(-1, x.shape[-1])
         M = x2.shape[0]
         if M == 0 or x.dtype not in triton_qlinear.DTYPES:
             return triton_qlinear.qlinear(x, self.q, self.l1, self.l2, self.smooth, self.bias)
         dw, l1, l2, inv, bias = self.parts(x.dtype)
-        if M >= self.crossover:
+        if self.crossover is not None and M >= self.crossover:
             y = triton_large.large(x2, self.q, l1, l2, inv, bias)
-        elif dw is not None and M <= triton_decode.MAX_ROWS and x2.stride(-1) == 1:
-            bucket = triton_decode.row_bucket(M)
-            config = self._configs.get((x.dtype, bucket))
-            if config is None:
-                N, K = self.q.shape
-                tile, group = dw.tile, dw.group_size
-                smooth = self.smooth is not None
-                config = triton_decode.decode_config(bucket, N, K, tile, group, self.rank, smooth, self._sms)
-                self._configs[(x.dtype, bucket)] = config
-            y = triton_decode.decode(x2, dw, l1, l2, inv, bias, config)
+        elif self._rank_fits and x2.stride(-1) == 1:
+            y = self._split_k(x2, dw, l1, l2, inv, bias)
         else:
             y = triton_qlinear.run(x2, self.q, self.l1, self.l2, self.smooth, self.bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _split_k(self, x2: torch.Tensor, dw, l1, l2, inv, bias) -> torch.Tensor:
+        """The one-launch kernel: `triton_decode` where the decode layout takes the weight, else
+        `triton_fused`, with the configuration of x2's row bucket."""
+        from lowbit.kernels import triton_decode, triton_fused, triton_splitk
+
+        key = (x2.dtype, triton_splitk.row_bucket(x2.shape[0]))
+        config = self._configs.get(key)
+        if config is None:
+            (N, K), smooth = self.q.shape, self.smooth is not None
+            if dw is not None:
+                config = triton_decode.decode_config(key[1], N, K, dw.tile, dw.group_size, self.rank, smooth,
+                                                     self._sms)  # fmt: skip
+            else:
+                tile = triton_fused.block_k(self.q)
+                config = triton_fused.fused_config(key[1], N, K, tile, self.rank, smooth, self._sms)
+            self._configs[key] = config
+        if dw is not None:
+            return triton_decode.decode(x2, dw, l1, l2, inv, bias, config)
+        return triton_fused.fused(x2, self.q, l1, l2, inv, bias, config)
 
 
 class KernelCache:

@@ -23,22 +23,32 @@ import triton.language as tl
 
 # eight codes of two words -> eight bf16x2 (fp16x2) pairs (code - (MAGIC + z)); nibble j takes the
 # offsets operand j % 4 (the K tile may span up to four groups); fma by 1.0: sub.bf16x2 needs sm_90
-_INT_ASM = """{
+_INT_ASM = (
+    """{
 .reg .b32 t, u, one;
 mov.b32 one, ONE;
 prmt.b32 t, $8, $9, 0x5410;
 prmt.b32 u, $8, $9, 0x7632;
-""" + "".join(
-    ("shr.b32 t, t, 4;\nshr.b32 u, u, 4;\n" if j else "")
-    + f"lop3.b32 ${j}, t, 0x000F000F, MAGIC, 0xEA;\nlop3.b32 ${j + 4}, u, 0x000F000F, MAGIC, 0xEA;\n"
-    for j in range(4)
-) + "".join(f"fma.rn.OP ${j}, ${j}, one, ${10 + j % 4};\n" for j in range(8)) + "}"
+"""
+    + "".join(
+        ("shr.b32 t, t, 4;\nshr.b32 u, u, 4;\n" if j else "")
+        + f"lop3.b32 ${j}, t, 0x000F000F, MAGIC, 0xEA;\nlop3.b32 ${j + 4}, u, 0x000F000F, MAGIC, 0xEA;\n"
+        for j in range(4)
+    )
+    + "".join(f"fma.rn.OP ${j}, ${j}, one, ${10 + j % 4};\n" for j in range(8))
+    + "}"
+)
 
 # output register j: the pair-table entry of byte j % 4 of word w (j < 4) or w + 1 (j >= 4)
-_NF_ASM = "{\n.reg .b32 i;\n.reg .b64 a;\n" + "".join(
-    f"prmt.b32 i, ${8 + j // 4}, 0, 0x444{j % 4};\nmad.wide.u32 a, i, 4, $10;\nld.global.nc.b32 ${j}, [a];\n"
-    for j in range(8)
-) + "}"
+_NF_ASM = (
+    "{\n.reg .b32 i;\n.reg .b64 a;\n"
+    + "".join(
+        f"prmt.b32 i, ${8 + j // 4}, 0, 0x444{j % 4};\n"
+        + f"mad.wide.u32 a, i, 4, $10;\nld.global.nc.b32 ${j}, [a];\n"
+        for j in range(8)
+    )
+    + "}"
+)
 
 
 def _int_asm(one: str, magic: str, op: str) -> tl.constexpr:

@@ -11,10 +11,13 @@ by one Triton launch (`_fold_kernel`, any stored format: `triton_common.load_wei
 `torch.addmm` / `torch.matmul` (cuBLAS). W' lives in a scratch buffer shared by the layers of a device
 and dtype (grown to the largest layer, never shrunk), so no per-layer dense copy is kept.
 
-CROSSOVER_M is the row count from which this path runs, per stored format: PREDICTED, not measured
-(at 0.53 bytes per int4 weight the fold costs about as long as reading and writing 2.5 bytes per
-weight, under 10% of a bf16 GEMM from about 1,000 rows on an H100); `scripts/gpu_check.py` times both
-sides of it. Change a value here to move a crossover.
+The default is one launch at every M (the issue's target): this path runs only from a MEASURED
+crossover, `CROSSOVER_M[format]`, set from `scripts/gpu_check.py`'s timing of both sides on a GPU.
+No GPU has measured one yet, so the table is empty and no format takes this path by default. The
+prediction the first measurement tests (not a measurement): about 1,000 rows for 4-bit weights and
+500 for the others on an H100 (at 0.53 bytes per int4 weight the fold costs about as long as reading
+and writing 2.5 bytes per weight, under 10% of a bf16 GEMM from about 1,000 rows, while the split-K
+kernels re-dequantize the weight once per 64-row tile on the warps that issue the MMAs).
 """
 
 from __future__ import annotations
@@ -32,15 +35,15 @@ from lowbit.kernels.triton_common import (
 )
 from lowbit.quantizers import QTensor
 
-# first M served by dequantize + matmul, per stored format (PREDICTED, see the module doc)
-CROSSOVER_M = {"int4": 1024, "nf4": 1024, "int3": 512, "nf3": 512, "int2": 512, "nf2": 512}
-DEFAULT_CROSSOVER_M = 512  # every other format (8-bit, minifloats)
+# first M served by dequantize + matmul, per stored format: MEASURED values only (none yet)
+CROSSOVER_M: dict[str, int] = {}
 BLOCK_N, BLOCK_K, BLOCK_R = 64, 64, 16
 
 
-def crossover(q: QTensor) -> int:
-    """The first row count the dequantize + matmul path serves for q's format."""
-    return CROSSOVER_M.get(q.spec.format, DEFAULT_CROSSOVER_M)
+def crossover(q: QTensor) -> int | None:
+    """The first row count the dequantize + matmul path serves for q's format; None: no measured one
+    (every M runs one launch)."""
+    return CROSSOVER_M.get(q.spec.format)
 
 
 @triton.jit

@@ -27,7 +27,6 @@ from lowbit.kernels import (  # noqa: E402
     KernelInputError,
     qlinear,
     reference,
-    triton_fp8,
     triton_gemm,
     triton_gemv,
     triton_qlinear,
@@ -281,74 +280,6 @@ def test_custom_op_passes_opcheck_with_the_triton_backend():
     )
 
 
-W8A8_SPECS = [
-    QuantSpec("fp8_e4m3", None),
-    QuantSpec("fp8_e4m3", 64),
-    QuantSpec("fp8_e4m3", 96, double_quant=True),  # K tiles of 32
-]
-
-
-@pytest.mark.parametrize("spec", W8A8_SPECS, ids=lambda s: s.short())
-def test_w8a8_gemm_equals_its_definition(spec):
-    """Exactly (to fp32 rounding) the reference on the dequantized per-token FP8 activations plus the
-    unquantized low-rank term; within FP8 activation error of the reference."""
-    q, l1, l2, smooth, bias = make_case(spec, 4, True, True)
-    x = rand_x(GEMM_M)
-    x_s = x / smooth
-    out = torch.full((GEMM_M, N), float("nan"))
-    y = triton_fp8.w8a8_gemm(x_s, q, x_s @ l2.T, l1, bias, out=out)
-    x_q, s_x = triton_fp8.quantize_activations(x_s)
-    x_hat = x_q.double() * s_x.double()[:, None]
-    low = (x_s.double() @ l2.double().T) @ l1.double().T
-    want = reference.qlinear(x_hat, q, bias=bias.double()) + low
-    assert float((y.double() - want).abs().max() / want.abs().max()) <= 1e-5
-    assert relative_error(y, x, q, l1, l2, smooth, bias) <= 0.06
-
-
-def test_w8a8_backend_applies_only_where_it_can():
-    assert triton_fp8.fp8_dot_supported(torch.device("cpu"))
-    fp8, int4 = make_case(QuantSpec("fp8_e4m3", 64), 4, True, True), make_case(QuantSpec("int4", 64), 4)
-    assert triton_fp8.w8a8_applies(fp8[0], torch.device("cpu"))
-    assert not triton_fp8.w8a8_applies(int4[0], torch.device("cpu"))
-    assert not triton_fp8.w8a8_applies(make_case(QuantSpec("fp8_e4m3", 40))[0], torch.device("cpu"))
-    x = rand_x(GEMV_M)  # decode sizes stay on the exact weight-only GEMV
-    assert torch.equal(qlinear(x, *fp8, backend="triton_w8a8"), qlinear(x, *fp8, backend="triton"))
-    x = rand_x(GEMM_M)
-    w8a8 = qlinear(x, *fp8, backend="triton_w8a8")
-    assert 0 < relative_error(w8a8, x, *fp8) <= 0.06
-    assert torch.equal(qlinear(x, *int4, backend="triton_w8a8"), qlinear(x, *int4, backend="triton"))
-
-
-def test_activation_quantization_is_per_token():
-    x = torch.randn(4, K) * torch.tensor([1e-3, 1.0, 1e3, 0.0])[:, None]
-    x_q, s_x = triton_fp8.quantize_activations(x)
-    assert x_q.dtype == torch.float8_e4m3fn and s_x.shape == (4,)
-    amax = x_q.float().abs().amax(dim=1)
-    assert torch.equal(amax[:3], torch.full((3,), 448.0)) and amax[3] == 0
-    # E4M3 steps are at most 32 (the binade [256, 448]): nearest rounding errs by at most 16 s_x
-    err = (x_q.float() * s_x[:, None] - x).abs()
-    assert bool((err <= 16 * s_x[:, None] * (1 + 1e-6)).all())
-    assert float(err[1].max()) > 0.5 * 16 * float(s_x[1])  # the bound is not vacuous
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_activation_quantization_equals_its_definition(dtype):
-    """One launch computes quantize_activations: the same scales and codes, but for the interpreter's
-    fp32 -> E4M3 conversion, which rounds ties away from zero (one step off) and drops the carry of a
-    rounding up to a power of two (half of it); compiled code rounds to nearest even."""
-    g = torch.Generator().manual_seed(1)  # a seed whose row 1 rounds to E4M3's smallest subnormal
-    x = (torch.randn(5, K, generator=g) * torch.tensor([1e-3, 1.0, 1e3, 0.0, 7.0])[:, None]).to(dtype)
-    want, s_want = triton_fp8.quantize_activations(x)
-    got, s_got = triton_fp8.quantize_activations_fused(x)
-    assert torch.equal(s_got, s_want)
-    a, b = want.float(), got.float()
-    # E4M3 spacing: 2^(e - 3) for normals, 2^-9 below the smallest normal 2^-6 (subnormals)
-    step = 2.0 ** (torch.maximum(a.abs(), b.abs()).clamp(min=2**-6).log2().floor() - 3)
-    carry_dropped = (b == a / 2) & (a.abs().log2() == a.abs().log2().round())
-    assert bool(((a - b).abs() <= step).logical_or(carry_dropped).all())
-    assert (a == b).float().mean() > 0.9
-
-
 def test_pruners_fit_the_problem(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     args = dict(M=20, N=4096, K=4096, PER_CHANNEL=False, GROUP_SIZE=64)
@@ -361,8 +292,6 @@ def test_pruners_fit_the_problem(monkeypatch):
         kw = c.kwargs
         assert 64 % kw["BLOCK_K"] == 0 and kw["SPLIT_K"] <= 4096 // kw["BLOCK_K"]
         assert 4096 // kw["BLOCK_N"] * kw["SPLIT_K"] >= 132
-    w8a8 = triton_fp8.prune_w8a8_configs(triton_fp8.W8A8_CONFIGS, dict(args, M=4096, GROUP_SIZE=96))
-    assert [c.kwargs["BLOCK_K"] for c in w8a8] == [32]
 
 
 def test_importing_lowbit_does_not_import_triton():
@@ -378,7 +307,7 @@ COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lowbit.kernels import triton_decode, triton_fp8, triton_gemm, triton_gemv, triton_large
+from lowbit.kernels import triton_decode, triton_fused, triton_gemm, triton_gemv, triton_large, triton_w8a8
 
 # pointer element types; every other pointer points to bf16 (activations, factors, bias, output)
 POINTERS = dict(codes_ptr="*u8", scales_ptr="*u8", zeros_ptr="*u8", dq_absmax_ptr="*fp32", lut_ptr="*fp32",
@@ -406,9 +335,16 @@ for arch in (80, 90):
     for block_m in (1, 16):
         gemv_tile = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4)
         compile_kernel(triton_gemv._qgemv_kernel, dict(NF4, **gemv_tile), arch, 4)
-fp8 = dict(INT3_DQ, PER_CHANNEL=True, GROUP_SIZE=None, DOUBLE_QUANT=False, dq_absmax_ptr=None)
-fp8_tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
-compile_kernel(triton_fp8._w8a8_gemm_kernel, dict(fp8, **fp8_tile), 90, 8)
+fp8 = dict(INT3_DQ, PER_CHANNEL=False, GROUP_SIZE=128, DOUBLE_QUANT=True, ROUND_IN_FP32=False, DOT_IEEE=False)
+fp8_tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, BLOCK_R=64, T_PROGS=4, T_BLOCK_K=512)
+W8A8_POINTERS = dict(POINTERS, codes_ptr="*u8", scales_ptr="*u8", inv_smooth_ptr="*fp32", ws_ptr="*fp32",
+                     t_ptr="*fp32", lock_ptr="*i32")
+compile_kernel(triton_w8a8._w8a8_kernel, dict(fp8, **fp8_tile), 90, 8, W8A8_POINTERS)
+# the one-launch kernel of the other formats, every epilogue part
+fused = dict(INT3_DQ, DOT_IEEE=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, BLOCK_R=64, SPLIT_K=4, T_PROGS=4,
+             T_BLOCK_K=512)
+for arch in (80, 90):
+    compile_kernel(triton_fused._fused_kernel, fused, arch, 4, W8A8_POINTERS)
 # the decode kernel, inline PTX included: 4-bit INT with every epilogue part, and NF4
 DECODE = dict(FMT="int", EVEN_K=False, USE_ASM=True, MAGIC_VALUE=128, GROUP_SIZE=128, SCALE_W=False,
               HAS_SMOOTH=True, HAS_LOWRANK=True, HAS_BIAS=True, DOT_IEEE=False, BLOCK_M=16, BLOCK_N=128,
