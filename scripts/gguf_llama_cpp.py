@@ -40,22 +40,28 @@ def nll_sum(logits: torch.Tensor, row: torch.Tensor) -> float:
     return -float(logp.gather(1, row[1:, None]).sum())
 
 
-def perplexities(ckpt: Path, model_file: Path, tokens: int) -> tuple[float, float]:
-    """(lowbit's perplexity of the checkpoint, llama.cpp's of the GGUF) on the same held-out windows."""
-    blocks = eval_tokens(load_tokenizer(ckpt), "builtin:lee-news", tokens).view(-1, WINDOW)
+def windows(ckpt: Path, tokens: int) -> torch.Tensor:
+    """The first `tokens` held-out tokens of builtin:lee-news: [tokens / 512, 512]."""
+    return eval_tokens(load_tokenizer(ckpt), "builtin:lee-news", tokens).view(-1, WINDOW)
+
+
+def lowbit_perplexity(ckpt: Path, blocks: torch.Tensor) -> float:
     model = load(ckpt)
+    with torch.no_grad():
+        nll = sum(nll_sum(model(row[None]).logits[0], row) for row in blocks)
+    return math.exp(nll / blocks.shape[0] / (WINDOW - 1))
+
+
+def llama_cpp_perplexity(model_file: Path, blocks: torch.Tensor) -> float:
     llm = llama_cpp.Llama(
         str(model_file), n_ctx=WINDOW, logits_all=True, verbose=False, use_extra_bufts=False
     )
-    mine, theirs = 0.0, 0.0
+    nll = 0.0
     for row in blocks:
-        with torch.no_grad():
-            mine += nll_sum(model(row[None]).logits[0], row)
         llm.reset()
         llm.eval(row.tolist())
-        theirs += nll_sum(torch.from_numpy(np.array(llm.scores[:WINDOW], dtype=np.float32)), row)
-    n = blocks.shape[0] * (WINDOW - 1)
-    return math.exp(mine / n), math.exp(theirs / n)
+        nll += nll_sum(torch.from_numpy(np.array(llm.scores[:WINDOW], dtype=np.float32)), row)
+    return math.exp(nll / blocks.shape[0] / (WINDOW - 1))
 
 
 def main() -> None:
@@ -74,6 +80,8 @@ def main() -> None:
             ckpt = root / preset
             if not ckpt.exists():
                 compress(a.model, preset, ckpt, progress=False)
+            blocks = windows(ckpt, a.tokens)
+            ppl_lowbit = lowbit_perplexity(ckpt, blocks)
             for embedding in a.embeddings.split(","):
                 out = root / f"{preset}-gguf-{embedding}"
                 report = export(ckpt, out, "gguf", embedding=embedding, overwrite=True)
@@ -81,7 +89,6 @@ def main() -> None:
                 tensors = gguf.GGUFReader(model_file).tensors
                 types = Counter(t.tensor_type.name for t in tensors if len(t.shape) == 2)
                 embed = next(t.tensor_type.name for t in tensors if t.name == "token_embd.weight")
-                ppl_lowbit, ppl_cpp = perplexities(ckpt, model_file, a.tokens)
                 row = {
                     "preset": preset,
                     "embedding": f"{embedding} ({embed})",
@@ -90,7 +97,7 @@ def main() -> None:
                     "converted": report["converted"],
                     "types": dict(types),
                     "ppl_lowbit": ppl_lowbit,
-                    "ppl_llama_cpp": ppl_cpp,
+                    "ppl_llama_cpp": llama_cpp_perplexity(model_file, blocks),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
