@@ -24,7 +24,7 @@ from lowbit.compress.checks import calibrates, check_budgets, check_device, chec
 from lowbit.compress.presets import PRESETS, preset
 from lowbit.compress.recipe import Recipe, load_recipe
 from lowbit.eval.compare import compare
-from lowbit.export import DTYPES, TARGETS
+from lowbit.export import DTYPES, EMBEDDING_TYPES, TARGETS
 from lowbit.nn.shards import parse_size
 from lowbit.parallel import launched_size
 from lowbit.quantizers.engines import ENGINES
@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-quantize layers the target format cannot hold (default: refuse and list them)",
     )
     x.add_argument("--dtype", choices=tuple(DTYPES), help="dtype written (default: the checkpoint's)")
+    x.add_argument(
+        "--embedding",
+        choices=tuple(EMBEDDING_TYPES),
+        help="gguf: the token embedding's type (default auto: Q6_K where rows are a multiple of 256 and "
+        "the layers are not Q8_0, else Q8_0, as llama-quantize writes it)",
+    )
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     i = sub.add_parser("info", parents=[common], help="per-layer formats and sizes of a lowbit checkpoint")
@@ -272,7 +278,15 @@ def cmd_export(args: argparse.Namespace) -> dict:
     from lowbit.export import export
 
     a = args
-    return export(a.checkpoint, a.out, a.target, convert=a.convert, dtype=a.dtype, overwrite=a.overwrite)
+    return export(
+        a.checkpoint,
+        a.out,
+        a.target,
+        convert=a.convert,
+        dtype=a.dtype,
+        overwrite=a.overwrite,
+        embedding=a.embedding,
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> dict:

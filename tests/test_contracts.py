@@ -25,7 +25,7 @@ from tests.conftest import compress_recipes, logits
 from tests.export.test_gguf_export import byte_tokenizer
 
 # relative Frobenius error bound of round-to-nearest on Gaussian weights, by bits per code
-ERROR_BOUND = {2: 0.75, 3: 0.4, 4: 0.2, 8: 0.08}
+ERROR_BOUND = {2: 0.75, 3: 0.4, 4: 0.2, 5: 0.1, 6: 0.05, 8: 0.08}
 
 
 def gaussian(n=48, k=96, seed=0):
@@ -119,7 +119,9 @@ def test_target_exports_reloads_and_counts(name, held_by_all, tmp_path):
     assert found == name and tok is not None
     ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(1))
     expected = logits(load(ckpt), ids)
-    # GGUF rounds scales to fp16; everything else reproduces the checkpoint's float32 computation
-    torch.testing.assert_close(logits(net, ids), expected, rtol=0, atol=2e-3 * float(expected.abs().max()))
+    # GGUF rounds scales to fp16 and, by default, the token embedding to Q8_0 (measured 4.1e-3 of the
+    # logits' scale); everything else reproduces the checkpoint's float32 computation
+    bound = 6e-3 if name == "gguf" else 2e-3
+    torch.testing.assert_close(logits(net, ids), expected, rtol=0, atol=bound * float(expected.abs().max()))
     bits = TARGETS[name].stored_bits(out, net)
     assert bits is not None and math.isfinite(bits) and bits > 4

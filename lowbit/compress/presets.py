@@ -63,6 +63,10 @@ PRESETS: dict[str, Recipe] = {
     "fp8": _preset("fp8_e4m3", None),
     "fp8-e5m2": _preset("fp8_e5m2", None),
     "fp4-g32": _preset("fp4_e2m1", 32),
+    # llama.cpp's K-quants, made for llama.cpp: where K is not a multiple of 256, llama-quantize's fallback
+    # (q4_k: Q4_1, q6_k: Q8_0; lowbit.quantizers.engines.KQUANT_FALLBACK)
+    "q4_k": replace(_preset("q4_k", 256), target="llama.cpp"),
+    "q6_k": replace(_preset("q6_k", 256), target="llama.cpp"),
     "int4-g128-gptq": _preset("int4", 128, rounding="gptq", symmetric=True),
     "int3-g128-gptq": _preset("int3", 128, rounding="gptq"),
     "int4-g128-awq": replace(_preset("int4", 128, symmetric=True), scaling=AWQ),

@@ -26,7 +26,7 @@ from torch import nn
 from lowbit.export.compressed_tensors import CT
 from lowbit.export.dense import DENSE, densify
 from lowbit.export.fit import fit_to_target, probe_ids
-from lowbit.export.gguf import GGUF
+from lowbit.export.gguf import EMBEDDING_TYPES, GGUF
 from lowbit.export.target import ExportError, Target
 from lowbit.nn.atomic import atomic_folder, check_output
 from lowbit.nn.checkpoint import load, load_tokenizer
@@ -36,7 +36,16 @@ TARGETS: dict[str, Target] = {"compressed-tensors": CT, "gguf": GGUF, "dense": D
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MARKER = "lowbit_export.json"
 
-__all__ = ["DTYPES", "TARGETS", "ExportError", "Target", "export", "find_target", "load_export"]
+__all__ = [
+    "DTYPES",
+    "EMBEDDING_TYPES",
+    "TARGETS",
+    "ExportError",
+    "Target",
+    "export",
+    "find_target",
+    "load_export",
+]
 
 
 @torch.no_grad()
@@ -65,6 +74,7 @@ def export(
     convert: bool = False,
     dtype: str | None = None,
     overwrite: bool = False,
+    embedding: str | None = None,
 ) -> dict:
     """Export the lowbit checkpoint folder `checkpoint` as `target` into `out`; return the report.
 
@@ -74,29 +84,39 @@ def export(
     of the exported weights (dense: as written, run in float32; compressed-tensors and GGUF: after
     folding and conversion, before the cast to `dtype` and, for GGUF, to fp16 block scales).
     GGUF needs a Llama model, `dtype` float32 / float16 / bfloat16 and the checkpoint's tokenizer.
+    embedding: GGUF only, the token embedding's type (`lowbit.export.gguf.EMBEDDING_TYPES`; default "auto":
+    Q6_K or Q8_0 as llama-quantize chooses).
     """
     if target not in TARGETS:
         raise ExportError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    options = {} if embedding is None else {"embedding": embedding}
+    t = TARGETS[target]
+    for option in options:
+        if option not in t.options:
+            takers = ", ".join(n for n, x in TARGETS.items() if option in x.options)
+            raise ExportError(f"the {option} option applies to {takers} exports only")
+    if embedding is not None and embedding not in EMBEDDING_TYPES:
+        raise ExportError(f"unknown embedding type {embedding!r}; choose one of {', '.join(EMBEDDING_TYPES)}")
     checkpoint, out = Path(checkpoint), check_output(out, overwrite)
     read_manifest(checkpoint)
     model, tokenizer = load(checkpoint, backend="reference"), load_tokenizer(checkpoint)
     torch_dtype = DTYPES[dtype] if dtype else model.get_input_embeddings().weight.dtype
-    t = TARGETS[target]
     layers, diff = _fit(model, t, convert, torch_dtype)
     report = {
         "checkpoint": str(checkpoint),
         "out": str(out),
         "target": target,
         "dtype": str(torch_dtype).removeprefix("torch."),
+        **options,
         "adapter": None,
         "converted": sum("converted" in e for e in layers.values()),
         "logits_max_abs_diff": diff,
         "layers": layers,
     }
     with atomic_folder(out, overwrite) as tmp:
-        t.write(model, tmp, torch_dtype, tokenizer, checkpoint.resolve().name)
+        t.write(model, tmp, torch_dtype, tokenizer, checkpoint.resolve().name, **options)
         adapter = next((p for p in ("adapter", "adapter.gguf") if (tmp / p).exists()), None)
         report["adapter"] = None if adapter is None else str(out / adapter)
         (tmp / MARKER).write_text(json.dumps(report, indent=2) + "\n")

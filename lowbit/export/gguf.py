@@ -7,14 +7,18 @@ llama.cpp's legacy quant types cut every row into blocks of 32 weights with an f
     Q4_1: w = d q + m,       q in 0..15     <- asymmetric INT4: q = c, d = s, m = -s z
 
 A group of 32 j weights (g128: j = 4; per-channel: the whole row) is j blocks that repeat its s and z, so
-any group size that is a multiple of 32 exports exactly, as g32 does.
+any group size that is a multiple of 32 exports exactly, as g32 does. lowbit's K-quant formats q4_k, q5_k
+and q6_k are written as Q4_K, Q5_K and Q6_K bit for bit (`lowbit.export.gguf_kquants`) where K % 256 == 0.
 
 lowbit's INT grid is s (c - 2^(b-1)) symmetric and s (c - z) asymmetric, so Q8_0 and Q4_0 hold Q exactly
 when its scales are fp16 (other scale dtypes are rounded to fp16), and Q4_1 up to the fp16 rounding of
 m = -s z. Other specs (group sizes not a multiple of 32, NF, INT2/3, FP8/FP4, asymmetric INT8) and
 smoothing that cannot be folded into a norm are refused, or with convert=True re-quantized to the nearest
 of these types (`lowbit.export.fit`). Unquantized tensors are written in the export dtype (F32, F16 or
-BF16), 1-D ones (norms) in F32 as llama.cpp expects. Rows of the q / k projections are permuted into
+BF16), 1-D ones (norms) in F32 as llama.cpp expects, except the token embedding: by default ("auto") Q6_K
+where its rows are a multiple of 256 and the file's main type is not Q8_0, else Q8_0, as llama-quantize
+writes an embedding that doubles as the output projection (llama-quant.cpp); `embedding` chooses another
+(EMBEDDING_TYPES). Rows of the q / k projections are permuted into
 llama.cpp's rotary layout, as convert_hf_to_gguf.py does (readers undo it). The tokenizer goes into
 the same file (`lowbit.export.gguf_tokenizer`).
 
@@ -37,13 +41,15 @@ from torch import nn
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from lowbit.export.files import dense_state
+from lowbit.export.gguf_kquants import KQUANT_TYPES, kquant_blocks
 from lowbit.export.gguf_tokenizer import add_tokenizer, check_tokenizer
 from lowbit.export.target import ExportError, Target
 from lowbit.models.errors import ModelError
 from lowbit.models.gguf import gguf_tokenizer, load_gguf
 from lowbit.nn.qlinear import QLinear
-from lowbit.quantizers import QuantSpec, decode_scales, unpack_codes
+from lowbit.quantizers import QTensor, QuantSpec, decode_scales, quantize, unpack_codes
 from lowbit.quantizers.engines import QK, llama_cpp_problem
+from lowbit.quantizers.kquant import QK_K
 
 MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
@@ -53,6 +59,19 @@ FILE_TYPES = {
     Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
     Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    Q.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    Q.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S,
+    Q.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+}
+# the token embedding's type (`lowbit export --to gguf --embedding`): "auto" (see the module docstring), a
+# quantized type (written with lowbit's round-to-nearest of that format) or a float type
+EMBEDDING_TYPES = {
+    "auto": None,
+    "q8_0": QuantSpec("int8", QK, True),
+    "q6_k": QuantSpec("q6_k"),
+    "f32": torch.float32,
+    "f16": torch.float16,
+    "bf16": torch.bfloat16,
 }
 UNQUANTIZED = {Q.F32, Q.F16, Q.BF16, Q.F64, Q.I8, Q.I16, Q.I32, Q.I64}
 FLOAT_TYPES = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
@@ -87,15 +106,16 @@ def gguf_spec(spec: QuantSpec, in_features: int, dtype: torch.dtype) -> QuantSpe
     return QuantSpec(f"int{bits}", QK, bits == 8 or spec.symmetric, "float16")
 
 
-def gguf_blocks(m: QLinear) -> tuple[gguf.GGMLQuantizationType, torch.Tensor]:
-    """(llama.cpp type, blocks uint8 [N, K / 32 * block bytes]) of an expressible layer's Q."""
-    qtype = GGUF_TYPES[(m.spec.format, m.spec.symmetric)]
-    N, K = m.out_features, m.in_features
-    q = m.qtensor()
+def gguf_blocks(q: QTensor) -> tuple[gguf.GGMLQuantizationType, torch.Tensor]:
+    """(llama.cpp type, blocks uint8 [N, K / 32 * block bytes]) of an expressible Q."""
+    if q.spec.format in KQUANT_TYPES:
+        return kquant_blocks(q)
+    qtype = GGUF_TYPES[(q.spec.format, q.spec.symmetric)]
+    N, K = q.shape
     c = unpack_codes(q).view(N, K // QK, QK)  # [N, G, 32]
     s, z = decode_scales(q)  # [N, G] -> [N, K / 32]: each group's scale and zero in each of its blocks
-    s = block_scales(s, m.spec, K)
-    z = None if z is None else block_scales(z, m.spec, K)
+    s = block_scales(s, q.spec, K)
+    z = None if z is None else block_scales(z, q.spec, K)
     parts = [s.to(torch.float16).unsqueeze(-1).view(torch.uint8)]  # d: [N, K / 32, 2]
     if qtype == Q.Q8_0:
         parts.append((c.to(torch.int16) - 128).to(torch.int8).view(torch.uint8))
@@ -108,7 +128,7 @@ def gguf_blocks(m: QLinear) -> tuple[gguf.GGMLQuantizationType, torch.Tensor]:
 
 def _gguf_weight(m: QLinear, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as llama.cpp decodes the blocks (gguf-py's reference dequantization), float32."""
-    qtype, blocks = gguf_blocks(m)
+    qtype, blocks = gguf_blocks(m.qtensor())
     return torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype)).float()
 
 
@@ -154,7 +174,30 @@ def _typed(t: torch.Tensor) -> tuple[torch.Tensor, gguf.GGMLQuantizationType]:
     return t, FLOAT_TYPES[t.dtype]
 
 
-def _gguf_tensors(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, tuple], Counter]:
+def embedding_tensor(E: torch.Tensor, choice: str, main, dtype: torch.dtype) -> tuple:
+    """(tensor to write, GGUF type) of the token embedding E [vocab, hidden] as `choice` (EMBEDDING_TYPES)
+    says; main: the file's most common quantized type (None: no quantized layer)."""
+    if choice not in EMBEDDING_TYPES:
+        raise ExportError(f"unknown embedding type {choice!r}; choose one of {', '.join(EMBEDDING_TYPES)}")
+    hidden = E.shape[1]
+    kind = EMBEDDING_TYPES[choice]
+    if choice == "auto":
+        if hidden % QK:
+            return _typed(E.to(dtype))
+        kind = EMBEDDING_TYPES["q6_k" if hidden % QK_K == 0 and main != Q.Q8_0 else "q8_0"]
+    if isinstance(kind, torch.dtype):
+        return _typed(E.to(kind))
+    if hidden % kind.group_size:
+        raise ExportError(
+            f"embedding type {choice} needs a hidden size that is a multiple of {kind.group_size}"
+        )
+    qtype, blocks = gguf_blocks(quantize(E.float(), kind))
+    return blocks, qtype
+
+
+def _gguf_tensors(
+    model: nn.Module, dtype: torch.dtype, embedding: str = "auto"
+) -> tuple[dict[str, tuple], Counter]:
     """({GGUF name: (numpy data, GGUF type)} of the model file, {quant type: weights it holds})."""
     config, names = model.config, tensor_names(model.config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
@@ -164,9 +207,12 @@ def _gguf_tensors(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, tuple
     }
     counts: Counter = Counter()
     for n, m in layers.items():
-        qtype, blocks = gguf_blocks(m)
+        qtype, blocks = gguf_blocks(m.qtensor())
         items[f"{n}.weight"] = (blocks, qtype)
         counts[qtype] += m.out_features * m.in_features
+    embed = next(f"{n}.weight" for n, e in model.named_modules() if e is model.get_input_embeddings())
+    main = counts.most_common(1)[0][0] if counts else None
+    items[embed] = embedding_tensor(model.get_input_embeddings().weight.detach(), embedding, main, dtype)
     gnames = {n: names.get_name(n, try_suffixes=(".weight", ".bias")) for n in items}
     unknown = [n for n, g in gnames.items() if g is None]
     if unknown:
@@ -228,10 +274,12 @@ def _adapter_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, tuple]:
     return out
 
 
-def write_gguf(model: nn.Module, tmp: Path, dtype: torch.dtype, tokenizer, name: str) -> None:
+def write_gguf(
+    model: nn.Module, tmp: Path, dtype: torch.dtype, tokenizer, name: str, embedding: str = "auto"
+) -> None:
     """Write the prepared `model` (a Llama passing `check_llama`, every QLinear expressible) as
-    `model.gguf` (+ `adapter.gguf`) in `tmp`."""
-    tensors, counts = _gguf_tensors(model, dtype)
+    `model.gguf` (+ `adapter.gguf`) in `tmp`, the token embedding as `embedding` says (EMBEDDING_TYPES)."""
+    tensors, counts = _gguf_tensors(model, dtype, embedding)
     w = gguf.GGUFWriter(tmp / MODEL_FILE, "llama")
     _llama_metadata(w, model.config, name, counts, dtype)
     copied = add_tokenizer(w, tokenizer, model.config.vocab_size)
@@ -289,11 +337,10 @@ def _merge_gguf_adapter(net: torch.nn.Module, adapter: Path, model: str) -> torc
 def _gguf_bits(files: list[Path]) -> float | None:
     tensors = {t.name: t for f in files for t in gguf.GGUFReader(f).tensors}
     lora = {n for n in tensors if n.endswith((".lora_a", ".lora_b"))}
-    layers = {n for n, t in tensors.items() if t.tensor_type not in UNQUANTIZED and n not in lora}
+    other = lora | {"token_embd.weight", "output.weight"}  # not linear layers of a lowbit checkpoint
+    layers = {n for n, t in tensors.items() if t.tensor_type not in UNQUANTIZED and n not in other}
     if not layers:
-        layers = {
-            n for n, t in tensors.items() if len(t.shape) == 2 and n not in lora | {"token_embd.weight"}
-        }
+        layers = {n for n, t in tensors.items() if len(t.shape) == 2 and n not in other}
     bits = sum(
         8 * int(t.n_bytes) for n, t in tensors.items() if n in layers or n.rpartition(".")[0] in layers
     )
@@ -341,4 +388,5 @@ GGUF = Target(
     nearest=gguf_spec,
     decoded=_gguf_weight,
     check_model=check_llama,
+    options=("embedding",),
 )

@@ -29,7 +29,8 @@ class Target:
     """One export target.
 
     name: the format's name in messages ("compressed-tensors", "GGUF", "dense").
-    write(model, folder, dtype, tokenizer, name): write the fitted model (and its adapter) into `folder`.
+    write(model, folder, dtype, tokenizer, name, **options): write the fitted model (and its adapter) into
+      `folder`; options: the target's own keyword options, named in `options`.
     detect(folder): whether a folder holds this target's output.
     reload(folder, dtype): (model, tokenizer) computing what the target's engine computes.
     stored_bits(folder, model): bits per weight of the quantized layers as the files store them, or None.
@@ -38,10 +39,11 @@ class Target:
     nearest(spec, in_features, dtype): the spec a layer is re-quantized to with convert=True.
     decoded(layer, dtype): the base weight dequantize(Q) as the target's reader computes it, float32 [N, K].
     check_model(config): refuse, in one line, a model the target cannot write at all.
+    options: the keyword options `write` takes (GGUF: "embedding").
     """
 
     name: str
-    write: Callable[[nn.Module, Path, torch.dtype, object, str], None]
+    write: Callable[..., None]
     detect: Callable[[Path], bool]
     reload: Callable[[Path, torch.dtype], tuple[nn.Module, object]]
     stored_bits: Callable[[Path, nn.Module], float | None]
@@ -49,3 +51,4 @@ class Target:
     nearest: Callable[[QuantSpec, int, torch.dtype], QuantSpec] | None = None
     decoded: Callable[[QLinear, torch.dtype], torch.Tensor] | None = None
     check_model: Callable[[object], None] | None = None
+    options: tuple[str, ...] = ()

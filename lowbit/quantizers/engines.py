@@ -9,7 +9,9 @@ per-layer group fallback and the exports' checks.
   matrix with one scheme, so the layers of such a group must share their spec (`fused_groups`).
 - `llama.cpp` (GGUF, what lowbit writes exactly): Q4_0 (INT4 symmetric), Q4_1 (INT4 asymmetric) and Q8_0
   (INT8 symmetric), in groups of a multiple of 32 weights or per channel (a group of 32 j weights is j
-  blocks repeating its scale and zero), K a multiple of 32. Each tensor has its own type: no ties.
+  blocks repeating its scale and zero), K a multiple of 32; the K-quants Q4_K, Q5_K and Q6_K (lowbit's
+  q4_k, q5_k, q6_k) where K is a multiple of their 256-weight super-block, elsewhere not a candidate, and a
+  uniform recipe takes llama-quantize's fallback there (`served_group`). Each tensor has its own type.
 
 No engine serves double-quantized scales. `ENGINES` is the registry.
 """
@@ -19,9 +21,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lowbit.quantizers.kquant import QK_K
 from lowbit.quantizers.spec import QuantSpec
 
 QK = 32  # weights per llama.cpp block of Q8_0 / Q4_0 / Q4_1
+# llama-quantize's type for a tensor whose rows do not fit a K-quant's super-block (llama-quant.cpp: Q4_K ->
+# Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), as the nearest type lowbit writes: Q4_1 for Q5_0, Q8_0 for Q5_1
+KQUANT_FALLBACK = {
+    "q4_k": QuantSpec("int4", QK),
+    "q5_k": QuantSpec("int8", QK, True),
+    "q6_k": QuantSpec("int8", QK, True),
+}
 VLLM_GROUPS = (32, 64, 128)  # the group sizes of vLLM's WNA16 kernels (Marlin), besides per channel
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -49,12 +59,19 @@ def vllm_problem(spec: QuantSpec, in_features: int | None) -> str | None:
 
 
 def llama_cpp_problem(spec: QuantSpec, in_features: int | None) -> str | None:
-    """Why no llama.cpp type that lowbit writes exactly (Q8_0, Q4_0, Q4_1) holds W [N, K] of this spec,
-    or None; in_features None: the format only."""
+    """Why no llama.cpp type that lowbit writes exactly (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) holds W [N, K]
+    of this spec, or None; in_features None: the format only."""
+    if spec.format in KQUANT_FALLBACK:
+        if in_features is not None and in_features % QK_K:
+            return f"in_features {in_features} is not a multiple of {spec.format}'s super-block of {QK_K}"
+        return None
     if spec.double_quant:
         return "double-quantized scales have no llama.cpp type"
     if spec.kind != "int" or spec.bits not in (4, 8):
-        return f"{spec.format} has no llama.cpp type (Q8_0, Q4_0 and Q4_1 hold INT8 and INT4 only)"
+        return (
+            f"{spec.format} has no llama.cpp type (Q8_0, Q4_0 and Q4_1 hold INT8 and INT4, "
+            "Q4_K / Q5_K / Q6_K lowbit's q4_k / q5_k / q6_k)"
+        )
     if spec.bits == 8 and not spec.symmetric:
         return "asymmetric int8 has no llama.cpp type (Q8_0 is symmetric)"
     if spec.group_size is not None and spec.group_size % QK:
@@ -89,10 +106,13 @@ ENGINES: dict[str, Engine] = {
 def served_group(engine: str, spec: QuantSpec, in_features: int) -> QuantSpec:
     """`spec` with the group size the engine serves on a layer of `in_features` inputs: unchanged when it
     serves it, else the largest served group below it that divides K, else per channel (the fallback a
-    uniform recipe takes per layer, e.g. g128 on K = 576 -> g64). Only the group changes."""
+    uniform recipe takes per layer, e.g. g128 on K = 576 -> g64). Only the group changes, except for a
+    K-quant on llama.cpp where K is not a multiple of 256: llama-quantize's fallback (KQUANT_FALLBACK)."""
     problem = ENGINES[engine].problem
     if problem is None or problem(spec, in_features) is None or spec.group_size is None:
         return spec
+    if engine == "llama.cpp" and spec.format in KQUANT_FALLBACK:
+        return KQUANT_FALLBACK[spec.format]
     for g in range(spec.group_size - 8, 0, -8):  # group sizes are multiples of 8
         candidate = QuantSpec(spec.format, g, spec.symmetric, spec.scale_dtype, spec.double_quant)
         if in_features % g == 0 and problem(candidate, in_features) is None:

@@ -65,6 +65,12 @@ class Family:
         families with one fixed table (NF, FP); None otherwise.
     side_gradient: (codes, z, inside, spec) -> [N, K] whose gradient in z is that of w_hat / s
         (straight-through); its value is unused. None: z is not trained through fake quantization.
+    storage: for a family whose format fixes how groups and scales are stored (llama.cpp's K-quants:
+        256-weight super-blocks with fp16 d), that group size; a spec of the family then always has it,
+        fp16 scales and no double quantization. None: the spec chooses.
+    at_column: for a family whose values depend on a column's place in its group (K-quants' sub-block
+        scales): (z [N, 1, *entries] of one group, spec, p) -> the z under which a single column codes
+        as column p of the group does (GPTQ codes column by column). None: the place does not matter.
     """
 
     name: str
@@ -77,6 +83,8 @@ class Family:
     symmetric_variant: bool = False
     codebook: Callable[[str, int], torch.Tensor] | None = None
     side_gradient: Callable[..., torch.Tensor] | None = None
+    storage: int | None = None
+    at_column: Callable[..., torch.Tensor] | None = None
 
 
 def positive_entries(values: torch.Tensor) -> int:

@@ -71,6 +71,17 @@ def _block_size(spec: QuantSpec, K: int, block_size: int, static: bool) -> int:
     return max(d for d in range(1, block_size + 1) if gs % d == 0)
 
 
+def _column(w: torch.Tensor, s: torch.Tensor, z, spec: QuantSpec, col: int) -> tuple:
+    """(codes uint8 [N, 1], w_hat [N, 1]) of column `col` w [N, 1] under its group's s [N, 1] (and z). A
+    family whose values depend on a column's place in its group (`Family.at_column`: K-quants' sub-block
+    scales) codes it under the side parameters that put its place first."""
+    at_column = spec.family.at_column
+    if at_column is not None:
+        z = at_column(z, spec, col % spec.group_size)
+    c = encode(w, s, z, spec)
+    return c, decode(c, s, z, spec)
+
+
 def gptq(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -118,8 +129,8 @@ def gptq(
                     z[:, g : g + 1] = zg
             sg, zg = s[:, g : g + 1], None if z is None else z[:, g : g + 1]
             w = W1[:, i : i + 1]  # [N, 1]
-            c = encode(w, sg, zg, spec)  # [N, 1]
-            err = (w - decode(c, sg, zg, spec))[:, 0] / U1[i, i]  # [N]
+            c, w_hat = _column(w, sg, zg, spec, col)  # [N, 1] each
+            err = (w - w_hat)[:, 0] / U1[i, i]  # [N]
             codes[:, col] = c[:, 0]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err

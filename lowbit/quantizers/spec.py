@@ -13,6 +13,7 @@ from lowbit.quantizers.family import Family, Side
 from lowbit.quantizers.fp import MINIFLOAT
 from lowbit.quantizers.groups import SCALE_DTYPES
 from lowbit.quantizers.integer import INTEGER
+from lowbit.quantizers.kquant import KQUANT
 from lowbit.quantizers.nf import NORMALFLOAT
 
 
@@ -41,6 +42,9 @@ FORMATS: dict[str, FormatInfo] = {
     "fp8_e4m3": FormatInfo(MINIFLOAT, 8, "fp8_e4m3"),
     "fp8_e5m2": FormatInfo(MINIFLOAT, 8, "fp8_e5m2"),
     "fp4_e2m1": FormatInfo(MINIFLOAT, 4, "fp4_e2m1"),
+    "q4_k": FormatInfo(KQUANT, 4),
+    "q5_k": FormatInfo(KQUANT, 5),
+    "q6_k": FormatInfo(KQUANT, 6),
 }
 
 
@@ -64,6 +68,8 @@ class QuantSpec:
     symmetric: for a family with a symmetric variant (INT): w ~ s * (c - 2^(b-1)); asymmetric:
         w ~ s * (c - z) with an integer zero point z per group. Specs of other families (NF, FP) are
         always symmetric.
+        K-quant formats (q4_k, q5_k, q6_k) fix group_size (256), scale_dtype (float16) and
+        double_quant (False) whatever is given (`Family.storage`).
     scale_dtype: storage dtype of the scales, a key of SCALE_DTYPES.
     double_quant: QLoRA double quantization of the scales (8-bit codes + fp32 per DQ_BLOCK scales);
         scale_dtype is then unused.
@@ -78,6 +84,10 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise SpecError(f"unknown format {self.format!r}; known formats: {', '.join(FORMATS)}")
+        if self.family.storage is not None:  # the format fixes its grouping and scale storage (K-quants)
+            object.__setattr__(self, "group_size", self.family.storage)
+            object.__setattr__(self, "scale_dtype", "float16")
+            object.__setattr__(self, "double_quant", False)
         if self.group_size is not None:
             if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 8:
                 raise SpecError(

@@ -4,6 +4,8 @@ adapter read back with gguf-py, `lowbit eval` on the output, refusals and conver
 Tolerances: with fp16 scales (lowbit's default) Q8_0 and Q4_0 hold Q exactly, so transformers' logits from
 the GGUF equal lowbit's base logits (low-rank branch removed) up to float32 summation order (1e-5 of their
 scale); Q4_1 stores m = -s z in fp16, which moves the logits by up to 2e-3 of their scale (measured 4e-4).
+The exports here write the token embedding in F32 (`embedding="f32"`) to compare exactly; the default
+(Q8_0 / Q6_K) is tested in tests/export/test_gguf_kquants.py.
 """
 
 import json
@@ -103,7 +105,7 @@ def from_gguf(out):
 def test_blocks_decode_to_lowbit_values(spec):
     w = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
     layer = QLinear.from_linear(torch.nn.Linear(96, 8), quantize(w, spec))
-    qtype, blocks = gguf_blocks(layer)
+    qtype, blocks = gguf_blocks(layer.qtensor())
     assert blocks.shape == (8, 3 * {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[qtype.name])
     got = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype))  # gguf-py's reference decoder
     want = dequantize(layer.qtensor())
@@ -129,8 +131,8 @@ def test_rope_permutation_is_llama_cpp_s_and_transformers_undoes_it():
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
 def test_base_loads_in_transformers_and_matches_lowbit(ckpts, ids, tmp_path, name):
     out = tmp_path / "gguf"
-    r = export(ckpts / name, out, "gguf")
-    assert r["converted"] == 0 and r["target"] == "gguf"
+    r = export(ckpts / name, out, "gguf", embedding="f32")
+    assert r["converted"] == 0 and r["target"] == "gguf" and r["embedding"] == "f32"
     written = sorted([MODEL_FILE, MARKER] + [ADAPTER_FILE] * (name == "q4_0"))
     assert sorted(p.name for p in out.iterdir()) == written
     qtype = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0"}[name]
@@ -156,7 +158,7 @@ def _gguf_tensor(reader, name):
 
 def test_adapter_holds_l1_and_l2(ckpts, tmp_path):
     out = tmp_path / "gguf"
-    r = export(ckpts / "q4_0", out, "gguf")
+    r = export(ckpts / "q4_0", out, "gguf", embedding="f32")
     assert r["adapter"] == str(out / ADAPTER_FILE)
     reader = gguf.GGUFReader(out / ADAPTER_FILE)
     fields = {k: f.contents() for k, f in reader.fields.items()}
@@ -185,7 +187,7 @@ def test_lowbit_eval_on_the_gguf_export(ckpts, news_file, tmp_path, capsys):
     """`lowbit eval OUT` loads model.gguf (adapter.gguf is told apart by its general.type and added to
     the weights) and reports the bits per weight stored: Q4_0 blocks + float32 lora factors."""
     out = tmp_path / "gguf"
-    export(ckpts / "q4_0", out, "gguf")
+    export(ckpts / "q4_0", out, "gguf", embedding="f32")
     results = []
     for target in (ckpts / "q4_0", out):
         assert main(["eval", str(target), "--data", str(news_file), "--seq-len", "64", "--json"]) == 0
@@ -207,7 +209,7 @@ def test_mixed_ranks_write_alpha_zero_and_still_add_l1_l2_once(ckpts, ids, tmp_p
     m.replace_weight(m.qtensor(), m.l1[:, :2], m.l2[:2])
     plan = {n: q.layer_plan() for n, q in model.named_modules() if isinstance(q, QLinear)}
     save(model, tmp_path / "ckpt", plan=plan, tokenizer=load_tokenizer(ckpts / "q4_0"))
-    export(tmp_path / "ckpt", tmp_path / "gguf", "gguf")
+    export(tmp_path / "ckpt", tmp_path / "gguf", "gguf", embedding="f32")
     reader = gguf.GGUFReader(tmp_path / "gguf" / ADAPTER_FILE)
     assert reader.fields["adapter.lora.alpha"].contents() == 0.0
     merged, _, _ = load_export(tmp_path / "gguf")
@@ -218,7 +220,7 @@ def test_mixed_ranks_write_alpha_zero_and_still_add_l1_l2_once(ckpts, ids, tmp_p
 @pytest.mark.parametrize(("dtype", "kind", "tol"), [("float16", "F16", 2e-3), ("bfloat16", "BF16", 2e-2)])
 def test_half_precision_tensors(ckpts, ids, tmp_path, dtype, kind, tol):
     out = tmp_path / "gguf"
-    export(ckpts / "q8_0", out, "gguf", dtype=dtype)
+    export(ckpts / "q8_0", out, "gguf", dtype=dtype, embedding=kind.lower())
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / MODEL_FILE).tensors}
     assert types["token_embd.weight"] == kind and types["output_norm.weight"] == "F32"
     ref = logits(base_only(ckpts / "q8_0"), ids)
@@ -227,14 +229,14 @@ def test_half_precision_tensors(ckpts, ids, tmp_path, dtype, kind, tol):
 
 def test_inexpressible_layers_are_refused_with_a_list(ckpts, tmp_path):
     with pytest.raises(ExportError, match=r"to GGUF .*--convert.*q_proj: nf4 has no llama.cpp type"):
-        export(ckpts / "nf4", tmp_path / "out", "gguf")
+        export(ckpts / "nf4", tmp_path / "out", "gguf", embedding="f32")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
 def test_groups_of_several_blocks_export_exactly(ckpts, ids, tmp_path):
     """Group 64 is two llama.cpp blocks of 32 repeating its scale: no conversion, lowbit's logits."""
     out = tmp_path / "g64"
-    r = export(ckpts / "g64", out, "gguf")
+    r = export(ckpts / "g64", out, "gguf", embedding="f32")
     assert r["converted"] == 0 and all(e["rel_error"] < 1e-6 for e in r["layers"].values())
     ref = logits(load(ckpts / "g64"), ids)
     merged, _, _ = load_export(out)
@@ -263,7 +265,7 @@ def test_expressible_specs_and_their_conversions():
 
 def test_convert_requantizes_to_q4_and_reports_errors(ckpts, tmp_path):
     out = tmp_path / "gguf"
-    r = export(ckpts / "nf4", out, "gguf", convert=True)
+    r = export(ckpts / "nf4", out, "gguf", convert=True, embedding="f32")
     assert r["converted"] == 14
     for e in r["layers"].values():
         assert e["target"] == "int4-g32-sym" and "nf4" in e["converted"] and 0 < e["rel_error"] < 0.2
@@ -277,8 +279,8 @@ def test_svdquant_smoothing_is_requantized_never_dropped(ckpts, tmp_path):
     """Smoothing of layers that read no norm (o_proj, down_proj keep theirs) cannot be folded: refused,
     or with convert re-quantized into Q' and L2' so the GGUF model + adapter computes what lowbit does."""
     with pytest.raises(ExportError, match="smoothing"):
-        export(ckpts / "svdquant", tmp_path / "out", "gguf")
-    r = export(ckpts / "svdquant", tmp_path / "out", "gguf", convert=True)
+        export(ckpts / "svdquant", tmp_path / "out", "gguf", embedding="f32")
+    r = export(ckpts / "svdquant", tmp_path / "out", "gguf", convert=True, embedding="f32")
     plan = json.loads((ckpts / "svdquant" / "lowbit_config.json").read_text())["layers"]
     smoothed = {n for n, e in plan.items() if e["smooth"]}
     assert smoothed and {n for n, e in r["layers"].items() if e["smooth"] == "re-quantized"} == smoothed
@@ -401,7 +403,7 @@ def test_builtin_model_to_gguf_end_to_end(tmp_path):
         quantize=QuantizeConfig(format="int4", group_size=32), decompose=DecomposeConfig("lorc", 8)
     )
     compress("smollm2-135m", recipe, tmp_path / "ckpt", progress=False)
-    r = export(tmp_path / "ckpt", tmp_path / "gguf", "gguf")
+    r = export(tmp_path / "ckpt", tmp_path / "gguf", "gguf", embedding="f32")
     assert r["converted"] == 0 and r["adapter"] == str(tmp_path / "gguf" / ADAPTER_FILE)
     fields = gguf.GGUFReader(tmp_path / "gguf" / MODEL_FILE).fields
     assert fields["tokenizer.ggml.pre"].contents() == "smollm" and fields["general.file_type"].contents() == 3

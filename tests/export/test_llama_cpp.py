@@ -32,6 +32,20 @@ def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
+def assert_runs_like_lowbit(ckpt, model_file) -> None:
+    """llama.cpp's logits of the export on 32 ids within 5% of their scale of lowbit's on the checkpoint,
+    the same argmax at 90% of the positions."""
+    ids = list(range(3, 35))
+    with torch.no_grad():
+        want = load(ckpt)(torch.tensor([ids])).logits[0].float().numpy()
+    got = llama_cpp_logits(open_gguf(model_file), ids)
+    diff, agree = np.abs(got - want).max() / np.abs(want).max(), (got.argmax(-1) == want.argmax(-1)).mean()
+    print(
+        f"llama.cpp vs lowbit: max logit difference {diff:.4f} of their scale, argmax agreement {agree:.3f}"
+    )
+    assert diff < 0.05 and agree >= 0.9
+
+
 def test_budget_export_for_llama_cpp_runs_there_with_lowbit_s_logits(tmp_path):
     from tests.conftest import make_tiny_llama
     from tests.export.test_gguf_export import byte_tokenizer
@@ -41,12 +55,59 @@ def test_budget_export_for_llama_cpp_runs_there_with_lowbit_s_logits(tmp_path):
     tok.save_pretrained(source)
     out = _compress(source, tmp_path, "llama.cpp", "5.0")
     export(out, tmp_path / "gguf", "gguf")
-    ids = list(range(3, 35))
-    with torch.no_grad():
-        want = load(out)(torch.tensor([ids])).logits[0].float().numpy()
-    got = llama_cpp_logits(open_gguf(tmp_path / "gguf" / "model.gguf"), ids)
-    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    assert_runs_like_lowbit(out, tmp_path / "gguf" / "model.gguf")
+
+
+def test_k_quant_export_runs_in_llama_cpp_with_lowbit_s_logits(tmp_path):
+    """Q4_K / Q5_K / Q6_K layers (a wide tiny Llama: every K a multiple of 256) and the default Q6_K token
+    embedding, in llama.cpp: logits within a few percent of their scale of lowbit's (llama.cpp rounds
+    activations to 8 bits for its K-quant dot products; lowbit's are float32, its embedding unquantized)."""
+    from lowbit.compress.api import compress
+    from lowbit.compress.recipe import Recipe
+    from tests.conftest import make_tiny_llama
+    from tests.export.test_gguf_export import byte_tokenizer
+    from tests.export.test_gguf_kquants import MIXED, WIDE
+
+    tok = byte_tokenizer()
+    out = tmp_path / "kq"
+    compress(make_tiny_llama(len(tok), **WIDE), Recipe.from_dict(MIXED), out, tokenizer=tok, progress=False)
+    export(out, tmp_path / "gguf", "gguf")
+    assert_runs_like_lowbit(out, tmp_path / "gguf" / "model.gguf")
+
+
+def held_out_perplexities(llm, model, tok, tokens: int = 2048) -> tuple[float, float]:
+    """(lowbit's, llama.cpp's) perplexity on the first `tokens` held-out news tokens, windows of 512."""
+    from lowbit.calibration.data import eval_tokens
+
+    blocks = eval_tokens(tok, "builtin:lee-news", tokens).view(-1, 512)
+    nll_lowbit, nll_cpp = 0.0, 0.0
+    for row in blocks:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(row[None]).logits[0, :-1].float(), -1)
+        nll_lowbit -= float(logp.gather(1, row[1:, None]).sum())
+        cpp = torch.log_softmax(torch.from_numpy(llama_cpp_logits(llm, row.tolist()))[:-1], -1)
+        nll_cpp -= float(cpp.gather(1, row[1:, None]).sum())
+    n = blocks.shape[0] * (blocks.shape[1] - 1)
+    return math.exp(nll_lowbit / n), math.exp(nll_cpp / n)
+
+
+@pytest.mark.slow
+@needs_builtin
+def test_builtin_q4_k_export_in_llama_cpp(tmp_path):
+    """The q4_k preset on the built-in model (Q4_K where K = 1536, the down projections; Q4_1 elsewhere,
+    llama-quantize's fallback), exported with its default Q8_0 embedding: llama.cpp's perplexity within 2%
+    of lowbit's."""
+    from lowbit.compress.api import compress
+
+    compress("smollm2-135m", "q4_k", tmp_path / "q4k", progress=False)
+    r = export(tmp_path / "q4k", tmp_path / "gguf", "gguf")
+    assert r["converted"] == 0
+    types = {r["layers"][n]["target"] for n in r["layers"]}
+    assert any("q4_k" in t for t in types) and any("int4-g32" in t for t in types)
+    llm = open_gguf(tmp_path / "gguf" / "model.gguf")
+    ppl_lowbit, ppl_cpp = held_out_perplexities(llm, load(tmp_path / "q4k"), load_tokenizer(tmp_path / "q4k"))
+    print(f"perplexity lowbit {ppl_lowbit:.4f}, llama.cpp {ppl_cpp:.4f}")
+    assert ppl_cpp == pytest.approx(ppl_lowbit, rel=0.02)
 
 
 @pytest.mark.slow
@@ -55,7 +116,6 @@ def test_builtin_int4_export_in_llama_cpp(tmp_path):
     """The README's int4-g128 checkpoint of the built-in model, exported to GGUF (g128 as 4 blocks,
     exact): llama.cpp's perplexity on held-out news within 2% of lowbit's, and llama.cpp's token ids of
     the built-in vocabulary equal lowbit's tokenizer's where whitespace precedes digits."""
-    from lowbit.calibration.data import eval_tokens
     from lowbit.compress.api import compress
 
     compress("smollm2-135m", "int4-g128", tmp_path / "int4", progress=False)
@@ -66,17 +126,6 @@ def test_builtin_int4_export_in_llama_cpp(tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(
             text, add_special_tokens=False
         )
-    blocks = eval_tokens(tok, "builtin:lee-news", 2048).view(4, 512)  # held-out tokens
-    model = load(tmp_path / "int4")
-    nll_lowbit, nll_cpp = 0.0, 0.0
-    for row in blocks:
-        ids = row.tolist()
-        with torch.no_grad():
-            logp = torch.log_softmax(model(row[None]).logits[0, :-1].float(), -1)
-        nll_lowbit -= float(logp.gather(1, row[1:, None]).sum())
-        cpp = torch.log_softmax(torch.from_numpy(llama_cpp_logits(llm, ids))[:-1], -1)
-        nll_cpp -= float(cpp.gather(1, row[1:, None]).sum())
-    n = blocks.shape[0] * (blocks.shape[1] - 1)
-    ppl_lowbit, ppl_cpp = math.exp(nll_lowbit / n), math.exp(nll_cpp / n)
+    ppl_lowbit, ppl_cpp = held_out_perplexities(llm, load(tmp_path / "int4"), tok)
     print(f"perplexity lowbit {ppl_lowbit:.4f}, llama.cpp {ppl_cpp:.4f}")
     assert ppl_cpp == pytest.approx(ppl_lowbit, rel=0.02)

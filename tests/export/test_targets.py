@@ -178,18 +178,21 @@ def test_dry_run_sees_the_target(tiny_llama_dir):
 
 
 def test_gguf_export_keeps_the_checkpoint_s_dtype(tmp_path):
-    """A bfloat16 source gives a bfloat16 checkpoint, whose GGUF export writes the token embedding in
-    BF16 by default (float32 only when the checkpoint is float32 or --dtype asks for it)."""
+    """A bfloat16 source gives a bfloat16 checkpoint, whose GGUF export writes its unquantized tensors in
+    BF16 by default (float32 only when the checkpoint is float32 or --dtype asks for it): the token
+    embedding when asked for as a float type (by default it is Q8_0, as llama-quantize writes it)."""
     from tests.export.test_gguf_export import byte_tokenizer
 
     source, tok = tmp_path / "source", byte_tokenizer()
     make_tiny_llama(len(tok)).to(torch.bfloat16).save_pretrained(source)
     tok.save_pretrained(source)
     assert main(["compress", "--model", str(source), "--out", str(tmp_path / "int4"), "--json"]) == 0
-    report = export(tmp_path / "int4", tmp_path / "gguf", "gguf")
-    assert report["dtype"] == "bfloat16"
-    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").tensors}
-    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.BF16
+    for embedding, want in ((None, "Q8_0"), ("bf16", "BF16")):
+        out = tmp_path / f"gguf-{embedding}"
+        report = export(tmp_path / "int4", out, "gguf", embedding=embedding)
+        assert report["dtype"] == "bfloat16"
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+        assert types["token_embd.weight"] == want
 
 
 def test_uniform_recipe_splitting_a_fused_group_is_refused_for_vllm(tiny_llama_dir):

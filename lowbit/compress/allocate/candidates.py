@@ -88,6 +88,7 @@ def candidate_grid(
         ]
     except SpecError as e:
         raise AllocationError(f"bad candidate grid: {e}") from None
+    specs = list(dict.fromkeys(specs))  # formats that fix their group (K-quants) give one spec per format
     grid = [Candidate(s, r) for s in specs for r in ranks]
     if not grid:
         raise AllocationError("the candidate grid is empty (no format has any of the requested bit widths)")
