@@ -27,6 +27,8 @@ the budget path keeps the uniform plan when the allocation is worse.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
@@ -161,8 +163,9 @@ def penalty_search(
     stats: dict[str, Stats] | None = None,
 ) -> tuple[dict[str, Candidate], Allocation, dict[str, float]]:
     """(plan, allocation, {f"penalty-{p:g}": measured loss}) of the penalty among 1 and `penalties`
-    whose plan has the lowest `plan_loss` (module docstring). solve: ErrorTable -> (plan, Allocation), the
-    budget's ILP; a plan equal to one already measured is not measured again."""
+    whose plan has the lowest `plan_loss` (module docstring); the allocation's error is in the unpenalised
+    table's units. solve: ErrorTable -> (plan, Allocation), the budget's ILP; a plan equal to one already
+    measured is not measured again."""
     method = table.info.get("method", "none")
     best, losses, seen = None, {}, {}
     for p in dict.fromkeys((1.0, *penalties)):
@@ -172,5 +175,6 @@ def penalty_search(
             seen[key] = plan_loss(model, linears, plan, blocks, method, stats)
         losses[f"penalty-{p:g}"] = seen[key]
         if best is None or seen[key] < best[2]:
-            best = (plan, alloc, seen[key])
+            error = float(table.errors[torch.arange(len(key)), torch.as_tensor(key)].sum())
+            best = (plan, replace(alloc, error=error), seen[key])
     return best[0], best[1], losses

@@ -155,6 +155,9 @@ def test_penalty_search_keeps_the_plan_with_the_least_measured_loss():
         assert losses[f"penalty-{p:g}"] == plan_loss(model, linears, solved[p], CALIB[:4], "none")
     assert min(losses.values()) <= losses["penalty-1"]
     assert plan_loss(model, linears, plan, CALIB[:4], "none") == min(losses.values())
+    rows = [table.names.index(n) for n in plan]
+    cols = [table.candidates.index(c) for c in plan.values()]
+    assert alloc.error == pytest.approx(float(table.errors[rows, cols].sum()))  # unpenalised units
     low = np.array([c.spec.bits < 3 for c in table.candidates])
     fewest = sum(c.spec.bits < 3 for c in solved[1e6].values())
     assert fewest <= sum(c.spec.bits < 3 for c in solved[1.0].values())
