@@ -8,13 +8,15 @@ layers that read a norm's output share one smoothing vector per norm, folded int
 path (`smoothing_stage`). With a `scaling` section, AWQ's scales are searched once on the float model and
 folded before the statistics and the error table (`scaling_stage`), so every candidate is measured, and
 rounded, on the scaled weights. `allocate.probes` rescales the table by measured probes and
-`allocate.check` keeps the best uniform spec when the allocation is worse (`lowbit.compress.probes`).
+`allocate.penalties` measures a few penalised plans per budget and keeps the best, and `allocate.check`
+keeps the best uniform spec when the allocation is worse (`lowbit.compress.probes`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -33,7 +35,7 @@ from lowbit.calibration import CalibrationStats, calibrate, calibrate_sequential
 from lowbit.compress.allocate import ErrorTable, candidate_grid, engine_constraints, error_row
 from lowbit.compress.awq import activation_scaling, apply_scales
 from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
-from lowbit.compress.probes import best_uniform, corrected, loss_with, probe_factors
+from lowbit.compress.probes import best_uniform, corrected, loss_with, penalty_search, probe_factors
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups
 from lowbit.compress.uniform import calibration_data, finetune_stage, select_linears
@@ -152,7 +154,9 @@ def table_stage(linears, recipe: Recipe, stats: dict[str, Stats], work: WorkArea
     if path.is_file():
         return ErrorTable.load(path)
     a = recipe.allocate
-    grid = candidate_grid(a.formats, a.bits, a.group_sizes, a.ranks, base=recipe.quantize.spec())
+    grid = candidate_grid(
+        a.formats, a.bits, a.group_sizes, a.ranks, base=recipe.quantize.spec(), symmetric=a.symmetric
+    )
     info = dict(
         method=allocation_method(recipe),
         metric=a.metric,
@@ -311,7 +315,8 @@ def compress_to_budgets(
     a = recipe.allocate
     # probes and the check read the token blocks themselves; the statistics only when not yet saved
     saved = work.path("calibration.safetensors").is_file()
-    if calib_data is None and (a.probes or a.check or (recipe.needs_calibration() and not saved)):
+    reads = a.probes or a.penalties or a.check
+    if calib_data is None and (reads or (recipe.needs_calibration() and not saved)):
         calib_data = calibration_data(recipe, tokenizer)
     scaling_stage(model, linears, recipe, calib_data, work, progress)
     stats = calibration_stage(model, linears, recipe, calib_data, work, progress)
@@ -320,7 +325,12 @@ def compress_to_budgets(
     teacher = copy.deepcopy(model) if recipe.finetune else None  # the original, before any swap
     results = []
     for i, (budget, out) in enumerate(zip(budgets, outs, strict=True)):
-        plan, alloc = allocation_stage(table, recipe, budget)
+        solve = functools.partial(allocation_stage, recipe=recipe, budget=budget)
+        if a.penalties:
+            args = (a.penalties, recipe.quantize.spec().bits, calib_data[:4], stats)
+            plan, alloc, searched = penalty_search(model, linears, table, solve, *args)
+        else:
+            (plan, alloc), searched = solve(table), {}
         logger.info("budget %.3f: %s in %.2f s", budget, alloc.status, alloc.seconds)
         tag, smooth, before = f"bpw-{budget:g}", {}, []
         if METHODS[allocation_method(recipe)].shares_smoothing:
@@ -330,6 +340,7 @@ def compress_to_budgets(
         if a.check:
             args = (budget, plan, qlinears, calib_data, progress)
             plan, qlinears, fallback, losses = check_stage(model, linears, table, recipe, stats, work, *args)
+        losses = {**searched, **(losses or {})} or None
         for name, q in qlinears.items():
             set_submodule(model, name, q)
         entries = {name: q.layer_plan() for name, q in qlinears.items()}

@@ -191,7 +191,9 @@ def check_budgets(recipe: Recipe, layers: dict, budgets) -> None:
     """Refuse a budget below the smallest storage the allocation's candidate grid allows (among the
     candidates the recipe's target engine serves)."""
     a = recipe.allocate
-    grid = candidate_grid(a.formats, a.bits, a.group_sizes, a.ranks, base=recipe.quantize.spec())
+    grid = candidate_grid(
+        a.formats, a.bits, a.group_sizes, a.ranks, base=recipe.quantize.spec(), symmetric=a.symmetric
+    )
     lowrank = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize
     names, shapes = list(layers), list(layers.values())
     forbid = [(f["match"], {k: v for k, v in f.items() if k != "match"}) for f in a.forbid]

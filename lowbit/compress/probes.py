@@ -12,6 +12,14 @@ c, the calibration loss is measured, and the spec's column is rescaled by
 the measured over the estimated increase, so the ILP adds up errors in units of measured loss with each
 spec's own bias removed (a correction fitted on measured probes; the ranks of one spec share its k_c).
 
+Penalty search. The probes see one block at a time; at budgets that need many two-bit layers the loss
+grows faster than the sum of the layers' errors (their errors compound through the blocks after them),
+and the ILP, adding errors, takes too many. For each penalty p of a short list, the candidates with fewer
+bits than the reference width (quantize's) get their errors multiplied by p, the ILP allocates, and the
+allocated model (every layer rounded to nearest, its low-rank part fitted as the table's method does) is
+measured by its calibration loss; the plan with the lowest loss is kept. p = 1 is the table as it is,
+so the search never keeps a plan whose measured loss is above the unpenalised one's.
+
 Check. After the allocated layers are rounded, the model's mean next-token loss on the calibration
 blocks is compared with that of the best uniform spec whose size fits the budget (rounded the same way);
 the budget path keeps the uniform plan when the allocation is worse.
@@ -19,12 +27,15 @@ the budget path keeps the uniform plan when the allocation is worse.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
 
 from lowbit.calibration.stats import find_blocks
-from lowbit.compress.allocate import ErrorTable, budget_bits
+from lowbit.compress.allocate import Allocation, Candidate, ErrorTable, budget_bits
+from lowbit.lowrank import Stats, decompose
 from lowbit.nn.qlinear import set_submodule
 from lowbit.quantizers.clip import nearest
 
@@ -110,3 +121,60 @@ def loss_with(model: nn.Module, layers: dict[str, nn.Module], blocks: torch.Tens
     finally:
         for name, m in before.items():
             set_submodule(model, name, m)
+
+
+def penalized(table: ErrorTable, bits: int, penalty: float) -> ErrorTable:
+    """The table with the errors of every candidate of fewer than `bits` bits multiplied by `penalty`."""
+    low = [c.spec.bits < bits for c in table.candidates]
+    return corrected(table, np.where(low, penalty, 1.0))
+
+
+@torch.no_grad()
+def plan_loss(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    plan: dict[str, Candidate],
+    blocks: torch.Tensor,
+    method: str,
+    stats: dict[str, Stats] | None = None,
+) -> float:
+    """calibration_loss with every layer's weight replaced by its planned candidate, rounded to nearest
+    (W_hat = Q + L1 L2 of `decompose(W, spec, rank, method)`); the weights are restored."""
+    W0 = {name: lin.weight.data for name, lin in linears.items()}
+    try:
+        for name, lin in linears.items():
+            c, st = plan[name], (stats or {}).get(name, Stats())
+            d = decompose(W0[name].float(), c.spec, c.rank, method, H=st.H, act_max=st.act_max)
+            lin.weight.data = d.weight().to(W0[name].dtype)
+        return calibration_loss(model, blocks)
+    finally:
+        for name, W in W0.items():
+            linears[name].weight.data = W
+
+
+def penalty_search(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    table: ErrorTable,
+    solve,
+    penalties: tuple[float, ...],
+    bits: int,
+    blocks: torch.Tensor,
+    stats: dict[str, Stats] | None = None,
+) -> tuple[dict[str, Candidate], Allocation, dict[str, float]]:
+    """(plan, allocation, {f"penalty-{p:g}": measured loss}) of the penalty among 1 and `penalties`
+    whose plan has the lowest `plan_loss` (module docstring); the allocation's error is in the unpenalised
+    table's units. solve: ErrorTable -> (plan, Allocation), the budget's ILP; a plan equal to one already
+    measured is not measured again."""
+    method = table.info.get("method", "none")
+    best, losses, seen = None, {}, {}
+    for p in dict.fromkeys((1.0, *penalties)):
+        plan, alloc = solve(penalized(table, bits, p))
+        key = tuple(int(c) for c in alloc.choice)
+        if key not in seen:
+            seen[key] = plan_loss(model, linears, plan, blocks, method, stats)
+        losses[f"penalty-{p:g}"] = seen[key]
+        if best is None or seen[key] < best[2]:
+            error = float(table.errors[torch.arange(len(key)), torch.as_tensor(key)].sum())
+            best = (plan, replace(alloc, error=error), seen[key])
+    return best[0], best[1], losses

@@ -168,7 +168,8 @@ class AllocateConfig:
     means no allocation: every layer takes the recipe's quantize / decompose settings.
     pins: {layer pattern: {format / bits / group_size / rank: value}} restricts matching layers to the
     candidates with those values; forbid: [{match: pattern, bits / format / group_size / rank: value}]
-    removes candidates; min_bits: {layer pattern: bits}.
+    removes candidates; min_bits: {layer pattern: bits}. group_sizes may hold None (per-channel);
+    symmetric: the INT variants in the grid (False: zero points; True: none, fewer bits), empty: quantize's.
     metric: what the ILP adds up over layers. "fisher" (default) weights each weight's squared error by
     the diagonal empirical Fisher, a second-order estimate of the loss increase (LQ-LoRA sec. 3.3) that is
     comparable between layers; "output" (the input-Hessian output error of GPTQ) is not: early layers
@@ -177,7 +178,10 @@ class AllocateConfig:
     rounding: how the error table is measured, None meaning quantize.rounding. "nearest" with a GPTQ
     recipe measures the table ~10x faster on a CPU; the chosen candidates are still rounded by GPTQ.
     probes: decoder blocks per spec whose measured calibration-loss change rescales that spec's column of
-    the table (`lowbit.compress.probes`; 0: the table as measured). check: compare the allocated model's
+    the table (`lowbit.compress.probes`; 0: the table as measured). penalties: multipliers of the errors
+    of the candidates with fewer bits than quantize's format; per budget the plan of each (and of 1) is
+    measured by its calibration loss, rounded to nearest, and the best kept (`lowbit.compress.probes`,
+    "Penalty search"; empty: the ILP's plan). check: compare the allocated model's
     calibration loss with the best uniform spec's at no more bits and keep the uniform plan when it wins.
     With a `scaling` section the AWQ scales are searched once, for quantize's spec, and folded before the
     table is measured, so every candidate is measured on the scaled weights.
@@ -188,6 +192,7 @@ class AllocateConfig:
     bits: tuple[int, ...] = (2, 3, 4, 8)
     group_sizes: tuple[int, ...] = (32, 64, 128)
     ranks: tuple[int, ...] = (0, 8, 16, 32, 64)
+    symmetric: tuple[bool, ...] = ()
     metric: str = "fisher"
     rounding: str | None = None
     solver: str = "ilp"
@@ -195,10 +200,11 @@ class AllocateConfig:
     forbid: tuple = ()
     min_bits: dict = field(default_factory=dict)
     probes: int = 0
+    penalties: tuple[float, ...] = ()
     check: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("formats", "bits", "group_sizes", "ranks", "forbid"):
+        for name in ("formats", "bits", "group_sizes", "ranks", "symmetric", "penalties", "forbid"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.metric not in METRICS:
             raise RecipeError(f"unknown allocate.metric {self.metric!r}; choose one of {', '.join(METRICS)}")
@@ -214,6 +220,8 @@ class AllocateConfig:
             )
         if self.probes < 0:
             raise RecipeError(f"allocate.probes must be >= 0, got {self.probes}")
+        if not all(isinstance(p, (int, float)) and p >= 1 for p in self.penalties):
+            raise RecipeError(f"allocate.penalties must be numbers >= 1, got {list(self.penalties)}")
         if not (self.formats and self.bits and self.group_sizes and self.ranks):
             raise RecipeError("allocate needs at least one format, bit width, group size and rank")
 
@@ -266,7 +274,9 @@ class Recipe:
                     raise RecipeError(f"target {self.target}: {problem(spec, None)}")
             return
         a = self.allocate
-        grid = [c.spec for c in candidate_grid(a.formats, a.bits, (None,), (0,), base=self.quantize.spec())]
+        base = self.quantize.spec()
+        grid = candidate_grid(a.formats, a.bits, (None,), (0,), base=base, symmetric=a.symmetric)
+        grid = [c.spec for c in grid]
         if all(problem(spec, None) for spec in grid):
             raise RecipeError(f"target {self.target} serves none of the candidates: {problem(grid[0], None)}")
 

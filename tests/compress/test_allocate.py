@@ -183,6 +183,10 @@ def test_candidate_grid():
     assert [c.spec.format for c in fp] == ["fp4_e2m1", "fp8_e4m3", "fp8_e5m2"]
     base = QuantSpec(symmetric=True, double_quant=True)
     assert all(c.spec.symmetric and c.spec.double_quant for c in candidate_grid(("int4",), (4,), base=base))
+    both = candidate_grid(("int3", "nf3"), (3,), (128, None), (0,), symmetric=(False, True))
+    assert [c.spec.short() for c in both] == [
+        "int3-g128", "int3-g128-sym", "int3-pc", "int3-pc-sym", "nf3-g128", "nf3-pc"
+    ]
     with pytest.raises(AllocationError, match="unknown format"):
         candidate_grid(("int9",))
     with pytest.raises(AllocationError, match="empty"):

@@ -11,14 +11,23 @@ from torch import nn
 from lowbit.calibration import calibrate
 from lowbit.cli import BUDGET_PRESET, build_parser, resolve_recipe
 from lowbit.compress import budget
-from lowbit.compress.allocate import Candidate, ErrorTable, error_table
+from lowbit.compress.allocate import Candidate, ErrorTable, allocate, budget_bits, error_table
 from lowbit.compress.budget import compress_to_budgets, scaling_stage
 from lowbit.compress.presets import preset
-from lowbit.compress.probes import best_uniform, calibration_loss, corrected, loss_with, probe_factors
+from lowbit.compress.probes import (
+    best_uniform,
+    calibration_loss,
+    corrected,
+    loss_with,
+    penalized,
+    penalty_search,
+    plan_loss,
+    probe_factors,
+)
 from lowbit.compress.recipe import Recipe, RecipeError
 from lowbit.compress.uniform import select_linears
 from lowbit.compress.workarea import WorkArea
-from lowbit.lowrank import Stats
+from lowbit.lowrank import Stats, decompose
 from lowbit.quantizers import QuantSpec
 from lowbit.quantizers.clip import nearest
 from tests.compress.test_awq import CALIB, HELD_OUT, outlier_llama
@@ -107,6 +116,56 @@ def test_probe_factors_match_measured_loss_and_restore_weights():
     assert all(k > 0)
 
 
+def test_plan_loss_is_the_rounded_models_loss_and_restores_weights():
+    """plan_loss equals the calibration loss of the model whose weights were replaced by hand with each
+    planned candidate's round-to-nearest Q + L1 L2; the weights are put back."""
+    model = outlier_llama()
+    linears = select_linears(model, budget_recipe())
+    names = list(linears)
+    cands = [Candidate(QuantSpec("int2", 64), 4), Candidate(QuantSpec("int3", 32, symmetric=True))]
+    plan = {n: cands[i % 2] for i, n in enumerate(names)}
+    before = {n: m.weight.clone() for n, m in linears.items()}
+    got = plan_loss(model, linears, plan, CALIB[:4], "lorc")
+    for n, m in linears.items():
+        assert torch.equal(m.weight, before[n]), n
+    by_hand = copy.deepcopy(model)
+    for n in names:
+        W = by_hand.get_submodule(n).weight
+        W.data = decompose(W.data, plan[n].spec, plan[n].rank, "lorc").weight()
+    assert got == pytest.approx(calibration_loss(by_hand, CALIB[:4]), rel=1e-6)
+    assert got > calibration_loss(model, CALIB[:4])
+
+
+def test_penalty_search_keeps_the_plan_with_the_least_measured_loss():
+    """Each penalty's plan is the ILP's on the penalised table; the search returns the plan whose
+    measured loss is least, never above the unpenalised plan's (penalty 1)."""
+    model = outlier_llama()
+    linears, table = tiny_table(model)
+    budget = 3.0
+    solved = {}
+
+    def solve(t):
+        alloc = allocate(t.errors, t.sizes, budget_bits(budget, t.params), params=t.params)
+        return t.plan(alloc), alloc
+
+    plan, alloc, losses = penalty_search(model, linears, table, solve, (4.0, 1e6), 3, CALIB[:4])
+    assert list(losses) == ["penalty-1", "penalty-4", "penalty-1e+06"]
+    for p in (1.0, 4.0, 1e6):
+        solved[p] = solve(penalized(table, 3, p))[0]
+        assert losses[f"penalty-{p:g}"] == plan_loss(model, linears, solved[p], CALIB[:4], "none")
+    assert min(losses.values()) <= losses["penalty-1"]
+    assert plan_loss(model, linears, plan, CALIB[:4], "none") == min(losses.values())
+    rows = [table.names.index(n) for n in plan]
+    cols = [table.candidates.index(c) for c in plan.values()]
+    assert alloc.error == pytest.approx(float(table.errors[rows, cols].sum()))  # unpenalised units
+    low = np.array([c.spec.bits < 3 for c in table.candidates])
+    fewest = sum(c.spec.bits < 3 for c in solved[1e6].values())
+    assert fewest <= sum(c.spec.bits < 3 for c in solved[1.0].values())
+    assert float(penalized(table, 3, 4.0).errors[:, low].sum()) == pytest.approx(
+        4 * float(table.errors[:, low].sum())
+    )
+
+
 def test_best_uniform_fits_the_budget():
     names, shapes = ["a", "b"], [(4, 128), (4, 128)]
     cands = [Candidate(QuantSpec(f"int{b}", group_size=128)) for b in (2, 3, 4)] + [
@@ -164,6 +223,8 @@ def test_recipe_allows_scaling_with_a_budget_without_clip():
         Recipe.from_dict({"decompose": {"method": "svdquant"}, "allocate": {"check": True}})
     with pytest.raises(RecipeError, match="probes"):
         Recipe.from_dict({"allocate": {"probes": -1}})
+    with pytest.raises(RecipeError, match="penalties"):
+        Recipe.from_dict({"allocate": {"penalties": [0.5]}})
 
 
 def test_cli_budget_without_a_preset_takes_the_budget_recipe():

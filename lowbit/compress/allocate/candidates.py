@@ -63,13 +63,16 @@ def candidate_grid(
     ranks=(0, 8, 16, 32, 64),
     *,
     base: QuantSpec | None = None,
+    symmetric: tuple[bool, ...] = (),
 ) -> list[Candidate]:
-    """Every (format, bits, group size, rank) combination, ranks innermost.
+    """Every (format, bits, group size, symmetry, rank) combination, ranks innermost.
 
     formats: families ("int" -> int{b}, "nf" -> nf{b}, "fp" -> fp{b}_*, only where FORMATS has that
     width) or exact FORMATS names (taken when their width is in `bits`). group_sizes may hold None
     (per-channel). base: the other spec fields (symmetric, scale_dtype, double_quant); default QuantSpec().
-    Ranks above min(N, K) of a matrix are marked inapplicable by `error_row`, not dropped here.
+    symmetric: the variants of formats that have both (INT: without zero points, 8 bits per group less);
+    empty: base's. A format without the variant (NF, FP) appears once. Ranks above min(N, K) of a matrix
+    are marked inapplicable by `error_row`, not dropped here.
     """
     base = base or QuantSpec()
     names = []
@@ -82,13 +85,16 @@ def candidate_grid(
         names += [n for b in bits for n in family if FORMATS[n].bits == b and n not in names]
     try:
         specs = [
-            QuantSpec(n, g, base.symmetric, base.scale_dtype, base.double_quant)
+            QuantSpec(n, g, sym, base.scale_dtype, base.double_quant)
             for n in names
             for g in group_sizes
+            for sym in symmetric or (base.symmetric,)
         ]
     except SpecError as e:
         raise AllocationError(f"bad candidate grid: {e}") from None
-    specs = list(dict.fromkeys(specs))  # formats that fix their group (K-quants) give one spec per format
+    # formats that fix their group (K-quants) give one spec per format; NF / FP specs are symmetric
+    # either way: keep one of each
+    specs = list(dict.fromkeys(specs))
     grid = [Candidate(s, r) for s in specs for r in ranks]
     if not grid:
         raise AllocationError("the candidate grid is empty (no format has any of the requested bit widths)")
