@@ -105,3 +105,25 @@ def test_manifest_entry_hadamard_must_be_a_boolean():
         check_layer_entry("a", {**entry, "hadamard": 1})
     with pytest.raises(CheckpointError, match="keys"):
         check_layer_entry("a", {**entry, "rotation": True})
+
+
+def test_dry_run_predicts_the_rotated_checkpoint(tiny_llama_dir, tmp_path):
+    from lowbit.compress import dry_run
+
+    recipe = Recipe.from_dict({"quantize": {"format": "int4", "group_size": 32}, "rotate": ALL})
+    plan, plain = dry_run(str(tiny_llama_dir), recipe), dry_run(str(tiny_llama_dir), "int4-g128")
+    assert not plan.streamed and plain.streamed
+    api.compress(str(tiny_llama_dir), recipe, tmp_path / "out", progress=False)
+    real = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert abs(plan.output_bytes[0] - real) / real < 0.03  # the untied lm_head counted
+
+
+def test_budget_path_rotates_before_the_statistics_and_reloads(tmp_path):
+    grid = {"formats": ["int"], "bits": [3, 8], "group_sizes": [32], "ranks": [0], "metric": "output"}
+    recipe = Recipe.from_dict({"allocate": grid, "quantize": {"rounding": "gptq"}, "rotate": ALL})
+    base = make_tiny_llama(250)
+    ref = logits(base, IDS)
+    model, report = api.compress(base, recipe, tmp_path / "b", budget=5.0, calib_data=CALIB, progress=False)
+    assert report.layers["model.layers.0.mlp.down_proj"].get("hadamard")
+    assert torch.equal(logits(load(tmp_path / "b"), IDS), logits(model, IDS))
+    assert float((logits(model, IDS) - ref).abs().max()) <= 0.2 * float(ref.abs().max())
