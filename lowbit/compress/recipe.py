@@ -262,6 +262,10 @@ class Recipe:
             raise RecipeError("allocate.check cannot compare plans that fold SVDQuant smoothing into norms")
         if self.scaling.method != "none" and self.scaling.clip and self.decompose.rank:
             raise RecipeError("scaling.clip needs decompose.rank 0: the low-rank part keeps what it cuts")
+        if self.rotate.online_down and self.target != "lowbit":
+            raise RecipeError(
+                f"target {self.target} has no online Hadamard transform: set rotate.online_down false"
+            )
         if self.rotate.online_down and self.finetune:
             raise RecipeError(
                 "rotate.online_down cannot be fine-tuned: the training layers lack the transform"

@@ -141,6 +141,8 @@ def test_recipe_rotate_section_is_validated(section, message):
 def test_recipe_rotate_round_trips_and_refuses_online_down_with_finetuning():
     r = Recipe.from_dict({"rotate": {"method": "hadamard", "seed": 3, "online_down": True}})
     assert Recipe.from_dict(r.to_dict()) == r and r.to_dict()["rotate"]["seed"] == 3
+    with pytest.raises(RecipeError, match="target vllm has no online Hadamard"):
+        Recipe.from_dict({"rotate": {"method": "hadamard", "online_down": True}, "target": "vllm"})
     with pytest.raises(RecipeError, match="cannot be fine-tuned"):
         Recipe.from_dict(
             {"rotate": {"method": "hadamard", "online_down": True}, "finetune": {"mode": "lora"}}
