@@ -30,8 +30,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.kernels.reference import hadamard_transform
 from lowbit.nn.qlinear import add_online_hadamard
-from lowbit.quantizers.hadamard import online_matrix, random_hadamard
+from lowbit.quantizers.hadamard import random_hadamard
 from lowbit.quantizers.spec import QuantInputError
 
 READERS = {
@@ -102,14 +103,15 @@ def rotate_residual(model: nn.Module, R: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _fold(m: nn.Linear, left: torch.Tensor | None = None, right: torch.Tensor | None = None) -> None:
-    """W <- left W right (float64, back to W's dtype); b <- b left^T (the output side's map)."""
-    W = m.weight.data.double()
-    W = W if left is None else left.double() @ W
-    W = W if right is None else W @ right.double()
+def _set(m: nn.Linear, W: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    """Store the float64 results W [N, K] (and b [N]) back in the layer's dtypes."""
     m.weight.data = W.to(m.weight.dtype)
-    if left is not None and getattr(m, "bias", None) is not None:
-        m.bias.data = (m.bias.data.double() @ left.double().T).to(m.bias.dtype)
+    if b is not None:
+        m.bias.data = b.to(m.bias.dtype)
+
+
+def _bias(m: nn.Linear) -> torch.Tensor | None:
+    return None if getattr(m, "bias", None) is None else m.bias.data.double()
 
 
 def head_dim(model: nn.Module) -> int:
@@ -129,8 +131,12 @@ def rotate_heads(model: nn.Module, R: torch.Tensor) -> None:
         v, o = block.get_submodule("self_attn.v_proj"), block.get_submodule("self_attn.o_proj")
         if v.out_features % d or o.in_features % d:
             raise RotationError(f"v_proj / o_proj widths are not multiples of head_dim {d}")
-        _fold(v, left=torch.block_diag(*[R.T] * (v.out_features // d)))  # [H_kv d, H_kv d]
-        _fold(o, right=torch.block_diag(*[R] * (o.in_features // d)))  # [H d, H d]
+        R = R.double()
+        Wv = v.weight.data.double().unflatten(0, (-1, d))  # [H_kv, d, D]: W_v,h <- R^T W_v,h
+        b = _bias(v)
+        _set(v, (R.T @ Wv).flatten(0, 1), None if b is None else (b.unflatten(0, (-1, d)) @ R).flatten())
+        Wo = o.weight.data.double().unflatten(1, (-1, d))  # [D, H, d]: W_o,h <- W_o,h R
+        _set(o, (Wo @ R).flatten(1))
 
 
 @torch.no_grad()
@@ -147,17 +153,18 @@ def rotate_down(model: nn.Module, seed: int, layers: set[str] | None = None) -> 
             continue
         up, down = block.get_submodule("mlp.up_proj"), block.get_submodule("mlp.down_proj")
         F = down.in_features
-        try:
-            R_d = online_matrix(F)
+        g = torch.Generator().manual_seed(seed + i)
+        s = (torch.randint(0, 2, (F,), generator=g) * 2 - 1).double()  # s: [F], +-1
+        try:  # W diag(s) R_d, row by row through the fast transform: O(D F log F), not O(D F^2)
+            W_down = hadamard_transform(down.weight.data.double() * s)  # [D, F]
         except QuantInputError:
             raise RotationError(
                 f"{name}: no Hadamard matrix of order {F} (the intermediate size) is built here; "
                 "set rotate.online_down false"
             ) from None
-        g = torch.Generator().manual_seed(seed + i)
-        s = (torch.randint(0, 2, (F,), generator=g) * 2 - 1).double()  # s: [F], +-1
-        _fold(up, left=torch.diag(s))
-        _fold(down, right=s[:, None] * R_d)  # diag(s) R_d
+        b = _bias(up)
+        _set(up, up.weight.data.double() * s[:, None], None if b is None else b * s)  # diag(s) W_up
+        _set(down, W_down)
         add_online_hadamard(down)
         done.append(name)
     return done

@@ -109,6 +109,15 @@ def test_online_down_alone_is_exact_and_only_on_selected_layers():
     assert not hasattr(model.model.layers[0].mlp.down_proj, ONLINE)
 
 
+def test_rotations_carry_the_biases():
+    model = make_tiny_llama(300, attention_bias=True, mlp_bias=True, tie_word_embeddings=False)
+    g = torch.Generator().manual_seed(2)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    _rotated(model, heads=True, online_down=True)
+
+
 def test_online_down_refuses_an_intermediate_size_without_a_hadamard_order():
     with pytest.raises(RotationError, match="order 36.*rotate.online_down false"):
         rotate_down(make_tiny_llama(300, intermediate_size=36), seed=0)
