@@ -9,9 +9,10 @@ reference backend defines it:
     y = (x / smooth) @ dequantize(Q).T + ((x / smooth) @ l2.T) @ l1.T + bias
 
 A layer with `hadamard` set (QuaRot's online rotation, `lowbit.compress.rotation`) stores W R and first
-multiplies its input by R, x <- x R (`lowbit.kernels.reference.hadamard_transform`, for every backend);
-its plan entry then says "hadamard": true. A float nn.Linear is given the same transform, before the
-layer is quantized, by `add_online_hadamard`, which `from_linear` reads.
+multiplies its input by R, x <- x R (`lowbit.kernels.reference.hadamard_transform` defines it; the
+Triton backends run `lowbit.kernels.triton_hadamard`); its plan entry then says "hadamard": true. A
+float nn.Linear is given the same transform, before the layer is quantized, by `add_online_hadamard`,
+which `from_linear` reads.
 
 Layers are swapped in by fully qualified name (`set_submodule`, `replace_linears`); nothing patches a
 module's forward. For fine-tuning, `FakeQuantLinear` is a QLinear's training form (differentiable
@@ -23,9 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.kernels.dispatch import resolve_backend
+from lowbit.kernels.dispatch import hadamard_transform, resolve_backend
 from lowbit.kernels.prepared import KernelCache, forward
-from lowbit.kernels.reference import hadamard_transform
 from lowbit.quantizers import TENSOR_FIELDS, QTensor, QuantSpec, stored_layout
 from lowbit.quantizers.hadamard import online_orders
 from lowbit.quantizers.spec import QuantInputError
@@ -180,7 +180,7 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         q = self.qtensor()
         if self.hadamard:
-            x = hadamard_transform(x)  # x R: [..., K]
+            x = hadamard_transform(x, self.backend, self.spec)  # x R: [..., K]
         return forward(self.kernel_cache, x, q, self.l1, self.l2, self.smooth, self.bias, self.backend)
 
     def replace_weight(
