@@ -16,7 +16,7 @@ A recipe file looks like this (every key optional; defaults shown)::
        ranks: [0, 8, 16, 32, 64], metric: fisher, rounding: null, solver: ilp,
        pins: {}, forbid: [], min_bits: {}, probes: 0, check: false}  # e.g. min_bits: {"*.down_proj": 4}
     rotate:              # incoherence processing (lowbit.compress.rotation); method: none | hadamard
-      {method: none, seed: 0, heads: false, online_down: false}
+      {method: none, seed: 0, residual: true, heads: false, online_down: false}
     finetune:            # optional: lora | peqa | l4q | lsq, lm or distill (see lowbit.compress.finetune)
       {mode: lora, objective: distill, steps: 100}
     target: lowbit       # the engine that serves it: lowbit | vllm | llama.cpp (lowbit.quantizers.engines)
@@ -148,13 +148,14 @@ class ScalingConfig:
 @dataclass(frozen=True)
 class RotateConfig:
     """Incoherence processing (QuaRot, `lowbit.compress.rotation`), folded into the float model before any
-    statistics: method "hadamard" rotates the residual stream by a randomized Hadamard matrix from `seed`
-    (the norms' weights absorbed into their readers first); heads: also each value head (v_proj / o_proj);
-    online_down: also down_proj's input, by a Hadamard transform applied at run time (the checkpoint's
-    layer says "hadamard": true; exports other than dense refuse it)."""
+    statistics, with randomized Hadamard matrices from `seed` (method "hadamard"): residual, the residual
+    stream (the norms' weights absorbed into their readers first); heads: each value head (v_proj /
+    o_proj); online_down: down_proj's input, by a Hadamard transform applied at run time (the
+    checkpoint's layer says "hadamard": true; exports other than dense refuse it)."""
 
     method: str = "none"
     seed: int = 0
+    residual: bool = True
     heads: bool = False
     online_down: bool = False
 
@@ -164,11 +165,13 @@ class RotateConfig:
             raise RecipeError(f"unknown rotate.method {self.method!r}; choose one of {known}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise RecipeError(f"rotate.seed must be a non-negative integer, got {self.seed!r}")
-        for key in ("heads", "online_down"):
+        for key in ("residual", "heads", "online_down"):
             if not isinstance(getattr(self, key), bool):
                 raise RecipeError(f"rotate.{key} must be true or false, got {getattr(self, key)!r}")
         if self.method == "none" and (self.heads or self.online_down):
             raise RecipeError("rotate.heads and rotate.online_down need rotate.method hadamard")
+        if self.method != "none" and not (self.residual or self.heads or self.online_down):
+            raise RecipeError("rotate.method hadamard needs one of rotate.residual, heads or online_down")
 
 
 @dataclass(frozen=True)

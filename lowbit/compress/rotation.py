@@ -171,16 +171,16 @@ def rotate_down(model: nn.Module, seed: int, layers: set[str] | None = None) -> 
 
 
 def rotate_model(model: nn.Module, config, selected: list[str]) -> None:
-    """The recipe's rotations (`lowbit.compress.recipe.RotateConfig`), in place: the residual stream
-    (method "hadamard": R = random_hadamard(D, seed)), the value heads (R_h = random_hadamard(head_dim,
+    """The recipe's rotations (`lowbit.compress.recipe.RotateConfig`), in place, those it asks for: the
+    residual stream (R = random_hadamard(D, seed)), the value heads (R_h = random_hadamard(head_dim,
     seed + 1)) and the online rotation before the down_proj layers among `selected` (the layers to be
     quantized: a down_proj left as an nn.Linear keeps its weight, as no checkpoint stores its transform)."""
     if config.method == "none":
         return
     seed = config.seed
     try:
-        D = _parts(model)[0].weight.shape[1]
-        rotate_residual(model, random_hadamard(D, seed, torch.float64))
+        if config.residual:
+            rotate_residual(model, random_hadamard(_parts(model)[0].weight.shape[1], seed, torch.float64))
         if config.heads:
             rotate_heads(model, random_hadamard(head_dim(model), seed + 1, torch.float64))
     except QuantInputError as e:

@@ -83,6 +83,18 @@ def test_heads_and_online_down_leave_float_logits_unchanged(tied, heads, online_
     assert getattr(layer.mlp.down_proj, ONLINE, False) is online_down
 
 
+@pytest.mark.parametrize(("heads", "online_down"), [(True, False), (False, True)])
+def test_each_rotation_without_the_residual_one_is_exact_and_touches_only_its_layers(heads, online_down):
+    model = with_outlier_norms(make_tiny_llama(300))
+    before = _rotated(model, residual=False, heads=heads, online_down=online_down)
+    layer, old = model.model.layers[0], before.model.layers[0]
+    assert torch.equal(model.model.embed_tokens.weight, before.model.embed_tokens.weight)
+    assert torch.equal(layer.self_attn.q_proj.weight, old.self_attn.q_proj.weight)
+    same_v = torch.equal(layer.self_attn.v_proj.weight, old.self_attn.v_proj.weight)
+    same_down = torch.equal(layer.mlp.down_proj.weight, old.mlp.down_proj.weight)
+    assert same_v is not heads and same_down is not online_down
+
+
 def test_head_rotation_alone_is_exact_and_acts_per_head():
     model = make_tiny_llama(300)
     before = copy.deepcopy(model)
@@ -140,6 +152,7 @@ def test_online_matrix_is_orthogonal_and_split_as_documented(n):
         ({"method": "none", "heads": True}, "need rotate.method hadamard"),
         ({"method": "hadamard", "online_down": "yes"}, "rotate.online_down must be true or false"),
         ({"method": "hadamard", "axis": 1}, "unknown key"),
+        ({"method": "hadamard", "residual": False}, "needs one of rotate.residual"),
     ],
 )
 def test_recipe_rotate_section_is_validated(section, message):

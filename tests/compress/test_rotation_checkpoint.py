@@ -17,7 +17,8 @@ from lowbit.nn.qlinear import QLinear
 from tests.compress.test_smoothing import with_outlier_norms
 from tests.conftest import NEWS, logits, make_tiny_llama, make_tokenizer
 
-ALL = {"method": "hadamard", "heads": True, "online_down": True}
+ALL_FLAGS = {"heads": True, "online_down": True}
+ALL = {"method": "hadamard", **ALL_FLAGS}
 IDS = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(1))
 CALIB = torch.randint(0, 250, (4, 32), generator=torch.Generator().manual_seed(0))
 
@@ -51,11 +52,7 @@ def test_rotated_checkpoint_keeps_the_transform_and_reloads_bit_identically(rota
     flagged = sorted(n for n, e in manifest["layers"].items() if e.get("hadamard"))
     assert flagged == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     assert all("hadamard" not in e for n, e in manifest["layers"].items() if n not in flagged)
-    assert manifest["recipe"]["rotate"] == {
-        "method": "hadamard",
-        "seed": 0,
-        **{k: ALL[k] for k in ("heads", "online_down")},
-    }
+    assert manifest["recipe"]["rotate"] == {"method": "hadamard", "seed": 0, "residual": True, **ALL_FLAGS}
     loaded = load(folder)
     assert loaded.model.layers[1].mlp.down_proj.hadamard
     assert torch.equal(logits(loaded, IDS), logits(model, IDS))
