@@ -2,7 +2,8 @@
 
 Usage:
     python scripts/quality.py [--model smollm2-135m] [--data builtin:lee-news] [--samples 32]
-        [--seq-len 512] [--eval-tokens N] [--eval SOURCE,...] [--awq KEY=VALUE,...] [--skip-original]
+        [--seq-len 512] [--eval-tokens N] [--eval SOURCE,...] [--awq KEY=VALUE,...] [--rotate KEY=VALUE,...]
+        [--skip-original]
         [--only NAME[:SPEC],...] [--budgets B,...] [--budget-recipes PRESET,...] [--work-dir DIR]
         [--json results.json]
 
@@ -10,7 +11,9 @@ Each row: method, spec, rank, bits per weight of the quantized layers (codes, sc
 factors counted), perplexity on the held-out part of each --eval source (default: --data; the held-out
 part is never seen by calibration), and wall time of the compression. AWQ rows (lowbit.compress.awq)
 take the recipe's `scaling` section with the --awq overrides (e.g. `objective=layers,clip_grid=10`;
-see `lowbit.compress.recipe.ScalingConfig`). --skip-original leaves out the uncompressed model's row. The
+see `lowbit.compress.recipe.ScalingConfig`). --rotate gives every method row the recipe's `rotate`
+section (e.g. `method=hadamard,heads=true,online_down=true`; see `lowbit.compress.recipe.RotateConfig`),
+its name suffixed "+rot". --skip-original leaves out the uncompressed model's row. The
 model
 is loaded once and deep-copied for every row; one set of calibration blocks is shared by every row that
 needs calibration. --budgets adds a row per budget and budget preset (`--budget-recipes`, default
@@ -90,6 +93,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=None)
     p.add_argument("--eval", default=None, help="comma-separated held-out text sources (default: --data)")
     p.add_argument("--awq", default="", help="overrides of the AWQ rows' scaling section: KEY=VALUE,...")
+    p.add_argument("--rotate", default="", help="the method rows' rotate section: KEY=VALUE,...")
     p.add_argument("--skip-original", action="store_true")
     p.add_argument(
         "--only", default=None, help="comma-separated rows to run: method, or method:spec (gptq:int2-g64)"
@@ -108,7 +112,10 @@ def main() -> None:
     def perplexities(model) -> dict[str, float]:
         return {src: perplexity(model, t, progress=False)["perplexity"] for src, t in ids.items()}
 
-    awq = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.awq.split(",") if kv)}
+    awq, rotate = (
+        {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.split(",") if kv)}
+        for a in (args.awq, args.rotate)
+    )
     ppl = {src: float("nan") for src in sources} if args.skip_original else perplexities(base)
     rows = [
         dict(method="original", spec="fp32", rank=0, bpw=dense_bits_per_weight(base), ppl=ppl, seconds=0.0)
@@ -128,8 +135,10 @@ def main() -> None:
                 "decompose": dec,
                 "calibration": {"data": args.data, "samples": args.samples, "seq_len": args.seq_len},
                 "scaling": {**scaling[0], **awq} if scaling else {},
+                "rotate": rotate,
             }
         )
+        name = f"{name}+rot" if rotate else name
         t0 = time.perf_counter()
         model, report = compress(
             copy.deepcopy(base), recipe, tokenizer=tok, calib_data=blocks, progress=False
@@ -192,6 +201,7 @@ def main() -> None:
                     "data": args.data,
                     "eval_tokens": {src: len(t) for src, t in ids.items()},
                     "awq": awq,
+                    "rotate": rotate,
                     "samples": args.samples,
                     "seq_len": args.seq_len,
                     "rows": rows,

@@ -128,8 +128,9 @@ def compress(
     stream`): one decoder block in memory at a time, read from the shards, compressed on `device`,
     written to the work area and freed; a killed job resumes at the block where it stopped. The model
     returned is then the skeleton, its weights on the meta device: `lowbit.load(out)` reads the
-    checkpoint. Recipes that fine-tune or need Fisher weights (a whole-model backward pass) load the
-    whole model, as do the budget path, GGUF files and models given in memory.
+    checkpoint. Recipes that fine-tune, need Fisher weights (a whole-model backward pass) or rotate (the
+    rotations touch the embedding and lm_head, written outside the blocks) load the whole model, as do
+    the budget path, GGUF files and models given in memory.
 
     Under torchrun (`lowbit compress --nproc N`) the processes share the work: each calibrates on its
     share of the samples, the statistics are summed, each layer is compressed by one process and sent
@@ -223,8 +224,8 @@ def _streamed(model_or_id, recipe: Recipe, budgets, out, device, dtype):
     """(block provider, tokenizer) when the job streams its source block by block (see `compress`)."""
     if not isinstance(model_or_id, str) or out is None or budgets or recipe.finetune is not None:
         return None
-    if "fisher" in METHODS[recipe.decompose.method].needs:
-        return None
+    if "fisher" in METHODS[recipe.decompose.method].needs or recipe.rotate.method != "none":
+        return None  # a whole-model backward pass, or rotations of the embedding and lm_head too
     found = open_folder(model_or_id, dtype)
     if found is None:
         return None

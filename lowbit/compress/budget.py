@@ -37,6 +37,7 @@ from lowbit.compress.awq import activation_scaling, apply_scales
 from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
 from lowbit.compress.probes import best_uniform, corrected, loss_with, penalty_search, probe_factors
 from lowbit.compress.recipe import Recipe
+from lowbit.compress.rotation import rotate_model
 from lowbit.compress.smoothing import fold_group, norm_groups
 from lowbit.compress.uniform import calibration_data, finetune_stage, select_linears
 from lowbit.compress.workarea import WorkArea, job_key
@@ -311,6 +312,7 @@ def compress_to_budgets(
     written to their `outs` (when given) and their layers swapped back out.
     """
     linears = select_linears(model, recipe)
+    rotate_model(model, recipe.rotate, list(linears))  # QuaRot's rotations, before any statistics
     recipe = with_budget(recipe, budgets[0])  # so that needs_calibration() sees the allocation
     a = recipe.allocate
     # probes and the check read the token blocks themselves; the statistics only when not yet saved

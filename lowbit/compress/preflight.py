@@ -129,10 +129,14 @@ def dry_run(
     params = sum(p.numel() for p in net.parameters())
     files = FIXED_FILE_BYTES + tokenizer + MANIFEST_BYTES_PER_LAYER * len(layers)
     files += HEADER_BYTES_PER_TENSOR * (len(net.state_dict()) + 2 * len(layers))
-    outputs = tuple(other_bytes(net, layers, dtype) + b // 8 + files for b in bits)
+    outputs = tuple(
+        other_bytes(net, layers, dtype) + b // 8 + files + untied_bytes(net, recipe, layers, dtype)
+        for b in bits
+    )
     work = work_bytes(recipe, layers, budgets, bits)
     fisher = "fisher" in METHODS[recipe.decompose.method].needs
-    streamed = isinstance(model, str) and src.direct and not (budgets or recipe.finetune or fisher)
+    whole = budgets or recipe.finetune or fisher or recipe.rotate.method != "none"  # as compress() decides
+    streamed = isinstance(model, str) and src.direct and not whole
     if streamed:
         ram, work = streamed_peak_ram(recipe, net, layers, dtype, outputs[0])
     else:
@@ -185,6 +189,15 @@ def other_bytes(net: nn.Module, layers: dict, dtype: torch.dtype) -> int:
         size = dtype.itemsize if t.is_floating_point() else t.element_size()
         total += t.numel() * size
     return total
+
+
+def untied_bytes(net: nn.Module, recipe: Recipe, layers: dict, dtype: torch.dtype) -> int:
+    """Bytes of the lm_head a rotation unties from the embedding (`lowbit.compress.rotation`), unquantized."""
+    head = net.get_output_embeddings()
+    if recipe.rotate.method == "none" or head is None or head.weight is not net.get_input_embeddings().weight:
+        return 0
+    name = next(n for n, m in net.named_modules() if m is head)
+    return 0 if name in layers else head.weight.numel() * dtype.itemsize
 
 
 def check_budgets(recipe: Recipe, layers: dict, budgets) -> None:

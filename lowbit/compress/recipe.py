@@ -15,6 +15,8 @@ A recipe file looks like this (every key optional; defaults shown)::
       {budget: null, formats: [int, nf], bits: [2, 3, 4, 8], group_sizes: [32, 64, 128],
        ranks: [0, 8, 16, 32, 64], metric: fisher, rounding: null, solver: ilp,
        pins: {}, forbid: [], min_bits: {}, probes: 0, check: false}  # e.g. min_bits: {"*.down_proj": 4}
+    rotate:              # incoherence processing (lowbit.compress.rotation); method: none | hadamard
+      {method: none, seed: 0, residual: true, heads: false, online_down: false}
     finetune:            # optional: lora | peqa | l4q | lsq, lm or distill (see lowbit.compress.finetune)
       {mode: lora, objective: distill, steps: 100}
     target: lowbit       # the engine that serves it: lowbit | vllm | llama.cpp (lowbit.quantizers.engines)
@@ -47,6 +49,7 @@ RECIPE_VERSION = 1
 DECOMPOSE_METHODS = tuple(METHODS)
 SCALING_METHODS = ("none", "awq")
 SCALING_OBJECTIVES = ("block", "layers")
+ROTATE_METHODS = ("none", "hadamard")
 
 
 class RecipeError(ValueError):
@@ -161,6 +164,35 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class RotateConfig:
+    """Incoherence processing (QuaRot, `lowbit.compress.rotation`), folded into the float model before any
+    statistics, with randomized Hadamard matrices from `seed` (method "hadamard"): residual, the residual
+    stream (the norms' weights absorbed into their readers first); heads: each value head (v_proj /
+    o_proj); online_down: down_proj's input, by a Hadamard transform applied at run time (the
+    checkpoint's layer says "hadamard": true; exports other than dense refuse it)."""
+
+    method: str = "none"
+    seed: int = 0
+    residual: bool = True
+    heads: bool = False
+    online_down: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ROTATE_METHODS:
+            known = ", ".join(ROTATE_METHODS)
+            raise RecipeError(f"unknown rotate.method {self.method!r}; choose one of {known}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise RecipeError(f"rotate.seed must be a non-negative integer, got {self.seed!r}")
+        for key in ("residual", "heads", "online_down"):
+            if not isinstance(getattr(self, key), bool):
+                raise RecipeError(f"rotate.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.method == "none" and (self.heads or self.online_down):
+            raise RecipeError("rotate.heads and rotate.online_down need rotate.method hadamard")
+        if self.method != "none" and not (self.residual or self.heads or self.online_down):
+            raise RecipeError("rotate.method hadamard needs one of rotate.residual, heads or online_down")
+
+
+@dataclass(frozen=True)
 class AllocateConfig:
     """Bit allocation (LQ-LoRA's ILP, with ranks): the candidate grid, the error metric and the budget.
 
@@ -249,6 +281,7 @@ class Recipe:
     version: int = RECIPE_VERSION
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     target: str = "lowbit"
+    rotate: RotateConfig = field(default_factory=RotateConfig)
 
     def __post_init__(self) -> None:
         self.check_target()
@@ -258,6 +291,14 @@ class Recipe:
             raise RecipeError("allocate.check cannot compare plans that fold SVDQuant smoothing into norms")
         if self.scaling.method != "none" and self.scaling.clip and self.decompose.rank:
             raise RecipeError("scaling.clip needs decompose.rank 0: the low-rank part keeps what it cuts")
+        if self.rotate.online_down and self.target != "lowbit":
+            raise RecipeError(
+                f"target {self.target} has no online Hadamard transform: set rotate.online_down false"
+            )
+        if self.rotate.online_down and self.finetune:
+            raise RecipeError(
+                "rotate.online_down cannot be fine-tuned: the training layers lack the transform"
+            )
 
     def check_target(self) -> None:
         """Refuse a recipe whose formats the target engine does not serve at any group size: the
@@ -328,6 +369,7 @@ class Recipe:
             calibration=_section(CalibrationConfig, d.get("calibration"), "calibration", base.calibration),
             scaling=_section(ScalingConfig, d.get("scaling"), "scaling", base.scaling),
             allocate=_section(AllocateConfig, d.get("allocate"), "allocate", base.allocate),
+            rotate=_section(RotateConfig, d.get("rotate"), "rotate", base.rotate),
             finetune=_finetune_section(d.get("finetune")),
             exclude=tuple(d.get("exclude", base.exclude)),
             overrides=tuple(overrides),

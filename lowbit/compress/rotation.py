@@ -12,12 +12,28 @@ With an orthogonal R [D, D] (R R^T = I), the residual stream h [.., D] is carrie
 
 rms(x R) = rms(x), so every norm then sees its input rotated and returns its output rotated. A tied
 lm_head is untied first (its weight takes the final norm's g, the embedding does not).
+
+Two more rotations, each exact in float on its own (QuaRot sec. 4.1-4.2, Fig. 4):
+
+- per head (`rotate_heads`): with R_h [d, d] (d = head_dim), each value head carries v_h R_h: v_proj's
+  output rows per head take W_v,h <- R_h^T W_v,h (b <- b R_h); attention mixes tokens linearly, so each
+  head's output is o_h R_h, and o_proj's input columns per head take W_o,h <- W_o,h R_h;
+- online, before down_proj (`rotate_down`): with R = diag(s) R_d, s random +-1 [F] and R_d =
+  `online_matrix(F)` (F the intermediate size), up_proj's rows take the signs (W_up <- diag(s) W_up), so
+  down_proj's input z becomes z diag(s), then down_proj takes W <- W diag(s) R_d and multiplies its input
+  by R_d at run time (`add_online_hadamard`): (z diag(s) R_d)(W diag(s) R_d)^T = z W^T. R_d is not folded
+  anywhere, since act(gate) * up is not linear in the rows of gate; it is applied online, O(F log F).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lowbit.kernels.reference import hadamard_transform
+from lowbit.nn.qlinear import add_online_hadamard
+from lowbit.quantizers.hadamard import random_hadamard
+from lowbit.quantizers.spec import QuantInputError
 
 READERS = {
     "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -84,3 +100,90 @@ def rotate_residual(model: nn.Module, R: torch.Tensor) -> None:
     _absorb(final_norm, [lm_head])
     rotate(lm_head, "in")
     embed.weight.data = (embed.weight.data.double() @ R).to(embed.weight.dtype)
+
+
+@torch.no_grad()
+def _set(m: nn.Linear, W: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    """Store the float64 results W [N, K] (and b [N]) back in the layer's dtypes."""
+    m.weight.data = W.to(m.weight.dtype)
+    if b is not None:
+        m.bias.data = b.to(m.bias.dtype)
+
+
+def _bias(m: nn.Linear) -> torch.Tensor | None:
+    return None if getattr(m, "bias", None) is None else m.bias.data.double()
+
+
+def head_dim(model: nn.Module) -> int:
+    config = model.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@torch.no_grad()
+def rotate_heads(model: nn.Module, R: torch.Tensor) -> None:
+    """Fold the per-head rotation R [d, d] into every block's v_proj (output rows) and o_proj (input
+    columns), in place: v_h -> v_h R, o_h -> o_h R, o_proj's output unchanged."""
+    _, blocks, _, _ = _parts(model)
+    d = head_dim(model)
+    if tuple(R.shape) != (d, d):
+        raise RotationError(f"head rotation must be [{d}, {d}] for this model, got {tuple(R.shape)}")
+    for block in blocks:
+        v, o = block.get_submodule("self_attn.v_proj"), block.get_submodule("self_attn.o_proj")
+        if v.out_features % d or o.in_features % d:
+            raise RotationError(f"v_proj / o_proj widths are not multiples of head_dim {d}")
+        R = R.double()
+        Wv = v.weight.data.double().unflatten(0, (-1, d))  # [H_kv, d, D]: W_v,h <- R^T W_v,h
+        b = _bias(v)
+        _set(v, (R.T @ Wv).flatten(0, 1), None if b is None else (b.unflatten(0, (-1, d)) @ R).flatten())
+        Wo = o.weight.data.double().unflatten(1, (-1, d))  # [D, H, d]: W_o,h <- W_o,h R
+        _set(o, (Wo @ R).flatten(1))
+
+
+@torch.no_grad()
+def rotate_down(model: nn.Module, seed: int, layers: set[str] | None = None) -> list[str]:
+    """Fold the online rotation diag(s) R_d into every block's up_proj (signs) and down_proj (W diag(s) R_d)
+    and give down_proj the online transform x -> x R_d, in place; layers: the down_proj names to rotate
+    (None: all). Returns the names rotated. RotationError when F has no Hadamard order built here."""
+    _, blocks, _, _ = _parts(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    done = []
+    for i, block in enumerate(blocks):
+        name = f"{prefix}.{i}.mlp.down_proj"
+        if layers is not None and name not in layers:
+            continue
+        up, down = block.get_submodule("mlp.up_proj"), block.get_submodule("mlp.down_proj")
+        F = down.in_features
+        g = torch.Generator().manual_seed(seed + i)
+        s = (torch.randint(0, 2, (F,), generator=g) * 2 - 1).double()  # s: [F], +-1
+        try:  # W diag(s) R_d, row by row through the fast transform: O(D F log F), not O(D F^2)
+            W_down = hadamard_transform(down.weight.data.double() * s)  # [D, F]
+        except QuantInputError:
+            raise RotationError(
+                f"{name}: no Hadamard matrix of order {F} (the intermediate size) is built here; "
+                "set rotate.online_down false"
+            ) from None
+        b = _bias(up)
+        _set(up, up.weight.data.double() * s[:, None], None if b is None else b * s)  # diag(s) W_up
+        _set(down, W_down)
+        add_online_hadamard(down)
+        done.append(name)
+    return done
+
+
+def rotate_model(model: nn.Module, config, selected: list[str]) -> None:
+    """The recipe's rotations (`lowbit.compress.recipe.RotateConfig`), in place, those it asks for: the
+    residual stream (R = random_hadamard(D, seed)), the value heads (R_h = random_hadamard(head_dim,
+    seed + 1)) and the online rotation before the down_proj layers among `selected` (the layers to be
+    quantized: a down_proj left as an nn.Linear keeps its weight, as no checkpoint stores its transform)."""
+    if config.method == "none":
+        return
+    seed = config.seed
+    try:
+        if config.residual:
+            rotate_residual(model, random_hadamard(_parts(model)[0].weight.shape[1], seed, torch.float64))
+        if config.heads:
+            rotate_heads(model, random_hadamard(head_dim(model), seed + 1, torch.float64))
+    except QuantInputError as e:
+        raise RotationError(f"rotation: {e}") from None
+    if config.online_down:
+        rotate_down(model, seed + 2, {n for n in selected if n.endswith(".mlp.down_proj")})

@@ -7,7 +7,8 @@ by block and each block is compressed as soon as its statistics are in; the next
 compressed block's outputs (GPTQ's sequential protocol). SVDQuant's smoothing of the layers that read a
 norm's output is shared per norm and folded into the norm's weight (`lowbit.compress.smoothing`); other
 layers keep their own in their QLinear. AWQ's scaling and clipping (`lowbit.compress.awq`) run on each
-block before its layers are rounded.
+block before its layers are rounded. The recipe's rotations (`lowbit.compress.rotation`) are folded into
+the float model first, so every statistic is of the rotated model.
 
 The model is walked block by block in both cases, through a block provider (`lowbit.compress.blocks`):
 for a model in memory it does nothing; for a streamed job (`lowbit.compress.stream`) it reads each block
@@ -36,6 +37,7 @@ from lowbit.compress.blocks import InMemory
 from lowbit.compress.plan import apply_choice, uniform_choice
 from lowbit.compress.ranks import build_owned
 from lowbit.compress.recipe import Recipe
+from lowbit.compress.rotation import rotate_model
 from lowbit.compress.smoothing import compress_norm_groups
 from lowbit.lowrank import METHODS, Stats
 from lowbit.nn.checkpoint import plan_bits
@@ -162,6 +164,12 @@ def quantize_model(
     system's temporary folder.
     """
     names = selected_names(model, recipe)
+    if recipe.rotate.method != "none":
+        if stream is not None:
+            raise CompressError("rotation needs the whole model in memory, not a streamed source")
+        rotate_model(model, recipe.rotate, names)  # QuaRot's rotations, folded before any statistics
+        if teacher is not None:  # the same rotations, so that its layers see what the student's do
+            rotate_model(teacher, recipe.rotate, names)
     provider = InMemory(model) if stream is None else stream.provider
     start = 0 if stream is None else stream.start
     prefix, blocks = find_blocks(model)

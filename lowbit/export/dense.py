@@ -1,4 +1,5 @@
-"""The dense export: a plain transformers checkpoint of W = (dequantize(Q) + L1 L2) / smooth.
+"""The dense export: a plain transformers checkpoint of W = (dequantize(Q) + L1 L2) / smooth (times R^T
+for a layer with an online Hadamard transform x -> x R: `lowbit.export.fit.effective_weight`).
 
 Every QLinear becomes an `nn.Linear` holding the weight it computes, in the export dtype (fp16, bf16 or
 fp32); anything reads it. The per-layer report gives the relative error of that cast.

@@ -6,6 +6,10 @@ that feeds its layers (the norm's weight divided by `smooth`), then either refus
 cannot hold, with one line listing them, or re-quantizes them (round to nearest) to the nearest spec it
 can: Q' = quantize(dequantize(Q) / smooth), L2' = L2 / smooth. It reports, per layer, the relative error
 ||W' - W||_F / ||W||_F of the weight the format's reader computes against the checkpoint's.
+
+A layer with an online Hadamard transform (x -> x R before the weight, `lowbit.compress.rotation`) has
+no form in these formats: `fit_to_target` refuses it, converting or not; the dense export folds it back
+exactly (`effective_weight`: the weight seen from x is W R^T).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from lowbit.export.target import ExportError, Target
 from lowbit.nn.qlinear import QLinear, set_submodule
 from lowbit.nn.smoothing import fold_into_norm, norm_readers
 from lowbit.quantizers import QuantSpec, dequantize, quantize
+from lowbit.quantizers.hadamard import online_matrix
 
 
 def probe_ids(model: nn.Module) -> torch.Tensor:
@@ -56,11 +61,15 @@ def _fold_smoothing(model: nn.Module, ids: torch.Tensor) -> tuple[dict[str, torc
 
 
 def effective_weight(m: QLinear) -> torch.Tensor:
-    """What the layer multiplies its input by: (dequantize(Q) + L1 L2) / smooth, float32 [N, K]."""
+    """What the layer multiplies its input by: (dequantize(Q) + L1 L2) / smooth, float32 [N, K], times
+    R^T for a layer that first rotates its input (y = (x R) W^T = x (W R^T)^T)."""
     W = dequantize(m.qtensor())
     if m.l1 is not None:
         W = W + m.l1.float() @ m.l2.float()
-    return W if m.smooth is None else W / m.smooth.float()
+    W = W if m.smooth is None else W / m.smooth.float()
+    if m.hadamard:
+        W = (W.double() @ online_matrix(m.in_features).to(W.device).T).float()
+    return W
 
 
 @torch.no_grad()
@@ -96,6 +105,12 @@ def fit_to_target(model: nn.Module, target: Target, convert: bool, dtype: torch.
     (base as `target.decoded` in `dtype`, plus L1 L2 in `dtype`, seen from the layer's original input).
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    if rotated := [n for n, m in layers.items() if m.hadamard]:
+        more = f" and {len(rotated) - 1} more" if len(rotated) > 1 else ""
+        raise ExportError(
+            f"{target.name} cannot express the online Hadamard transform of layer {rotated[0]}{more}; "
+            "export it as dense"
+        )
     reference = {n: effective_weight(m) for n, m in layers.items()}
     folded, smooth_why = _fold_smoothing(model, probe_ids(model))
     for n, m in layers.items():

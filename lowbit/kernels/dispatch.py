@@ -16,6 +16,10 @@ Backends (BACKENDS):
 - "auto": "triton" for CUDA tensors of a dtype it takes when triton is installed and the weight's
   format has a Triton kernel (`QuantSpec.kernel`), else "reference".
 triton is imported on first use of a Triton backend, never by `import lowbit`.
+
+`hadamard_transform(x, backend, spec)` is the online rotation of a layer that has one
+(`reference.hadamard_transform`), on the backend its kernel runs on: the Triton transform
+(`lowbit.kernels.triton_hadamard`) where that is a Triton backend and x needs no gradient.
 """
 
 import importlib.util
@@ -213,3 +217,13 @@ def qlinear(
     n, k = q.shape
     fields = (q.codes, q.scales, q.zeros, q.dq_absmax)
     return qlinear_op(x, *fields, l1, l2, smooth, bias, *_spec_args(q.spec), n, k, name)
+
+
+def hadamard_transform(x: torch.Tensor, backend: str = "auto", spec: QuantSpec | None = None) -> torch.Tensor:
+    """x R [..., K] (`reference.hadamard_transform`) on the backend `backend` resolves to for x and `spec`."""
+    name = resolve_backend(backend, x.device, x.dtype, spec)
+    if name == "reference" or (torch.is_grad_enabled() and x.requires_grad):
+        return reference.hadamard_transform(x)
+    from lowbit.kernels import triton_hadamard
+
+    return triton_hadamard.hadamard_transform(x)

@@ -8,13 +8,21 @@ smoothing vector of SVDQuant (Li et al. 2024, "SVDQuant: Absorbing Outliers by L
     y   = x_s @ dequantize(Q).T + (x_s @ L2.T) @ L1.T + bias
 
 Everything is computed in x.dtype; Q is dequantized straight to x.dtype.
+
+A layer with an online Hadamard transform (QuaRot's online rotation before down_proj, Ashkboos et al.
+2024, sec. 4.2) stores W R and multiplies its input by R first, x <- x R, with R = `online_matrix(K)`
+(`lowbit.quantizers.hadamard`): `hadamard_transform` below is that product, the definition every
+backend applies before the layer above.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from lowbit.quantizers import QTensor, dequantize
+from lowbit.quantizers.hadamard import hadamard, online_orders
 
 
 class KernelInputError(ValueError):
@@ -80,3 +88,31 @@ def linear_dequantized(
     if bias is not None:
         y = y + bias.to(dtype)
     return y
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """x R [..., n] for x [..., n], R = (H_m (x) H_p) / sqrt(n) = `online_matrix(n)`, in x.dtype.
+
+    The fast Walsh-Hadamard transform (O(n log p)) of each row's p-sized part, then the dense H_m over its
+    m parts: with X = x as [m, p], x (A (x) B) = A^T X B, and H_p = H_2 (x) ... (x) H_2 is one butterfly
+    (a + b, a - b) along each of its log2 p index bits.
+    """
+    n = x.shape[-1]
+    m, p = online_orders(n)
+    y = x.reshape(-1, m, p)  # y: [M, m, p]
+    h = 1
+    while h < p:
+        y = y.reshape(-1, m, p // (2 * h), 2, h)  # the bit of weight h as axis -2
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    y = y.reshape(-1, m, p)
+    if m > 1:
+        y = torch.einsum("bip,ik->bkp", y, _dense(m).to(device=x.device, dtype=x.dtype))  # H_m^T X
+    return (y * n**-0.5).reshape(x.shape)
+
+
+@lru_cache(maxsize=8)
+def _dense(m: int) -> torch.Tensor:
+    """H_m [m, m] (float64), built once per order (Paley's construction loops in Python)."""
+    return hadamard(m)

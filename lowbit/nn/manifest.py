@@ -16,7 +16,7 @@ import struct
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 
-from lowbit.nn.qlinear import PLAN_KEYS
+from lowbit.nn.qlinear import OPTIONAL_PLAN_KEYS, PLAN_KEYS
 from lowbit.quantizers import QuantSpec, SpecError
 
 FORMAT_VERSION = 1
@@ -52,8 +52,9 @@ def lowbit_version() -> str:
 
 def check_layer_entry(fqn: str, e: object) -> None:
     where = f"manifest layer {fqn!r}"
-    if not isinstance(e, dict) or set(e) != set(PLAN_KEYS):
-        raise CheckpointError(f"{where} must be an object with keys {', '.join(PLAN_KEYS)}")
+    if not isinstance(e, dict) or not set(PLAN_KEYS) <= set(e) <= {*PLAN_KEYS, *OPTIONAL_PLAN_KEYS}:
+        optional = ", ".join(OPTIONAL_PLAN_KEYS)
+        raise CheckpointError(f"{where} must be an object with keys {', '.join(PLAN_KEYS)} (and {optional})")
     if not isinstance(e["spec"], dict):
         raise CheckpointError(f"{where}: spec must be an object, got {e['spec']!r}")
     try:
@@ -65,7 +66,7 @@ def check_layer_entry(fqn: str, e: object) -> None:
         raise CheckpointError(f"{where}: shape must be [out_features, in_features], got {shape!r}")
     if not (_is_int(e["rank"]) and e["rank"] >= 0):
         raise CheckpointError(f"{where}: rank must be a non-negative integer, got {e['rank']!r}")
-    for key in ("bias", "smooth"):
+    for key in ("bias", "smooth", *(k for k in OPTIONAL_PLAN_KEYS if k in e)):
         if not isinstance(e[key], bool):
             raise CheckpointError(f"{where}: {key} must be true or false, got {e[key]!r}")
 
@@ -78,7 +79,8 @@ def validate_manifest(d: dict) -> dict:
     """Check a manifest's keys, types and format version; return it unchanged or raise CheckpointError.
 
     Schema (format_version 1): {"format_version": int, "lowbit_version": str, "recipe": object | null,
-    "layers": {fqn: {"spec": QuantSpec dict, "shape": [N, K], "rank": int, "bias": bool, "smooth": bool}},
+    "layers": {fqn: {"spec": QuantSpec dict, "shape": [N, K], "rank": int, "bias": bool, "smooth": bool,
+    optional "hadamard": bool (only written when true: the layer multiplies its input by R first)}},
     "files": {relative path: sha256 hex}}; "files" names config.json and model.safetensors, or the
     index of the shards (model.safetensors.index.json) and each shard it names.
     """

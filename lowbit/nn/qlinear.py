@@ -8,6 +8,12 @@ reference backend defines it:
 
     y = (x / smooth) @ dequantize(Q).T + ((x / smooth) @ l2.T) @ l1.T + bias
 
+A layer with `hadamard` set (QuaRot's online rotation, `lowbit.compress.rotation`) stores W R and first
+multiplies its input by R, x <- x R (`lowbit.kernels.reference.hadamard_transform` defines it; the
+Triton backends run `lowbit.kernels.triton_hadamard`); its plan entry then says "hadamard": true. A
+float nn.Linear is given the same transform, before the layer is quantized, by `add_online_hadamard`,
+which `from_linear` reads.
+
 Layers are swapped in by fully qualified name (`set_submodule`, `replace_linears`); nothing patches a
 module's forward. For fine-tuning, `FakeQuantLinear` is a QLinear's training form (differentiable
 scales, LSQ / L4Q fake quantization); `QLinear.replace_weight` takes back what it learned.
@@ -18,11 +24,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.kernels.dispatch import resolve_backend
+from lowbit.kernels.dispatch import hadamard_transform, resolve_backend
 from lowbit.kernels.prepared import KernelCache, forward
 from lowbit.quantizers import TENSOR_FIELDS, QTensor, QuantSpec, stored_layout
+from lowbit.quantizers.hadamard import online_orders
+from lowbit.quantizers.spec import QuantInputError
 
 PLAN_KEYS = ("spec", "shape", "rank", "bias", "smooth")
+OPTIONAL_PLAN_KEYS = ("hadamard",)  # written only when true, so older checkpoints read as they were
+ONLINE = "online_hadamard"  # the attribute `add_online_hadamard` sets on a float nn.Linear
 
 
 class QLinearError(ValueError):
@@ -72,6 +82,7 @@ class QLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         backend: str = "auto",
+        hadamard: bool = False,
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -80,8 +91,13 @@ class QLinear(nn.Module):
         if not isinstance(rank, int) or rank < 0:
             raise QLinearError(f"rank must be a non-negative integer, got {rank!r}")
         resolve_backend(backend)
+        if hadamard:
+            try:
+                online_orders(in_features)
+            except QuantInputError as e:
+                raise QLinearError(f"online Hadamard transform: {e}") from None
         self.in_features, self.out_features = in_features, out_features
-        self.spec, self.rank, self.backend = spec, rank, backend
+        self.spec, self.rank, self.backend, self.hadamard = spec, rank, backend, hadamard
         # inference-time kernel state (prepared layouts, configurations), rebuilt when a tensor changes
         self.kernel_cache = KernelCache()
         layout = stored_layout(spec, out_features, in_features)
@@ -130,6 +146,7 @@ class QLinear(nn.Module):
             linear.weight.dtype,
             "meta",
             backend,
+            getattr(linear, ONLINE, False),
         )
         for field, t in _stored_tensors(q, q.spec, N, K).items():
             m._buffers[field] = t.detach().to(device).contiguous()
@@ -151,7 +168,8 @@ class QLinear(nn.Module):
         """An empty QLinear for one per-layer plan entry (see `layer_plan`)."""
         N, K = entry["shape"]
         spec = QuantSpec.from_dict(entry["spec"])
-        return cls(K, N, spec, entry["rank"], entry["bias"], entry["smooth"], dtype, device, backend)
+        args = (entry["rank"], entry["bias"], entry["smooth"], dtype, device, backend)
+        return cls(K, N, spec, *args, entry.get("hadamard", False))
 
     def qtensor(self) -> QTensor:
         """The stored quantized weight as a QTensor (views of this module's buffers)."""
@@ -161,6 +179,8 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         q = self.qtensor()
+        if self.hadamard:
+            x = hadamard_transform(x, self.backend, self.spec)  # x R: [..., K]
         return forward(self.kernel_cache, x, q, self.l1, self.l2, self.smooth, self.bias, self.backend)
 
     def replace_weight(
@@ -187,19 +207,32 @@ class QLinear(nn.Module):
 
     def layer_plan(self) -> dict:
         """The JSON-able per-layer entry of a checkpoint manifest."""
-        return {
+        entry = {
             "spec": self.spec.to_dict(),
             "shape": [self.out_features, self.in_features],
             "rank": self.rank,
             "bias": self.bias is not None,
             "smooth": self.smooth is not None,
         }
+        return {**entry, "hadamard": True} if self.hadamard else entry
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.short()}, "
             f"rank={self.rank}, bias={self.bias is not None}, smooth={self.smooth is not None}"
+            + (", hadamard=True" if self.hadamard else "")
         )
+
+
+def _rotate_input(module: nn.Module, args: tuple) -> tuple:
+    return (hadamard_transform(args[0]), *args[1:])
+
+
+def add_online_hadamard(linear: nn.Linear) -> None:
+    """Make a float nn.Linear whose weight holds W R compute y = (x R) (W R)^T = x W^T: a forward pre-hook,
+    first of its hooks so that calibration statistics see x R, and the attribute `from_linear` reads."""
+    setattr(linear, ONLINE, True)
+    linear.register_forward_pre_hook(_rotate_input, prepend=True)
 
 
 def set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:

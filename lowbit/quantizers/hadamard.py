@@ -72,3 +72,21 @@ def random_hadamard(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -
     g = torch.Generator().manual_seed(seed)
     d = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
     return (hadamard(n) * d[None, :] / n**0.5).to(dtype)
+
+
+def online_orders(n: int) -> tuple[int, int]:
+    """(m, p) with n = m * p, p the largest power of two leaving an m of which a Hadamard matrix is built
+    here: the online transform is a fast Walsh-Hadamard transform of order p times a dense H_m."""
+    p = n & -n if n >= 1 else 0  # the largest power of two dividing n
+    while p >= 1:
+        if _factors(n // p) is not None:
+            return n // p, p
+        p //= 2
+    raise QuantInputError(f"no Hadamard matrix of order {n} is built here (needs 2^a * prod (p + 1))")
+
+
+def online_matrix(n: int) -> torch.Tensor:
+    """The online rotation R = (H_m (x) H_p) / sqrt(n) [n, n] (float64, R R^T = I), (m, p) = online_orders(n):
+    the matrix `lowbit.kernels.reference.hadamard_transform` multiplies by."""
+    m, p = online_orders(n)
+    return torch.kron(hadamard(m), sylvester(p)) / n**0.5

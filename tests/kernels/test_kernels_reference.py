@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lowbit.kernels import BACKENDS, BackendError, KernelInputError, qlinear, reference
-from lowbit.quantizers import QuantSpec, dequantize, quantize
+from lowbit.quantizers import QuantInputError, QuantSpec, dequantize, quantize
+from lowbit.quantizers.hadamard import online_matrix
 
 SPECS = [
     QuantSpec("int4", 32),
@@ -145,3 +146,18 @@ def test_op_traces_under_torch_compile():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), f(x))
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 20, 160, 576, 1536])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hadamard_transform_equals_the_dense_hadamard_matmul(n, dtype):
+    x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    got = reference.hadamard_transform(x.to(dtype))
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(got.double(), x @ online_matrix(n), atol=tol * float(x.abs().max()) * n**0.5)
+
+
+def test_hadamard_transform_refuses_an_order_it_cannot_build():
+    with pytest.raises(QuantInputError, match="order 36"):
+        reference.hadamard_transform(torch.ones(2, 36))

@@ -80,6 +80,8 @@ class FakeQuantLinear(nn.Module):
             raise QLinearError(f"unknown training mode {mode!r}; choose one of {', '.join(TRAIN_MODES)}")
         if latent not in LATENTS:
             raise QLinearError(f"unknown latent {latent!r}; choose one of {', '.join(LATENTS)}")
+        if layer.hadamard:
+            raise QLinearError("a layer with an online Hadamard transform cannot be fine-tuned")
         N, K = layer.out_features, layer.in_features
         if W0 is not None and tuple(W0.shape) != (N, K):
             raise QLinearError(f"dense weight has shape {tuple(W0.shape)}, the layer is {(N, K)}")
