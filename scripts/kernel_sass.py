@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from sass_gemlite import gemlite_cases
+from sass_tools import Case, analyse, table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,100 +66,6 @@ print(json.dumps(out))
 """
 
 
-@dataclass(frozen=True)
-class Case:
-    """One kernel compilation: the jitted function, its constexprs and pointer types, the weight tile."""
-
-    kernel: str
-    format: str
-    M: str
-    config: str
-    fn: object
-    consts: dict
-    pointers: dict
-    num_warps: int
-    num_stages: int
-    weights_per_iter: int
-    whole_program: bool = False  # no K loop: count every instruction (weights_per_iter: per program)
-
-
-def nvidia_bin(tool: str) -> str:
-    import triton
-
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
-
-
-def compile_cubin(case: Case, arch: int) -> bytes:
-    """The cubin of `case` for sm_<arch>; every pointer not in case.pointers points to bf16."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = case.fn
-    consts = {k: v for k, v in case.consts.items() if k in fn.arg_names}
-    sig = {
-        n: "constexpr" if n in consts else case.pointers.get(n, "*bf16") if n.endswith("_ptr") else "i32"
-        for n in fn.arg_names
-    }
-    # what a launch on a 4096-wide layer specializes: pointers and every integer but M divisible by 16
-    hinted = [i for i, n in enumerate(sig) if sig[n] != "constexpr" and n != "M"]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
-    options = dict(num_warps=case.num_warps, num_stages=case.num_stages)
-    src = ASTSource(fn, sig, consts, attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return compiled.asm["cubin"]
-
-
-SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
-
-
-def disassemble(cubin: bytes) -> tuple[list[tuple[int, str]], int, int]:
-    """([(address, instruction)], registers, local bytes per thread) of a one-function cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([nvidia_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True)
-        res = subprocess.run([nvidia_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True)
-    instrs = [(int(a, 16), ins.strip()) for a, ins in SASS_LINE.findall(sass.stdout)]
-    regs = int(re.search(r"REG:(\d+)", res.stdout).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", res.stdout).group(1))
-    return instrs, regs, local
-
-
-def hot_loop(instrs: list[tuple[int, str]]) -> list[str]:
-    """The instructions of the largest innermost loop (from a backward branch's target to the branch,
-    with no other backward branch inside), NOPs out."""
-    loops = []
-    for addr, ins in instrs:
-        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", ins)
-        if m and int(m.group(1), 16) <= addr:
-            loops.append((int(m.group(1), 16), addr))
-    best: list[str] = []
-    for start, end in loops:
-        if any(start <= s and e < end for s, e in loops if (s, e) != (start, end)):
-            continue  # an outer loop
-        body = [s for a, s in instrs if start <= a <= end and not s.startswith("NOP")]
-        best = max(best, body, key=len)
-    return best
-
-
-def analyse(case: Case, arch: int) -> dict:
-    instrs, regs, local = disassemble(compile_cubin(case, arch))
-    loop = [s for _, s in instrs if not s.startswith("NOP")] if case.whole_program else hot_loop(instrs)
-    per_weight = len(loop) * case.num_warps * 32 / case.weights_per_iter
-    return dict(
-        kernel=case.kernel,
-        format=case.format,
-        M=case.M,
-        config=case.config,
-        arch=f"sm_{arch}",
-        sass_per_weight=round(per_weight, 2),
-        registers=regs,
-        spills=local,
-        loop_instructions=len(loop),
-    )
-
-
 def launches(cases: list[tuple], root: Path) -> list[int]:
     """Device kernels per QLinear call for each (spec args, rank, M, backend), under the interpreter."""
     env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
@@ -170,15 +75,6 @@ def launches(cases: list[tuple], root: Path) -> list[int]:
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def table(rows: list[dict]) -> str:
-    cols = ["kernel", "format", "M", "config", "arch", "sass_per_weight", "registers", "spills",
-            "launches_per_call"]  # fmt: skip
-    head = ["kernel", "format", "M", "config", "arch", "sass/w", "regs", "spills", "launches"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 FORMATS = {  # name -> (QuantSpec arguments, rank)
@@ -371,172 +267,6 @@ def decode_cases(fmt: str) -> list[Case]:
             )
         )
     return out
-
-
-def import_gemlite():
-    """gemlite's GEMV module, or None when gemlite is not installed. Importing it asks the CUDA driver
-    for the GPU; on a CPU machine an sm_90 GPU is stood in for the import only."""
-    import importlib.util
-    import types
-
-    if importlib.util.find_spec("gemlite") is None:
-        return None
-    import triton.runtime as rt
-    from triton.backends.compiler import GPUTarget
-
-    class Hopper:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    saved = torch.cuda.get_device_capability, torch.cuda.get_device_properties
-    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
-    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
-        major=9, minor=0, name="H100", multi_processor_count=132
-    )
-    rt.driver.set_active(Hopper())
-    try:
-        from gemlite.triton_kernels import gemm_splitK_kernels, gemv_revsplitK_kernels
-    finally:
-        torch.cuda.get_device_capability, torch.cuda.get_device_properties = saved
-        rt.driver._active = None
-    return gemv_revsplitK_kernels, gemm_splitK_kernels
-
-
-def gemlite_cases() -> list[Case]:
-    """gemlite's int4 g128 GEMV for M = 1 (its reverse split-K kernel, asymmetric: (W - z) * s) in the
-    configuration its H100 table picks for 4096 x 4096 and in its other table entries. It has no loop
-    (each program reads two K blocks), so its whole program is counted: weights = BLOCK_N * 2 BLOCK_K."""
-    modules = import_gemlite()
-    if modules is None:
-        return []
-    g, gemm = modules
-    n = k = 4096
-    pointers = dict(a_ptr="*bf16", b_ptr="*i32", c_ptr="*fp32", scales_ptr="*bf16", zeros_ptr="*bf16")
-    out = []
-    configs = ((128, 8, 1, 1), (256, 8, 2, 1), (512, 8, 4, 2), (128, 32, 1, 1), (256, 64, 2, 2))
-    for bn, bk, warps, stages in configs:
-        consts = dict(
-            N=n,
-            K=k,
-            W_nbits=4,
-            group_size=128,
-            unpack_mask=15,
-            elements_per_sample=8,
-            type_id=104,
-            use_prehook=False,
-            stride_am=k,
-            stride_ak=1,
-            stride_bk=n,
-            stride_bn=1,
-            stride_cm=n,
-            stride_cn=1,
-            stride_meta_a_m=0,
-            stride_meta_a_g=0,
-            stride_meta_g=n,
-            stride_meta_n=1,
-            input_dtype=tl_dtype("bfloat16"),
-            output_dtype=tl_dtype("float32"),
-            acc_dtype=tl_dtype("float32"),
-            meta_dtype=tl_dtype("bfloat16"),
-            channel_scale_mode=0,
-            W_group_mode=3,
-            zero_is_scalar=False,
-            BLOCK_SIZE_M=1,
-            BLOCK_SIZE_N=bn,
-            BLOCK_SIZE_K=bk,
-            A_load_order=0,
-            dot_prod_mode=0,
-            data_contiguous=True,
-            EVEN_K=True,
-            EVEN_N=True,
-            scales_a_ptr=None,
-            dump_b_val=0,
-            meta_evict_policy="",
-            atomic_mode="relaxed",
-            a_evict="evict_last",
-            b_evict="evict_first",
-            block_quant_size=g.BLOCK_QUANT_SIZE,
-        )
-        name = f"N={bn},K={bk},w={warps},s={stages}"
-        fn = g.gemv_INT_revsplitK_kernel.fn
-        weights = bn * 2 * bk
-        out.append(
-            Case("gemlite-gemv", "int4-g128", "1", name, fn, consts, pointers, warps, stages, weights, True)
-        )
-    return out + gemlite_gemm_cases(gemm)
-
-
-def gemlite_gemm_cases(gemm) -> list[Case]:
-    """gemlite's int4 g128 split-K GEMM (`gemm_splitK_INT_kernel`, asymmetric) at M = 16, 32, 64 in the
-    configurations of its H100 table for 4096 x 4096 (`GEMM_SPLITK`, keys (M, 4096, 4096, 128, 8, 104)).
-    Its K loop is counted, over BLOCK_N * BLOCK_K weights an iteration."""
-    n = k = 4096
-    pointers = dict(a_ptr="*bf16", b_ptr="*i32", c_ptr="*bf16", scales_ptr="*bf16", zeros_ptr="*bf16")
-    out = []
-    for m, (bm, bn, bk, split, order) in {16: (16, 64, 64, 16, 0), 32: (32, 64, 64, 8, 2),
-                                          64: (64, 64, 64, 8, 0)}.items():  # fmt: skip
-        consts = dict(
-            N=n,
-            K=k,
-            W_nbits=4,
-            group_size=128,
-            unpack_mask=15,
-            elements_per_sample=8,
-            type_id=104,
-            a_sizeof=2,
-            b_sizeof=4,
-            load_scales_as_block=False,
-            input_dtype=tl_dtype("bfloat16"),
-            output_dtype=tl_dtype("bfloat16"),
-            acc_dtype=tl_dtype("float32"),
-            meta_dtype=tl_dtype("bfloat16"),
-            channel_scale_mode=0,
-            W_group_mode=3,
-            zero_is_scalar=False,
-            BLOCK_SIZE_M=bm,
-            BLOCK_SIZE_N=bn,
-            BLOCK_SIZE_K=bk,
-            GROUP_SIZE_M=8,
-            SPLIT_K=split,
-            NUM_STAGES=1,
-            A_load_order=order,
-            data_contiguous=True,
-            EVEN_M=False,
-            EVEN_K=True,
-            EVEN_N=True,
-            scales_a_ptr=None,
-            meta_scale_norm_ptr=None,
-            use_tma=False,
-            use_5d_scales=False,
-            warp_specialize=False,
-            meta_evict_policy="",
-            atomic_mode="relaxed",
-            a_evict="evict_last",
-            b_evict="evict_first",
-            block_quant_size=gemm.BLOCK_QUANT_SIZE,
-        )
-        name = f"M={bm},N={bn},K={bk},SPLIT_K={split},w=4,s=1"
-        out.append(
-            Case(
-                "gemlite-gemm",
-                "int4-g128",
-                str(m),
-                name,
-                gemm.gemm_splitK_INT_kernel.fn.fn,
-                consts,
-                pointers,
-                4,
-                1,
-                bn * bk,
-            )
-        )
-    return out
-
-
-def tl_dtype(name: str):
-    import triton.language as tl
-
-    return getattr(tl, name)
 
 
 # (format, M) pairs whose launches per call are counted; a row takes the count of its format at the
