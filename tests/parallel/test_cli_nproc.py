@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,9 +28,11 @@ def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch, tmp_path)
 
 def test_several_processes_refuse_what_they_do_not_share():
     check_processes(World(0, 2), preset("int4-g128-gptq"), [])
+    check_processes(World(0, 2), preset("alloc-int"), [3.0])  # the budget path shares its work too
+    finetune = replace(preset("int4-g128"), finetune={"mode": "peqa"})
     with pytest.raises(ArgumentError, match="single process"):
-        check_processes(World(0, 2), preset("int4-g128"), [3.0])
-    check_processes(World(), preset("int4-g128"), [3.0])
+        check_processes(World(0, 2), finetune, [])
+    check_processes(World(), finetune, [])
 
 
 @pytest.mark.slow
