@@ -42,10 +42,18 @@ def _on_rank(rank: int, root, folder) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, spawn_module):
-    root, folder = tmp_path_factory.mktemp("budget-ranks"), tmp_path_factory.mktemp("source")
-    make_tiny_llama(300).save_pretrained(folder)
-    make_tokenizer(NEWS).save_pretrained(folder)
+def folder(tmp_path_factory):
+    """The tiny Llama saved as a folder, which the streamed runs read one block at a time."""
+    path = tmp_path_factory.mktemp("source")
+    make_tiny_llama(300).save_pretrained(path)
+    make_tokenizer(NEWS).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, spawn_module, folder):
+    """root/<source>/one (one process) and root/<source>/two (two processes)."""
+    root = tmp_path_factory.mktemp("budget-ranks")
     for name in SOURCES:
         _run(name, folder, root / name / "one")
     spawn_module(_on_rank, 2, root, folder)
