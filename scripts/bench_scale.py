@@ -1,8 +1,8 @@
 """Scale benchmark: wall time, peak RSS and output size of `lowbit compress` on big Llama-shaped models.
 
 Usage:
-    python scripts/bench_scale.py --shape 0.5b [--preset int4-g128] [--dtype bfloat16] [--layers N]
-        [--root /tmp/lowbit-scale] [--keep] [--json]
+    python scripts/bench_scale.py --shape 0.5b [--preset int4-g128] [--budget B] [--dtype bfloat16]
+        [--layers N] [--root /tmp/lowbit-scale] [--keep] [--json] [-- more compress arguments]
 
 The weights are RANDOM (normal, std 0.02; norms ones): the shapes are those of real models, the values
 are not, so the numbers measure memory, time and disk, never quality. The model is written to
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=tuple(SHAPES), default="0.5b")
     p.add_argument("--preset", default="int4-g128")
+    p.add_argument("--budget", type=float, help="bits per weight: the budget path (with --preset alloc-int)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--layers", type=int, help="keep only the first N decoder blocks")
     p.add_argument("--shard-mb", type=int, default=1024)
@@ -196,9 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     source = index["metadata"]["total_size"]
     from lowbit.compress import dry_run
 
-    plan = dry_run(str(model_dir), args.preset)
-    out = base / f"out-{args.preset}"
-    r = run_compress(model_dir, out, args.preset, args.extra)
+    plan = dry_run(str(model_dir), args.preset, budget=args.budget)
+    out = base / f"out-{args.preset}" if args.budget is None else base / f"out-{args.preset}-{args.budget:g}"
+    extra = args.extra if args.budget is None else ["--budget", str(args.budget), *args.extra]
+    r = run_compress(model_dir, out, args.preset, extra)
     if not args.keep:
         subprocess.run(["rm", "-rf", str(out)], check=True)
     r.update(

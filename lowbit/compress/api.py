@@ -23,6 +23,7 @@ from torch import nn
 from lowbit.calibration.data import calibration_blocks
 from lowbit.compress.blocks import StreamedFolder
 from lowbit.compress.budget import budget_outs, compress_to_budgets, with_budget, work_area
+from lowbit.compress.budget_stream import compress_streamed_budgets, streams_budgets
 from lowbit.compress.checks import (
     ArgumentError,
     calibrates,
@@ -43,7 +44,7 @@ from lowbit.nn.atomic import OWNED_MARKERS, atomic_folder, check_output, hold_lo
 from lowbit.nn.checkpoint import finish_checkpoint, plan_bits, save
 from lowbit.nn.manifest import CheckpointError, read_manifest
 from lowbit.nn.shards import DEFAULT_MAX_SHARD_BYTES, parse_size
-from lowbit.parallel import World, barrier, processes, rank_device, world
+from lowbit.parallel import barrier, processes, rank_device, world
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +125,14 @@ def compress(
     to shards of at most `max_shard_size` (bytes, or a size such as "2GB"). Returns the compressed model
     (the last budget's) and the report.
 
-    A local safetensors folder compressed into `out` without a budget is streamed (`lowbit.compress.
-    stream`): one decoder block in memory at a time, read from the shards, compressed on `device`,
-    written to the work area and freed; a killed job resumes at the block where it stopped. The model
-    returned is then the skeleton, its weights on the meta device: `lowbit.load(out)` reads the
-    checkpoint. Recipes that fine-tune, need Fisher weights (a whole-model backward pass) or rotate (the
-    rotations touch the embedding and lm_head, written outside the blocks) load the whole model, as do
-    the budget path, GGUF files and models given in memory.
+    A local safetensors folder compressed into `out` is streamed (`lowbit.compress.stream`, and
+    `lowbit.compress.budget_stream` with budgets): one decoder block in memory at a time, read from the
+    shards, compressed on `device`, written to the work area and freed; a killed job resumes at the
+    block where it stopped. The model returned is then the skeleton, its weights on the meta device:
+    `lowbit.load(out)` reads the checkpoint. Recipes that fine-tune, uniform recipes that need Fisher
+    weights (a whole-model backward pass), recipes that rotate (the rotations touch the embedding and
+    lm_head, written outside the blocks) and budget recipes with probes, the uniform check or SVDQuant
+    load the whole model, as do GGUF files and models given in memory.
 
     Under torchrun (`lowbit compress --nproc N`) the processes share the work: each calibrates on its
     share of the samples, the statistics are summed, each layer is compressed by one process and sent
@@ -145,7 +147,6 @@ def compress(
         budgets = [recipe.allocate.budget]
     recipe, calib_data = _calibration(recipe, budgets, data, calib_data, samples, seq_len)
     ranks = world()
-    check_processes(ranks, recipe, budgets)
     device, dtype = rank_device(check_device(device), ranks), check_dtype(dtype)
     max_shard = parse_size(max_shard_size)
     if isinstance(model_or_id, str):
@@ -168,18 +169,19 @@ def compress(
         report = CompressReport(model=name, recipe=recipe.to_dict())
         if budgets:
             unwritten = [None if o is None or o in written else o for o in outs]
-            with work_area(model_or_id, recipe, out, work_dir, restart) as work:
-                job = dict(tokenizer=tokenizer, calib_data=calib_data, overwrite=overwrite, progress=progress)
-                results = _timed(
-                    f"{len(budgets)} budgets",
-                    compress_to_budgets,
-                    model,
-                    recipe,
-                    budgets,
-                    work,
-                    outs=unwritten,
-                    **job,
-                )
+            job = dict(tokenizer=tokenizer, calib_data=calib_data, overwrite=overwrite, progress=progress)
+            if streamed is not None:
+                settings = dict(dtype=str(source.dtype), device=str(device), max_shard_bytes=max_shard)
+                with work_area(model_or_id, recipe, out, work_dir, restart, settings=settings) as work:
+                    job |= dict(outs=outs, written=written, name=model_or_id, max_shard_bytes=max_shard)
+                    run = (source, recipe, budgets, work)
+                    results = _timed(f"{len(budgets)} budgets", compress_streamed_budgets, *run, **job)
+            else:
+                with work_area(model_or_id, recipe, out, work_dir, restart) as work:
+                    run = (model, recipe, budgets, work)
+                    results = _timed(
+                        f"{len(budgets)} budgets", compress_to_budgets, *run, outs=unwritten, **job
+                    )
             for r, o in zip(results, outs, strict=True):
                 r.out = None if o is None else str(o)
             report.budgets = [r.__dict__ for r in results]
@@ -203,29 +205,28 @@ def compress(
     barrier(ranks)  # every process returns once the checkpoint is written
     report.layers = plan
     report.quantized_params = sum(math.prod(e["shape"]) for e in plan.values())
-    bits = bits if streamed is not None else plan_bits(model, plan)
-    report.bits_per_weight = bits / report.quantized_params
+    if budgets and streamed is not None:  # the skeleton holds no layer: counted from the parts
+        report.bits_per_weight = results[-1].bits_per_weight
+    else:
+        bits = bits if streamed is not None else plan_bits(model, plan)
+        report.bits_per_weight = bits / report.quantized_params
     report.out = None if out is None else str(out)
     report.seconds = time.perf_counter() - t0
     logger.info("compressed in %.1f s: %.3f bits per weight", report.seconds, report.bits_per_weight)
     return model, report
 
 
-def check_processes(ranks: World, recipe: Recipe, budgets: list[float]) -> None:
-    """Refuse what several processes do not share yet: the budget path. (Fine-tuning runs data-parallel,
-    `lowbit.compress.finetune.ddp`.)"""
-    if ranks.size == 1:
-        return
-    if budgets:
-        raise ArgumentError("budget allocation runs in a single process: run it without torchrun or --nproc")
-
 
 def _streamed(model_or_id, recipe: Recipe, budgets, out, device, dtype):
     """(block provider, tokenizer) when the job streams its source block by block (see `compress`)."""
-    if not isinstance(model_or_id, str) or out is None or budgets or recipe.finetune is not None:
+    if not isinstance(model_or_id, str) or out is None or recipe.finetune is not None:
         return None
-    if "fisher" in METHODS[recipe.decompose.method].needs or recipe.rotate.method != "none":
-        return None  # a whole-model backward pass, or rotations of the embedding and lm_head too
+    if recipe.rotate.method != "none":
+        return None  # rotations of the embedding and lm_head too
+    if budgets and not streams_budgets(with_budget(recipe, budgets[0])):
+        return None
+    if not budgets and "fisher" in METHODS[recipe.decompose.method].needs:  # the budget path streams it
+        return None
     found = open_folder(model_or_id, dtype)
     if found is None:
         return None

@@ -1,15 +1,19 @@
 """Compression to bits-per-weight budgets: calibrate -> error table -> allocate -> quantize (-> finetune)
 -> pack, once per budget over one error table.
 
-The stages are resumable: calibration statistics, every layer's row of the error table, and every
-compressed layer are saved in a work area (`lowbit.compress.workarea`) as they finish, so a killed job
-resumes where it stopped and a new budget reuses the calibration and the error table. With SVDQuant, the
-layers that read a norm's output share one smoothing vector per norm, folded into it, as in the uniform
-path (`smoothing_stage`). With a `scaling` section, AWQ's scales are searched once on the float model and
-folded before the statistics and the error table (`scaling_stage`), so every candidate is measured, and
-rounded, on the scaled weights. `allocate.probes` rescales the table by measured probes and
-`allocate.penalties` measures a few penalised plans per budget and keeps the best, and `allocate.check`
-keeps the best uniform spec when the allocation is worse (`lowbit.compress.probes`).
+The statistics and the error table come from one pass over the decoder blocks, the allocated layers
+from a second (`lowbit.compress.budget_passes`): one block's statistics are in memory at a time. The
+stages are resumable: every layer's row of the error table, each block's AWQ scales and every compressed
+layer are saved in a work area (`lowbit.compress.workarea`) as they finish, so a killed job resumes where
+it stopped and a new budget reuses the error table without calibrating again. With SVDQuant, the layers
+that read a norm's output share one smoothing vector per norm, folded into it, as in the uniform path.
+With a `scaling` section, AWQ's scales are searched on each block of the float model and folded before
+its statistics and rows, so every candidate is measured, and rounded, on the scaled weights.
+`allocate.probes` rescales the table by measured probes, `allocate.penalties` measures a few penalised
+plans per budget and keeps the best, and `allocate.check` keeps the best uniform spec when the
+allocation is worse (`lowbit.compress.probes`). `rotate` folds QuaRot's rotations into the float model
+before anything is measured (`lowbit.compress.rotation`). A safetensors folder is compressed block by
+block from disk (`lowbit.compress.budget_stream`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -27,28 +31,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from lowbit.calibration import CalibrationStats, calibrate, calibrate_sequential
-from lowbit.compress.allocate import ErrorTable, candidate_grid, engine_constraints, error_row
-from lowbit.compress.awq import activation_scaling, apply_scales
-from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
+from lowbit.compress.allocate import ErrorTable, engine_constraints
+from lowbit.compress.blocks import InMemory
+from lowbit.compress.budget_passes import ScaledBlocks, apply_pass, table_pass
+from lowbit.compress.plan import allocation_method
 from lowbit.compress.probes import best_uniform, corrected, loss_with, penalty_search, probe_factors
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.rotation import rotate_model
 from lowbit.compress.smoothing import fold_group, norm_groups
 from lowbit.compress.uniform import calibration_data, finetune_stage, select_linears
 from lowbit.compress.workarea import WorkArea, job_key
-from lowbit.lowrank import METHODS, Stats
-from lowbit.lowrank.svdquant import shared_smoothing
+from lowbit.lowrank import METHODS
 from lowbit.nn.atomic import hold_lock
 from lowbit.nn.checkpoint import plan_bits, save
 from lowbit.nn.manifest import lowbit_version
 from lowbit.nn.qlinear import QLinear, set_submodule
 from lowbit.nn.smoothing import norm_readers
-from lowbit.quantizers import SCALE_DTYPES
+from lowbit.parallel import barrier, broadcast_bytes, world
 
 logger = logging.getLogger(__name__)
 
@@ -59,27 +60,46 @@ def budget_outs(out: Path, budgets: list[float]) -> list[Path]:
 
 
 @contextlib.contextmanager
-def work_area(model_or_id, recipe: Recipe, out, work_dir, restart: bool, keep_work: bool = True):
+def work_area(
+    model_or_id, recipe: Recipe, out, work_dir, restart: bool, keep_work: bool = True, settings=None
+):
     """The job's WorkArea: kept beside `out` for a named model, temporary for an in-memory one.
 
     keep_work=False removes the job's files once the body has finished without an error (a failed or
     killed job keeps them, so that it resumes), and the work folder itself when nothing else is left in
-    it; keeping them lets a later run with another budget reuse the calibration and error table.
+    it; keeping them lets a later run with another budget reuse the error table. settings: those of a
+    streamed source (dtype, device, shard size), part of the job's key. Under several
+    processes rank 0 creates (and locks) it and the others open the same folder.
     """
     job = {"model": model_or_id if isinstance(model_or_id, str) else None, "lowbit": lowbit_version()}
     job["recipe"] = {**recipe.to_dict(), "allocate": {**recipe.to_dict()["allocate"], "budget": None}}
+    if settings is not None:  # a streamed source: its dtype, device and shard size
+        job["stream"] = settings
+    ranks = world()
     if work_dir is None and (out is None or job["model"] is None):
-        with tempfile.TemporaryDirectory(prefix="lowbit-work-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="lowbit-work-") if ranks.main else _none() as tmp:
+            tmp = broadcast_bytes(tmp.encode() if ranks.main else None, 0, ranks).decode()
             yield WorkArea(tmp, job)
+            barrier(ranks)  # every process is done with it before rank 0 removes it
         return
     root = Path(work_dir) if work_dir is not None else Path(out).parent / ".lowbit-work"
-    with hold_lock(root / job_key(job)):  # before a restart discards anything: one job per area
-        work = WorkArea(root, job, restart=restart)
+    with hold_lock(root / job_key(job)) if ranks.main else _none():  # one job per area
+        if ranks.main:
+            work = WorkArea(root, job, restart=restart)
+        barrier(ranks)
+        if not ranks.main:
+            work = WorkArea(root, job)
         yield work
-    if not keep_work:
+        barrier(ranks)
+    if not keep_work and ranks.main:
         shutil.rmtree(work.dir)
         with contextlib.suppress(OSError):  # not empty: other jobs' files
             root.rmdir()
+
+
+@contextlib.contextmanager
+def _none():
+    yield None
 
 
 @dataclass
@@ -107,82 +127,19 @@ def readers_of(model: nn.Module) -> dict:
     )
 
 
-@torch.no_grad()
-def scaling_stage(model, linears, recipe: Recipe, calib_data, work: WorkArea, progress) -> None:
-    """AWQ's scales (`lowbit.compress.awq`) searched once per norm group (and per up -> down, v -> o pair)
-    on the float model, for quantize's spec, and folded in place; saved, and replayed on a resumed job."""
-    if recipe.scaling.method == "none":
-        return
-    path, readers = work.path("scaling.safetensors"), readers_of(model)
-    if path.is_file():
-        apply_scales(model, readers, linears, load_file(path))
-        return
-    with activation_scaling(model, readers, linears, recipe) as stage:
-        names = list(linears)
-        calibrate_sequential(model, calib_data, layers=names, on_block=stage, keep=False, progress=progress)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.float().contiguous() for k, v in stage.scales.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def calibration_stage(
-    model, linears, recipe: Recipe, calib_data, work: WorkArea, progress
-) -> dict[str, Stats]:
-    """Per-layer statistics from the original model (every candidate is measured against the same inputs)."""
-    if not recipe.needs_calibration():
-        return {}
-    path = work.path("calibration.safetensors")
-    if path.is_file():
-        cal = CalibrationStats.load(path)
-    else:
-        fisher = recipe.allocate.metric == "fisher" or "fisher" in METHODS[allocation_method(recipe)].needs
-        kinds = ("act", "hessian", "fisher") if fisher else ("act", "hessian")
-        cal = calibrate(model, calib_data, stats=kinds, layers=list(linears), progress=progress)
-        tmp = path.with_name(path.name + ".tmp")
-        cal.save(tmp)
-        os.replace(tmp, path)
-    return {
-        name: Stats(
-            H=None if st.hessian is None else st.hessian_matrix(), act_max=st.act_max, fisher=st.fisher
-        )
-        for name, st in cal.layers.items()
-    }
-
-
-def table_stage(linears, recipe: Recipe, stats: dict[str, Stats], work: WorkArea, progress) -> ErrorTable:
-    """Every layer's error and exact size under every candidate; one saved row per finished layer."""
+def table_stage(model, provider, linears, recipe: Recipe, calib_data, work: WorkArea, progress, readers):
+    """The error table (`lowbit.compress.budget_passes.table_pass`), saved once whole; every block of a
+    model in memory then holds its AWQ scales (replayed from the work area on a resumed job)."""
     path = work.path("error_table.safetensors")
     if path.is_file():
-        return ErrorTable.load(path)
-    a = recipe.allocate
-    grid = candidate_grid(
-        a.formats, a.bits, a.group_sizes, a.ranks, base=recipe.quantize.spec(), symmetric=a.symmetric
-    )
-    info = dict(
-        method=allocation_method(recipe),
-        metric=a.metric,
-        rounding=a.rounding or recipe.quantize.rounding,
-        iterations=recipe.decompose.iterations,
-    )
-    lowrank_bits = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize
-    errs, sizes = [], []
-    for name, lin in tqdm(linears.items(), desc="error table", disable=not progress):
-        row = work.load(f"table/{name}.safetensors")
-        if row is None:
-            e, z = error_row(
-                lin.weight.detach().float(),
-                grid,
-                stats=stats.get(name),
-                lowrank_dtype_bits=lowrank_bits,
-                **info,
-            )
-            row = {"errors": torch.from_numpy(e), "sizes": torch.from_numpy(z)}, {}
-            work.save(f"table/{name}.safetensors", *row)
-        errs.append(row[0]["errors"].numpy())
-        sizes.append(row[0]["sizes"].numpy())
-    shapes = [tuple(lin.weight.shape) for lin in linears.values()]
-    table = ErrorTable(list(linears), shapes, grid, np.stack(errs), np.stack(sizes), info)
-    table.save(path)
+        table = ErrorTable.load(path)
+    else:
+        table = table_pass(model, provider, linears, recipe, calib_data, work, progress, readers)
+        if world().main:
+            table.save(path)
+    if isinstance(provider.provider, InMemory):
+        for i in range(len(provider.blocks)):
+            provider.materialise(i)
     return table
 
 
@@ -195,7 +152,8 @@ def probe_stage(model, linears, table: ErrorTable, recipe: Recipe, calib_data, w
     if saved is None:
         k = probe_factors(model, linears, table, calib_data[:4], recipe.allocate.probes)
         saved = {"factors": torch.from_numpy(k)}, {}
-        work.save("probe_factors.safetensors", *saved)
+        if world().main:
+            work.save("probe_factors.safetensors", *saved)
     return corrected(table, saved[0]["factors"].numpy())
 
 
@@ -210,88 +168,94 @@ def allowed_mask(table: ErrorTable, recipe: Recipe) -> tuple[np.ndarray, list[li
 
 def allocation_stage(table: ErrorTable, recipe: Recipe, budget: float):
     """The ILP (or greedy) choice of one candidate per layer under `budget` bits per weight, within
-    `allowed_mask`, each fused group of layers tied to one candidate."""
+    `allowed_mask`, each fused group of layers tied to one candidate; under several processes every
+    rank solves (so that all raise alike) and takes rank 0's solution."""
     allowed, tied = allowed_mask(table, recipe)
     alloc = table.allocate(budget, allowed=allowed, solver=recipe.allocate.solver, tied=tied)
+    ranks = world()
+    if ranks.size > 1:
+        mine = {"choice": [int(c) for c in alloc.choice], "seconds": alloc.seconds, "status": alloc.status}
+        sent = broadcast_bytes(json.dumps(mine).encode() if ranks.main else None, 0, ranks)
+        got = json.loads(sent)
+        choice = np.asarray(got["choice"], dtype=np.int64)
+        error = float(table.errors[torch.arange(len(choice)), torch.from_numpy(choice)].sum())
+        bits = int(table.sizes[torch.arange(len(choice)), torch.from_numpy(choice)].sum())
+        alloc = replace(
+            alloc, choice=choice, error=error, bits=bits, seconds=got["seconds"], status=got["status"]
+        )
     return table.plan(alloc), alloc
 
 
-def check_stage(model, linears, table, recipe, stats, work, budget, plan, qlinears, calib_data, progress):
-    """(plan, QLinears, fallback spec or None, losses): the allocated layers, or those of the best uniform
-    spec at no more bits when its calibration loss is lower (`lowbit.compress.probes`)."""
+def uniform_plan(table: ErrorTable, recipe: Recipe, budget: float) -> tuple[str, dict] | None:
+    """(tag, plan) of `allocate.check`'s best uniform spec at no more bits than `budget`, or None."""
     c = best_uniform(table, budget, allowed_mask(table, recipe)[0])
     if c is None:
+        return None
+    return f"uniform-{table.candidates[c].spec.short()}", {name: table.candidates[c] for name in table.names}
+
+
+def check_stage(model, linears, work, budget, plan, qlinears, uniform, calib_data):
+    """(plan, QLinears, fallback spec or None, losses): the allocated layers, or those of the best uniform
+    spec at no more bits (`uniform`: its tag and plan) when its calibration loss is lower."""
+    if uniform is None:
         return plan, qlinears, None, None
-    spec = table.candidates[c].spec.short()
-    uniform = {name: table.candidates[c] for name in linears}
-    tag = f"uniform-{spec}"
-    q_uniform = quantize_stage(linears, uniform, recipe, stats, work, tag, progress)
+    tag, uniform = uniform
+    q_uniform = saved_layers(linears, work, tag)
     losses = {
         "allocated": loss_with(model, qlinears, calib_data),
         tag: loss_with(model, q_uniform, calib_data),
     }
     logger.info("budget %.3f: calibration loss %s", budget, losses)
     if losses[tag] < losses["allocated"]:
-        return uniform, q_uniform, spec, losses
+        return uniform, q_uniform, tag.removeprefix("uniform-"), losses
     return plan, qlinears, None, losses
 
 
 @torch.no_grad()
-def smoothing_stage(
-    model: nn.Module, linears, plan, stats: dict[str, Stats], work: WorkArea, tag: str, teacher
-) -> tuple[dict[str, tuple[torch.Tensor, bool]], list]:
-    """SVDQuant's shared smoothing for the allocated layers that read a norm's output.
-
-    One lambda per norm, searched over its readers with each reader's allocated spec and rank
-    (`shared_smoothing`), saved under `tag`, and folded into the norm (and the teacher's) as the uniform
-    path does (`lowbit.compress.smoothing`). The error table measured every candidate with its own
-    lambda. Returns ({layer: (lambda, folded)}, [(module, its state before the fold)]) so that the
-    caller can undo the folds before the next budget.
-    """
-    readers = readers_of(model)
-    smooth, before = {}, []
+def fold_smoothing(model: nn.Module, readers, linears, work: WorkArea, tag: str, teacher) -> list:
+    """Fold each norm's saved SVDQuant lambda (`<tag>/smoothing/<norm>`, from the second pass) into the
+    norm (and the teacher's), as the uniform path does (`lowbit.compress.smoothing`). Returns
+    [(module, its state before the fold)], so that the caller can undo the folds before the next budget."""
+    before = []
     for norm, members in norm_groups(model, readers, linears).items():
         saved = work.load(f"{tag}/smoothing/{norm}.safetensors")
-        if saved is None:
-            st = stats.get(members[0], Stats())
-            Ws = [linears[n].weight.detach().float() for n in members]
-            specs, ranks = [plan[n].spec for n in members], [plan[n].rank for n in members]
-            lam, _ = shared_smoothing(Ws, specs, ranks, Stats(H=st.H, act_max=st.act_max))
-            saved = ({} if lam is None else {"lambda": lam}), {}
-            work.save(f"{tag}/smoothing/{norm}.safetensors", *saved)
-        lam = saved[0].get("lambda")
+        lam = None if saved is None else saved[0].get("lambda")
         if lam is None:
             continue
         touched = [norm, *(n for n in readers[norm][0] if n not in members)]
         nets = [(model, touched)] + ([(teacher, [norm, *readers[norm][0]])] if teacher is not None else [])
         mods = [net.get_submodule(n) for net, names in nets for n in names]
         before += [(m, {k: v.clone() for k, v in m.state_dict().items()}) for m in mods]
-        folded = fold_group(model, norm, readers, members, lam, teacher)
-        smooth.update({n: (lam, folded) for n in members})
-    return smooth, before
+        fold_group(model, norm, readers, members, lam, teacher)
+    return before
 
 
-def quantize_stage(
-    linears, plan, recipe: Recipe, stats, work: WorkArea, tag: str, progress, smooth=None
-) -> dict:
-    """{name: QLinear} for the allocated candidates; each finished layer saved under `tag`.
-
-    smooth: {layer: (lambda, folded)} from `smoothing_stage`; those layers are SVDQuant with that lambda.
-    """
-    smooth = smooth or {}
+def saved_layers(linears, work: WorkArea, tag: str) -> dict[str, QLinear]:
+    """{name: QLinear} of the layers the second pass saved under `tag`."""
     out = {}
-    for name, lin in tqdm(linears.items(), desc=f"quantize {tag}", disable=not progress):
-        saved = work.load(f"{tag}/{name}.safetensors")
-        if saved is None:
-            choice = allocated_choice(plan[name], recipe)
-            q = apply_choice(lin, choice, recipe, stats.get(name, Stats()), smooth.get(name))
-            work.save(f"{tag}/{name}.safetensors", q.state_dict(), q.layer_plan())
-        else:
-            tensors, entry = saved
-            q = QLinear.from_plan(entry, lin.weight.dtype, device=lin.weight.device)
-            q.load_state_dict(tensors, assign=True)
+    for name, lin in linears.items():
+        tensors, entry = work.load(f"{tag}/{name}.safetensors")
+        q = QLinear.from_plan(entry, lin.weight.dtype, device=lin.weight.device)
+        q.load_state_dict(tensors, assign=True)
         out[name] = q
     return out
+
+
+def plans_for(table: ErrorTable, recipe: Recipe, budgets: list[float], search=None) -> tuple[dict, ...]:
+    """({budget: (plan, allocation, {penalty: measured loss})}, {tag: plan} of every layer set the second
+    pass builds (one per budget, plus each budget's uniform spec under `allocate.check`), {budget: uniform
+    (tag, plan)}). search: (table, solve) -> (plan, allocation, losses), `allocate.penalties`' search
+    (`lowbit.compress.probes.penalty_search`), or None for the plain allocation."""
+    allocs, plans, uniforms = {}, {}, {}
+    for budget in budgets:
+        solve = functools.partial(allocation_stage, recipe=recipe, budget=budget)
+        allocs[budget] = (*solve(table), {}) if search is None else search(table, solve)
+        logger.info("budget %.3f: %s in %.2f s", budget, allocs[budget][1].status, allocs[budget][1].seconds)
+        plans[f"bpw-{budget:g}"] = allocs[budget][0]
+        uniforms[budget] = uniform_plan(table, recipe, budget) if recipe.allocate.check else None
+        if uniforms[budget] is not None:
+            plans[uniforms[budget][0]] = uniforms[budget][1]
+    return allocs, plans, uniforms
 
 
 def compress_to_budgets(
@@ -306,7 +270,8 @@ def compress_to_budgets(
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[BudgetResult]:
-    """calibrate -> error table -> allocate -> quantize -> pack, once per budget over one table.
+    """calibrate -> error table -> allocate -> quantize -> pack, once per budget over one table, for a
+    model in memory.
 
     The model is left with the last budget's QLinears in place; earlier budgets' checkpoints are
     written to their `outs` (when given) and their layers swapped back out.
@@ -315,33 +280,31 @@ def compress_to_budgets(
     rotate_model(model, recipe.rotate, list(linears))  # QuaRot's rotations, before any statistics
     recipe = with_budget(recipe, budgets[0])  # so that needs_calibration() sees the allocation
     a = recipe.allocate
-    # probes and the check read the token blocks themselves; the statistics only when not yet saved
-    saved = work.path("calibration.safetensors").is_file()
-    reads = a.probes or a.penalties or a.check
-    if calib_data is None and (reads or (recipe.needs_calibration() and not saved)):
+    if calib_data is None and (a.probes or a.penalties or a.check or recipe.needs_calibration()):
         calib_data = calibration_data(recipe, tokenizer)
-    scaling_stage(model, linears, recipe, calib_data, work, progress)
-    stats = calibration_stage(model, linears, recipe, calib_data, work, progress)
-    table = table_stage(linears, recipe, stats, work, progress)
+    shared = METHODS[allocation_method(recipe)].shares_smoothing
+    readers = readers_of(model) if shared or recipe.scaling.method != "none" else {}
+    provider = ScaledBlocks(InMemory(model), readers, linears, work)
+    table = table_stage(model, provider, linears, recipe, calib_data, work, progress, readers)
     table = probe_stage(model, linears, table, recipe, calib_data, work)
     teacher = copy.deepcopy(model) if recipe.finetune else None  # the original, before any swap
+    search = None
+    if a.penalties:  # measured on the first 4 calibration blocks, each plan rounded to nearest
+        args = (a.penalties, recipe.quantize.spec().bits, calib_data[:4])
+        search = lambda table, solve: penalty_search(model, linears, table, solve, *args)  # noqa: E731
+    allocs, plans, uniforms = plans_for(table, recipe, budgets, search)
+    apply_pass(model, provider, linears, recipe, plans, calib_data, work, progress, readers)
+    barrier(world())  # the layers rank 0 saved are there for every process
     results = []
     for i, (budget, out) in enumerate(zip(budgets, outs, strict=True)):
-        solve = functools.partial(allocation_stage, recipe=recipe, budget=budget)
-        if a.penalties:
-            args = (a.penalties, recipe.quantize.spec().bits, calib_data[:4], stats)
-            plan, alloc, searched = penalty_search(model, linears, table, solve, *args)
-        else:
-            (plan, alloc), searched = solve(table), {}
-        logger.info("budget %.3f: %s in %.2f s", budget, alloc.status, alloc.seconds)
-        tag, smooth, before = f"bpw-{budget:g}", {}, []
-        if METHODS[allocation_method(recipe)].shares_smoothing:
-            smooth, before = smoothing_stage(model, linears, plan, stats, work, tag, teacher)
-        qlinears = quantize_stage(linears, plan, recipe, stats, work, tag, progress, smooth)
+        plan, alloc, searched = allocs[budget]
+        tag = f"bpw-{budget:g}"
+        before = fold_smoothing(model, readers, linears, work, tag, teacher) if shared else []
+        qlinears = saved_layers(linears, work, tag)
         fallback = losses = None
         if a.check:
-            args = (budget, plan, qlinears, calib_data, progress)
-            plan, qlinears, fallback, losses = check_stage(model, linears, table, recipe, stats, work, *args)
+            args = (plan, qlinears, uniforms[budget], calib_data)
+            plan, qlinears, fallback, losses = check_stage(model, linears, work, budget, *args)
         losses = {**searched, **(losses or {})} or None
         for name, q in qlinears.items():
             set_submodule(model, name, q)
@@ -361,8 +324,9 @@ def compress_to_budgets(
             losses=losses,
         )
         if out is not None:
-            used = with_budget(recipe, budget).to_dict()
-            save(model, out, plan=entries, recipe=used, tokenizer=tokenizer, overwrite=overwrite)
+            if world().main:
+                used = with_budget(recipe, budget).to_dict()
+                save(model, out, plan=entries, recipe=used, tokenizer=tokenizer, overwrite=overwrite)
             r.out = str(out)
         r.work_bytes = work.size()
         if i < len(budgets) - 1:

@@ -9,8 +9,8 @@ would otherwise fail after loading or calibrating: an unknown preset or bad reci
 a recipe that selects no layer, a missing calibration file, and a budget below the smallest storage the
 candidate grid allows (each layer at its smallest allowed candidate).
 
-The memory model (`peak_ram`, and `streamed_peak_ram` for a safetensors folder compressed without a
-budget, which `lowbit.compress` streams block by block) mirrors what `lowbit.compress` holds at each
+The memory model (`peak_ram`, and `streamed_peak_ram` for a safetensors folder, which `lowbit.compress`
+streams block by block, with or without a budget) mirrors what `lowbit.compress` holds at each
 phase; its constants were fitted on measured runs (`scripts/bench_scale.py`, docs/benchmarks.md "Big
 models"), so it is a prediction, labelled as one wherever it is printed.
 """
@@ -36,6 +36,10 @@ from lowbit.compress.allocate import (
     constraint_mask,
     engine_constraints,
 )
+from lowbit.compress.budget import with_budget
+from lowbit.compress.budget_passes import needs_fisher
+from lowbit.compress.budget_stream import streams_budgets
+from lowbit.compress.plan import allocation_method
 from lowbit.compress.presets import resolve_recipe
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.uniform import block_weights, selected_names
@@ -133,12 +137,14 @@ def dry_run(
         other_bytes(net, layers, dtype) + b // 8 + files + untied_bytes(net, recipe, layers, dtype)
         for b in bits
     )
-    work = work_bytes(recipe, layers, budgets, bits)
     fisher = "fisher" in METHODS[recipe.decompose.method].needs
-    whole = budgets or recipe.finetune or fisher or recipe.rotate.method != "none"  # as compress() decides
-    streamed = isinstance(model, str) and src.direct and not whole
+    streams = streams_budgets(with_budget(recipe, budgets[0])) if budgets else not fisher
+    rotates = recipe.rotate.method != "none"  # as compress() decides
+    streamed = isinstance(model, str) and src.direct and recipe.finetune is None and streams and not rotates
+    work = work_bytes(recipe, net, layers, dtype, budgets, bits)
     if streamed:
-        ram, work = streamed_peak_ram(recipe, net, layers, dtype, outputs[0])
+        ram, stream_work = streamed_peak_ram(recipe, net, layers, dtype, outputs[0], bool(budgets))
+        work += stream_work * len(outputs)  # each budget's shards wait in the work area
     else:
         ram = peak_ram(recipe, net, layers, dtype, mapped, max(outputs), bits[-1] // 8, work)
     return DryRun(
@@ -240,17 +246,24 @@ def check_text_source(source: str) -> None:
             raise DataError(f"unsupported text file {source!r}; use one of {', '.join(FILE_SUFFIXES)}")
 
 
-def work_bytes(recipe: Recipe, layers: dict, budgets, bits: list[int]) -> int:
-    """Predicted work-area disk of a budget run: the calibration file (every layer's fp32 Hessian [K, K]
-    and activation statistics, the fp32 Fisher [N, K] with the fisher metric) and each budget's
-    compressed layers. The uniform path keeps no work area (0)."""
+def work_bytes(
+    recipe: Recipe, net: nn.Module, layers: dict, dtype: torch.dtype, budgets, bits: list[int]
+) -> int:
+    """Predicted work-area disk of a budget run (`lowbit.compress.budget_passes`): each budget's compressed
+    layers, and with the Fisher diagonal the hidden states entering every block ([S, L, D] each, saved
+    by the forward pass for the backward) and, for a method that reads it, every layer's fp32 Fisher
+    [N, K]. The error table's rows are numbers (negligible). The uniform path keeps none (0)."""
     if not budgets:
         return 0
-    fisher = recipe.allocate.metric == "fisher" or "fisher" in METHODS[recipe.decompose.method].needs
-    stats = 0
-    if recipe.needs_calibration() or recipe.allocate.metric != "frobenius":
-        stats = sum(4 * k * k + 8 * k + (4 * n * k if fisher else 0) for n, k in layers.values())
-    return stats + sum(bits) // 8
+    fisher = 0
+    if needs_fisher(with_budget(recipe, budgets[0])):
+        cal = recipe.calibration
+        fisher = (
+            len(find_blocks(net)[1]) * cal.samples * cal.seq_len * net.config.hidden_size * dtype.itemsize
+        )
+        if "fisher" in METHODS[allocation_method(recipe)].needs:
+            fisher += sum(4 * n * k for n, k in layers.values())
+    return fisher + sum(bits) // 8
 
 
 def hidden_bytes(recipe: Recipe, net: nn.Module, size: int) -> tuple[int, int, int]:
@@ -275,7 +288,7 @@ def hidden_bytes(recipe: Recipe, net: nn.Module, size: int) -> tuple[int, int, i
 
 
 def streamed_peak_ram(
-    recipe: Recipe, net: nn.Module, layers: dict, dtype: torch.dtype, out: int
+    recipe: Recipe, net: nn.Module, layers: dict, dtype: torch.dtype, out: int, budget: bool = False
 ) -> tuple[int, int]:
     """(predicted peak resident memory, predicted peak work-area disk) of a streamed job: the larger of
 
@@ -287,7 +300,9 @@ def streamed_peak_ram(
               (`hidden_bytes`) and one fp32 Hessian [K, K] per quantized layer of the block
     plus BASE_RSS. The work area holds every finished shard until the end, the finished blocks' parts
     until they fill a shard (`DEFAULT_MAX_SHARD_BYTES`), at most that much again while a shard is written,
-    and, with calibration, the hidden states of the next block (and those offloaded past the limit).
+    and, with calibration, the hidden states of the next block (and those offloaded past the limit). A
+    budget run (`budget`) also holds, in the Fisher's backward pass, the gradients [S, L, D] and the
+    block's fp32 Fisher [N, K] per layer.
     """
     prefix, blocks = find_blocks(net)
     size = dtype.itemsize
@@ -302,6 +317,8 @@ def streamed_peak_ram(
     largest = max(n * k for n, k in inside)
     saved, hidden, offloaded = hidden_bytes(recipe, net, size)  # saved: the next block's inputs, for a resume
     hessians = sum(4 * k * k for _, k in inside) if recipe.needs_calibration() else 0
+    if budget and needs_fisher(recipe):
+        hessians += saved + sum(4 * n * k for n, k in inside)
     ram = max(outside + hidden // 2, block + 16 * largest + hidden + hessians)
     return BASE_RSS + ram, out + min(out, DEFAULT_MAX_SHARD_BYTES) + saved + offloaded
 
@@ -325,8 +342,8 @@ def peak_ram(
               + with calibration, the hidden states entering and leaving a block (`hidden_bytes`: less
               past calibration.max_hidden_memory; all of them on the budget path); the uniform path frees
               each original layer as its compressed one comes in, so that is its largest point; a
-              budget run (`work` > 0) also holds every compressed layer, every layer's statistics
-              (`work` less the compressed layers) and, with fine-tuning, a copy of the model
+              budget run (`work` > 0) also holds every compressed layer of a budget and, with
+              fine-tuning, a copy of the model
     save:     the compressed model + its serialised bytes (save_file holds the whole file in memory)
     """
     model = sum(p.numel() for p in net.parameters()) * dtype.itemsize
@@ -338,5 +355,5 @@ def peak_ram(
     else:
         quantize += hidden_bytes(recipe, net, dtype.itemsize)[1]
     if work:
-        quantize += max(work, compressed) + (model if recipe.finetune else 0)
+        quantize += compressed + (model if recipe.finetune else 0)
     return BASE_RSS + max(model + mapped, quantize, 2 * out)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowbit.cli import main
-from lowbit.compress import budget
+from lowbit.compress import budget_passes
 from lowbit.compress.allocate import AllocationError
 from lowbit.compress.api import compress
 from lowbit.compress.recipe import Recipe
@@ -58,8 +58,8 @@ def test_new_budget_reuses_calibration_and_error_table(tiny_llama_dir, news_file
     def forbidden(*a, **k):
         raise AssertionError("the second run must not recompute this")
 
-    monkeypatch.setattr(budget, "calibrate", forbidden)
-    monkeypatch.setattr(budget, "error_row", forbidden)
+    monkeypatch.setattr(budget_passes, "calibrate_backward", forbidden)  # the Fisher pass of the table
+    monkeypatch.setattr(budget_passes, "error_row", forbidden)
     assert run_cli(*base, "--budget", "2.5", "--out", tmp_path / "b") == 0
     assert checkpoint_info(tmp_path / "b")["totals"]["bits_per_weight"] <= 2.5
     # --restart discards the work area, so the same run now has to calibrate again
@@ -185,7 +185,7 @@ def test_table_rounding_is_separate_from_the_final_rounding(monkeypatch):
     with pytest.raises(RecipeError, match="allocate.rounding"):
         Recipe.from_dict({"allocate": {"rounding": "stochastic"}})
     seen = {"table": set(), "final": set()}
-    error_row, apply_choice = budget.error_row, budget.apply_choice
+    error_row, apply_choice = budget_passes.error_row, budget_passes.apply_choice
 
     def table_row(*a, rounding, **k):
         seen["table"].add(rounding)
@@ -195,8 +195,8 @@ def test_table_rounding_is_separate_from_the_final_rounding(monkeypatch):
         seen["final"].add(choice.rounding)
         return apply_choice(lin, choice, *a)
 
-    monkeypatch.setattr(budget, "error_row", table_row)
-    monkeypatch.setattr(budget, "apply_choice", final_layer)
+    monkeypatch.setattr(budget_passes, "error_row", table_row)
+    monkeypatch.setattr(budget_passes, "apply_choice", final_layer)
     recipe = Recipe.from_dict(
         {
             "quantize": {"rounding": "gptq"},

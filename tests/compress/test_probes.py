@@ -12,7 +12,9 @@ from lowbit.calibration import calibrate
 from lowbit.cli import BUDGET_PRESET, build_parser, resolve_recipe
 from lowbit.compress import budget
 from lowbit.compress.allocate import Candidate, ErrorTable, allocate, budget_bits, error_table
-from lowbit.compress.budget import compress_to_budgets, scaling_stage
+from lowbit.compress.blocks import InMemory
+from lowbit.compress.budget import compress_to_budgets, readers_of, table_stage
+from lowbit.compress.budget_passes import ScaledBlocks
 from lowbit.compress.presets import preset
 from lowbit.compress.probes import (
     best_uniform,
@@ -48,19 +50,28 @@ def budget_recipe(**allocate) -> Recipe:
     )
 
 
-def test_scaling_stage_keeps_float_logits_and_replays_on_resume(tmp_path):
+def scaled_table(model, work, calib):
+    """The error table of the budget recipe, AWQ's scales searched (or replayed) per block."""
+    recipe = budget_recipe()
+    linears = select_linears(model, recipe)
+    readers = readers_of(model)
+    provider = ScaledBlocks(InMemory(model), readers, linears, work)
+    return table_stage(model, provider, linears, recipe, calib, work, False, readers)
+
+
+def test_scaling_keeps_float_logits_and_replays_on_resume(tmp_path):
     model = outlier_llama()
     before = copy.deepcopy(model)
-    recipe = budget_recipe()
     work = WorkArea(tmp_path, {"job": 1})
-    scaling_stage(model, select_linears(model, recipe), recipe, CALIB, work, progress=False)
+    table = scaled_table(model, work, CALIB)
     ref, got = logits(before, HELD_OUT), logits(model, HELD_OUT)
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     assert not torch.equal(
         model.model.layers[0].input_layernorm.weight, before.model.layers[0].input_layernorm.weight
     )
-    replay = copy.deepcopy(before)  # a resumed job: the saved scales, no search
-    scaling_stage(replay, select_linears(replay, recipe), recipe, None, work, progress=False)
+    replay = copy.deepcopy(before)  # a resumed job: the saved table and scales, no search
+    again = scaled_table(replay, work, None)
+    assert torch.equal(again.errors, table.errors)
     for (name, p), q in zip(model.named_parameters(), replay.parameters(), strict=True):
         assert torch.equal(p, q), name
 

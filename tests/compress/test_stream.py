@@ -19,22 +19,10 @@ from lowbit.compress.stream import KILL_AFTER
 from lowbit.models import load_model
 from lowbit.nn.checkpoint import load
 from lowbit.nn.shards import INDEX, read_headers
-from tests.conftest import NEWS, make_tiny_llama, make_tokenizer
 
 BLOCKS = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(0))
 ROOT = Path(__file__).resolve().parents[2]
 LQLORA = replace(preset("int3-g128-lqlora-r32"), decompose=DecomposeConfig("lqlora", rank=8, iterations=3))
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A tiny random Llama with 3 blocks and untied embeddings, saved in bf16 with save_pretrained."""
-    path = tmp_path_factory.mktemp("tiny-stream")
-    tok = make_tokenizer(NEWS)
-    model = make_tiny_llama(len(tok), num_hidden_layers=3, tie_word_embeddings=False)
-    model.to(torch.bfloat16).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -139,7 +127,8 @@ def test_dry_run_predicts_the_streamed_path(source):
     assert streamed.streamed and not whole.streamed
     assert streamed.peak_ram_bytes < whole.peak_ram_bytes  # one block, not the model, is in memory
     assert streamed.work_bytes >= streamed.output_bytes[0]  # the shards wait in the work area
-    assert not dry_run(str(source), "alloc-int", budget=4.0).streamed  # the budget path loads the model
+    assert dry_run(str(source), "alloc-int", budget=4.0).streamed  # the budget path streams too
+    assert not dry_run(str(source), "alloc-awq", budget=4.0).streamed  # probes and the check need the model
 
 
 def test_hidden_states_on_disk_give_the_same_checkpoint(source, tmp_path, monkeypatch, capsys):

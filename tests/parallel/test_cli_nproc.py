@@ -8,10 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 from lowbit import cli
-from lowbit.compress.api import check_processes
-from lowbit.compress.checks import ArgumentError
-from lowbit.compress.presets import preset
-from lowbit.parallel import World
 
 
 def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch, tmp_path):
@@ -23,13 +19,6 @@ def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch, tmp_path)
     (cmd,) = seen
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--nproc-per-node=3" in cmd
     assert cmd[-len(argv) :] == ["-m", "lowbit.cli", *argv[:-2]]
-
-
-def test_several_processes_refuse_what_they_do_not_share():
-    check_processes(World(0, 2), preset("int4-g128-gptq"), [])
-    with pytest.raises(ArgumentError, match="single process"):
-        check_processes(World(0, 2), preset("int4-g128"), [3.0])
-    check_processes(World(), preset("int4-g128"), [3.0])
 
 
 @pytest.mark.slow

@@ -1,0 +1,341 @@
+"""The budget path's two passes over the decoder blocks, each with one block's statistics in memory.
+
+Pass 1 (`table_pass`): for each block, its linears' input statistics (one Hessian per distinct input,
+`calibrate_sequential`), AWQ's scales when the recipe scales (searched on that block, folded, saved
+per block and replayed when the block is read again), then the block's rows of the error table (one
+saved file per layer); the block's statistics are then dropped, so only numbers stay until the ILP. A
+recipe whose table or decomposition needs the Fisher diagonal runs the block-wise backward pass instead
+(`lowbit.calibration.backward`): the same statistics and rows, blocks in reverse order.
+
+Pass 2 (`apply_pass`): after the ILP, the blocks again in order; each block's statistics are computed
+again from the float model's inputs (as in pass 1) and its layers built with their allocated candidate
+(GPTQ etc.) for every plan at once (one per budget), each layer saved in the work area as it is built.
+Recomputing was chosen over keeping the statistics on disk, for the disk bound. Measured on one block of the
+0.5B shape (`scripts/bench_scale.py`; `scripts/bench_budget_stats.py`, 16 x 512 tokens, one thread,
+docs/benchmarks.md "Big models"): the statistics take 85 s to recompute against 2.4 s to write and read
+back, about as long as the block's GPTQ (100 s), so recomputing costs time; but the Hessians are 104 MB per
+block, 2.5 GB over the 24 blocks, 2.5x the bf16 model (computed for the 1.5B shape: 3.2x), where the work
+area of the uniform GPTQ path holds about 2x its output. Only the Fisher of a method that reads it (lqlora-
+fisher) is kept on disk from pass 1, its only source.
+
+Several processes: each calibrates on its share of the samples (statistics all-reduced); each layer's
+row and each allocated layer is computed by one owner rank (`owners`, balanced by weight size) and
+broadcast, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.calibration import calibrate_sequential
+from lowbit.calibration.backward import calibrate_backward
+from lowbit.calibration.stats import find_blocks
+from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
+from lowbit.compress.awq import activation_scaling, apply_scales
+from lowbit.compress.blocks import InMemory
+from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
+from lowbit.compress.ranks import build_owned
+from lowbit.compress.recipe import Recipe
+from lowbit.compress.smoothing import fold_group, norm_groups
+from lowbit.compress.workarea import WorkArea
+from lowbit.lowrank import METHODS, Stats
+from lowbit.lowrank.svdquant import shared_smoothing
+from lowbit.nn.qlinear import QLinear
+from lowbit.parallel import barrier, broadcast_tensors, owners, share, world
+from lowbit.quantizers import SCALE_DTYPES
+
+
+def needs_fisher(recipe: Recipe) -> bool:
+    """Whether the table (metric fisher) or the decomposition reads the Fisher diagonal."""
+    return recipe.allocate.metric == "fisher" or "fisher" in METHODS[allocation_method(recipe)].needs
+
+
+class ScaledBlocks:
+    """A block provider that replays each block's saved AWQ scales when the block is read (and, for a
+    model in memory, once: its blocks keep them). `applied` holds the blocks whose scales are in."""
+
+    def __init__(self, provider, readers: dict, linears: dict, work: WorkArea):
+        self.provider, self.model, self.readers, self.linears = provider, provider.model, readers, linears
+        self.work = work
+        self.prefix, self.blocks = find_blocks(self.model)
+        self.applied: set[int] = set()
+
+    def scales_name(self, index: int) -> str:
+        return f"scaling/block-{index:05d}.safetensors"
+
+    def materialise(self, index: int | None) -> None:
+        self.provider.materialise(index)
+        if index is None or index in self.applied:
+            return
+        saved = self.work.load(self.scales_name(index))
+        if saved is not None:
+            apply_scales(self.model, self.readers, self.linears, saved[0])
+            self.applied.add(index)
+
+    def release(self, index: int | None) -> None:
+        self.provider.release(index)
+        if not isinstance(self.provider, InMemory):  # read again from the source: without its scales
+            self.applied.discard(index)
+
+    def on_demand(self):
+        return self.provider.on_demand()
+
+
+def _block_names(names, prefix: str, index: int) -> list[str]:
+    return [n for n in names if n.startswith(f"{prefix}.{index}.")]
+
+
+def _owned(model: nn.Module, names: list[str], compute, save) -> dict[str, tuple[dict, dict]]:
+    """{name: (tensors, meta)} for `names`, each from compute(name) on its owner rank (balanced by weight
+    size), broadcast to every rank in order; rank 0 passes each to save(name, result)."""
+    w = world()
+    own = owners({n: float(model.get_submodule(n).weight.numel()) for n in names}, w.size)
+    mine = {n: compute(n) for n in names if own[n] == w.rank}
+    out = {}
+    for n in names:
+        out[n] = broadcast_tensors(*mine.pop(n, (None, None)), own[n], w)
+        if w.main:
+            save(n, out[n])
+    return out
+
+
+def table_pass(model, provider, linears, recipe: Recipe, calib_data, work: WorkArea, progress, readers):
+    """Pass 1 (module docstring): the error table of `linears` (saved rows reused), with AWQ's scales
+    searched and folded per block when the recipe scales; returns the ErrorTable."""
+    a = recipe.allocate
+    grid = candidate_grid(a.formats, a.bits, a.group_sizes, a.ranks, base=recipe.quantize.spec())
+    info = dict(
+        method=allocation_method(recipe),
+        metric=a.metric,
+        rounding=a.rounding or recipe.quantize.rounding,
+        iterations=recipe.decompose.iterations,
+    )
+    lowrank_bits = 8 * SCALE_DTYPES[recipe.decompose.lowrank_dtype].itemsize
+    keep_fisher = "fisher" in METHODS[info["method"]].needs  # pass 2 reads it again
+    rows: dict[str, tuple[dict, dict]] = {}
+
+    def row(name: str, st) -> tuple[dict, dict]:
+        saved = work.load(f"table/{name}.safetensors")
+        if saved is not None:
+            return saved
+        stats = None
+        if st is not None:
+            H = None if st.hessian is None else st.hessian_matrix()
+            stats = Stats(H=H, act_max=st.act_max, fisher=st.fisher)
+        W = linears[name].weight.detach().float()
+        e, z = error_row(W, grid, stats=stats, lowrank_dtype_bits=lowrank_bits, **info)
+        return {"errors": torch.from_numpy(e), "sizes": torch.from_numpy(z)}, {}
+
+    def save_row(name: str, result) -> None:
+        if work.load(f"table/{name}.safetensors") is None:
+            work.save(f"table/{name}.safetensors", *result)
+
+    def block_rows(index: int, block: nn.Module, block_stats: dict) -> None:
+        names = _block_names(linears, provider.prefix, index)
+        rows.update(_owned(model, names, lambda n: row(n, block_stats.get(n)), save_row))
+        if keep_fisher and world().main:
+            for n in names:
+                if work.load(f"fisher/{n}.safetensors") is None:
+                    work.save(f"fisher/{n}.safetensors", {"fisher": block_stats[n].fisher}, {})
+
+    todo = [n for n in linears if work.load(f"table/{n}.safetensors") is None]
+    if todo and recipe.needs_calibration():
+        _calibrated_rows(model, provider, linears, recipe, calib_data, work, progress, readers, block_rows)
+    elif todo:  # no statistics: the blocks' weights only
+        for i in range(len(provider.blocks)):
+            provider.materialise(i)
+            block_rows(i, provider.blocks[i], {})
+            provider.release(i)
+    rest = [n for n in linears if n not in rows]  # saved rows, and layers outside the blocks
+    if rest:
+        provider.materialise(None)
+        rows.update(_owned(model, rest, lambda n: row(n, None), save_row))
+        provider.release(None)
+    names = list(linears)
+    shapes = [tuple(linears[n].weight.shape) for n in names]
+    errs = np.stack([rows[n][0]["errors"].numpy() for n in names])
+    sizes = np.stack([rows[n][0]["sizes"].numpy() for n in names])
+    return ErrorTable(names, shapes, grid, errs, sizes, info)
+
+
+def _calibrated_rows(model, provider, linears, recipe, calib_data, work, progress, readers, block_rows):
+    """The calibrating part of `table_pass`: each block's statistics (with the Fisher diagonal by the
+    block-wise backward pass when the recipe reads it; with AWQ's scales searched and folded first when
+    it scales) handed to block_rows(index, block, block_stats)."""
+    prefix = provider.prefix
+    names = [n for n in linears if n.startswith(prefix + ".")]
+    first = share(calib_data.shape[0], world()).start  # this process's first sample
+    with activation_scaling(model, readers, linears, recipe, None, 0, first) as stage:
+
+        def scale(index: int, block: nn.Module, block_stats: dict) -> None:
+            """AWQ on a block read without saved scales; the recorder moved on past a replayed one."""
+            if index in provider.applied:
+                stage.recorder.detach()
+                if index + 1 < len(provider.blocks):
+                    stage.recorder.attach(provider.blocks[index + 1])
+                return
+            stage(index, block, block_stats)
+            provider.applied.add(index)
+
+        def save_scales(index: int) -> None:
+            """The block's scales, saved once its rows are (a resumed job replays them)."""
+            ours = f"{prefix}.{index}."
+            mine = {k: v.float().contiguous() for k, v in stage.scales.items() if ours in k}
+            if world().main and work.load(provider.scales_name(index)) is None:
+                work.save(provider.scales_name(index), mine, {})
+
+        def forward_scale(index: int, block: nn.Module, block_stats: dict) -> None:
+            scale(index, block, block_stats)
+            save_scales(index)
+
+        def both(index: int, block: nn.Module, block_stats: dict) -> None:
+            if stage is not None:
+                scale(index, block, block_stats)
+            block_rows(index, block, block_stats)
+            if stage is not None:
+                save_scales(index)
+
+        run = dict(layers=names, progress=progress, provider=provider)
+        offload = dict(offload_bytes=recipe.calibration.max_hidden_memory, offload_dir=work.dir)
+        if needs_fisher(recipe):
+            fisher_dir = work.path("fisher-pass")
+            before = forward_scale if stage is not None else None
+            calibrate_backward(model, calib_data, fisher_dir, on_block=block_rows, before_block=before, **run)
+            barrier(world())  # every process is done with its saved hidden states and gradients
+            if world().main:
+                shutil.rmtree(fisher_dir, ignore_errors=True)
+        else:
+            calibrate_sequential(
+                model,
+                calib_data,
+                on_block=both,
+                propagate="original" if stage is None else "quantized",
+                keep=False,
+                **run,
+                **offload,
+            )
+
+
+def apply_pass(
+    model,
+    provider,
+    linears,
+    recipe: Recipe,
+    plans: dict,
+    calib_data,
+    work: WorkArea,
+    progress,
+    readers,
+    done=None,
+):
+    """Pass 2 (module docstring): every layer of `linears` built with its candidate in each plan
+    ({tag: {name: Candidate}}), saved as `<tag>/<name>.safetensors` (layers already saved are reused).
+    SVDQuant's shared smoothing: each norm's lambda saved as `<tag>/smoothing/<norm>.safetensors`.
+
+    done(index, {tag: {name: QLinear}}): called with each block's layers while the block is in memory.
+    """
+    prefix = provider.prefix
+    method = METHODS[allocation_method(recipe)]
+    fisher = "fisher" in method.needs
+
+    def pending(tag: str, names) -> list[str]:
+        return [n for n in names if work.load(f"{tag}/{n}.safetensors") is None]
+
+    def build_block(index, block_stats: dict, names: list[str]) -> None:
+        built = {}
+        for tag, plan in plans.items():
+            smooth = {}
+            if method.shares_smoothing:
+                smooth = _smoothing(model, readers, linears, names, plan, block_stats, work, tag)
+
+            def build(name: str, tag=tag, plan=plan, smooth=smooth) -> QLinear:
+                lin, saved = linears[name], work.load(f"{tag}/{name}.safetensors")
+                if saved is not None:
+                    q = QLinear.from_plan(saved[1], lin.weight.dtype, device=lin.weight.device)
+                    q.load_state_dict(saved[0], assign=True)
+                    return q
+                st = block_stats.get(name)
+                H = None if st is None or st.hessian is None else st.hessian_matrix()
+                F = work.load(f"fisher/{name}.safetensors")[0]["fisher"] if fisher else None
+                stats = Stats(H=H, act_max=None if st is None else st.act_max, fisher=F)
+                return apply_choice(
+                    lin, allocated_choice(plan[name], recipe), recipe, stats, smooth.get(name)
+                )
+
+            new = set(pending(tag, names))
+            built[tag] = {}
+            for name, q in build_owned(model, names, build, world()):
+                if name in new and world().main:
+                    work.save(f"{tag}/{name}.safetensors", q.state_dict(), q.layer_plan())
+                built[tag][name] = q
+        if done is not None:
+            done(index, built)
+
+    names = [n for n in linears if n.startswith(prefix + ".")]
+    todo = {n for tag in plans for n in pending(tag, names)}
+    if _second_pass_calibrates(recipe) and todo:
+
+        def on_block(index: int, block: nn.Module, block_stats: dict) -> None:
+            build_block(index, block_stats, _block_names(linears, prefix, index))
+
+        calibrate_sequential(
+            model,
+            calib_data,
+            layers=[n for n in names if n in todo],
+            on_block=on_block,
+            propagate="original",
+            keep=False,
+            progress=progress,
+            provider=provider,
+            offload_bytes=recipe.calibration.max_hidden_memory,
+            offload_dir=work.dir,
+        )
+    else:
+        for i in range(len(provider.blocks)):
+            provider.materialise(i)
+            build_block(i, {}, _block_names(linears, prefix, i))
+            provider.release(i)
+    provider.materialise(None)  # layers outside the blocks (an lm_head the recipe selects), if any
+    build_block(None, {}, [n for n in linears if not n.startswith(prefix + ".")])
+    provider.release(None)
+
+
+def _second_pass_calibrates(recipe: Recipe) -> bool:
+    """Whether the allocated layers read input statistics: GPTQ rounding, or a method that does."""
+    roundings = {recipe.quantize.rounding} | {o.quantize.rounding for o in recipe.overrides}
+    needs = set(METHODS[allocation_method(recipe)].needs) - {"fisher"}  # the Fisher is read from disk
+    return "gptq" in roundings or bool(needs)
+
+
+def _smoothing(model, readers, linears, names, plan, block_stats, work: WorkArea, tag: str) -> dict:
+    """{layer: (lambda, folded)} of SVDQuant's shared smoothing for the block's layers that read a norm:
+    one lambda per norm (saved under `tag`), searched with each reader's allocated spec and rank; the
+    fold is tried (to know whether the layers keep their lambda) and undone."""
+    smooth = {}
+    for norm, members in norm_groups(model, readers, names).items():
+        saved = work.load(f"{tag}/smoothing/{norm}.safetensors")
+        if saved is None:
+            st = block_stats.get(members[0])
+            stats = Stats() if st is None else Stats(H=st.hessian_matrix(), act_max=st.act_max)
+            Ws = [linears[n].weight.detach().float() for n in members]
+            specs, ranks = [plan[n].spec for n in members], [plan[n].rank for n in members]
+            lam, _ = shared_smoothing(Ws, specs, ranks, stats)
+            saved = ({} if lam is None else {"lambda": lam}), {}
+            if world().main:
+                work.save(f"{tag}/smoothing/{norm}.safetensors", *saved)
+        lam = saved[0].get("lambda")
+        if lam is None:
+            continue
+        touched = [norm, *readers[norm][0]]
+        before = [
+            (m, {k: v.clone() for k, v in m.state_dict().items()}) for m in map(model.get_submodule, touched)
+        ]
+        folded = fold_group(model, norm, readers, members, lam)
+        for m, state in before:
+            m.load_state_dict(state)
+        smooth.update({n: (lam, folded) for n in members})
+    return smooth
