@@ -142,10 +142,10 @@ def table_pass(model, provider, linears, recipe: Recipe, calib_data, work: WorkA
                 if work.load(f"fisher/{n}.safetensors") is None:
                     work.save(f"fisher/{n}.safetensors", {"fisher": block_stats[n].fisher}, {})
 
-    todo = [n for n in linears if work.load(f"table/{n}.safetensors") is None]
-    if todo and recipe.needs_calibration():
+    missing = [n for n in linears if work.load(f"table/{n}.safetensors") is None]
+    if missing and recipe.needs_calibration():
         _calibrated_rows(model, provider, linears, recipe, calib_data, work, progress, readers, block_rows)
-    elif todo:  # no statistics: the blocks' weights only
+    elif missing:  # no statistics: the blocks' weights only
         for i in range(len(provider.blocks)):
             provider.materialise(i)
             block_rows(i, provider.blocks[i], {})
@@ -276,8 +276,8 @@ def apply_pass(
             done(index, built)
 
     names = [n for n in linears if n.startswith(prefix + ".")]
-    todo = {n for tag in plans for n in pending(tag, names)}
-    if _second_pass_calibrates(recipe) and todo:
+    missing = {n for tag in plans for n in pending(tag, names)}
+    if _second_pass_calibrates(recipe) and missing:
 
         def on_block(index: int, block: nn.Module, block_stats: dict) -> None:
             build_block(index, block_stats, _block_names(linears, prefix, index))
@@ -285,7 +285,7 @@ def apply_pass(
         calibrate_sequential(
             model,
             calib_data,
-            layers=[n for n in names if n in todo],
+            layers=[n for n in names if n in missing],
             on_block=on_block,
             propagate="original",
             keep=False,
