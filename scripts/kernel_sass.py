@@ -244,14 +244,14 @@ def decode_cases(fmt: str) -> list[Case]:
     out = []
     for m, label in DECODE_BUCKETS:
         config = triton_decode.decode_config(m, n, k, tile, spec.group_size or k, rank, False, 132)
-        stages = config.pop("num_stages")
+        stages, warps = config.pop("num_stages"), config.pop("num_warps")
         consts = dict(absent, **config, FMT=spec.kind, EVEN_K=True, USE_ASM=True,
                       MAGIC_VALUE=MAGIC[torch.bfloat16], GROUP_SIZE=spec.group_size or k, HAS_SMOOTH=False,
                       HAS_LOWRANK=rank > 0, HAS_BIAS=False,
-                      DOT_IEEE=False, BLOCK_N=triton_decode.BLOCK_N, TILE=tile)  # fmt: skip
-        name = f"N={triton_decode.BLOCK_N},K={tile},M={config['BLOCK_M']},SPLIT_K={config['SPLIT_K']}" + (
+                      DOT_IEEE=False, TILE=tile)  # fmt: skip
+        name = f"N={config['BLOCK_N']},K={tile},M={config['BLOCK_M']},SPLIT_K={config['SPLIT_K']}" + (
             ",SCALE_W" if config["SCALE_W"] else ""
-        )
+        ) + f",w={warps}"
         out.append(
             Case(
                 "decode",
@@ -261,9 +261,9 @@ def decode_cases(fmt: str) -> list[Case]:
                 triton_decode._decode_kernel,
                 consts,
                 DECODE_POINTERS,
-                triton_decode.NUM_WARPS,
+                warps,
                 stages,
-                triton_decode.BLOCK_N * tile,
+                config["BLOCK_N"] * tile,
             )
         )
     return out

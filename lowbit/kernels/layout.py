@@ -38,8 +38,8 @@ NIBBLE_OF_SLOT = (0, 4, 2, 6, 1, 5, 3, 7)
 MAGIC = {torch.bfloat16: 128, torch.float16: 1024}
 # K tile of the layout (and of the kernel's loop)
 MAX_TILE = 128
-# rows of the layout are padded to a multiple of the kernel's BLOCK_N
-ROW_TILE = 128
+# rows of the layout are padded to a multiple of every BLOCK_N of the kernel
+ROW_TILE = 256
 
 
 class LayoutError(ValueError):

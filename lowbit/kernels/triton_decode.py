@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.layout import MAGIC, ROW_TILE, DecodeWeight
+from lowbit.kernels.layout import MAGIC, DecodeWeight
 from lowbit.kernels.triton_common import interpreting
 from lowbit.kernels.triton_dequant import columns, dequant_tile, group_rows, scaled
 from lowbit.kernels.triton_splitk import (
@@ -27,6 +27,7 @@ from lowbit.kernels.triton_splitk import (
     launch_parts,
     load_x,
     prologue,
+    row_bucket,
     smoothed_input,
     split_config,
     weight_range,
@@ -35,7 +36,12 @@ from lowbit.kernels.triton_splitk import (
 # loads straight to registers, the fewest instructions per weight (compiled for sm_90, int4-g128: 2.38
 # against 2.56 with two stages at 16 rows, 2.60 against 2.77 at 32)
 NUM_STAGES = 1
-BLOCK_N = ROW_TILE
+# (BLOCK_N, num_warps) per row bucket: 17-32 rows read 256 rows of W with two warpgroups, so the loop's
+# fixed part (counter, barriers, scale broadcast) is spread over twice the weights (compiled for sm_90,
+# int4-g128 rank 64: 2.45 against 2.51 instructions per weight with 128 rows and 4 warps; 16 rows:
+# 2.33 against 2.37, kept at 128 for twice the programs; 64 rows: 255 registers already)
+ROW_BLOCKS = {32: (256, 8)}
+BLOCK_N = 128
 NUM_WARPS = 4
 
 
@@ -157,10 +163,12 @@ def decode_config(m: int, n: int, k: int, tile: int, group_size: int, rank: int,
                   sms: int) -> dict:  # fmt: skip
     """Launch constexprs for the row bucket of m rows: `triton_splitk.split_config`, SCALE_W where scaling
     the weights (0.5 instructions per weight) costs less than scaling each group's partial sums
-    (BLOCK_M * groups per tile / TILE), NUM_STAGES."""
-    config = split_config(m, n, k, tile, BLOCK_N, rank, smooth, sms)
+    (BLOCK_M * groups per tile / TILE), BLOCK_N and num_warps (`ROW_BLOCKS`), NUM_STAGES."""
+    block_n, warps = ROW_BLOCKS.get(row_bucket(m), (BLOCK_N, NUM_WARPS))
+    config = split_config(m, n, k, tile, block_n, rank, smooth, sms)
     groups = tile // group_size if group_size < tile else 1
-    return dict(config, SCALE_W=config["BLOCK_M"] * groups > 64, num_stages=NUM_STAGES)
+    return dict(config, SCALE_W=config["BLOCK_M"] * groups > 64, BLOCK_N=block_n, num_warps=warps,
+                num_stages=NUM_STAGES)  # fmt: skip
 
 
 def decode(x: torch.Tensor, dw: DecodeWeight, l1, l2, inv_smooth, bias, config: dict, out=None):
@@ -173,13 +181,12 @@ def decode(x: torch.Tensor, dw: DecodeWeight, l1, l2, inv_smooth, bias, config: 
     M, K = x.shape
     N = dw.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
-    scratch, R, grid, modes = launch_parts(x, N, BLOCK_N, l1, inv_smooth, bias, config)
+    scratch, R, grid, modes = launch_parts(x, N, config["BLOCK_N"], l1, inv_smooth, bias, config)
     _decode_kernel[grid](
         x, dw.words, dw.scales, dw.offsets, dw.lut, inv_smooth, l2, l1, bias, y, *scratch,
         M, N, K, R, x.stride(0), dw.words.stride(0), dw.scales.stride(0), 0 if l2 is None else l2.stride(0),
         0 if l1 is None else l1.stride(0), y.stride(0),
         FMT=dw.fmt, EVEN_K=K % dw.tile == 0, USE_ASM=not interpreting(), MAGIC_VALUE=MAGIC[x.dtype],
-        GROUP_SIZE=dw.group_size, DOT_IEEE=interpreting(), BLOCK_N=BLOCK_N, TILE=dw.tile,
-        num_warps=NUM_WARPS, **modes, **config,
+        GROUP_SIZE=dw.group_size, DOT_IEEE=interpreting(), TILE=dw.tile, **modes, **config,
     )  # fmt: skip
     return y

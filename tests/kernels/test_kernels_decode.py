@@ -188,3 +188,9 @@ def test_keep_dequantized_reaches_every_layer_with_a_kernel_cache():
     model[0].kernel_cache.prepared = "built"
     copied = copy.deepcopy(model[0].kernel_cache)
     assert copied.prepared is None and copied.keep_dequantized is False
+
+
+def test_layout_rows_tile_every_row_block():
+    """The kernel loads rows without masks: every BLOCK_N divides the layout's padded row count."""
+    blocks = [triton_decode.BLOCK_N] + [b for b, _ in triton_decode.ROW_BLOCKS.values()]
+    assert all(layout.ROW_TILE % b == 0 for b in blocks)
