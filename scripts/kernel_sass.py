@@ -89,8 +89,10 @@ FORMATS = {  # name -> (QuantSpec arguments, rank)
     "fp4-g32": (("fp4_e2m1", 32), 0),
     "fp8-w8a8": (("fp8_e4m3", None), 0),
 }
-# the formats the one-launch kernel of `triton_fused` serves (no decode layout)
-FUSED_FORMATS = ("int3-g128", "int3-g128-r64", "int2-g64", "int8", "fp8-e4m3", "fp4-g32")
+# the formats of the split-K kernel on the decode layout (`triton_decode`), and of the one-launch kernel
+# that reads the checkpoint's layout (`triton_fused`): every format the decode layout does not take
+DECODE_FORMATS = ("int4-g128", "int4-g128-r64", "nf4-g64", "int3-g128", "int3-g128-r64", "int2-g64", "int8")
+FUSED_FORMATS = ("fp8-e4m3", "fp4-g32")
 
 
 def format_consts(name: str) -> dict:
@@ -130,7 +132,7 @@ def cases() -> list[Case]:
     from lowbit.kernels import triton_gemm, triton_gemv, triton_large
 
     out = []
-    for fmt in ("int4-g128", "int4-g128-r64", "nf4-g64"):
+    for fmt in DECODE_FORMATS:
         out += decode_cases(fmt)
     for fmt in FUSED_FORMATS:
         out += fused_cases(fmt)
@@ -230,22 +232,23 @@ def fused_cases(fmt: str) -> list[Case]:
 def decode_cases(fmt: str) -> list[Case]:
     """The decode kernel on a 4096 x 4096 layer of `fmt` (bf16 activations), one row per M bucket."""
     from lowbit.kernels import triton_decode
-    from lowbit.kernels.layout import MAGIC, decode_tile
+    from lowbit.kernels.layout import MAGIC, decode_tile, layout_bits
     from lowbit.quantizers import QuantSpec
 
     spec, rank = FORMATS[fmt]
     spec = QuantSpec(*spec)
     n = k = 4096
-    tile = decode_tile(spec.group_size, k)
+    bits = layout_bits(spec)
+    tile = decode_tile(spec.group_size, k, bits)
     absent = dict(lut_ptr=None) if spec.kind == "int" else {}
     absent.update(inv_smooth_ptr=None, bias_ptr=None, xs_ptr=None)
     if not rank:
         absent.update(l1_ptr=None, l2_ptr=None, t_ptr=None)
     out = []
     for m, label in DECODE_BUCKETS:
-        config = triton_decode.decode_config(m, n, k, tile, spec.group_size or k, rank, False, 132)
+        config = triton_decode.decode_config(m, n, k, tile, spec.group_size or k, rank, False, 132, bits)
         stages, warps = config.pop("num_stages"), config.pop("num_warps")
-        consts = dict(absent, **config, FMT=spec.kind, EVEN_K=True, USE_ASM=True,
+        consts = dict(absent, **config, FMT=spec.kind, BITS=bits, EVEN_K=True, USE_ASM=True,
                       MAGIC_VALUE=MAGIC[torch.bfloat16], GROUP_SIZE=spec.group_size or k, HAS_SMOOTH=False,
                       HAS_LOWRANK=rank > 0, HAS_BIAS=False,
                       DOT_IEEE=False, TILE=tile)  # fmt: skip
@@ -260,7 +263,7 @@ def decode_cases(fmt: str) -> list[Case]:
                 name,
                 triton_decode._decode_kernel,
                 consts,
-                DECODE_POINTERS,
+                dict(DECODE_POINTERS, offsets_ptr="*fp32") if bits == 8 else DECODE_POINTERS,
                 warps,
                 stages,
                 config["BLOCK_N"] * tile,

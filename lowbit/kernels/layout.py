@@ -1,19 +1,31 @@
 """The decode kernel's weight layout, built once from a checkpoint's QTensor (the checkpoint stays as it is).
 
-The decode kernel (`lowbit.kernels.triton_decode`) reads 4-bit codes as int32 words, eight codes a
-word. INT: two words become eight pairs of 16-bit floats with one `prmt`, three shifts and four `lop3`
-per word (the magic-number trick: OR a nibble c into the mantissa of 128.0 in bf16, or of 1024.0 in
-fp16, which is exactly 128 + c, resp. 1024 + c) and one packed add per pair that subtracts 128 + z
-(exactly c - z). NF: one load per byte from a 256-entry table of code pairs (`pair_table`).
+The decode kernel (`lowbit.kernels.triton_decode`) reads codes as int32 words of B-bit fields, 32 / B
+codes a word: B = 4 for 4-bit INT / NF and for 3-bit INT (widened to nibbles: a third more bytes than
+the checkpoint's 3-bit stream, for the 4-bit path's 1.5 instructions per weight), B = 2 for 2-bit INT,
+B = 8 for 8-bit INT.
 
-A K tile of KT = 128 columns of one row is 16 words. The kernel dequantizes a word pair (w, w + 1)
-into eight registers j = 0..7, register j holding tensor o_j at elements w and w + 1, and lays o_j at
-the tile slot s with NIBBLE_OF_SLOT[s] = j (the order of its joins): tile column c = s * 16 + word
-holds o_j[word], j = NIBBLE_OF_SLOT[c // 16]. INT: o_j[w] is nibble j of word w. NF: o_j[2p + i] is
-nibble 2 (j % 4) + i of word 2p + j // 4, so the two codes of one register share one byte (`placement`).
-A tile spans 1, 2 or 4 scale groups (groups of 128 or more, 64, 32): slots 0-3 and 4-7, or slot
-pairs, so nibble j belongs to group j % 2 (two groups) or (0, 2, 1, 3)[j % 4] (four). Columns past K
-are padded with code 0 (their activations are 0), rows past N too.
+- INT, B = 2 and 4: two words become pairs of 16-bit floats with one `prmt` per half word, a shift and
+  a `lop3` per field (the magic-number trick: OR a field c into the mantissa of 128.0 in bf16, or of
+  1024.0 in fp16, which is exactly 128 + c, resp. 1024 + c) and one packed add per pair that subtracts
+  128 + z (exactly c - z).
+- INT, B = 8: a byte does not fit bf16's 7-bit mantissa, so each byte goes by one `prmt` into the
+  mantissa of the fp32 2^23 (exactly 2^23 + c), one fp32 add subtracts 2^23 + z (exactly c - z), and
+  one `cvt.rn.bf16x2.f32` (f16x2) packs a pair: 2.5 instructions per weight, no integer conversion.
+- NF (B = 4): one load per byte from a 256-entry table of code pairs (`pair_table`).
+
+A K tile of KT columns of one row is KT * B / 32 words (W). The kernel dequantizes a word pair (w, w + 1)
+into S = 32 / B registers j = 0..S-1, register j holding tensor o_j at elements w and w + 1, and lays
+o_j at the tile slot s with code_of_slot(B)[s] = j (the order of its join trees): tile column
+c = s * W + word holds o_j[word], j = code_of_slot(B)[c // W]; W >= 16, so that each 16-column block
+of the tensor-core operand is one field of 16 words (each thread dequantizes the word pairs it
+multiplies, nothing moves through shared memory). INT: o_j[w] is field j of
+word w. NF: o_j[2p + i] is nibble 2 (j % 4) + i of word 2p + j // 4, so the two codes of one register
+share one byte (`placement`). With B = 4 a tile spans 1, 2 or 4 scale groups (groups of 128 or more,
+64, 32): slots 0-3 and 4-7, or slot pairs, so nibble j belongs to group j % 2 (two groups) or
+(0, 2, 1, 3)[j % 4] (four); with B = 2 (KT = 256) fields 4q .. 4q + 3 share one group, q * G / 4 of
+the tile's G = 1, 2 or 4; with B = 8 a tile lies in one group (KT = 128, or 64 for groups of 64).
+Columns past K are padded with code 0 (their activations are 0), rows past N too.
 
 Scales are applied once per group, to the fp32 partial sum of the group, not to every weight:
 
@@ -32,10 +44,12 @@ import torch.nn.functional as F
 
 from lowbit.quantizers import QTensor, codebook, decode_scales, unpack_codes
 
-# the nibble of a word that holds the word's slot-th column of a tile (bit-reversed: see the kernel)
-NIBBLE_OF_SLOT = (0, 4, 2, 6, 1, 5, 3, 7)
-# 16-bit magic numbers: a nibble ORed into their mantissa reads as MAGIC + nibble
+# 16-bit magic numbers: a 2- or 4-bit field ORed into their mantissa reads as MAGIC + field
 MAGIC = {torch.bfloat16: 128, torch.float16: 1024}
+# the fp32 magic number of 8-bit fields (either activation dtype)
+MAGIC_FP32 = 2**23
+# bits of a code in the layout per stored INT width (3-bit codes are widened to nibbles)
+LAYOUT_BITS = {2: 2, 3: 4, 4: 4, 8: 8}
 # K tile of the layout (and of the kernel's loop)
 MAX_TILE = 128
 # rows of the layout are padded to a multiple of every BLOCK_N of the kernel
@@ -50,12 +64,13 @@ class LayoutError(ValueError):
 class DecodeWeight:
     """A QTensor W [N, K] repacked for the decode kernel, for activations of one 16-bit dtype.
 
-    words int32 [Np, Kp / 8] (Kp = K rounded up to the tile KT, Np = N rounded up to ROW_TILE, padding
-    rows and columns hold code 0); scales float32 [Gp, Np] (G groups of K, decoded from double
-    quantization, then zero groups up to whole K tiles); offsets: INT [Gp, Np] in the activation dtype,
-    -(MAGIC + z); NF int64 [Np], the address of lut in every row (the kernel's inline PTX reads it as a
-    row vector: a scalar operand makes the compiler move the dequantized tile through shared memory);
-    lut int32 [256] (NF: `pair_table` of the codebook) or None; fmt "int" or "nf".
+    words int32 [Np, Kp * bits / 32] (Kp = K rounded up to the tile KT, Np = N rounded up to ROW_TILE,
+    padding rows and columns hold code 0); scales float32 [Gp, Np] (G groups of K, decoded from double
+    quantization, then zero groups up to whole K tiles); offsets: INT [Gp, Np], -(MAGIC + z) in the
+    activation dtype (bits 2, 4) or 2^23 + z in float32 (bits 8: `MAGIC_FP32`); NF int64 [Np], the address of
+    lut in every row (the kernel's inline PTX reads it as a row vector: a scalar operand makes the
+    compiler move the dequantized tile through shared memory); lut int32 [256] (NF: `pair_table` of the
+    codebook) or None; fmt "int" or "nf"; bits: of a code in the words (2, 4 or 8).
     """
 
     words: torch.Tensor
@@ -66,49 +81,73 @@ class DecodeWeight:
     tile: int
     group_size: int
     shape: tuple[int, int]
+    bits: int = 4
 
 
-def decode_tile(group_size: int | None, k: int) -> int | None:
-    """KT for a group size (None: per channel): 128 when groups tile it (32, 64, 128 or multiples of
-    128; a tile then spans 4, 2 or 1 groups), else None."""
-    if group_size is None or group_size >= k or group_size % MAX_TILE == 0:
-        return MAX_TILE
-    return MAX_TILE if MAX_TILE % group_size == 0 and group_size >= 32 else None
+def decode_tile(group_size: int | None, k: int, bits: int = 4) -> int | None:
+    """KT for a group size (None: per channel) and layout bits, else None: 4 bits, 128 (a tile spans
+    1, 2 or 4 groups: 128 or multiples, 64, 32); 8 bits, 128 (per channel, multiples of 128) or 64 (a
+    tile in one group); 2 bits, 256 (1, 2 or 4 groups: 256 or multiples, 128, 64). A tile is at least
+    16 words wide, so that a 16-column block of the dot is one field of 16 words (module doc)."""
+    tile = {2: 2 * MAX_TILE, 4: MAX_TILE, 8: MAX_TILE}[bits]
+    if group_size is None or group_size >= k or group_size % tile == 0:
+        return tile
+    smallest = {2: 64, 4: 32, 8: 64}[bits]
+    if tile % group_size or group_size < smallest:
+        return None
+    return group_size if bits == 8 else tile
+
+
+def code_of_slot(bits: int) -> tuple[int, ...]:
+    """The field of a word that holds the word's slot-th column of a tile, for `bits`-bit fields: the
+    bit-reversed slot for 4 and 8 bits (the flattened order of the kernel's balanced join tree), the
+    slot itself for 2 bits (the kernel joins those fields in slot order, group by group)."""
+    slots = 32 // bits
+    width = slots.bit_length() - 1
+    if bits == 2:
+        return tuple(range(slots))
+    return tuple(int(f"{s:0{width}b}"[::-1], 2) for s in range(slots))
+
+
+def layout_bits(spec) -> int | None:
+    """Bits of a code in the layout for a QuantSpec (None: no decode layout)."""
+    if spec.kind == "nf":
+        return 4 if spec.bits == 4 else None
+    return LAYOUT_BITS.get(spec.bits) if spec.kind == "int" else None
 
 
 def supports(q: QTensor, dtype: torch.dtype) -> bool:
     """Whether `prepare_decode` takes q for activations of `dtype`."""
     spec = q.spec
-    return (
-        spec.bits == 4
-        and spec.kind in ("int", "nf")
-        and dtype in MAGIC
-        and decode_tile(spec.group_size, q.shape[1]) is not None
-    )
+    bits = layout_bits(spec)
+    return bits is not None and dtype in MAGIC and decode_tile(spec.group_size, q.shape[1], bits) is not None
 
 
-def placement(fmt: str, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(word, nibble) int64 [tile] of every tile column in the kernel's order for `fmt` (module doc)."""
-    width = tile // 8
+def placement(fmt: str, tile: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(word, field) int64 [tile] of every tile column in the kernel's order for `fmt` (module doc)."""
+    slots = 32 // bits
+    width = tile // slots
     c = torch.arange(tile)
-    j, w = torch.tensor(NIBBLE_OF_SLOT)[c // width], c % width
+    j, w = torch.tensor(code_of_slot(bits))[c // width], c % width
     if fmt == "nf":
         return w - w % 2 + j // 4, 2 * (j % 4) + w % 2
     return w, j
 
 
-def pack_words(codes: torch.Tensor, tile: int, fmt: str = "int") -> torch.Tensor:
-    """int32 [N, Kp / 8] words of uint8 codes [N, K] in the kernel's tile order for `fmt` (module doc)."""
+def pack_words(codes: torch.Tensor, tile: int, fmt: str = "int", bits: int = 4) -> torch.Tensor:
+    """int32 [N, Kp * bits / 32] words of uint8 codes [N, K] in the kernel's tile order for `fmt` and
+    `bits` a code (module doc)."""
     N, K = codes.shape
     Kp = -(-K // tile) * tile
     c = torch.zeros(N, Kp, dtype=torch.int64, device=codes.device)
     c[:, :K] = codes
     c = c.view(N, Kp // tile, tile)  # [N, tiles, column]
-    word, nibble = (t.to(codes.device) for t in placement(fmt, tile))
-    words = torch.zeros(N, Kp // tile, tile // 8, dtype=torch.int64, device=codes.device)
-    words.index_add_(2, word, c << (4 * nibble))  # [N, tiles, word], disjoint nibbles
+    word, field = (t.to(codes.device) for t in placement(fmt, tile, bits))
+    width = tile * bits // 32
+    words = torch.zeros(N, Kp // tile, width, dtype=torch.int64, device=codes.device)
+    words.index_add_(2, word, c << (bits * field))  # [N, tiles, word], disjoint fields
     # int32 two's complement of the 32-bit pattern
-    return (words - (words >= 2**31).long() * 2**32).to(torch.int32).reshape(N, Kp // 8)
+    return (words - (words >= 2**31).long() * 2**32).to(torch.int32).reshape(N, Kp // tile * width)
 
 
 def pair_table(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -123,24 +162,29 @@ def pair_table(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def prepare_decode(q: QTensor, dtype: torch.dtype) -> DecodeWeight:
     """The decode layout of q for activations of `dtype` (bf16 or fp16); LayoutError if it has none."""
     if not supports(q, dtype):
-        raise LayoutError(f"the decode kernel takes 4-bit INT / NF and 16-bit x, not {q.spec.short()}")
+        raise LayoutError(f"the decode kernel takes 2/3/4/8-bit INT, NF4 and 16-bit x, not {q.spec.short()}")
     N, K = q.shape
     spec = q.spec
-    tile = decode_tile(spec.group_size, K)
+    bits = layout_bits(spec)
+    tile = decode_tile(spec.group_size, K, bits)
     s, z = decode_scales(q)  # float32 [N, G]
     pad = -N % ROW_TILE  # rows padded to whole row tiles: the kernel loads them without masks
     # groups padded to whole K tiles (zero scales): the last tile's groups past K exist
     G = s.shape[1]
     g_pad = -(-K // tile) * tile // spec.group_size - G if 1 < G and spec.group_size < tile else 0
     if spec.kind == "int":
-        zero = torch.full_like(s, 8.0) if z is None else z
-        offsets = F.pad(-(MAGIC[dtype] + zero).T, (0, pad, 0, g_pad)).to(dtype).contiguous()
+        zero = torch.full_like(s, 2.0 ** (spec.bits - 1)) if z is None else z
+        f = (MAGIC_FP32 + zero).T if bits == 8 else -(MAGIC[dtype] + zero).T
+        # padding reads as z = 0: finite values (times a zero scale)
+        value = float(MAGIC_FP32) if bits == 8 else -float(MAGIC[dtype])
+        offsets = F.pad(f, (0, pad, 0, g_pad), value=value).to(torch.float32 if bits == 8 else dtype)
+        offsets = offsets.contiguous()
         lut = None
     else:
         lut = pair_table(codebook(spec.format), dtype).to(q.codes.device)
         offsets = torch.full((N + pad,), lut.data_ptr(), dtype=torch.int64, device=lut.device)
     return DecodeWeight(
-        words=F.pad(pack_words(unpack_codes(q), tile, spec.kind), (0, 0, 0, pad)).contiguous(),
+        words=F.pad(pack_words(unpack_codes(q), tile, spec.kind, bits), (0, 0, 0, pad)).contiguous(),
         scales=F.pad(s.T, (0, pad, 0, g_pad)).contiguous(),
         offsets=offsets,
         lut=lut,
@@ -148,4 +192,5 @@ def prepare_decode(q: QTensor, dtype: torch.dtype) -> DecodeWeight:
         tile=tile,
         group_size=spec.group_size if s.shape[1] > 1 else K,
         shape=(N, K),
+        bits=bits,
     )

@@ -7,10 +7,10 @@ torch op:
 
 - backend "triton" (resolved once per device and dtype): a `Prepared` weight, rebuilt only when a
   tensor of the layer is replaced (identity check); every row count runs one launch, a split-K kernel
-  with a configuration cached per row bucket: `triton_decode` for 4-bit INT / NF weights in bf16 or
-  fp16, `triton_fused` for every other format and dtype. From a measured crossover (none yet, see
-  `triton_large`), dequantize + matmul instead; ranks above `triton_splitk.MAX_RANK` and x with a
-  strided last dim take the GEMV / GEMM of `triton_qlinear`.
+  with a configuration cached per row bucket: `triton_decode` for 2/3/4/8-bit INT and NF4 weights in
+  bf16 or fp16 (`layout.supports`), `triton_fused` for every other format and dtype. From a measured
+  crossover (none yet, see `triton_large`), dequantize + matmul instead; ranks above
+  `triton_splitk.MAX_RANK` and x with a strided last dim take the GEMV / GEMM of `triton_qlinear`.
 - backend "reference": the reference, with the dequantized weight kept between calls when the cache
   was made with `keep_dequantized=True` (speed over memory, for generation on a CPU).
 
@@ -33,8 +33,8 @@ class Prepared:
     Built from the layer's tensors, which it keeps (`matches` tells whether they are still the
     layer's); the inputs are checked here, once. Per activation dtype, on first use: the decode layout,
     the factors cast to that dtype; per row bucket, the launch configuration. A call picks the path
-    by its row count M: a one-launch split-K kernel (`triton_decode` for 4-bit INT / NF in bf16 / fp16,
-    else `triton_fused`) below the format's measured crossover, dequantize + matmul (`triton_large`)
+    by its row count M: a one-launch split-K kernel (`triton_decode` where the decode layout takes the
+    weight, else `triton_fused`) below the format's measured crossover, dequantize + matmul (`triton_large`)
     from it; the GEMV / GEMM for ranks above MAX_RANK.
     """
 
@@ -100,7 +100,7 @@ class Prepared:
             (N, K), smooth = self.q.shape, self.smooth is not None
             if dw is not None:
                 config = triton_decode.decode_config(key[1], N, K, dw.tile, dw.group_size, self.rank, smooth,
-                                                     self._sms)  # fmt: skip
+                                                     self._sms, dw.bits)  # fmt: skip
             else:
                 tile = triton_fused.block_k(self.q)
                 config = triton_fused.fused_config(key[1], N, K, tile, self.rank, smooth, self._sms)

@@ -1,15 +1,15 @@
-"""Triton split-K kernel for 4-bit INT / NF weights: the quantized linear in one launch, at any M.
+"""Triton split-K kernel for 2/3/4/8-bit INT and NF4 weights: the quantized linear in one launch, at any M.
 
     y = x_s @ dequantize(Q).T + (x_s @ L2.T) @ L1.T + bias,   x_s = x / smooth
 
 The weight is read in the layout of `lowbit.kernels.layout` (bf16 / fp16 activations). The grid, the
 low-rank prologue, the split-K reduction and the epilogue are those of `triton_splitk`. Each weight
-program's K tile is dequantized in registers without conversions (`triton_dequant`: inline PTX, 1.5
-instructions per weight), multiplied by the activations on the tensor cores (W tile [BLOCK_N, KT] as
-the register operand, x.T [KT, BLOCK_M] as the other; rows of x past M are zeros) and accumulated in
-a [BLOCK_N, BLOCK_M] fp32 tile held in registers for the whole K range; the group scales multiply
-either each group's fp32 partial product or, where that costs more (many rows, small groups:
-SCALE_W), the weights.
+program's K tile is dequantized in registers without integer conversions (`triton_dequant`: inline
+PTX, 1.5 instructions per weight for 2- and 4-bit words, 2.5 for 8-bit ones), multiplied by the
+activations on the tensor cores (W tile [BLOCK_N, KT] as the register operand, x.T [KT, BLOCK_M] as
+the other; rows of x past M are zeros) and accumulated in a [BLOCK_N, BLOCK_M] fp32 tile held in
+registers for the whole K range; the group scales multiply either each group's fp32 partial product
+or, where that costs more (4-bit words, many rows, small groups: SCALE_W), the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ import triton.language as tl
 
 from lowbit.kernels.layout import MAGIC, DecodeWeight
 from lowbit.kernels.triton_common import interpreting
-from lowbit.kernels.triton_dequant import columns, dequant_tile, group_rows, scaled
+from lowbit.kernels.triton_dequant import (
+    columns,
+    dequant_int2,
+    dequant_int8,
+    dequant_tile,
+    group_rows,
+    scaled,
+)
 from lowbit.kernels.triton_splitk import (
     dot,
     finish,
@@ -52,6 +59,63 @@ def _group_dot(w, x_ptr, scales_ptr, offs_m, offs_n, g, k0, M, K, stride_xm, str
     x = load_x(x_ptr, None, offs_m, k0 + tl.arange(0, WIDTH), M, K, stride_xm, False, EVEN_K)
     s = tl.load(scales_ptr + g * stride_gn + offs_n)  # fp32 [BN]
     return dot(w, x, DOT_IEEE) * s[:, None]  # the scale once per row and group, on the fp32 partial sum
+
+
+@triton.jit
+def _natural4(a, b, c, d):
+    """Join tree of four [BN, W] tensors whose flattened minor axis is a, b, c, d."""
+    return tl.join(tl.join(a, c), tl.join(b, d))
+
+
+@triton.jit
+def _natural8(o0, o1, o2, o3, o4, o5, o6, o7):
+    return tl.join(_natural4(o0, o2, o4, o6), _natural4(o1, o3, o5, o7))
+
+
+@triton.jit
+def _int2_slots(o, h: tl.constexpr, SLOTS: tl.constexpr):
+    """Fields h * SLOTS .. (h + 1) * SLOTS - 1 of sixteen [BN, W] tensors o, joined in that order."""
+    b: tl.constexpr = h * SLOTS
+    if SLOTS == 4:
+        parts = _natural4(o[b], o[b + 1], o[b + 2], o[b + 3])
+    elif SLOTS == 8:
+        parts = _natural8(o[b], o[b + 1], o[b + 2], o[b + 3], o[b + 4], o[b + 5], o[b + 6], o[b + 7])
+    else:
+        parts = tl.join(_natural8(o[0], o[2], o[4], o[6], o[8], o[10], o[12], o[14]),
+                        _natural8(o[1], o[3], o[5], o[7], o[9], o[11], o[13], o[15]))  # fmt: skip
+    return parts
+
+
+@triton.jit
+def _wide_tile_dot(acc, words_ptr, scales_ptr, offsets_ptr, x_ptr, offs_m, offs_n, k0, M, K, stride_xm,
+                   stride_wn, stride_gn, BITS: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
+                   MAGIC_VALUE: tl.constexpr, GROUP_SIZE: tl.constexpr, DOT_IEEE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, TILE: tl.constexpr):  # fmt: skip
+    """`_weight_tile_dot` for 2- and 8-bit INT words (see `layout`): 8 bits, a K tile in one group, its
+    four bytes in slots o0 o2 o1 o3; 2 bits, a K tile of 1, 2 or 4 groups, field j in slot j."""
+    dtype = x_ptr.dtype.element_ty
+    W: tl.constexpr = TILE * BITS // 32
+    GROUPS: tl.constexpr = TILE // GROUP_SIZE if GROUP_SIZE < TILE else 1
+    offs_w = k0 * BITS // 32 + tl.arange(0, W)
+    words = tl.load(words_ptr + offs_n[:, None] * stride_wn + offs_w[None, :])  # int32 [BN, W]
+    g = k0 // GROUP_SIZE
+    if BITS == 8:
+        f0 = tl.load(offsets_ptr + g * stride_gn + offs_n)  # 2^23 + z [BN]
+        o0, o1, o2, o3 = dequant_int8(words, f0, USE_ASM, dtype)
+        w = columns(tl.join(tl.join(o0, o1), tl.join(o2, o3)), BLOCK_N, W, 4)
+        acc += _group_dot(w, x_ptr, scales_ptr, offs_m, offs_n, g, k0, M, K, stride_xm, stride_gn, EVEN_K,
+                          DOT_IEEE, TILE)  # fmt: skip
+    else:
+        tl.static_assert(BITS == 2, "the wide tiles take 2- and 8-bit words")
+        # fields j // 4 = 0..3 take the offsets of group g + (j // 4) * GROUPS // 4: v0 v2 v1 v3
+        v0, v1, v2, v3 = group_rows(offsets_ptr, g, stride_gn, offs_n, GROUPS)
+        o = dequant_int2(words, v0, v2, v1, v3, USE_ASM, MAGIC_VALUE, dtype)
+        SLOTS: tl.constexpr = 16 // GROUPS
+        for h in tl.static_range(GROUPS):
+            w = columns(_int2_slots(o, h, SLOTS), BLOCK_N, W, SLOTS)
+            acc += _group_dot(w, x_ptr, scales_ptr, offs_m, offs_n, g + h, k0 + h * (TILE // GROUPS), M, K,
+                              stride_xm, stride_gn, EVEN_K, DOT_IEEE, TILE // GROUPS)  # fmt: skip
+    return acc
 
 
 @triton.jit
@@ -128,8 +192,8 @@ def _decode_kernel(
     x_ptr, words_ptr, scales_ptr, offsets_ptr, lut_ptr, inv_smooth_ptr, l2_ptr, l1_ptr, bias_ptr, y_ptr,
     xs_ptr, ws_ptr, t_ptr, lock_ptr,
     M, N, K, R, stride_xm, stride_wn, stride_gn, stride_l2r, stride_l1n, stride_ym,
-    FMT: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, MAGIC_VALUE: tl.constexpr,
-    GROUP_SIZE: tl.constexpr, SCALE_W: tl.constexpr,
+    FMT: tl.constexpr, BITS: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
+    MAGIC_VALUE: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_W: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr,
     SPLIT_K: tl.constexpr, T_PROGS: tl.constexpr, T_BLOCK_K: tl.constexpr,
@@ -147,11 +211,17 @@ def _decode_kernel(
                                                         SPLIT_K)  # fmt: skip
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
     for k0 in range(k_begin, k_end, TILE):
-        acc = _weight_tile_dot(
-            acc, words_ptr, scales_ptr, offsets_ptr, lut_ptr, x_ptr, offs_m, offs_n, k0, M, K,
-            stride_xm, stride_wn, stride_gn, FMT, EVEN_K, USE_ASM, MAGIC_VALUE, GROUP_SIZE, SCALE_W,
-            DOT_IEEE, BLOCK_N, TILE,
-        )  # fmt: skip
+        if BITS == 4:
+            acc = _weight_tile_dot(
+                acc, words_ptr, scales_ptr, offsets_ptr, lut_ptr, x_ptr, offs_m, offs_n, k0, M, K,
+                stride_xm, stride_wn, stride_gn, FMT, EVEN_K, USE_ASM, MAGIC_VALUE, GROUP_SIZE, SCALE_W,
+                DOT_IEEE, BLOCK_N, TILE,
+            )  # fmt: skip
+        else:
+            acc = _wide_tile_dot(
+                acc, words_ptr, scales_ptr, offsets_ptr, x_ptr, offs_m, offs_n, k0, M, K, stride_xm,
+                stride_wn, stride_gn, BITS, EVEN_K, USE_ASM, MAGIC_VALUE, GROUP_SIZE, DOT_IEEE, BLOCK_N, TILE,
+            )  # fmt: skip
     finish(
         acc, offs_m, offs_n, tile, ws_ptr, t_ptr, l1_ptr, bias_ptr, y_ptr, lock_ptr, M, N, R, stride_l1n,
         stride_ym, pro_progs, HAS_PROLOGUE, HAS_LOWRANK, HAS_BIAS, DOT_IEEE, BLOCK_M, BLOCK_N, BLOCK_R,
@@ -160,15 +230,15 @@ def _decode_kernel(
 
 
 def decode_config(m: int, n: int, k: int, tile: int, group_size: int, rank: int, smooth: bool,
-                  sms: int) -> dict:  # fmt: skip
-    """Launch constexprs for the row bucket of m rows: `triton_splitk.split_config`, SCALE_W where scaling
-    the weights (0.5 instructions per weight) costs less than scaling each group's partial sums
-    (BLOCK_M * groups per tile / TILE), BLOCK_N and num_warps (`ROW_BLOCKS`), NUM_STAGES."""
+                  sms: int, bits: int = 4) -> dict:  # fmt: skip
+    """Launch constexprs for the row bucket of m rows: `triton_splitk.split_config`, SCALE_W (4-bit
+    words) where scaling the weights (0.5 instructions per weight) costs less than scaling each group's
+    partial sums (BLOCK_M * groups per tile / TILE), BLOCK_N and num_warps (`ROW_BLOCKS`), NUM_STAGES."""
     block_n, warps = ROW_BLOCKS.get(row_bucket(m), (BLOCK_N, NUM_WARPS))
     config = split_config(m, n, k, tile, block_n, rank, smooth, sms)
     groups = tile // group_size if group_size < tile else 1
-    return dict(config, SCALE_W=config["BLOCK_M"] * groups > 64, BLOCK_N=block_n, num_warps=warps,
-                num_stages=NUM_STAGES)  # fmt: skip
+    scale_w = bits == 4 and config["BLOCK_M"] * groups > 64
+    return dict(config, SCALE_W=scale_w, BLOCK_N=block_n, num_warps=warps, num_stages=NUM_STAGES)
 
 
 def decode(x: torch.Tensor, dw: DecodeWeight, l1, l2, inv_smooth, bias, config: dict, out=None):
@@ -186,7 +256,8 @@ def decode(x: torch.Tensor, dw: DecodeWeight, l1, l2, inv_smooth, bias, config: 
         x, dw.words, dw.scales, dw.offsets, dw.lut, inv_smooth, l2, l1, bias, y, *scratch,
         M, N, K, R, x.stride(0), dw.words.stride(0), dw.scales.stride(0), 0 if l2 is None else l2.stride(0),
         0 if l1 is None else l1.stride(0), y.stride(0),
-        FMT=dw.fmt, EVEN_K=K % dw.tile == 0, USE_ASM=not interpreting(), MAGIC_VALUE=MAGIC[x.dtype],
+        FMT=dw.fmt, BITS=dw.bits, EVEN_K=K % dw.tile == 0, USE_ASM=not interpreting(),
+        MAGIC_VALUE=MAGIC[x.dtype],
         GROUP_SIZE=dw.group_size, DOT_IEEE=interpreting(), TILE=dw.tile, **modes, **config,
     )  # fmt: skip
     return y

@@ -12,6 +12,10 @@ operand register holds):
 - NF: the layout puts the two codes of one output register in one byte, so a byte indexes the
   256-entry pair table (`layout.pair_table`, L1-resident) whose entry is that register: `prmt`
   (the byte), `mad.wide` (its address), one load: 1.5 instructions per weight.
+- 2-bit INT: as 4-bit INT with sixteen 2-bit fields a word (mask 0x00030003): 1.5 per weight.
+- 8-bit INT: per byte j of both words a `prmt` of the byte and the three high bytes of the fp32
+  2^23 + z (0x4B0000zz, the offsets operand: 0x4B0000cc = 2^23 + c, no constant to materialise), an fp32
+  subtraction of 2^23 + z, one `cvt.rn.bf16x2.f32` (f16x2) for the pair: 2.5 instructions per weight.
 
 The interpreter (and `USE_ASM=False`) runs the same arithmetic in plain Triton.
 """
@@ -21,23 +25,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# eight codes of two words -> eight bf16x2 (fp16x2) pairs (code - (MAGIC + z)); nibble j takes the
-# offsets operand j % 4 (the K tile may span up to four groups); fma by 1.0: sub.bf16x2 needs sm_90
-_INT_ASM = (
-    """{
-.reg .b32 t, u, one;
-mov.b32 one, ONE;
-prmt.b32 t, $8, $9, 0x5410;
-prmt.b32 u, $8, $9, 0x7632;
-"""
-    + "".join(
-        ("shr.b32 t, t, 4;\nshr.b32 u, u, 4;\n" if j else "")
-        + f"lop3.b32 ${j}, t, 0x000F000F, MAGIC, 0xEA;\nlop3.b32 ${j + 4}, u, 0x000F000F, MAGIC, 0xEA;\n"
-        for j in range(4)
+
+def _int_fields_asm(bits: int, operand) -> str:
+    """32 / bits fields of two words -> as many bf16x2 (fp16x2) pairs (code - (MAGIC + z)): per half
+    word and field a shift and a `lop3`, then an fma by 1.0 with the offsets operand operand(j) of field
+    j (the K tile may span up to four groups); sub.bf16x2 needs sm_90, the fma does not."""
+    half = 16 // bits  # fields a half word
+    words = 2 * half  # operand number of the first word
+    mask = f"0x{(2**bits - 1) << 16 | (2**bits - 1):08X}"
+    return (
+        f"{{\n.reg .b32 t, u, one;\nmov.b32 one, ONE;\nprmt.b32 t, ${words}, ${words + 1}, 0x5410;\n"
+        f"prmt.b32 u, ${words}, ${words + 1}, 0x7632;\n"
+        + "".join(
+            (f"shr.b32 t, t, {bits};\nshr.b32 u, u, {bits};\n" if j else "")
+            + f"lop3.b32 ${j}, t, {mask}, MAGIC, 0xEA;\nlop3.b32 ${j + half}, u, {mask}, MAGIC, 0xEA;\n"
+            for j in range(half)
+        )
+        + "".join(f"fma.rn.OP ${j}, ${j}, one, ${words + 2 + operand(j)};\n" for j in range(2 * half))
+        + "}"
     )
-    + "".join(f"fma.rn.OP ${j}, ${j}, one, ${10 + j % 4};\n" for j in range(8))
-    + "}"
-)
+
+
+# nibble j takes the offsets operand j % 4; 2-bit field j, operand j // 4 (see `layout`)
+_INT_ASM = _int_fields_asm(4, lambda j: j % 4)
+_INT2_ASM = _int_fields_asm(2, lambda j: j // 4)
 
 # output register j: the pair-table entry of byte j % 4 of word w (j < 4) or w + 1 (j >= 4)
 _NF_ASM = (
@@ -51,12 +62,31 @@ _NF_ASM = (
 )
 
 
-def _int_asm(one: str, magic: str, op: str) -> tl.constexpr:
-    return tl.constexpr(_INT_ASM.replace("ONE", one).replace("MAGIC", magic).replace("OP", op))
+# four bytes of two words -> four bf16x2 (fp16x2) pairs (code - z): byte j of each word below the high
+# bytes of f = 2^23 + z (prmt selector 0x765j: byte j, then f's bytes 1-3 = 0, 0, 0x4B), minus f
+_INT8_ASM = (
+    "{\n.reg .b32 a, b;\n"
+    + "".join(
+        f"prmt.b32 a, $4, $6, 0x765{j};\nprmt.b32 b, $5, $6, 0x765{j};\n"
+        + f"sub.f32 a, a, $6;\nsub.f32 b, b, $6;\ncvt.rn.OP.f32 ${j}, b, a;\n"
+        for j in range(4)
+    )
+    + "}"
+)
 
 
-INT_ASM_BF16 = _int_asm("0x3F803F80", "0x43004300", "bf16x2")
-INT_ASM_F16 = _int_asm("0x3C003C00", "0x64006400", "f16x2")
+def _int_asm(template: str, dtype: str) -> tl.constexpr:
+    """The inline PTX of `template` for bf16 or f16 pairs (its constants 1.0, MAGIC and op suffix)."""
+    one, magic = {"bf16": ("0x3F803F80", "0x43004300"), "f16": ("0x3C003C00", "0x64006400")}[dtype]
+    return tl.constexpr(template.replace("ONE", one).replace("MAGIC", magic).replace("OP", dtype + "x2"))
+
+
+INT_ASM_BF16 = _int_asm(_INT_ASM, "bf16")
+INT_ASM_F16 = _int_asm(_INT_ASM, "f16")
+INT2_ASM_BF16 = _int_asm(_INT2_ASM, "bf16")
+INT2_ASM_F16 = _int_asm(_INT2_ASM, "f16")
+INT8_ASM_BF16 = _int_asm(_INT8_ASM, "bf16")
+INT8_ASM_F16 = _int_asm(_INT8_ASM, "f16")
 NF_ASM = tl.constexpr(_NF_ASM)
 
 
@@ -84,10 +114,63 @@ def _nf_asm(words, base, dtype: tl.constexpr):
 
 
 @triton.jit
-def _int_nibble(words, offsets, SHIFT: tl.constexpr, MAGIC_VALUE: tl.constexpr, dtype: tl.constexpr):
-    """(MAGIC + nibble) + offsets = c - z, exactly, as the inline PTX computes it."""
-    c = ((words >> SHIFT) & 0xF) + MAGIC_VALUE
+def _int_nibble(words, offsets, SHIFT: tl.constexpr, MAGIC_VALUE: tl.constexpr, dtype: tl.constexpr,
+                MASK: tl.constexpr = 0xF):  # fmt: skip
+    """(MAGIC + field) + offsets = c - z, exactly, as the inline PTX computes it."""
+    c = ((words >> SHIFT) & MASK) + MAGIC_VALUE
     return (c.to(tl.float32) + offsets.to(tl.float32)[:, None]).to(dtype)
+
+
+@triton.jit
+def _int2_field(words, offsets, J: tl.constexpr, MAGIC_VALUE: tl.constexpr, dtype: tl.constexpr):
+    return _int_nibble(words, offsets, 2 * J, MAGIC_VALUE, dtype, 3)
+
+
+@triton.jit
+def dequant_int2(words, f0, f1, f2, f3, USE_ASM: tl.constexpr, MAGIC_VALUE: tl.constexpr,
+                 dtype: tl.constexpr):  # fmt: skip
+    """Sixteen [BN, W] tensors o_j = field j of 2-bit words [BN, W] minus z; f0..f3 [BN] = -(MAGIC + z)
+    of the group of fields j with j // 4 = 0..3."""
+    if USE_ASM:
+        cons: tl.constexpr = "=r," * 16 + "r,r,r,r,r,r"
+        shape: tl.constexpr = words.shape
+        args = [words, tl.broadcast_to(f0[:, None], shape), tl.broadcast_to(f1[:, None], shape),
+                tl.broadcast_to(f2[:, None], shape), tl.broadcast_to(f3[:, None], shape)]  # fmt: skip
+        if dtype == tl.bfloat16:
+            out = tl.inline_asm_elementwise(INT2_ASM_BF16, cons, args, (tl.bfloat16,) * 16, True, 2)
+        else:
+            out = tl.inline_asm_elementwise(INT2_ASM_F16, cons, args, (tl.float16,) * 16, True, 2)
+    else:
+        out = (
+            _int2_field(words, f0, 0, MAGIC_VALUE, dtype), _int2_field(words, f0, 1, MAGIC_VALUE, dtype),
+            _int2_field(words, f0, 2, MAGIC_VALUE, dtype), _int2_field(words, f0, 3, MAGIC_VALUE, dtype),
+            _int2_field(words, f1, 4, MAGIC_VALUE, dtype), _int2_field(words, f1, 5, MAGIC_VALUE, dtype),
+            _int2_field(words, f1, 6, MAGIC_VALUE, dtype), _int2_field(words, f1, 7, MAGIC_VALUE, dtype),
+            _int2_field(words, f2, 8, MAGIC_VALUE, dtype), _int2_field(words, f2, 9, MAGIC_VALUE, dtype),
+            _int2_field(words, f2, 10, MAGIC_VALUE, dtype), _int2_field(words, f2, 11, MAGIC_VALUE, dtype),
+            _int2_field(words, f3, 12, MAGIC_VALUE, dtype), _int2_field(words, f3, 13, MAGIC_VALUE, dtype),
+            _int2_field(words, f3, 14, MAGIC_VALUE, dtype), _int2_field(words, f3, 15, MAGIC_VALUE, dtype),
+        )  # fmt: skip
+    return out
+
+
+@triton.jit
+def dequant_int8(words, f0, USE_ASM: tl.constexpr, dtype: tl.constexpr):
+    """Four [BN, W] tensors o_j = byte j of words [BN, W] minus z (f0 float32 [BN] = 2^23 + z)."""
+    if USE_ASM:
+        cons: tl.constexpr = "=r,=r,=r,=r,r,r,r,r"
+        f = tl.broadcast_to(f0[:, None], words.shape)
+        if dtype == tl.bfloat16:
+            out = tl.inline_asm_elementwise(INT8_ASM_BF16, cons, [words, f], (tl.bfloat16,) * 4, True, 2)
+        else:
+            out = tl.inline_asm_elementwise(INT8_ASM_F16, cons, [words, f], (tl.float16,) * 4, True, 2)
+    else:
+        f = -f0
+        out = (
+            _int_nibble(words, f, 0, 8388608, dtype, 0xFF), _int_nibble(words, f, 8, 8388608, dtype, 0xFF),
+            _int_nibble(words, f, 16, 8388608, dtype, 0xFF), _int_nibble(words, f, 24, 8388608, dtype, 0xFF),
+        )  # fmt: skip
+    return out
 
 
 @triton.jit

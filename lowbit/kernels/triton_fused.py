@@ -2,9 +2,9 @@
 
     y = x_s @ dequantize(Q).T + (x_s @ L2.T) @ L1.T + bias,   x_s = x / smooth
 
-For the weights the 4-bit decode layout does not take (`lowbit.kernels.layout.supports`: 2, 3 and
-8-bit INT / NF, the minifloats, group sizes that do not tile 128 columns, fp32 activations), read as
-the checkpoint stores them. The grid, the low-rank prologue, the split-K reduction and the epilogue
+For the weights the decode layout does not take (`lowbit.kernels.layout.supports`: NF below 4 bits,
+the minifloats, group sizes the decode tiles do not take, fp32 activations), read as the checkpoint
+stores them. The grid, the low-rank prologue, the split-K reduction and the epilogue
 are those of `triton_splitk` (one launch: no torch op before or after the kernel). Each weight program
 dequantizes its [BLOCK_N, BLOCK_K] tiles with `triton_common.load_weight_tile` (fp32 s * value, rounded
 to the activation dtype as the reference rounds it), multiplies them by x.T [BLOCK_K, BLOCK_M] on the

@@ -48,39 +48,42 @@ def run_decode(x, q, l1, l2, smooth, bias):
     inv = None if smooth is None else 1.0 / smooth.float()
     rank, smoothed = 0 if l1 is None else l1.shape[1], smooth is not None
     # 16 SMs: two programs per SM split K at every row count here up to 256
-    config = triton_decode.decode_config(x.shape[0], N, K, dw.tile, dw.group_size, rank, smoothed, 16)
+    m = x.shape[0]
+    config = triton_decode.decode_config(m, N, K, dw.tile, dw.group_size, rank, smoothed, 16, dw.bits)
     out = torch.full((x.shape[0], N), float("nan"), dtype=x.dtype)
     assert triton_decode.decode(x, dw, l1, l2, inv, bias, config, out=out) is out
     return out
 
 
-@pytest.mark.parametrize("fmt", ["int", "nf"])
-def test_packed_words_hold_every_code_where_the_kernel_reads_it(fmt):
-    """INT: column slot * W + w in nibble NIBBLE_OF_SLOT[slot] of word w; NF: the two columns of one
+@pytest.mark.parametrize("fmt, bits", [("int", 4), ("nf", 4), ("int", 2), ("int", 8)])
+def test_packed_words_hold_every_code_where_the_kernel_reads_it(fmt, bits):
+    """INT: column slot * W + w in field code_of_slot(bits)[slot] of word w; NF: the two columns of one
     output register (words w, w + 1 of a pair, same slot) in the two nibbles of one byte."""
-    q = quantize(torch.randn(N, K), QuantSpec("int4", 64))
+    q = quantize(torch.randn(N, K), QuantSpec(f"{fmt}{bits}", 64))
     codes = unpack_codes(q)
-    for tile in (32, 64, 128):
-        width = tile // 8
-        words = layout.pack_words(codes, tile, fmt).long() & 0xFFFFFFFF  # [N, Kp / 8]
+    for tile in (64, 128, 256):
+        width = tile * bits // 32
+        words = layout.pack_words(codes, tile, fmt, bits).long() & 0xFFFFFFFF  # [N, Kp * bits / 32]
         col = torch.arange(K)
-        w, j = col % width, torch.tensor(layout.NIBBLE_OF_SLOT)[col % tile // width]
+        w, j = col % width, torch.tensor(layout.code_of_slot(bits))[col % tile // width]
         if fmt == "nf":
-            w, nibble = w - w % 2 + j // 4, 2 * (j % 4) + w % 2
-        else:
-            nibble = j
-        got = (words[:, col // tile * width + w] >> (4 * nibble)) & 0xF
+            w, j = w - w % 2 + j // 4, 2 * (j % 4) + w % 2
+        got = (words[:, col // tile * width + w] >> (bits * j)) & (2**bits - 1)
         assert torch.equal(got, codes.long())
 
 
 def test_decode_tile_takes_groups_that_tile_k():
     tiles = [layout.decode_tile(g, 4096) for g in (None, 32, 64, 128, 256, 4096)]
     assert tiles == [128] * 6
+    assert [layout.decode_tile(g, 4096, 2) for g in (None, 64, 128, 512)] == [256] * 4
+    assert [layout.decode_tile(g, 4096, 8) for g in (None, 64, 256)] == [128, 64, 128]
     assert layout.decode_tile(48, 4096) is None and layout.decode_tile(16, 4096) is None
-    assert not layout.supports(quantize(torch.randn(8, 64), QuantSpec("int3", 32)), torch.bfloat16)
+    assert layout.decode_tile(32, 4096, 2) is None and layout.decode_tile(32, 4096, 8) is None
+    assert layout.supports(quantize(torch.randn(8, 64), QuantSpec("int3", 32)), torch.bfloat16)
+    assert not layout.supports(quantize(torch.randn(8, 64), QuantSpec("nf3", 64)), torch.bfloat16)
     assert not layout.supports(quantize(torch.randn(8, 64), QuantSpec("int4", 32)), torch.float32)
-    with pytest.raises(layout.LayoutError, match="int3"):
-        layout.prepare_decode(quantize(torch.randn(8, 64), QuantSpec("int3", 32)), torch.bfloat16)
+    with pytest.raises(layout.LayoutError, match="int2"):
+        layout.prepare_decode(quantize(torch.randn(8, 128), QuantSpec("int2", 32)), torch.bfloat16)
 
 
 def case_id(v) -> str:
@@ -98,6 +101,14 @@ CASES = [  # (spec, dtype, M, rank, smooth, bias)
     (QuantSpec("nf4", 64, double_quant=True), torch.float16, 5, 0, True, False),
     (QuantSpec("nf4", 128), torch.bfloat16, 32, 0, False, False),
     (QuantSpec("int4", 64), torch.bfloat16, 64, 8, True, True),  # weights scaled (SCALE_W)
+    # 3-bit codes widened to nibbles; 2-bit words (tiles of 256 columns: 4, 2, 1 groups); 8-bit words
+    (QuantSpec("int3", 128), torch.bfloat16, 5, 8, False, True),
+    (QuantSpec("int3", 32, symmetric=True), torch.float16, 1, 0, True, False),
+    (QuantSpec("int2", 64), torch.bfloat16, 32, 4, True, False),
+    (QuantSpec("int2", 128, symmetric=True), torch.float16, 1, 0, False, True),
+    (QuantSpec("int2", None), torch.bfloat16, 5, 0, False, False),
+    (QuantSpec("int8", None), torch.bfloat16, 1, 8, False, True),
+    (QuantSpec("int8", 64, symmetric=True), torch.float16, 32, 0, True, False),
     (QuantSpec("nf4", 64), torch.bfloat16, 100, 16, True, True),  # two row tiles, split K
     # five row tiles, one K range (as in the 65-row prepared layer below, on 4 SMs)
     pytest.param(QuantSpec("int4", 128), torch.float16, 300, 8, False, True, marks=pytest.mark.slow),
@@ -113,12 +124,13 @@ def test_decode_matches_the_reference(spec, dtype, m, rank, smooth, bias):
     assert not ws.any() and not t.any() and not lock.any()  # left as found, for the next call
 
 
-def test_one_hot_rows_read_back_every_int_weight_exactly():
+@pytest.mark.parametrize("fmt", ["int4", "int3", "int2", "int8"])
+def test_one_hot_rows_read_back_every_int_weight_exactly(fmt):
     """Row i of x selects column c_i: y[i] = round(s * (c - z)) = dequantize(q, fp16)[:, c_i] bit for bit.
 
     (fp16: the interpreter rounds fp32 to bf16 toward zero, compiled code to nearest.)
     """
-    q = quantize(torch.randn(N, K), QuantSpec("int4", 64))
+    q = quantize(torch.randn(N, K), QuantSpec(fmt, 64))
     cols = torch.linspace(0, K - 1, 7).round().long()
     x = torch.zeros(7, K, dtype=torch.float16)
     x[torch.arange(7), cols] = 1.0

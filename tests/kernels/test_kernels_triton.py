@@ -346,7 +346,7 @@ fused = dict(INT3_DQ, DOT_IEEE=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, BLOCK
 for arch in (80, 90):
     compile_kernel(triton_fused._fused_kernel, fused, arch, 4, W8A8_POINTERS)
 # the decode kernel, inline PTX included: 4-bit INT with every epilogue part, and NF4
-DECODE = dict(FMT="int", EVEN_K=False, USE_ASM=True, MAGIC_VALUE=128, GROUP_SIZE=128, SCALE_W=False,
+DECODE = dict(FMT="int", BITS=4, EVEN_K=False, USE_ASM=True, MAGIC_VALUE=128, GROUP_SIZE=128, SCALE_W=False,
               HAS_SMOOTH=True, HAS_LOWRANK=True, HAS_BIAS=True, DOT_IEEE=False, BLOCK_M=16, BLOCK_N=128,
               TILE=128, BLOCK_R=64, SPLIT_K=4, T_PROGS=4, T_BLOCK_K=512, lut_ptr=None)
 DECODE_POINTERS = dict(words_ptr="*i32", scales_ptr="*fp32", inv_smooth_ptr="*fp32", ws_ptr="*fp32",
@@ -357,6 +357,11 @@ for arch in (80, 90):
 nf4 = dict(DECODE, FMT="nf", GROUP_SIZE=64, BLOCK_M=64, SCALE_W=True)
 del nf4["lut_ptr"]
 compile_kernel(triton_decode._decode_kernel, nf4, 90, 4, NF_POINTERS)
+# 2-bit words (a tile of four groups) and 8-bit words (fp32 offsets)
+compile_kernel(triton_decode._decode_kernel, dict(DECODE, BITS=2, GROUP_SIZE=64, TILE=256), 90, 4,
+               DECODE_POINTERS)
+compile_kernel(triton_decode._decode_kernel, dict(DECODE, BITS=8, BLOCK_N=256, BLOCK_M=32), 90, 8,
+               dict(DECODE_POINTERS, offsets_ptr="*fp32"))
 fold = dict(INT3_DQ, BLOCK_N=64, BLOCK_K=64)
 compile_kernel(triton_large._fold_kernel, fold, 90, 4, dict(POINTERS, inv_smooth_ptr="*fp32"))
 print("compiled")
