@@ -107,10 +107,10 @@ def test_budget_path_fine_tunes_each_budget_and_resumes(tmp_path):
     ft |= {"lr": 1e-2, "scale_lr": 1e-2, "warmup": 0, "eval_blocks": 1, "patience": 0}
     recipe = Recipe.from_dict({"allocate": {**GRID, "metric": "frobenius"}, "finetune": ft})
     work = tmp_path / "work"
-    kw = dict(budgets=[2.5, 3.5], calib_data=blocks, work_dir=work, progress=False)
+    kw = dict(budgets=[2.5, 3.5], calib_data=blocks, work_dir=work, keep_work=True, progress=False)
     model, report = compress(make_tiny_llama(300), recipe, **kw)
     assert all(e["rank"] == 0 for b in report.budgets for e in b["plan"].values())  # l4q merged
-    assert (work.glob("*/bpw-2.5-finetune")) and (work.glob("*/bpw-3.5-finetune"))
+    assert any(work.glob("*/bpw-2.5-finetune")) and any(work.glob("*/bpw-3.5-finetune"))
     plain, _ = compress(
         make_tiny_llama(300),
         Recipe.from_dict(recipe.to_dict() | {"finetune": None}),
