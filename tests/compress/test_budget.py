@@ -52,6 +52,9 @@ def test_budget_is_respected_in_the_written_checkpoint(tiny_llama_dir, news_file
 def test_new_budget_reuses_calibration_and_error_table(tiny_llama_dir, news_file, tmp_path, monkeypatch):
     recipe = recipe_file(tmp_path)
     base = ["compress", "--model", tiny_llama_dir, "--recipe", recipe, "--data", news_file, "--json"]
+    assert run_cli(*base, "--budget", "3", "--out", tmp_path / "z") == 0
+    assert not (tmp_path / ".lowbit-work").exists()  # removed after success unless kept
+    base.append("--keep-work")
     assert run_cli(*base, "--budget", "3", "--out", tmp_path / "a") == 0
     assert (tmp_path / ".lowbit-work").is_dir()
 
