@@ -51,6 +51,8 @@ from lowbit.quantizers.engines import fused_groups, served_group
 
 # Resident memory of a process that has imported torch, transformers and lowbit (measured: 0.49 GB).
 BASE_RSS = 485 << 20
+# Resident memory that reading the calibration text adds (builtin:lee-news, tokenised: measured 0.16 GB).
+CALIBRATION_TEXT_RSS = 150 << 20
 # Samples per micro-batch of `lowbit.calibration.calibrate_sequential` (its batch_size default).
 HIDDEN_BATCH = 8
 # Per-file overheads of a checkpoint besides tensors: safetensors header entries, manifest, config.
@@ -297,9 +299,10 @@ def streamed_peak_ram(
               the hidden states [S, L, D])
     block:    one decoder block in `dtype` + with calibration, the hidden states entering and leaving the
               block (`hidden_bytes`) + what compressing the block holds besides (`block_work_bytes`)
-    plus BASE_RSS. The work area holds every finished shard until the end, the finished blocks' parts
-    until they fill a shard (`DEFAULT_MAX_SHARD_BYTES`), at most that much again while a shard is written,
-    and, with calibration, the hidden states of the next block (and those offloaded past the limit).
+    plus BASE_RSS (and CALIBRATION_TEXT_RSS with calibration). The work area holds every finished shard
+    until the end, the finished blocks' parts until they fill a shard (`DEFAULT_MAX_SHARD_BYTES`), at most
+    that much again while a shard is written, and, with calibration, the hidden states of the next block
+    (and those offloaded past the limit).
     """
     prefix, blocks = find_blocks(net)
     size = dtype.itemsize
@@ -316,6 +319,8 @@ def streamed_peak_ram(
     if budget and needs_fisher(recipe):
         work += saved
     ram = max(outside + hidden // 2, block + hidden + work)
+    if recipe.needs_calibration():
+        ram += CALIBRATION_TEXT_RSS
     return BASE_RSS + ram, out + min(out, DEFAULT_MAX_SHARD_BYTES) + saved + offloaded
 
 
