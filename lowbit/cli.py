@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--work-dir", help="where finished stages are kept (default: .lowbit-work beside --out)")
     c.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="keep the work area after success (a later run with another budget reuses its error table)",
+    )
+    c.add_argument(
+        "--max-work-size", help="stop when the work area grows past this, e.g. 50GB (default: no limit)"
+    )
+    c.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors shard written, e.g. 2GB (default 5GB)"
     )
     c.add_argument(
@@ -227,6 +235,8 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         work_dir=args.work_dir,
         progress=progress,
         max_shard_size=args.max_shard_size,
+        keep_work=args.keep_work,
+        max_work_size=args.max_work_size,
     )
     result = {
         "out": str(out),
@@ -237,7 +247,7 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         "size_bytes": _folder_bytes(out),
     }
     if report.budgets:
-        keys = ("budget", "bits_per_weight", "out", "error", "solver_status", "solve_seconds")
+        keys = ("budget", "bits_per_weight", "out", "error", "solver_status", "solve_seconds", "work_bytes")
         result["budgets"] = [{k: b[k] for k in keys} for b in report.budgets]
     if args.eval or len(report.budgets) > 1:
         shapes = [tuple(e["shape"]) for e in report.layers.values()]

@@ -12,7 +12,8 @@ once, never the whole model) with a small byte-level BPE tokenizer, and reused b
 subprocess under `/usr/bin/time -v` (peak RSS of the compress process) while a thread polls the size of
 the work area (`.lowbit-work` beside the output). Each run prints the source size, wall time, peak RSS,
 peak work-area disk and output size, the last three also as ratios to the source model's size, with the
-`lowbit.compress.dry_run` predictions of the peak RSS and output size beside them.
+`lowbit.compress.dry_run` predictions of the peak RSS and output size beside them (of the job as run:
+the extra arguments' --samples, --seq-len and --max-hidden-memory included).
 
 Shapes (`SHAPES`): 0.5b and 1.5b are Qwen2.5-0.5B / 1.5B's dimensions as a Llama (tied embeddings,
 vocabulary 151936); 8b is Llama-3-8B's (--layers 2 for a short run over its first blocks).
@@ -171,6 +172,22 @@ def run_compress(model_dir: Path, out: Path, preset: str, extra: list[str]) -> d
     }
 
 
+def predicted_recipe(preset: str, extra: list[str]):
+    """The preset with the calibration settings that the extra `lowbit compress` arguments override
+    (--samples, --seq-len, --max-hidden-memory), so that the dry run predicts the job that runs."""
+    from dataclasses import replace
+
+    from lowbit.compress.presets import preset as named
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--samples", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--max-hidden-memory")
+    given = {k: v for k, v in vars(p.parse_known_args(extra)[0]).items() if v is not None}
+    recipe = named(preset)
+    return replace(recipe, calibration=replace(recipe.calibration, **given)) if given else recipe
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=tuple(SHAPES), default="0.5b")
@@ -197,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     source = index["metadata"]["total_size"]
     from lowbit.compress import dry_run
 
-    plan = dry_run(str(model_dir), args.preset, budget=args.budget)
+    plan = dry_run(str(model_dir), predicted_recipe(args.preset, args.extra), budget=args.budget)
     out = base / f"out-{args.preset}" if args.budget is None else base / f"out-{args.preset}-{args.budget:g}"
     extra = args.extra if args.budget is None else ["--budget", str(args.budget), *args.extra]
     r = run_compress(model_dir, out, args.preset, extra)

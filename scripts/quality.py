@@ -170,6 +170,7 @@ def main() -> None:
                     tokenizer=tok,
                     calib_data=blocks[:16],
                     work_dir=work,
+                    keep_work=True,  # the next budget reuses the calibration and error table
                     progress=False,
                 )
                 seconds = round(time.perf_counter() - t0, 1)

@@ -317,6 +317,7 @@ def calibrate_sequential(
                 provider.release(i)
             if keep:
                 result.update(block_stats)
+            del block_stats  # not alive while the next block's statistics are summed (peak memory)
     finally:
         states.close()
         model.train(was_training)

@@ -98,6 +98,8 @@ def compress(
     work_dir: str | Path | None = None,
     progress: bool = True,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    keep_work: bool = False,
+    max_work_size: int | str | None = None,
 ) -> tuple[nn.Module, CompressReport]:
     """Compress a model (a name, a path or a loaded transformers model) with `recipe`: a Recipe, a
     preset name (`lowbit.compress.presets.PRESETS`) or a recipe file (.yaml / .json); default int4-g128.
@@ -111,19 +113,22 @@ def compress(
     model is compressed (cpu, cuda, cuda:N); dtype: the dtype the source model is loaded in (None: its
     own; a bf16 folder stays bf16, GGUF files load in float32).
 
-    budget / budgets (average bits per weight; default the recipe's allocate.budget): allocate a
-    format, group size and rank per layer by ILP. With several budgets, `out` becomes a folder holding
-    one checkpoint per budget (`bpw-<budget>`); the same call resumes, keeping the budgets already
-    written. The work area (`work_dir`, default `.lowbit-work` beside `out`) keeps finished stages so
-    that the same command resumes and a new budget reuses the calibration and error table; `restart`
-    discards it. target (default the recipe's, "lowbit"): the engine that will serve the checkpoint,
-    "vllm" or "llama.cpp": layers take only specs it serves (a uniform recipe's group size falls back per
-    layer to one the engine serves; an allocation chooses among the candidates it serves and ties each
-    fused q/k/v and gate/up group to one candidate), so that `lowbit export` writes them as they are
-    (see `lowbit.quantizers.engines`). Every argument is checked before the model is loaded; `out` and
-    the work area are locked against a second job. Checkpoints are never half-written; their tensors go
-    to shards of at most `max_shard_size` (bytes, or a size such as "2GB"). Returns the compressed model
-    (the last budget's) and the report.
+    budget / budgets (average bits per weight; default the recipe's allocate.budget): allocate a format, group
+    size and rank per layer by ILP. With several budgets, `out` becomes a folder holding one checkpoint per
+    budget (`bpw-<budget>`); the same call resumes, keeping the budgets already written. The work area
+    (`work_dir`, default `.lowbit-work` beside `out`) keeps finished stages so that the same command resumes
+    after a kill or an error; it is removed after success unless `keep_work`, which lets a later call with a
+    new budget reuse the calibration and error table, and its size after each budget is in the report
+    (`budgets[i]["work_bytes"]`). `max_work_size` (bytes, or a size such as "50GB") stops the job with
+    `WorkAreaFull` once the work area grows past it (its files kept: a larger limit resumes); `restart`
+    discards it. target (default the recipe's, "lowbit"): the engine that will serve the checkpoint, "vllm" or
+    "llama.cpp": layers take only specs it serves (a uniform recipe's group size falls back per layer to one
+    the engine serves; an allocation chooses among the candidates it serves and ties each fused q/k/v and
+    gate/up group to one candidate), so that `lowbit export` writes them as they are (see
+    `lowbit.quantizers.engines`). Every argument is checked before the model is loaded; `out` and the work
+    area are locked against a second job. Checkpoints are never half-written; their tensors go to shards of at
+    most `max_shard_size` (bytes, or a size such as "2GB"). Returns the compressed model (the last budget's)
+    and the report.
 
     A local safetensors folder compressed into `out` is streamed (`lowbit.compress.stream`, and
     `lowbit.compress.budget_stream` with budgets): one decoder block in memory at a time, read from the
@@ -149,6 +154,8 @@ def compress(
     ranks = world()
     device, dtype = rank_device(check_device(device), ranks), check_dtype(dtype)
     max_shard = parse_size(max_shard_size)
+    max_work = None if max_work_size is None else parse_size(max_work_size, "max_work_size")
+    area = dict(keep_work=keep_work, max_work_bytes=max_work)
     if isinstance(model_or_id, str):
         check_model(model_or_id)
     outs, written = _outputs(out, recipe, budgets, overwrite)
@@ -172,12 +179,14 @@ def compress(
             job = dict(tokenizer=tokenizer, calib_data=calib_data, overwrite=overwrite, progress=progress)
             if streamed is not None:
                 settings = dict(dtype=str(source.dtype), device=str(device), max_shard_bytes=max_shard)
-                with work_area(model_or_id, recipe, out, work_dir, restart, settings=settings) as work:
+                with work_area(
+                    model_or_id, recipe, out, work_dir, restart, settings=settings, **area
+                ) as work:
                     job |= dict(outs=outs, written=written, name=model_or_id, max_shard_bytes=max_shard)
                     run = (source, recipe, budgets, work)
                     results = _timed(f"{len(budgets)} budgets", compress_streamed_budgets, *run, **job)
             else:
-                with work_area(model_or_id, recipe, out, work_dir, restart) as work:
+                with work_area(model_or_id, recipe, out, work_dir, restart, **area) as work:
                     run = (model, recipe, budgets, work)
                     results = _timed(
                         f"{len(budgets)} budgets", compress_to_budgets, *run, outs=unwritten, **job
@@ -189,8 +198,8 @@ def compress(
         elif streamed is not None:
             check_fused(recipe, model)  # the skeleton: names and shapes only
             settings = dict(dtype=str(dtype), device=str(device), max_shard_bytes=max_shard)
-            job = (source, recipe, tokenizer, calib_data, out, overwrite, progress)
-            plan, bits = _timed("streamed compression", _compress_streamed, *job, work_dir, restart, settings)
+            job = (source, recipe, tokenizer, calib_data, out, overwrite, progress, work_dir, restart)
+            plan, bits = _timed("streamed compression", _compress_streamed, *job, settings, area)
         else:
             check_fused(recipe, model)
             teacher = copy.deepcopy(model) if recipe.finetune else None
@@ -216,7 +225,6 @@ def compress(
     return model, report
 
 
-
 def _streamed(model_or_id, recipe: Recipe, budgets, out, device, dtype):
     """(block provider, tokenizer) when the job streams its source block by block (see `compress`)."""
     if not isinstance(model_or_id, str) or out is None or recipe.finetune is not None:
@@ -235,13 +243,14 @@ def _streamed(model_or_id, recipe: Recipe, budgets, out, device, dtype):
 
 
 def _compress_streamed(
-    source, recipe, tokenizer, calib_data, out, overwrite, progress, work_dir, restart, settings
+    source, recipe, tokenizer, calib_data, out, overwrite, progress, work_dir, restart, settings, area
 ) -> tuple[dict, int]:
-    """Compress a streamed source into `out` through its work area; (plan, stored bits of the layers)."""
+    """Compress a streamed source into `out` through its work area; (plan, stored bits of the layers).
+    area: keep_work and max_work_bytes of `stream_work_area`."""
     model = source.model
     name = model.config.name_or_path
     ranks = world()
-    with stream_work_area(name, recipe.to_dict(), out, work_dir, restart, ranks, **settings) as work:
+    with stream_work_area(name, recipe.to_dict(), out, work_dir, restart, ranks, **area, **settings) as work:
         job = StreamedJob(source, work, settings["max_shard_bytes"], ranks)
         if job.start:
             logger.info("resuming at block %d of %d", job.start, len(source.blocks))

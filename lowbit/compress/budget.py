@@ -61,15 +61,23 @@ def budget_outs(out: Path, budgets: list[float]) -> list[Path]:
 
 @contextlib.contextmanager
 def work_area(
-    model_or_id, recipe: Recipe, out, work_dir, restart: bool, keep_work: bool = True, settings=None
+    model_or_id,
+    recipe: Recipe,
+    out,
+    work_dir,
+    restart: bool,
+    keep_work: bool = True,
+    settings=None,
+    max_work_bytes: int | None = None,
 ):
     """The job's WorkArea: kept beside `out` for a named model, temporary for an in-memory one.
 
     keep_work=False removes the job's files once the body has finished without an error (a failed or
     killed job keeps them, so that it resumes), and the work folder itself when nothing else is left in
     it; keeping them lets a later run with another budget reuse the error table. settings: those of a
-    streamed source (dtype, device, shard size), part of the job's key. Under several
-    processes rank 0 creates (and locks) it and the others open the same folder.
+    streamed source (dtype, device, shard size), part of the job's key. max_work_bytes: the work area's
+    size limit (`WorkArea.max_bytes`). Under several processes rank 0 creates (and locks) it and the
+    others open the same folder.
     """
     job = {"model": model_or_id if isinstance(model_or_id, str) else None, "lowbit": lowbit_version()}
     job["recipe"] = {**recipe.to_dict(), "allocate": {**recipe.to_dict()["allocate"], "budget": None}}
@@ -79,16 +87,16 @@ def work_area(
     if work_dir is None and (out is None or job["model"] is None):
         with tempfile.TemporaryDirectory(prefix="lowbit-work-") if ranks.main else _none() as tmp:
             tmp = broadcast_bytes(tmp.encode() if ranks.main else None, 0, ranks).decode()
-            yield WorkArea(tmp, job)
+            yield WorkArea(tmp, job, max_bytes=max_work_bytes)
             barrier(ranks)  # every process is done with it before rank 0 removes it
         return
     root = Path(work_dir) if work_dir is not None else Path(out).parent / ".lowbit-work"
     with hold_lock(root / job_key(job)) if ranks.main else _none():  # one job per area
         if ranks.main:
-            work = WorkArea(root, job, restart=restart)
+            work = WorkArea(root, job, restart=restart, max_bytes=max_work_bytes)
         barrier(ranks)
         if not ranks.main:
-            work = WorkArea(root, job)
+            work = WorkArea(root, job, max_bytes=max_work_bytes)
         yield work
         barrier(ranks)
     if not keep_work and ranks.main:

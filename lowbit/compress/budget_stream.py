@@ -52,10 +52,10 @@ def _job_area(work: WorkArea, tag: str) -> WorkArea:
     """The work area of one budget's output (created by rank 0 first, then opened by the others)."""
     ranks = world()
     if ranks.main:
-        area = WorkArea(work.path(f"{tag}-stream"), {"output": tag})
+        area = work.sub(f"{tag}-stream", {"output": tag})
     barrier(ranks)
     if not ranks.main:
-        area = WorkArea(work.path(f"{tag}-stream"), {"output": tag})
+        area = work.sub(f"{tag}-stream", {"output": tag})
     return area
 
 

@@ -47,10 +47,12 @@ from lowbit.lowrank import METHODS
 from lowbit.models.shapes import source_shapes
 from lowbit.nn.shards import DEFAULT_MAX_SHARD_BYTES
 from lowbit.quantizers import SCALE_DTYPES, storage_bits
-from lowbit.quantizers.engines import served_group
+from lowbit.quantizers.engines import fused_groups, served_group
 
 # Resident memory of a process that has imported torch, transformers and lowbit (measured: 0.49 GB).
 BASE_RSS = 485 << 20
+# Resident memory that reading the calibration text adds (builtin:lee-news, tokenised: measured 0.16 GB).
+CALIBRATION_TEXT_RSS = 150 << 20
 # Samples per micro-batch of `lowbit.calibration.calibrate_sequential` (its batch_size default).
 HIDDEN_BATCH = 8
 # Per-file overheads of a checkpoint besides tensors: safetensors header entries, manifest, config.
@@ -295,14 +297,12 @@ def streamed_peak_ram(
     outside:  the tensors outside the blocks (embeddings, final norm, lm_head) in `dtype`, held while the
               first block's inputs are captured and while they are written at the end (+ with calibration,
               the hidden states [S, L, D])
-    block:    one decoder block in `dtype` + one layer's fp32 copy and its quantization temporaries
-              (about 4 fp32 copies) + with calibration, the hidden states entering and leaving the block
-              (`hidden_bytes`) and one fp32 Hessian [K, K] per quantized layer of the block
-    plus BASE_RSS. The work area holds every finished shard until the end, the finished blocks' parts
-    until they fill a shard (`DEFAULT_MAX_SHARD_BYTES`), at most that much again while a shard is written,
-    and, with calibration, the hidden states of the next block (and those offloaded past the limit). A
-    budget run (`budget`) also holds, in the Fisher's backward pass, the gradients [S, L, D] and the
-    block's fp32 Fisher [N, K] per layer.
+    block:    one decoder block in `dtype` + with calibration, the hidden states entering and leaving the
+              block (`hidden_bytes`) + what compressing the block holds besides (`block_work_bytes`)
+    plus BASE_RSS (and CALIBRATION_TEXT_RSS with calibration). The work area holds every finished shard
+    until the end, the finished blocks' parts until they fill a shard (`DEFAULT_MAX_SHARD_BYTES`), at most
+    that much again while a shard is written, and, with calibration, the hidden states of the next block
+    (and those offloaded past the limit).
     """
     prefix, blocks = find_blocks(net)
     size = dtype.itemsize
@@ -313,14 +313,52 @@ def streamed_peak_ram(
             outside += t.numel() * (size if t.is_floating_point() else t.element_size())
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks) * size
     first = f"{prefix}.0."
-    inside = [s for name, s in layers.items() if name.startswith(first)] or list(layers.values())
-    largest = max(n * k for n, k in inside)
+    inside = {name: s for name, s in layers.items() if name.startswith(first)} or dict(layers)
     saved, hidden, offloaded = hidden_bytes(recipe, net, size)  # saved: the next block's inputs, for a resume
-    hessians = sum(4 * k * k for _, k in inside) if recipe.needs_calibration() else 0
+    work = block_work_bytes(recipe, inside, budget)
     if budget and needs_fisher(recipe):
-        hessians += saved + sum(4 * n * k for n, k in inside)
-    ram = max(outside + hidden // 2, block + 16 * largest + hidden + hessians)
+        work += saved
+    ram = max(outside + hidden // 2, block + hidden + work)
+    if recipe.needs_calibration():
+        ram += CALIBRATION_TEXT_RSS
     return BASE_RSS + ram, out + min(out, DEFAULT_MAX_SHARD_BYTES) + saved + offloaded
+
+
+def block_work_bytes(recipe: Recipe, inside: dict[str, tuple[int, int]], budget: bool = False) -> int:
+    """Predicted bytes that compressing one decoder block holds besides its weights and hidden states,
+    for its layers inside = {name: (N, K)} in module order: the largest of
+
+    layer:   4 fp32 copies of a layer's W [N, K] (the weight, GPTQ's or the decomposition's working copy,
+             the reconstruction and its error)
+    with calibration:
+    stats:   the block's distinct input Hessians (one [K, K] fp32 per input: q/k/v share one, gate/up
+             share one) + one micro-batch's widest input X [B L, K] in fp32 and its X^T X [K, K], being
+             summed in
+    rounding: for each input group in turn, the Hessians still alive (its own and the later groups';
+             the earlier ones are freed once their layers are built) + one working [K, K] (GPTQ's inverse
+             Cholesky factor) + the group's 4 fp32 copies of W; a budget run (`budget`) builds each
+             layer from a normalised copy of its Hessian (one more [K, K]) and, when it reads the Fisher
+             diagonal, holds the block's fp32 Fisher [N, K] per layer
+    """
+    copies = 16 * max(n * k for n, k in inside.values())
+    if not recipe.needs_calibration():
+        return copies
+    leader = {name: group[0] for group in fused_groups(list(inside)) for name in group}
+    groups: dict[str, tuple[int, int]] = {}  # first reader of each input -> (largest N, K)
+    for name, (n, k) in inside.items():
+        lead = leader.get(name, name)
+        groups[lead] = (max(n, groups.get(lead, (0, k))[0]), k)
+    hessians = [4 * k * k for _, k in groups.values()]
+    cal = recipe.calibration
+    rows = min(HIDDEN_BATCH, cal.samples) * cal.seq_len  # one micro-batch's tokens
+    widest = max(k for _, k in groups.values())
+    stats = sum(hessians) + 4 * widest * widest + 4 * rows * widest  # + its X^T X and its fp32 X
+    extra = 4 if budget else 0  # the normalised copy
+    rounding = max(
+        sum(hessians[i:]) + (4 + extra) * k * k + 16 * n * k for i, (n, k) in enumerate(groups.values())
+    )
+    fisher = sum(4 * n * k for n, k in inside.values()) if budget and needs_fisher(recipe) else 0
+    return max(copies, stats, rounding) + fisher
 
 
 def peak_ram(

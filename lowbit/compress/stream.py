@@ -81,7 +81,7 @@ class StreamedJob:
     def __init__(self, provider, work: WorkArea, max_shard_bytes: int, ranks: World = SINGLE):
         self.provider, self.model, self.max_shard_bytes = provider, provider.model, max_shard_bytes
         self.parts, self.shards = work.path("parts"), work.path("shards")
-        self.work, self.ranks = work.dir, ranks
+        self.work, self.area, self.ranks = work.dir, work, ranks
         if ranks.main:
             self.parts.mkdir(exist_ok=True)
             self.shards.mkdir(exist_ok=True)
@@ -151,6 +151,7 @@ class StreamedJob:
             meta = {"plan": json.dumps(plan), "bits": str(bits)}
             layout = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}
             write_safetensors(self.parts / f"{part_name(index)}.safetensors", layout, state.get, meta)
+            self.area.check_size()
         barrier(self.ranks)
         if index is not None and index > 0:
             self._hidden_path(index - 1).unlink(missing_ok=True)
@@ -204,25 +205,35 @@ class StreamedJob:
 
 @contextlib.contextmanager
 def stream_work_area(
-    model: str, recipe: dict, out: Path, work_dir, restart: bool, ranks: World = SINGLE, **settings
+    model: str,
+    recipe: dict,
+    out: Path,
+    work_dir,
+    restart: bool,
+    ranks: World = SINGLE,
+    *,
+    keep_work: bool = False,
+    max_work_bytes: int | None = None,
+    **settings,
 ):
     """The work area of a streamed job (`work_dir`, default `.lowbit-work` beside `out`), keyed by the
     model, the recipe, the number of processes and `settings` (dtype, device, shard size), locked
-    against a second job by rank 0; removed once the body has finished without an error (a failed or
-    killed job keeps it, and resumes)."""
+    against a second job by rank 0; removed once the body has finished without an error unless
+    `keep_work` (a failed or killed job keeps it, and resumes). max_work_bytes: its size limit
+    (`WorkArea.max_bytes`)."""
     job = {"model": model, "lowbit": lowbit_version(), "recipe": recipe, "stream": settings}
     if ranks.size > 1:  # each process saves the hidden states of its share: resumed by as many
         job["processes"] = ranks.size
     root = Path(work_dir) if work_dir is not None else Path(out).parent / ".lowbit-work"
     with hold_lock(root / job_key(job)) if ranks.main else contextlib.nullcontext():
         if ranks.main:
-            work = WorkArea(root, job, restart=restart)
+            work = WorkArea(root, job, restart=restart, max_bytes=max_work_bytes)
         barrier(ranks)
         if not ranks.main:
-            work = WorkArea(root, job)
+            work = WorkArea(root, job, max_bytes=max_work_bytes)
         yield work
         barrier(ranks)  # every process is done with the work area
-    if not ranks.main:
+    if keep_work or not ranks.main:
         return
     shutil.rmtree(work.dir)
     with contextlib.suppress(OSError):  # not empty: other jobs' files

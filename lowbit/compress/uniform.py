@@ -31,7 +31,7 @@ from lowbit.calibration import calibrate_sequential, fisher_diagonal
 from lowbit.calibration.data import calibration_blocks
 from lowbit.calibration.hidden import HiddenStates
 from lowbit.calibration.sequential import BlockProvider
-from lowbit.calibration.stats import find_blocks
+from lowbit.calibration.stats import find_blocks, hessians_in_turn
 from lowbit.compress.awq import activation_scaling
 from lowbit.compress.blocks import InMemory
 from lowbit.compress.plan import apply_choice, uniform_choice
@@ -113,13 +113,11 @@ def block_bits_per_weight(model: nn.Module, plan: dict[str, dict]) -> tuple[floa
     return bits / total, left
 
 
-def compress_layer(name: str, linear: nn.Linear, recipe: Recipe, stats=None, fisher=None) -> QLinear:
-    """The QLinear for one layer under the recipe's single setting (stats: the layer's LayerStats)."""
+def compress_layer(name: str, linear: nn.Linear, recipe: Recipe, stats: Stats | None = None) -> QLinear:
+    """The QLinear for one layer under the recipe's single setting (stats: its normalised Hessian,
+    activation maxima and Fisher)."""
     if not torch.isfinite(linear.weight).all():
         raise CompressError(f"weight of layer {name!r} contains NaN or Inf")
-    H = None if stats is None else stats.hessian_matrix()
-    act_max = None if stats is None else stats.act_max
-    stats = Stats(H=H, act_max=act_max, fisher=fisher)
     return apply_choice(linear, uniform_choice(recipe, name, linear.in_features), recipe, stats)
 
 
@@ -228,13 +226,16 @@ def _calibrated(model, recipe, tokenizer, calib_data, progress, teacher, stream,
             scaling(index, block, block_stats)  # AWQ: scales folded into the norms, weights clipped
         done = compress_norm_groups(model, smoothed, linears, block_stats, recipe, teacher)
         pending = [name for name in block_stats if name in linears and name not in done]
+        hessian = hessians_in_turn(block_stats, pending)  # each freed once its layers are built
 
         def build(name: str) -> QLinear:
-            return compress_layer(name, linears[name], recipe, block_stats[name], fisher.get(name))
+            st = Stats(H=hessian(name), act_max=block_stats[name].act_max, fisher=fisher.get(name))
+            return compress_layer(name, linears[name], recipe, st)
 
         for name, q in build_owned(model, pending, build, ranks):
             set_submodule(model, name, q)
             fisher.pop(name, None)
+            release_freed_memory()
         for name in block_stats:
             linears.pop(name, None)
         release_freed_memory()

@@ -42,22 +42,29 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, block_size: int, damp: float
         raise GPTQError(f"damp must be >= 0, got {damp!r}")
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, U^T U = H_damped^-1: [K, K].
+def inverse_cholesky(H: torch.Tensor, damp: float, base: float | None = None) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * base * I)^-1, U^T U = H_damped^-1: [K, K] fp32, column-major.
 
-    When H is too ill-conditioned for float32 Cholesky, the dampening is raised tenfold (from at least
-    0.01), a few times.
+    base: mean(diag H) unless given. When H is too ill-conditioned for float32 Cholesky, the dampening is
+    raised tenfold (from at least 0.01), a few times. H is only read: the factorisation, the inverse and
+    its factor are computed in one column-major buffer (LAPACK's layout, so no call copies it), which
+    becomes U; the working set is H plus one [K, K] matrix (it was five: I, H + d I, L, L^-T L^-1 and U).
     """
     K = H.shape[0]
-    eye = torch.eye(K, dtype=H.dtype, device=H.device)
-    base = float(torch.diag(H).mean())
+    if base is None:
+        base = float(torch.diag(H).mean())
     damps = [damp] + [max(damp, 0.01) * 10**a for a in range(1, DAMP_RETRIES)]
+    A = torch.empty_strided((K, K), (1, K), dtype=H.dtype, device=H.device)  # column-major [K, K]
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for d in damps:
-        L, info = torch.linalg.cholesky_ex(H + d * base * eye)
+        A.copy_(H)
+        A.diagonal().add_(d * base)
+        torch.linalg.cholesky_ex(A, out=(A, info))  # A <- L, lower
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            torch.cholesky_inverse(A, out=A)  # A <- H_damped^-1
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))  # A <- U
             if int(info) == 0:
-                return U
+                return A
     raise GPTQError(f"H is not positive definite even with dampening {damps[-1]}")
 
 
@@ -98,17 +105,22 @@ def gptq(
     """
     _check_inputs(W, H, block_size, damp)
     W = W.detach().float().clone()  # [N, K]
-    H = H.detach().float().clone()  # [K, K]
+    H = H.detach().float()  # [K, K], only read: a copy is made only to change it (dead channels, act-order)
     N, K = W.shape
-    dead = torch.diag(H) <= 0
-    H[dead, dead] = 1.0
+    diag = torch.diag(H)  # [K]
+    dead = diag <= 0
+    if bool(dead.any()):
+        H = H.clone()
+        H[dead, dead] = 1.0
+        diag[dead] = 1.0
     static = act_order or spec.double_quant
     s, z = fit_scales(W, spec)  # [N, G]; refitted per group below unless static
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(K)
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(K)
     if act_order:
-        W, H = W[:, perm.to(W.device)], H[perm][:, perm]
+        W, H, diag = W[:, perm.to(W.device)], H[perm][:, perm], diag[perm]
     order = perm.tolist()  # order[j]: original column quantized j-th
-    U = inverse_cholesky(H, damp)  # [K, K] upper
+    U = inverse_cholesky(H, damp, float(diag.mean()))  # [K, K] upper
+    del H  # this function's copy, if any, is freed before the loop
     gs = min(spec.group_size or K, K)
     B = _block_size(spec, K, block_size, static)
     codes = torch.empty(N, K, dtype=torch.uint8, device=W.device)

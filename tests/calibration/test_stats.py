@@ -17,7 +17,7 @@ from lowbit.calibration import (
     fisher_diagonal,
     select_linears,
 )
-from lowbit.calibration.stats import check_kinds, check_tokens
+from lowbit.calibration.stats import check_kinds, check_tokens, hessians_in_turn
 
 VOCAB = 128
 
@@ -244,3 +244,21 @@ def test_statistics_shared_by_layers_reading_one_input_save_and_load(tmp_path):
     CalibrationStats({"q": lead, "k": shared}, samples=1, seq_len=6, tokens=6).save(path)
     back = CalibrationStats.load(path)
     assert torch.equal(back["k"].hessian, lead.hessian) and torch.equal(back["q"].act_sqmean, lead.act_sqmean)
+
+
+def test_hessians_in_turn_equal_hessian_matrix_and_are_dropped_after_their_last_reader():
+    """q/k/v read one input: one Hessian, normalised in place to hessian_matrix()'s values bit for bit
+    and dropped from every sharing LayerStats once v (the last reader asked for) has it."""
+    torch.manual_seed(0)
+    shared, own = LayerStats(), LayerStats()
+    shared.update(torch.randn(6, 16), ("act", "hessian"))
+    own.update(torch.randn(6, 8), ("hessian",))
+    want = {"qkv": shared.hessian_matrix(), "o": own.hessian_matrix()}
+    stats = {"q": shared, "k": LayerStats(shared.act_max, None, shared.hessian, 6), "o": own}
+    stats["v"] = LayerStats(shared.act_max, None, shared.hessian, 6)
+    take = hessians_in_turn(stats, ["q", "k", "v", "o"])
+    H = take("q")
+    assert torch.equal(H, want["qkv"]) and take("k") is H
+    assert stats["v"].hessian is H  # v still to come
+    assert take("v") is H and all(stats[n].hessian is None for n in "qkv")
+    assert torch.equal(take("o"), want["o"]) and stats["o"].hessian is None

@@ -52,6 +52,9 @@ def test_budget_is_respected_in_the_written_checkpoint(tiny_llama_dir, news_file
 def test_new_budget_reuses_calibration_and_error_table(tiny_llama_dir, news_file, tmp_path, monkeypatch):
     recipe = recipe_file(tmp_path)
     base = ["compress", "--model", tiny_llama_dir, "--recipe", recipe, "--data", news_file, "--json"]
+    assert run_cli(*base, "--budget", "3", "--out", tmp_path / "z") == 0
+    assert not (tmp_path / ".lowbit-work").exists()  # removed after success unless kept
+    base.append("--keep-work")
     assert run_cli(*base, "--budget", "3", "--out", tmp_path / "a") == 0
     assert (tmp_path / ".lowbit-work").is_dir()
 
@@ -107,10 +110,10 @@ def test_budget_path_fine_tunes_each_budget_and_resumes(tmp_path):
     ft |= {"lr": 1e-2, "scale_lr": 1e-2, "warmup": 0, "eval_blocks": 1, "patience": 0}
     recipe = Recipe.from_dict({"allocate": {**GRID, "metric": "frobenius"}, "finetune": ft})
     work = tmp_path / "work"
-    kw = dict(budgets=[2.5, 3.5], calib_data=blocks, work_dir=work, progress=False)
+    kw = dict(budgets=[2.5, 3.5], calib_data=blocks, work_dir=work, keep_work=True, progress=False)
     model, report = compress(make_tiny_llama(300), recipe, **kw)
     assert all(e["rank"] == 0 for b in report.budgets for e in b["plan"].values())  # l4q merged
-    assert (work.glob("*/bpw-2.5-finetune")) and (work.glob("*/bpw-3.5-finetune"))
+    assert any(work.glob("*/bpw-2.5-finetune")) and any(work.glob("*/bpw-3.5-finetune"))
     plain, _ = compress(
         make_tiny_llama(300),
         Recipe.from_dict(recipe.to_dict() | {"finetune": None}),

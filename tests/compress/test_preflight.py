@@ -9,6 +9,7 @@ from lowbit.calibration.data import DataError
 from lowbit.compress import dry_run
 from lowbit.compress.allocate import AllocationError
 from lowbit.compress.api import compress
+from lowbit.compress.preflight import block_work_bytes
 from lowbit.compress.presets import PRESETS
 from lowbit.compress.recipe import RecipeError
 from lowbit.compress.uniform import CompressError
@@ -70,3 +71,21 @@ def test_bad_jobs_are_refused_before_loading(tiny_llama_dir, monkeypatch, kwargs
         recipe = replace(recipe, calibration=replace(recipe.calibration, data=kwargs["data"]))
     with pytest.raises(error, match=message):
         dry_run(kwargs.get("model", str(tiny_llama_dir)), recipe)
+
+
+def test_block_work_model_grows_with_the_square_of_the_widest_input():
+    """The predicted working set of a calibrated block: one [K, K] Hessian per distinct input (q/k/v
+    share one), and for the widest input its Hessian, GPTQ's inverse factor (or the X^T X being
+    summed) beside it: 8 K^2 bytes more per K^2; round to nearest holds no Hessian."""
+    gptq, rtn = PRESETS["int4-g128-gptq"], PRESETS["int4-g128"]
+    prefix = "model.layers.0."
+
+    def block(k_down: int, qkv=("q_proj",)) -> dict:
+        layers = {f"{prefix}self_attn.{n}": (64, 128) for n in qkv}
+        return layers | {f"{prefix}mlp.down_proj": (64, k_down)}
+
+    small, big = block_work_bytes(gptq, block(1000)), block_work_bytes(gptq, block(2000))
+    assert big - small >= 8 * (2000**2 - 1000**2)
+    assert block_work_bytes(rtn, block(2000)) - block_work_bytes(rtn, block(1000)) == 16 * 64 * 1000
+    shared = block_work_bytes(gptq, block(1000, ("q_proj", "k_proj", "v_proj")))
+    assert shared == small  # k and v read q's input: no Hessian of their own, and no wider W

@@ -211,7 +211,7 @@ def test_budget_path_shares_lambda_per_norm_and_undoes_the_folds_between_budgets
             "finetune": {"mode": "peqa", "steps": 2, "batch_size": 2, "seq_len": SEQ, "eval_every": 0},
         }
     )
-    kw = dict(calib_data=blocks, work_dir=tmp_path / "work", progress=False)
+    kw = dict(calib_data=blocks, work_dir=tmp_path / "work", keep_work=True, progress=False)
     model, report = compress(copy.deepcopy(original), recipe, budgets=[3.5, 5.5], **kw)
     assert {e["rank"] for b in report.budgets for e in b["plan"].values()} == {0, 4}
     check_folded(model, original, LLAMA_GROUPS, blocks, tmp_path)

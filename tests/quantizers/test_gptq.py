@@ -14,7 +14,7 @@ from lowbit.quantizers import (
     quantize,
     unpack_codes,
 )
-from lowbit.quantizers.gptq import GPTQError, gptq
+from lowbit.quantizers.gptq import GPTQError, gptq, inverse_cholesky
 
 N, K = 64, 256
 
@@ -146,3 +146,32 @@ def test_bad_input_raises_value_error(H, kwargs):
     with pytest.raises(GPTQError):
         gptq(weight(), H, QuantSpec("int4", 64), **kwargs)
     assert issubclass(GPTQError, ValueError)
+
+
+@pytest.mark.parametrize("damp", [0.01, 0.0])
+def test_inverse_cholesky_in_one_buffer_equals_the_textbook_chain(damp):
+    """U = chol(chol_inverse(chol(H + d mean(diag H) I)), upper), the chain of separate matrices GPTQ's
+    reference code runs, bit for bit; H is left as it was."""
+    X = torch.randn(8, K, generator=torch.Generator().manual_seed(2))  # rank 8: damp=0 must retry
+    for H in (correlated_inputs().T @ correlated_inputs(), X.T @ X):
+        before = H.clone()
+        base = float(torch.diag(H).mean())
+        for d in [damp] + [max(damp, 0.01) * 10**a for a in range(1, 4)]:
+            L, info = torch.linalg.cholesky_ex(H + d * base * torch.eye(K))
+            if int(info) == 0:
+                break
+        want = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        got = inverse_cholesky(H, damp)
+        assert torch.equal(got, want) and torch.equal(H, before)
+        assert torch.allclose(got.T @ got @ (H + d * base * torch.eye(K)), torch.eye(K), atol=1e-2)
+
+
+def test_gptq_leaves_its_hessian_unchanged():
+    """gptq reads H without a working copy of it, unless it must change it (dead channels, act-order)."""
+    X = correlated_inputs()
+    X[:, 3] = 0  # a dead channel
+    H = X.T @ X
+    before = H.clone()
+    for act_order in (False, True):
+        gptq(weight(), H, QuantSpec("int4", 64), act_order=act_order)
+        assert torch.equal(H, before)
