@@ -223,7 +223,8 @@ def check_stage(model, linears, work, allocs: dict, uniforms: dict, calib_data, 
     or None}) when their calibration loss (`run`, every tag measured in one go) is lower."""
     tags = {u[0] for u in uniforms.values() if u is not None}
     tags |= {f"bpw-{b:g}" for b, u in uniforms.items() if u is not None}
-    measured = run(calib_data, {f"layers-{t}": saved_variant(model, linears, work, t) for t in sorted(tags)})
+    variants = {f"layers-{t}": saved_variant(model, linears, work, t) for t in sorted(tags)}
+    measured = run(calib_data, variants) if variants else {}
     out = {}
     for budget, (plan, _, _) in allocs.items():
         tag = f"bpw-{budget:g}"
