@@ -72,17 +72,27 @@ class _Output(nn.Module):
         return object.__getattribute__(self, "_out")
 
 
-def _head_loss(model: nn.Module, blocks: nn.ModuleList, out, ids: Tensor) -> Tensor:
-    """L_s: the mean next-token cross-entropy of sample ids [1, L] given the last block's output `out`."""
-    hidden = out[0] if isinstance(out, (tuple, list)) else out
+def head_logits(
+    model: nn.Module, blocks: nn.ModuleList, hidden: Tensor, ids: Tensor, as_tuple: bool
+) -> Tensor:
+    """The model's logits [B, L, V] on ids [B, L] given the last block's output hidden states [B, L, D]:
+    its own forward with every block standing in by that output (as a 1-tuple when `as_tuple`, as the
+    blocks return it), so the final norm, lm_head and what follows compute exactly as in the whole
+    model's forward."""
     saved = list(blocks)
     try:
         for j, block in enumerate(saved):
-            blocks[j] = _Output(block, hidden, isinstance(out, (tuple, list)))
-        logits = model(input_ids=ids, use_cache=False).logits  # [1, L, V]
+            blocks[j] = _Output(block, hidden, as_tuple)
+        return model(input_ids=ids, use_cache=False).logits
     finally:
         for j, block in enumerate(saved):
             blocks[j] = block
+
+
+def _head_loss(model: nn.Module, blocks: nn.ModuleList, out, ids: Tensor) -> Tensor:
+    """L_s: the mean next-token cross-entropy of sample ids [1, L] given the last block's output `out`."""
+    as_tuple = isinstance(out, (tuple, list))
+    logits = head_logits(model, blocks, out[0] if as_tuple else out, ids, as_tuple)  # [1, L, V]
     return nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
 
 

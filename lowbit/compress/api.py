@@ -35,8 +35,9 @@ from lowbit.compress.checks import (
 from lowbit.compress.plan import check_fused
 from lowbit.compress.presets import resolve_recipe
 from lowbit.compress.recipe import Recipe
+from lowbit.compress.rotation import BlockRotation
 from lowbit.compress.stream import StreamedJob, stream_work_area
-from lowbit.compress.uniform import finetune_stage, quantize_model
+from lowbit.compress.uniform import finetune_stage, quantize_model, selected_names
 from lowbit.lowrank import METHODS
 from lowbit.models import check_model, load_model
 from lowbit.models.source import open_folder
@@ -135,9 +136,9 @@ def compress(
     shards, compressed on `device`, written to the work area and freed; a killed job resumes at the
     block where it stopped. The model returned is then the skeleton, its weights on the meta device:
     `lowbit.load(out)` reads the checkpoint. Recipes that fine-tune, uniform recipes that need Fisher
-    weights (a whole-model backward pass), recipes that rotate (the rotations touch the embedding and
-    lm_head, written outside the blocks) and budget recipes with probes, the uniform check or SVDQuant
-    load the whole model, as do GGUF files and models given in memory.
+    weights (a whole-model backward pass) and budget recipes with SVDQuant's shared smoothing load the
+    whole model, as do GGUF files and models given in memory. Rotations are folded into each block as it
+    is read (`lowbit.compress.rotation.BlockRotation`).
 
     Under torchrun (`lowbit compress --nproc N`) the processes share the work: each calibrates on its
     share of the samples, the statistics are summed, each layer is compressed by one process and sent
@@ -229,8 +230,6 @@ def _streamed(model_or_id, recipe: Recipe, budgets, out, device, dtype):
     """(block provider, tokenizer) when the job streams its source block by block (see `compress`)."""
     if not isinstance(model_or_id, str) or out is None or recipe.finetune is not None:
         return None
-    if recipe.rotate.method != "none":
-        return None  # rotations of the embedding and lm_head too
     if budgets and not streams_budgets(with_budget(recipe, budgets[0])):
         return None
     if not budgets and "fisher" in METHODS[recipe.decompose.method].needs:  # the budget path streams it
@@ -239,7 +238,10 @@ def _streamed(model_or_id, recipe: Recipe, budgets, out, device, dtype):
     if found is None:
         return None
     skeleton, headers, dtype, tokenizer = found
-    return StreamedFolder(skeleton, headers, dtype, device or torch.device("cpu")), tokenizer
+    source = StreamedFolder(skeleton, headers, dtype, device or torch.device("cpu"))
+    if recipe.rotate.method != "none":  # folded into each part as it is read
+        source.folds.append(BlockRotation(skeleton, recipe.rotate, selected_names(skeleton, recipe)))
+    return source, tokenizer
 
 
 def _compress_streamed(

@@ -9,7 +9,9 @@ to the device) and assigns them; `release(i)` puts every tensor of the block bac
 its memory is freed (a block replaced by compressed layers meanwhile releases those). `materialise(None)`
 and `release(None)` do the same for the tensors outside the blocks (embeddings, final norm, lm_head).
 `on_demand()` runs the whole model's forward with each block read just before it runs and released right
-after (capturing the first block's inputs, finding the norms' readers).
+after (capturing the first block's inputs, finding the norms' readers). `folds`: functions called with
+the index (or None) each time a part has been read, before anything uses it: the recipe's rotations
+(`lowbit.compress.rotation.BlockRotation`), so every reader sees the rotated weights.
 
 `InMemory` is the same interface over a model that is already whole (built-in GGUF models, nn.Module
 inputs): nothing is read or freed. `most_live` counts the blocks materialised at once, the memory bound
@@ -19,7 +21,7 @@ the tests check.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -59,6 +61,7 @@ class StreamedFolder:
         self.prefix, self.blocks = find_blocks(model)
         self.live: set[int] = set()
         self.most_live = 0
+        self.folds: list[Callable[[int | None], None]] = []
         for m in model.modules():  # the real (non-persistent) buffers go to the job's device now
             for k, b in m._buffers.items():
                 if b is not None and b.device.type != "meta":
@@ -87,6 +90,8 @@ class StreamedFolder:
         else:
             self.live.add(index)
             self.most_live = max(self.most_live, len(self.live))
+        for fold in self.folds:
+            fold(index)
 
     def release(self, index: int | None) -> None:
         """Put every state tensor of block `index` (None: outside the blocks) back on the meta device."""

@@ -33,11 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.calibration.stats import find_blocks
 from lowbit.compress.allocate import ErrorTable, engine_constraints
 from lowbit.compress.blocks import InMemory
 from lowbit.compress.budget_passes import ScaledBlocks, apply_pass, table_pass
+from lowbit.compress.losses import Runner, Variant, block_layers, cached, in_memory_losses, replaced_modules
 from lowbit.compress.plan import allocation_method
-from lowbit.compress.probes import best_uniform, corrected, loss_with, penalty_search, probe_factors
+from lowbit.compress.probes import best_uniform, corrected, penalty_search, probe_factors
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.rotation import rotate_model
 from lowbit.compress.smoothing import fold_group, norm_groups
@@ -151,18 +153,28 @@ def table_stage(model, provider, linears, recipe: Recipe, calib_data, work: Work
     return table
 
 
-def probe_stage(model, linears, table: ErrorTable, recipe: Recipe, calib_data, work: WorkArea) -> ErrorTable:
+def probe_stage(model, linears, table: ErrorTable, recipe: Recipe, calib_data, work: WorkArea, run: Runner):
     """The table rescaled by `allocate.probes` measured probes (`lowbit.compress.probes`), on the first 4
-    calibration blocks; the factors are saved."""
+    calibration blocks, measured by `run`; the factors are saved."""
     if not recipe.allocate.probes:
         return table
     saved = work.load("probe_factors.safetensors")
     if saved is None:
-        k = probe_factors(model, linears, table, calib_data[:4], recipe.allocate.probes)
+        k = probe_factors(model, linears, table, calib_data[:4], recipe.allocate.probes, run)
         saved = {"factors": torch.from_numpy(k)}, {}
         if world().main:
             work.save("probe_factors.safetensors", *saved)
     return corrected(table, saved[0]["factors"].numpy())
+
+
+def search_stage(model, linears, recipe: Recipe, calib_data, run: Runner):
+    """`allocate.penalties`' search for `plans_for` (`lowbit.compress.probes.penalty_search`), each plan
+    rounded to nearest and measured by `run` on the first 4 calibration blocks; None without penalties."""
+    a = recipe.allocate
+    if not a.penalties:
+        return None
+    args = (a.penalties, recipe.quantize.spec().bits, calib_data[:4])
+    return lambda table, solve: penalty_search(model, linears, table, solve, *args, run=run)
 
 
 def allowed_mask(table: ErrorTable, recipe: Recipe) -> tuple[np.ndarray, list[list[int]]]:
@@ -202,21 +214,39 @@ def uniform_plan(table: ErrorTable, recipe: Recipe, budget: float) -> tuple[str,
     return f"uniform-{table.candidates[c].spec.short()}", {name: table.candidates[c] for name in table.names}
 
 
-def check_stage(model, linears, work, budget, plan, qlinears, uniform, calib_data):
-    """(plan, QLinears, fallback spec or None, losses): the allocated layers, or those of the best uniform
-    spec at no more bits (`uniform`: its tag and plan) when its calibration loss is lower."""
-    if uniform is None:
-        return plan, qlinears, None, None
-    tag, uniform = uniform
-    q_uniform = saved_layers(linears, work, tag)
-    losses = {
-        "allocated": loss_with(model, qlinears, calib_data),
-        tag: loss_with(model, q_uniform, calib_data),
-    }
-    logger.info("budget %.3f: calibration loss %s", budget, losses)
-    if losses[tag] < losses["allocated"]:
-        return uniform, q_uniform, tag.removeprefix("uniform-"), losses
-    return plan, qlinears, None, losses
+def saved_variant(model, linears, work: WorkArea, tag: str) -> Variant:
+    """The float model with the layers the second pass saved under `tag`, read block by block."""
+    prefix = find_blocks(model)[0]
+
+    def swap(index: int | None):
+        chosen = {n: linears[n] for n in block_layers(linears, prefix, index)}
+        return replaced_modules(model, saved_layers(chosen, work, tag))
+
+    return Variant(0, swap)
+
+
+def check_stage(model, linears, work, allocs: dict, uniforms: dict, calib_data, run: Runner) -> dict:
+    """{budget: (plan, tag of its saved layers, fallback spec or None, losses or None)}: each budget's
+    allocated layers, or those of the best uniform spec at no more bits (`uniforms`: {budget: (tag, plan)
+    or None}) when their calibration loss (`run`, every tag measured in one go) is lower."""
+    tags = {u[0] for u in uniforms.values() if u is not None}
+    tags |= {f"bpw-{b:g}" for b, u in uniforms.items() if u is not None}
+    variants = {f"layers-{t}": saved_variant(model, linears, work, t) for t in sorted(tags)}
+    measured = run(calib_data, variants) if variants else {}
+    out = {}
+    for budget, (plan, _, _) in allocs.items():
+        tag = f"bpw-{budget:g}"
+        if uniforms.get(budget) is None:
+            out[budget] = (plan, tag, None, None)
+            continue
+        utag, uplan = uniforms[budget]
+        losses = {"allocated": measured[f"layers-{tag}"], utag: measured[f"layers-{utag}"]}
+        logger.info("budget %.3f: calibration loss %s", budget, losses)
+        if losses[utag] < losses["allocated"]:
+            out[budget] = (uplan, utag, utag.removeprefix("uniform-"), losses)
+        else:
+            out[budget] = (plan, tag, None, losses)
+    return out
 
 
 @torch.no_grad()
@@ -294,25 +324,21 @@ def compress_to_budgets(
     readers = readers_of(model) if shared or recipe.scaling.method != "none" else {}
     provider = ScaledBlocks(InMemory(model), readers, linears, work)
     table = table_stage(model, provider, linears, recipe, calib_data, work, progress, readers)
-    table = probe_stage(model, linears, table, recipe, calib_data, work)
+    run = cached(functools.partial(in_memory_losses, model), work)
+    table = probe_stage(model, linears, table, recipe, calib_data, work, run)
     teacher = copy.deepcopy(model) if recipe.finetune else None  # the original, before any swap
-    search = None
-    if a.penalties:  # measured on the first 4 calibration blocks, each plan rounded to nearest
-        args = (a.penalties, recipe.quantize.spec().bits, calib_data[:4])
-        search = lambda table, solve: penalty_search(model, linears, table, solve, *args)  # noqa: E731
-    allocs, plans, uniforms = plans_for(table, recipe, budgets, search)
+    allocs, plans, uniforms = plans_for(
+        table, recipe, budgets, search_stage(model, linears, recipe, calib_data, run)
+    )
     apply_pass(model, provider, linears, recipe, plans, calib_data, work, progress, readers)
     barrier(world())  # the layers rank 0 saved are there for every process
+    checked = check_stage(model, linears, work, allocs, uniforms, calib_data, run)
     results = []
     for i, (budget, out) in enumerate(zip(budgets, outs, strict=True)):
-        plan, alloc, searched = allocs[budget]
-        tag = f"bpw-{budget:g}"
+        _, alloc, searched = allocs[budget]
+        plan, tag, fallback, losses = checked[budget]
         before = fold_smoothing(model, readers, linears, work, tag, teacher) if shared else []
         qlinears = saved_layers(linears, work, tag)
-        fallback = losses = None
-        if a.check:
-            args = (plan, qlinears, uniforms[budget], calib_data)
-            plan, qlinears, fallback, losses = check_stage(model, linears, work, budget, *args)
         losses = {**searched, **(losses or {})} or None
         for name, q in qlinears.items():
             set_submodule(model, name, q)

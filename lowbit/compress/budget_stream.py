@@ -9,13 +9,20 @@ into shards as the blocks finish; the checkpoints appear atomically at the end. 
 the saved rows and layers are reused, and each budget's output continues at its first block without a
 part (`LOWBIT_TEST_KILL_AFTER_BLOCK` kills after a block's part, as on the uniform path).
 
-`allocate.probes` and `allocate.check` measure the whole model's calibration loss many times over and
-fine-tuning trains the whole model: recipes with them, and those with SVDQuant's shared smoothing
-(folded into the norms per budget), load the whole model instead (`lowbit.compress.api`).
+`allocate.probes`, `allocate.penalties` and `allocate.check` measure the calibration loss of variants
+of the model block by block (`lowbit.compress.losses.streamed_losses`: the hidden states of the
+calibration samples carried through the blocks, each block read once for all variants), with the same
+numbers as the model in memory. With the check, the second pass builds every budget's layers and its
+uniform spec's into the work area without writing; once the losses have chosen, a third pass reads each
+block again and writes the chosen layers (`write_pass`). The recipe's rotations are folded into each
+block as it is read (`lowbit.compress.rotation.BlockRotation`). Fine-tuning trains the whole model, and
+SVDQuant's shared smoothing is folded into the norms per budget: recipes with them load the whole model
+instead (`lowbit.compress.api`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -23,8 +30,18 @@ from pathlib import Path
 
 import torch
 
-from lowbit.compress.budget import BudgetResult, plans_for, table_stage, with_budget
+from lowbit.compress.budget import (
+    BudgetResult,
+    check_stage,
+    plans_for,
+    probe_stage,
+    saved_layers,
+    search_stage,
+    table_stage,
+    with_budget,
+)
 from lowbit.compress.budget_passes import ScaledBlocks, apply_pass
+from lowbit.compress.losses import block_layers, cached, streamed_losses
 from lowbit.compress.plan import allocation_method
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.stream import StreamedJob
@@ -43,9 +60,8 @@ logger = logging.getLogger(__name__)
 
 def streams_budgets(recipe: Recipe) -> bool:
     """Whether a budget recipe runs block by block from a folder (module docstring)."""
-    a = recipe.allocate
     shared = METHODS[allocation_method(recipe)].shares_smoothing
-    return not (a.probes or a.penalties or a.check or recipe.finetune is not None or shared)
+    return not (recipe.finetune is not None or shared)
 
 
 def _job_area(work: WorkArea, tag: str) -> WorkArea:
@@ -80,7 +96,8 @@ def compress_streamed_budgets(
     model = source.model
     linears = {n: model.get_submodule(n) for n in selected_names(model, recipe)}
     recipe = with_budget(recipe, budgets[0])
-    if calib_data is None and recipe.needs_calibration():
+    a = recipe.allocate
+    if calib_data is None and (a.probes or a.penalties or a.check or recipe.needs_calibration()):
         calib_data = calibration_data(recipe, tokenizer)
     readers = {}
     if recipe.scaling.method != "none":
@@ -89,7 +106,11 @@ def compress_streamed_budgets(
             readers = norm_readers(model, (torch.arange(16) % n_vocab)[None].to(source.device))
     provider = ScaledBlocks(source, readers, linears, work)
     table = table_stage(model, provider, linears, recipe, calib_data, work, progress, readers)
-    allocs, plans, _ = plans_for(table, recipe, budgets)
+    offload = dict(offload_bytes=recipe.calibration.max_hidden_memory, offload_dir=work.dir)
+    run = cached(functools.partial(streamed_losses, model, provider, **offload), work)
+    table = probe_stage(model, linears, table, recipe, calib_data, work, run)
+    search = search_stage(model, linears, recipe, calib_data, run)
+    allocs, plans, uniforms = plans_for(table, recipe, budgets, search)
     jobs = {
         f"bpw-{b:g}": StreamedJob(source, _job_area(work, f"bpw-{b:g}"), max_shard_bytes, world())
         for b, out in zip(budgets, outs, strict=True)
@@ -110,15 +131,28 @@ def compress_streamed_budgets(
             for layer in built[tag]:
                 set_submodule(model, layer, linears[layer])
 
-    if jobs:
+    checked = {}
+    if jobs and a.check:  # every layer set built, measured, then the chosen ones written
+        todo = [b for b in budgets if f"bpw-{b:g}" in jobs]
+        uniforms = {b: uniforms[b] for b in todo}
+        tags = set(jobs) | {u[0] for u in uniforms.values() if u is not None}
+        plans = {tag: plan for tag, plan in plans.items() if tag in tags}
+        apply_pass(model, provider, linears, recipe, plans, calib_data, work, progress, readers)
+        barrier(world())  # the layers rank 0 saved are there for every process
+        checked = check_stage(model, linears, work, {b: allocs[b] for b in todo}, uniforms, calib_data, run)
+        chosen = {f"bpw-{b:g}": checked[b][1] for b in todo}
+        write_pass(provider, linears, work, chosen, {tag: job.start for tag, job in jobs.items()}, write)
+    elif jobs:
         plans = {tag: plan for tag, plan in plans.items() if tag in jobs}
         apply_pass(model, provider, linears, recipe, plans, calib_data, work, progress, readers, done=write)
     results = []
     for budget, out in zip(budgets, outs, strict=True):
-        plan, alloc, _ = allocs[budget]
+        plan, alloc, searched = allocs[budget]
+        _, _, fallback, losses = checked.get(budget, (None, None, None, None))
         tag = f"bpw-{budget:g}"
         params = sum(math.prod(linears[n].weight.shape) for n in plan)
         r = BudgetResult(budget, {}, 0.0, float(alloc.error), alloc.status, float(alloc.seconds))
+        r.fallback, r.losses = fallback, {**searched, **(losses or {})} or None
         job = jobs.get(tag)
         if job is None:
             r.plan, r.out = read_manifest(out)["layers"], str(out)
@@ -135,3 +169,23 @@ def compress_streamed_budgets(
         r.work_bytes = work.size()
         results.append(r)
     return results
+
+
+def write_pass(
+    provider, linears, work: WorkArea, chosen: dict[str, str], starts: dict[str, int], write
+) -> None:
+    """Each block read again (those every output has already written skipped) and handed to write(index,
+    {output tag: {name: QLinear}}) with the layers the second pass saved under each output's chosen tag
+    ({output tag: saved tag}); then the tensors outside the blocks (index None)."""
+    prefix = provider.prefix
+    for i in range(min(starts.values(), default=0), len(provider.blocks)):
+        provider.materialise(i)
+        names = block_layers(linears, prefix, i)
+        write(
+            i, {tag: saved_layers({n: linears[n] for n in names}, work, src) for tag, src in chosen.items()}
+        )
+        provider.release(i)
+    provider.materialise(None)
+    names = block_layers(linears, prefix, None)
+    write(None, {tag: saved_layers({n: linears[n] for n in names}, work, src) for tag, src in chosen.items()})
+    provider.release(None)

@@ -141,8 +141,7 @@ def dry_run(
     )
     fisher = "fisher" in METHODS[recipe.decompose.method].needs
     streams = streams_budgets(with_budget(recipe, budgets[0])) if budgets else not fisher
-    rotates = recipe.rotate.method != "none"  # as compress() decides
-    streamed = isinstance(model, str) and src.direct and recipe.finetune is None and streams and not rotates
+    streamed = isinstance(model, str) and src.direct and recipe.finetune is None and streams  # as compress()
     work = work_bytes(recipe, net, layers, dtype, budgets, bits)
     if streamed:
         ram, stream_work = streamed_peak_ram(recipe, net, layers, dtype, outputs[0], bool(budgets))

@@ -23,10 +23,16 @@ so the search never keeps a plan whose measured loss is above the unpenalised on
 Check. After the allocated layers are rounded, the model's mean next-token loss on the calibration
 blocks is compared with that of the best uniform spec whose size fits the budget (rounded the same way);
 the budget path keeps the uniform plan when the allocation is worse.
+
+Each measured model is a `lowbit.compress.losses.Variant` of the float one; `run` measures a set of them
+(default: the model in memory, `in_memory_losses`; a streamed source: `streamed_losses`, one decoder
+block at a time, with the same numbers).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import replace
 
 import numpy as np
@@ -35,55 +41,58 @@ from torch import nn
 
 from lowbit.calibration.stats import find_blocks
 from lowbit.compress.allocate import Allocation, Candidate, ErrorTable, budget_bits
+from lowbit.compress.losses import Runner, Variant, block_layers, in_memory_losses, replaced_weights
 from lowbit.lowrank import Stats, decompose
-from lowbit.nn.qlinear import set_submodule
 from lowbit.quantizers.clip import nearest
 
 
-@torch.no_grad()
-def calibration_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token cross-entropy of `model` on token blocks [S, L]."""
-    device = model.get_input_embeddings().weight.device
-    total, count = 0.0, 0
-    for i in range(0, blocks.shape[0], batch_size):
-        ids = blocks[i : i + batch_size].to(device)  # [B, L]
-        logits = model(ids).logits[:, :-1].float()  # [B, L-1, V]
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        total += float(loss)
-        count += ids[:, 1:].numel()
-    return total / count
+def _probe(linears: dict[str, nn.Linear], members: list[str], block: int, spec) -> Variant:
+    """The float model with the layers `members` of decoder block `block` rounded to nearest at `spec`."""
+
+    def swap(index: int | None):
+        chosen = {name: linears[name] for name in members} if index == block else {}
+        return replaced_weights(chosen, lambda name, W: nearest(W.float(), spec).to(W.dtype))
+
+    return Variant(block, swap)
 
 
 @torch.no_grad()
 def probe_factors(
-    model: nn.Module, linears: dict[str, nn.Linear], table: ErrorTable, blocks: torch.Tensor, probes: int
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    table: ErrorTable,
+    blocks: torch.Tensor,
+    probes: int,
+    run: Runner | None = None,
 ) -> np.ndarray:
     """k [C] per candidate (module docstring): its spec's measured loss increase over the table's
     estimate on `probes` decoder blocks, round to nearest; 1 where the spec has no finite rank-0 error.
-    The layers' weights are restored."""
+    The layers' weights are restored. run: measures the variants (default: the model in memory)."""
+    run = run or functools.partial(in_memory_losses, model)
     prefix, decoder = find_blocks(model)
-    picks = np.unique(np.linspace(0, len(decoder) - 1, probes).round().astype(int))
+    picks = [int(b) for b in np.unique(np.linspace(0, len(decoder) - 1, probes).round().astype(int))]
     rows = [
         [i for i, name in enumerate(table.names) if name.startswith(f"{prefix}.{b}.") and name in linears]
         for b in picks
     ]
-    base = calibration_loss(model, blocks)
-    ratio = {}
+    specs = {}  # spec -> its first rank-0 candidate with finite errors
     for c, cand in enumerate(table.candidates):
-        if cand.rank or cand.spec in ratio or not bool(table.errors[:, c].isfinite().all()):
-            continue
+        if not cand.rank and cand.spec not in specs and bool(table.errors[:, c].isfinite().all()):
+            specs[cand.spec] = c
+    variants = {"float": Variant(len(decoder))}
+    for spec in specs:
+        for b, members in zip(picks, rows, strict=True):
+            names = [table.names[i] for i in members]
+            variants[f"probe-{spec.short()}-block{b}"] = _probe(linears, names, b, spec)
+    losses = run(blocks, variants)
+    base = losses["float"]
+    ratio = {}
+    for spec, c in specs.items():
         measured = estimated = 0.0
-        for members in rows:
-            W0 = {i: linears[table.names[i]].weight.data for i in members}
-            try:
-                for i, W in W0.items():
-                    linears[table.names[i]].weight.data = nearest(W.float(), cand.spec).to(W.dtype)
-                measured += calibration_loss(model, blocks) - base
-            finally:
-                for i, W in W0.items():
-                    linears[table.names[i]].weight.data = W
+        for b, members in zip(picks, rows, strict=True):
+            measured += losses[f"probe-{spec.short()}-block{b}"] - base
             estimated += float(table.errors[members, c].sum())
-        ratio[cand.spec] = measured / estimated if estimated > 0 else 1.0
+        ratio[spec] = measured / estimated if estimated > 0 else 1.0
     # a probe below the loss's noise must not make its spec free: floor at the smallest positive ratio
     floor = min((r for r in ratio.values() if r > 0), default=1.0)
     return np.array([max(ratio.get(cand.spec, 1.0), floor) for cand in table.candidates])
@@ -111,22 +120,31 @@ def best_uniform(table: ErrorTable, budget_bpw: float, allowed: np.ndarray | Non
     return max(np.flatnonzero(ok), key=lambda c: (size[c], -err[c]))
 
 
-def loss_with(model: nn.Module, layers: dict[str, nn.Module], blocks: torch.Tensor) -> float:
-    """calibration_loss with `layers` swapped in by name; the modules there before are put back."""
-    before = {name: model.get_submodule(name) for name in layers}
-    try:
-        for name, m in layers.items():
-            set_submodule(model, name, m)
-        return calibration_loss(model, blocks)
-    finally:
-        for name, m in before.items():
-            set_submodule(model, name, m)
-
-
 def penalized(table: ErrorTable, bits: int, penalty: float) -> ErrorTable:
     """The table with the errors of every candidate of fewer than `bits` bits multiplied by `penalty`."""
     low = [c.spec.bits < bits for c in table.candidates]
     return corrected(table, np.where(low, penalty, 1.0))
+
+
+def plan_variant(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    plan: dict[str, Candidate],
+    method: str,
+    stats: dict[str, Stats] | None = None,
+) -> Variant:
+    """The float model with every layer's weight replaced by its planned candidate, rounded to nearest
+    (W_hat = Q + L1 L2 of `decompose(W, spec, rank, method)`)."""
+    prefix = find_blocks(model)[0]
+
+    def weight(name: str, W: torch.Tensor) -> torch.Tensor:
+        c, st = plan[name], (stats or {}).get(name, Stats())
+        return decompose(W.float(), c.spec, c.rank, method, H=st.H, act_max=st.act_max).weight().to(W.dtype)
+
+    def swap(index: int | None):
+        return replaced_weights({n: linears[n] for n in block_layers(linears, prefix, index)}, weight)
+
+    return Variant(0, swap)
 
 
 @torch.no_grad()
@@ -138,18 +156,10 @@ def plan_loss(
     method: str,
     stats: dict[str, Stats] | None = None,
 ) -> float:
-    """calibration_loss with every layer's weight replaced by its planned candidate, rounded to nearest
-    (W_hat = Q + L1 L2 of `decompose(W, spec, rank, method)`); the weights are restored."""
-    W0 = {name: lin.weight.data for name, lin in linears.items()}
-    try:
-        for name, lin in linears.items():
-            c, st = plan[name], (stats or {}).get(name, Stats())
-            d = decompose(W0[name].float(), c.spec, c.rank, method, H=st.H, act_max=st.act_max)
-            lin.weight.data = d.weight().to(W0[name].dtype)
-        return calibration_loss(model, blocks)
-    finally:
-        for name, W in W0.items():
-            linears[name].weight.data = W
+    """calibration_loss of `plan_variant` for a model in memory; the weights are restored."""
+    return in_memory_losses(model, blocks, {"plan": plan_variant(model, linears, plan, method, stats)})[
+        "plan"
+    ]
 
 
 def penalty_search(
@@ -161,20 +171,27 @@ def penalty_search(
     bits: int,
     blocks: torch.Tensor,
     stats: dict[str, Stats] | None = None,
+    run: Runner | None = None,
 ) -> tuple[dict[str, Candidate], Allocation, dict[str, float]]:
     """(plan, allocation, {f"penalty-{p:g}": measured loss}) of the penalty among 1 and `penalties`
-    whose plan has the lowest `plan_loss` (module docstring); the allocation's error is in the unpenalised
-    table's units. solve: ErrorTable -> (plan, Allocation), the budget's ILP; a plan equal to one already
-    measured is not measured again."""
+    whose plan has the lowest loss of its `plan_variant` (module docstring); the allocation's error is in
+    the unpenalised table's units. solve: ErrorTable -> (plan, Allocation), the budget's ILP; every plan
+    is solved first, then the distinct ones measured together by `run` (default: the model in memory)."""
+    run = run or functools.partial(in_memory_losses, model)
     method = table.info.get("method", "none")
-    best, losses, seen = None, {}, {}
+    solved = []
     for p in dict.fromkeys((1.0, *penalties)):
         plan, alloc = solve(penalized(table, bits, p))
-        key = tuple(int(c) for c in alloc.choice)
-        if key not in seen:
-            seen[key] = plan_loss(model, linears, plan, blocks, method, stats)
-        losses[f"penalty-{p:g}"] = seen[key]
-        if best is None or seen[key] < best[2]:
-            error = float(table.errors[torch.arange(len(key)), torch.as_tensor(key)].sum())
-            best = (plan, replace(alloc, error=error), seen[key])
+        choice = tuple(int(c) for c in alloc.choice)
+        solved.append((p, plan, alloc, "plan-" + hashlib.sha256(repr(choice).encode()).hexdigest()[:16]))
+    distinct = {key: plan for _, plan, _, key in solved}
+    measured = run(
+        blocks, {key: plan_variant(model, linears, plan, method, stats) for key, plan in distinct.items()}
+    )
+    best, losses = None, {}
+    for p, plan, alloc, key in solved:
+        losses[f"penalty-{p:g}"] = measured[key]
+        if best is None or measured[key] < best[2]:
+            error = float(table.errors[torch.arange(len(alloc.choice)), torch.as_tensor(alloc.choice)].sum())
+            best = (plan, replace(alloc, error=error), measured[key])
     return best[0], best[1], losses

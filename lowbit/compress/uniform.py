@@ -8,7 +8,8 @@ compressed block's outputs (GPTQ's sequential protocol). SVDQuant's smoothing of
 norm's output is shared per norm and folded into the norm's weight (`lowbit.compress.smoothing`); other
 layers keep their own in their QLinear. AWQ's scaling and clipping (`lowbit.compress.awq`) run on each
 block before its layers are rounded. The recipe's rotations (`lowbit.compress.rotation`) are folded into
-the float model first, so every statistic is of the rotated model.
+the float model first (a streamed source folds them into each block as it reads it), so every statistic
+is of the rotated model.
 
 The model is walked block by block in both cases, through a block provider (`lowbit.compress.blocks`):
 for a model in memory it does nothing; for a streamed job (`lowbit.compress.stream`) it reads each block
@@ -37,7 +38,7 @@ from lowbit.compress.blocks import InMemory
 from lowbit.compress.plan import apply_choice, uniform_choice
 from lowbit.compress.ranks import build_owned
 from lowbit.compress.recipe import Recipe
-from lowbit.compress.rotation import rotate_model
+from lowbit.compress.rotation import BlockRotation, rotate_model
 from lowbit.compress.smoothing import compress_norm_groups
 from lowbit.lowrank import METHODS, Stats
 from lowbit.nn.checkpoint import plan_bits
@@ -162,9 +163,10 @@ def quantize_model(
     system's temporary folder.
     """
     names = selected_names(model, recipe)
-    if recipe.rotate.method != "none":
-        if stream is not None:
-            raise CompressError("rotation needs the whole model in memory, not a streamed source")
+    if recipe.rotate.method != "none" and stream is not None:
+        if not any(isinstance(f, BlockRotation) for f in getattr(stream.provider, "folds", ())):
+            raise CompressError("a streamed source must fold the rotations into each block it reads")
+    elif recipe.rotate.method != "none":
         rotate_model(model, recipe.rotate, names)  # QuaRot's rotations, folded before any statistics
         if teacher is not None:  # the same rotations, so that its layers see what the student's do
             rotate_model(teacher, recipe.rotate, names)

@@ -1,5 +1,6 @@
 """The budget path block by block: one block's statistics alive at a time, a safetensors folder streamed
-with one block in memory, the result equal bit for bit to the model-in-memory run, resumable after a kill."""
+with one block in memory, the result equal bit for bit to the model-in-memory run (probes, penalties,
+the check and rotations included), resumable after a kill."""
 
 import gc
 import os
@@ -39,7 +40,22 @@ AWQ = {
     "allocate": {**GRID, "metric": "output"},
     "calibration": {"samples": 4, "seq_len": 24},
 }
-RECIPES = {"alloc": ALLOC, "awq": AWQ}
+# alloc-awq's shape: AWQ scales, probes and the check, LoRC candidates, GPTQ rounding
+PROBES_CHECK = {
+    "quantize": {"format": "int3", "group_size": 32, "rounding": "gptq"},
+    "scaling": {"method": "awq", "objective": "layers", "grid": 5, "clip": False},
+    "allocate": {**GRID, "probes": 2, "check": True},
+    "decompose": {"method": "lorc"},
+    "calibration": {"samples": 4, "seq_len": 24},
+}
+# a rotated recipe with the penalty search and the check
+ROTATE_PENALTIES = {
+    "quantize": {"format": "int3", "group_size": 32, "rounding": "gptq"},
+    "rotate": {"method": "hadamard", "heads": True, "online_down": True},
+    "allocate": {**GRID, "metric": "output", "penalties": [4.0], "check": True},
+    "calibration": {"samples": 4, "seq_len": 24},
+}
+RECIPES = {"alloc": ALLOC, "awq": AWQ, "probes-check": PROBES_CHECK, "rotate-penalties": ROTATE_PENALTIES}
 
 
 def in_memory(source: Path, recipe, out: Path, budgets):
@@ -65,6 +81,7 @@ def test_streamed_budgets_equal_in_memory_with_one_block_at_a_time(source, tmp_p
         assert got["plan"] == want["plan"] and got["bits_per_weight"] == pytest.approx(
             want["bits_per_weight"]
         )
+        assert got["losses"] == want["losses"] and got["fallback"] == want["fallback"]
 
 
 def test_at_most_one_blocks_hessians_are_alive(source, tmp_path, monkeypatch):

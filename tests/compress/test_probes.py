@@ -15,12 +15,11 @@ from lowbit.compress.allocate import Candidate, ErrorTable, allocate, budget_bit
 from lowbit.compress.blocks import InMemory
 from lowbit.compress.budget import compress_to_budgets, readers_of, table_stage
 from lowbit.compress.budget_passes import ScaledBlocks
+from lowbit.compress.losses import calibration_loss, replaced_modules
 from lowbit.compress.presets import preset
 from lowbit.compress.probes import (
     best_uniform,
-    calibration_loss,
     corrected,
-    loss_with,
     penalized,
     penalty_search,
     plan_loss,
@@ -215,13 +214,15 @@ def test_check_rejects_an_allocation_worse_than_uniform(monkeypatch):
     assert calibration_loss(model, CALIB) == pytest.approx(uniform, rel=1e-6)
 
 
-def test_loss_with_puts_the_layers_back():
+def test_replaced_modules_puts_the_layers_back():
     model = outlier_llama()
     name = "model.layers.0.mlp.up_proj"
     old = model.get_submodule(name)
     zero = nn.Linear(old.in_features, old.out_features, bias=False)
     nn.init.zeros_(zero.weight)
-    assert loss_with(model, {name: zero}, CALIB[:2]) != calibration_loss(model, CALIB[:2])
+    with replaced_modules(model, {name: zero}):
+        changed = calibration_loss(model, CALIB[:2])
+    assert changed != calibration_loss(model, CALIB[:2])
     assert model.get_submodule(name) is old
 
 

@@ -3,6 +3,7 @@ recipe), reloads bit-identically, stays close to the float model, and the export
 transform back exactly (dense) or refuse it in one line naming the layer (compressed-tensors, GGUF)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,10 +12,11 @@ from lowbit.compress import api
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.uniform import CompressError, quantize_model
 from lowbit.export import ExportError, export
+from lowbit.models import load_model
 from lowbit.nn.checkpoint import load
 from lowbit.nn.manifest import CheckpointError, check_layer_entry
-from lowbit.nn.qlinear import QLinear
 from tests.compress.test_smoothing import with_outlier_norms
+from tests.compress.test_stream import assert_same
 from tests.conftest import NEWS, logits, make_tiny_llama, make_tokenizer
 
 ALL_FLAGS = {"heads": True, "online_down": True}
@@ -80,13 +82,25 @@ def test_other_exports_refuse_the_online_transform_naming_the_layer(rotated, tmp
             export(folder, tmp_path / f"{target}-{convert}", target, convert=convert)
 
 
-def test_streamed_source_is_compressed_in_memory_with_the_same_result(tiny_llama_dir, tmp_path):
-    recipe = Recipe.from_dict({"quantize": {"format": "int4", "group_size": 32}, "rotate": ALL})
-    streamed, _ = api.compress(str(tiny_llama_dir), recipe, tmp_path / "a", progress=False)
-    assert isinstance(streamed.model.layers[0].mlp.down_proj, QLinear)  # not a skeleton on the meta device
-    assert torch.equal(logits(load(tmp_path / "a"), IDS), logits(streamed, IDS))
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_streamed_source_folds_the_rotations_per_block_with_the_same_result(
+    tiny_llama_dir, tmp_path, rounding
+):
+    """A tied fp32 folder: each block rotated as it is read, the lm_head untied when the outside part is;
+    the checkpoint equals the in-memory run's tensor for tensor and reloads to the same logits."""
+    recipe = Recipe.from_dict(
+        {"quantize": {"format": "int4", "group_size": 32, "rounding": rounding}, "rotate": ALL}
+    )
+    data = CALIB if rounding == "gptq" else None
+    streamed, _ = api.compress(str(tiny_llama_dir), recipe, tmp_path / "s", data=data, progress=False)
+    assert all(t.device.type == "meta" for t in streamed.state_dict().values())  # the skeleton
+    model, tok = load_model(str(tiny_llama_dir))
+    kept, _ = api.compress(model, recipe, tmp_path / "m", tokenizer=tok, data=data, progress=False)
+    assert_same(tmp_path / "s", tmp_path / "m")
+    assert not json.loads((tmp_path / "s" / "config.json").read_text())["tie_word_embeddings"]
+    assert torch.equal(logits(load(tmp_path / "s"), IDS), logits(kept, IDS))
     with pytest.raises(CompressError, match="streamed source"):
-        quantize_model(make_tiny_llama(250), recipe, stream=object())
+        quantize_model(make_tiny_llama(250), recipe, stream=SimpleNamespace(provider=object()))
 
 
 def test_manifest_entry_hadamard_must_be_a_boolean():
@@ -109,7 +123,7 @@ def test_dry_run_predicts_the_rotated_checkpoint(tiny_llama_dir, tmp_path):
 
     recipe = Recipe.from_dict({"quantize": {"format": "int4", "group_size": 32}, "rotate": ALL})
     plan, plain = dry_run(str(tiny_llama_dir), recipe), dry_run(str(tiny_llama_dir), "int4-g128")
-    assert not plan.streamed and plain.streamed
+    assert plan.streamed and plain.streamed  # rotations are folded into each block as it is read
     api.compress(str(tiny_llama_dir), recipe, tmp_path / "out", progress=False)
     real = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert abs(plan.output_bytes[0] - real) / real < 0.03  # the untied lm_head counted

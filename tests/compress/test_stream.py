@@ -128,7 +128,7 @@ def test_dry_run_predicts_the_streamed_path(source):
     assert streamed.peak_ram_bytes < whole.peak_ram_bytes  # one block, not the model, is in memory
     assert streamed.work_bytes >= streamed.output_bytes[0]  # the shards wait in the work area
     assert dry_run(str(source), "alloc-int", budget=4.0).streamed  # the budget path streams too
-    assert not dry_run(str(source), "alloc-awq", budget=4.0).streamed  # probes and the check need the model
+    assert dry_run(str(source), "alloc-awq", budget=4.0).streamed  # probes and the check too
 
 
 def test_hidden_states_on_disk_give_the_same_checkpoint(source, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """The budget path under two gloo processes equals the one-process run: the statistics and the Fisher
 summed over the processes' samples, each layer's table row and allocated layer computed by one owner and
-broadcast, rank 0 solving the allocation and writing; for a model in memory and for a streamed folder."""
+broadcast, rank 0 solving the allocation and writing; for a model in memory and for a streamed folder
+(with probes and the check: each measured model by one process)."""
 
 import pytest
 import torch
@@ -24,7 +25,9 @@ RECIPE = {
     "decompose": {"method": "lorc"},
     "calibration": {"samples": 8, "seq_len": SEQ},
 }
-SOURCES = ("memory", "streamed")
+# probes and the check measured block by block, each model measured by one process
+LOSSES = {**RECIPE, "allocate": {**RECIPE["allocate"], "probes": 2, "check": True}}
+SOURCES = ("memory", "streamed", "streamed-losses")
 
 
 def _blocks() -> torch.Tensor:
@@ -32,8 +35,9 @@ def _blocks() -> torch.Tensor:
 
 
 def _run(name: str, folder, out) -> None:
-    source = str(folder) if name == "streamed" else make_tiny_llama(300)
-    compress(source, Recipe.from_dict(RECIPE), out, calib_data=_blocks(), budget=3.0, progress=False)
+    source = make_tiny_llama(300) if name == "memory" else str(folder)
+    recipe = Recipe.from_dict(LOSSES if name == "streamed-losses" else RECIPE)
+    compress(source, recipe, out, calib_data=_blocks(), budget=3.0, progress=False)
 
 
 def _on_rank(rank: int, root, folder) -> None:
