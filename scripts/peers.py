@@ -34,9 +34,11 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from torch import Tensor, nn
@@ -162,6 +164,7 @@ def quantize_llmc(
     from llmcompressor import oneshot
     from llmcompressor.modifiers.awq import AWQModifier
     from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
     from safetensors import safe_open
 
     # scales in fp16 as lowbit stores them (the default is the model's dtype, fp32 here)
@@ -173,7 +176,13 @@ def quantize_llmc(
     ds = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
     recipe = modifier(config_groups={"group_0": scheme}, ignore=["lm_head"], bypass_divisibility_checks=True)
     n, L = blocks.shape
-    with tempfile.TemporaryDirectory() as work:
+    # llm-compressor 0.14's AWQ pins its cached activations (a host-to-device transfer speed-up), which a
+    # CPU-only torch refuses: without an accelerator the pinning is skipped, the numbers are unchanged
+    no_pin = patch.object(IntermediatesCache, "pin_memory", lambda *a, **k: None)
+    with (
+        tempfile.TemporaryDirectory() as work,
+        no_pin if not torch.accelerator.is_available() else nullcontext(),
+    ):
         # oneshot (and its save) re-read the config from model.config.name_or_path: a folder with config.json
         model.config.save_pretrained(work)
         model.config.name_or_path = work
@@ -314,12 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     heads = " ".join(f"{'ppl ' + src.removeprefix('builtin:'):>14}" for src in sources)
     print(f"{'row':<24} {'library':<22} {'bpw':>6} {heads} {'time s':>7}", flush=True)
     rows = []
+    meta = {k: getattr(args, k) for k in ("model", "data", "samples", "seq_len")}
+    meta["eval_tokens"] = {src: len(t) for src, t in ids.items()}
+    meta["versions"] = {"torch": torch.__version__, "transformers": version("transformers")}
 
     def emit(row: dict) -> None:
+        """Print a row; rewrite the JSON file with every row so far (a killed run keeps its rows)."""
         rows.append(row)
         cells = " ".join(f"{v:>14.3f}" for v in row["ppl"].values())
         lib = f"{row['library']} {row['version']}"
         print(f"{row['row']:<24} {lib:<22} {row['bpw']:>6.3f} {cells} {row['seconds']:>7}", flush=True)
+        if args.json:
+            tmp = Path(args.json).with_suffix(".tmp")
+            tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+            tmp.replace(args.json)
 
     if not args.skip_original:
         bpw = dense_bits_per_weight(base)
@@ -342,13 +359,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         del model
-    if args.json:
-        meta = {k: getattr(args, k) for k in ("model", "data", "samples", "seq_len")}
-        meta["eval_tokens"] = {src: len(t) for src, t in ids.items()}
-        meta["versions"] = {"torch": torch.__version__, "transformers": version("transformers")}
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2))
-        tmp.replace(args.json)
     return 0
 
 
