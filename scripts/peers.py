@@ -63,8 +63,9 @@ STORED = {
         "quant_map": None,
         "nested_quant_map": None,
     },
-    # compressed-tensors "pack-quantized" (llm-compressor's checkpoints): codes packed into int32, a scale
-    # per group in the model dtype, integer zero points per group (packed too), the shape as metadata.
+    # compressed-tensors "pack-quantized" (llm-compressor's checkpoints): codes packed densely into int32,
+    # a scale per group in the model's dtype, integer zero points per group packed into int32 along the
+    # output rows, the shape as metadata.
     "compressed-tensors": {
         "weight_packed": "codes",
         "weight_scale": "scales",
@@ -167,10 +168,9 @@ def quantize_llmc(
     from llmcompressor.pipelines.cache import IntermediatesCache
     from safetensors import safe_open
 
-    # scales in fp16 as lowbit stores them (the default is the model's dtype, fp32 here)
-    args = QuantizationArgs(
-        num_bits=bits, group_size=group, strategy="group", symmetric=False, scale_dtype=torch.float16
-    )
+    # its int packing stores the scales in the model's dtype (fp32 here; its scale_dtype is read by the
+    # fp4 / mx formats only)
+    args = QuantizationArgs(num_bits=bits, group_size=group, strategy="group", symmetric=False)
     scheme = QuantizationScheme(targets=[f"re:^{n}$" for n in names], weights=args)
     modifier = {"gptq": GPTQModifier, "awq": AWQModifier}[method]
     ds = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})

@@ -68,15 +68,16 @@ def test_bnb_nf4_counts_absmax_per_64_with_double_quantization():
 
 
 def test_compressed_tensors_counts_packed_codes_scales_and_zero_points():
-    # w3 g64: ten 3-bit codes per int32 along each row, fp16 scales, zero points packed along the rows
+    # w3 g64 as llm-compressor 0.14 wrote it: 3-bit codes packed densely into int32 along each row, scales
+    # in the model's dtype (fp32), 3-bit zero points packed into int32 along the output rows
     stored = {
-        "weight_packed": torch.zeros(N, -(-K // 10), dtype=torch.int32),
-        "weight_scale": torch.rand(N, K // 64).half(),
-        "weight_zero_point": torch.zeros(-(-N // 10), K // 64, dtype=torch.int32),
+        "weight_packed": torch.zeros(N, K * 3 // 32, dtype=torch.int32),
+        "weight_scale": torch.rand(N, K // 64),
+        "weight_zero_point": torch.zeros(-(-N * 3 // 32), K // 64, dtype=torch.int32),
         "weight_shape": torch.tensor([N, K]),
     }
     bits = peers.layer_bits("compressed-tensors", stored)
-    assert bits == {"codes": N * 13 * 32, "scales": N * 2 * 16, "zeros": 2 * 32, "lowrank": 0}
+    assert bits == {"codes": 3 * N * K, "scales": N * 2 * 32, "zeros": 2 * 32, "lowrank": 0}
 
 
 def test_lowbit_mapping_equals_lowbit_own_storage_cost():
