@@ -129,7 +129,8 @@ def test_a_killed_job_with_the_check_resumes_bit_identically(source, tmp_path):
     assert any(n.startswith("4x24-layers-") for n in measured)  # the check was measured before the kill
     recipe = Recipe.from_dict(PROBES_CHECK)
     api.compress(
-        str(source), recipe, tmp_path / "s", data=BLOCKS, budget=3.0, max_shard_size=10_000, progress=False
+        str(source), recipe, tmp_path / "s", data=BLOCKS, budget=3.0, max_shard_size=10_000, progress=False,
+        keep_work=True,
     )
     assert sorted(p.name for p in (work / "losses").iterdir()) == measured  # nothing measured again
     in_memory(source, recipe, tmp_path / "m", [3.0])
