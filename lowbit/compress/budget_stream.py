@@ -133,14 +133,14 @@ def compress_streamed_budgets(
 
     checked = {}
     if jobs and a.check:  # every layer set built, measured, then the chosen ones written
-        todo = [b for b in budgets if f"bpw-{b:g}" in jobs]
-        uniforms = {b: uniforms[b] for b in todo}
+        made = [b for b in budgets if f"bpw-{b:g}" in jobs]
+        uniforms = {b: uniforms[b] for b in made}
         tags = set(jobs) | {u[0] for u in uniforms.values() if u is not None}
         plans = {tag: plan for tag, plan in plans.items() if tag in tags}
         apply_pass(model, provider, linears, recipe, plans, calib_data, work, progress, readers)
         barrier(world())  # the layers rank 0 saved are there for every process
-        checked = check_stage(model, linears, work, {b: allocs[b] for b in todo}, uniforms, calib_data, run)
-        chosen = {f"bpw-{b:g}": checked[b][1] for b in todo}
+        checked = check_stage(model, linears, work, {b: allocs[b] for b in made}, uniforms, calib_data, run)
+        chosen = {f"bpw-{b:g}": checked[b][1] for b in made}
         write_pass(provider, linears, work, chosen, {tag: job.start for tag, job in jobs.items()}, write)
     elif jobs:
         plans = {tag: plan for tag, plan in plans.items() if tag in jobs}

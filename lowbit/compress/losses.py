@@ -211,8 +211,8 @@ def cached(run: Runner, work: WorkArea) -> Runner:
     def saved_run(tokens: Tensor, variants: dict[str, Variant]) -> dict[str, float]:
         name = f"losses/{tokens.shape[0]}x{tokens.shape[1]}-{{}}.safetensors".format
         found = {k: work.load(name(k)) for k in variants}
-        todo = {k: v for k, v in variants.items() if found[k] is None}
-        got = run(tokens, todo) if todo else {}
+        unmeasured = {k: v for k, v in variants.items() if found[k] is None}
+        got = run(tokens, unmeasured) if unmeasured else {}
         if world().main:
             for k, loss in got.items():
                 work.save(name(k), {}, {"loss": loss})
