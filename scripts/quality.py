@@ -75,6 +75,7 @@ ROWS = [
         {"format": "int2", "group_size": 64, "rounding": "gptq"},
         {"method": "lqlora", "rank": 32},
     ),
+    ("gptq", {"format": "int3", "group_size": 64, "rounding": "gptq"}, {}),
     ("gptq", {"format": "int3", "group_size": 32, "rounding": "gptq"}, {}),
     ("awq", {"format": "int4", "group_size": 128}, {}, AWQ),
     ("awq+gptq", {"format": "int4", "group_size": 128, "rounding": "gptq"}, {}, AWQ),
@@ -103,6 +104,11 @@ def main() -> None:
     p.add_argument("--work-dir", default=None, help="work areas of the budget rows (default: temporary)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
+    known = {"none"} | {n for n, *_ in ROWS}
+    known |= {f"{n}:{Recipe.from_dict({'quantize': q}).quantize.spec().short()}" for n, q, *_ in ROWS}
+    unknown = sorted(set(args.only.split(",")) - known) if args.only else []
+    if unknown:  # a misspelt row would otherwise run nothing and say nothing
+        p.error(f"--only: no row {', '.join(unknown)}; the rows: {', '.join(sorted(known))}")
 
     base, tok = load_model(args.model)
     sources = args.eval.split(",") if args.eval else [args.data]
