@@ -89,9 +89,12 @@ FORMATS = {  # name -> (QuantSpec arguments, rank)
     "fp4-g32": (("fp4_e2m1", 32), 0),
     "fp8-w8a8": (("fp8_e4m3", None), 0),
 }
-# the formats of the split-K kernel on the decode layout (`triton_decode`), and of the one-launch kernel
-# that reads the checkpoint's layout (`triton_fused`): every format the decode layout does not take
-DECODE_FORMATS = ("int4-g128", "int4-g128-r64", "nf4-g64", "int3-g128", "int3-g128-r64", "int2-g64", "int8")
+# the formats of the split-K kernel on the decode layout (`triton_decode`), and those compiled for the
+# one-launch kernel that reads the checkpoint's layout (`triton_fused`: every format and dtype the decode
+# layout does not take; here the minifloats, which a call with 16-bit activations ran on before the
+# decode layout took them, for comparison)
+DECODE_FORMATS = ("int4-g128", "int4-g128-r64", "nf4-g64", "int3-g128", "int3-g128-r64", "int2-g64", "int8",
+                  "fp8-e4m3", "fp4-g32")  # fmt: skip
 FUSED_FORMATS = ("fp8-e4m3", "fp4-g32")
 
 
@@ -232,7 +235,7 @@ def fused_cases(fmt: str) -> list[Case]:
 def decode_cases(fmt: str) -> list[Case]:
     """The decode kernel on a 4096 x 4096 layer of `fmt` (bf16 activations), one row per M bucket."""
     from lowbit.kernels import triton_decode
-    from lowbit.kernels.layout import MAGIC, decode_tile, layout_bits
+    from lowbit.kernels.layout import MAGIC, decode_tile, layout_bits, layout_fmt
     from lowbit.quantizers import QuantSpec
 
     spec, rank = FORMATS[fmt]
@@ -240,7 +243,8 @@ def decode_cases(fmt: str) -> list[Case]:
     n = k = 4096
     bits = layout_bits(spec)
     tile = decode_tile(spec.group_size, k, bits)
-    absent = dict(lut_ptr=None) if spec.kind == "int" else {}
+    fmt_const = layout_fmt(spec)
+    absent = dict(lut_ptr=None) if fmt_const == "int" else {}
     absent.update(inv_smooth_ptr=None, bias_ptr=None, xs_ptr=None)
     if not rank:
         absent.update(l1_ptr=None, l2_ptr=None, t_ptr=None)
@@ -248,7 +252,7 @@ def decode_cases(fmt: str) -> list[Case]:
     for m, label in DECODE_BUCKETS:
         config = triton_decode.decode_config(m, n, k, tile, spec.group_size or k, rank, False, 132, bits)
         stages, warps = config.pop("num_stages"), config.pop("num_warps")
-        consts = dict(absent, **config, FMT=spec.kind, BITS=bits, EVEN_K=True, USE_ASM=True,
+        consts = dict(absent, **config, FMT=fmt_const, BITS=bits, EVEN_K=True, USE_ASM=True,
                       MAGIC_VALUE=MAGIC[torch.bfloat16], GROUP_SIZE=spec.group_size or k, HAS_SMOOTH=False,
                       HAS_LOWRANK=rank > 0, HAS_BIAS=False,
                       DOT_IEEE=False, TILE=tile)  # fmt: skip

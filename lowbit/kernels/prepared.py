@@ -7,7 +7,7 @@ torch op:
 
 - backend "triton" (resolved once per device and dtype): a `Prepared` weight, rebuilt only when a
   tensor of the layer is replaced (identity check); every row count runs one launch, a split-K kernel
-  with a configuration cached per row bucket: `triton_decode` for 2/3/4/8-bit INT and NF4 weights in
+  with a configuration cached per row bucket: `triton_decode` for 2/3/4/8-bit INT, NF4 and FP4 weights in
   bf16 or fp16 (`layout.supports`), `triton_fused` for every other format and dtype. From a measured
   crossover (none yet, see `triton_large`), dequantize + matmul instead; ranks above
   `triton_splitk.MAX_RANK` and x with a strided last dim take the GEMV / GEMM of `triton_qlinear`.

@@ -1,11 +1,12 @@
-"""Triton split-K kernel for 2/3/4/8-bit INT and NF4 weights: the quantized linear in one launch, at any M.
+"""Triton split-K kernel for 2/3/4/8-bit INT, NF4, FP4 and FP8 weights: the quantized linear in one launch.
 
     y = x_s @ dequantize(Q).T + (x_s @ L2.T) @ L1.T + bias,   x_s = x / smooth
 
 The weight is read in the layout of `lowbit.kernels.layout` (bf16 / fp16 activations). The grid, the
 low-rank prologue, the split-K reduction and the epilogue are those of `triton_splitk`. Each weight
 program's K tile is dequantized in registers without integer conversions (`triton_dequant`: inline
-PTX, 1.5 instructions per weight for 2- and 4-bit words, 2.5 for 8-bit ones), multiplied by the
+PTX, 1.5 instructions per weight for 2- and 4-bit words, 2.5 for 8-bit ones; 3-bit words are first
+rebuilt into 4-bit ones, about 0.28 more), multiplied by the
 activations on the tensor cores (W tile [BLOCK_N, KT] as the register operand, x.T [KT, BLOCK_M] as
 the other; rows of x past M are zeros) and accumulated in a [BLOCK_N, BLOCK_M] fp32 tile held in
 registers for the whole K range; the group scales multiply either each group's fp32 partial product
@@ -18,14 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.layout import MAGIC, DecodeWeight
+from lowbit.kernels.layout import INT3_MASK, MAGIC, MAX_TILE, DecodeWeight
 from lowbit.kernels.triton_common import interpreting
 from lowbit.kernels.triton_dequant import (
     columns,
+    dequant_fp8,
     dequant_int2,
     dequant_int8,
     dequant_tile,
     group_rows,
+    int3_nibbles,
     scaled,
 )
 from lowbit.kernels.triton_splitk import (
@@ -50,6 +53,8 @@ NUM_STAGES = 1
 ROW_BLOCKS = {32: (256, 8)}
 BLOCK_N = 128
 NUM_WARPS = 4
+# the 3-bit layout's bit select, for the kernels
+INT3_SELECT = tl.constexpr(INT3_MASK)
 
 
 @triton.jit
@@ -87,12 +92,27 @@ def _int2_slots(o, h: tl.constexpr, SLOTS: tl.constexpr):
 
 
 @triton.jit
+def _scaled16(o, s0, s1, s2, s3, IN_FP32: tl.constexpr):
+    """Sixteen [BN, W] tensors o_j times s_(j // 4) [BN] (`scaled`)."""
+    return (
+        scaled(o[0], s0, IN_FP32), scaled(o[1], s0, IN_FP32), scaled(o[2], s0, IN_FP32),
+        scaled(o[3], s0, IN_FP32), scaled(o[4], s1, IN_FP32), scaled(o[5], s1, IN_FP32),
+        scaled(o[6], s1, IN_FP32), scaled(o[7], s1, IN_FP32), scaled(o[8], s2, IN_FP32),
+        scaled(o[9], s2, IN_FP32), scaled(o[10], s2, IN_FP32), scaled(o[11], s2, IN_FP32),
+        scaled(o[12], s3, IN_FP32), scaled(o[13], s3, IN_FP32), scaled(o[14], s3, IN_FP32),
+        scaled(o[15], s3, IN_FP32),
+    )  # fmt: skip
+
+
+@triton.jit
 def _wide_tile_dot(acc, words_ptr, scales_ptr, offsets_ptr, x_ptr, offs_m, offs_n, k0, M, K, stride_xm,
-                   stride_wn, stride_gn, BITS: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
-                   MAGIC_VALUE: tl.constexpr, GROUP_SIZE: tl.constexpr, DOT_IEEE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, TILE: tl.constexpr):  # fmt: skip
-    """`_weight_tile_dot` for 2- and 8-bit INT words (see `layout`): 8 bits, a K tile in one group, its
-    four bytes in slots o0 o2 o1 o3; 2 bits, a K tile of 1, 2 or 4 groups, field j in slot j."""
+                   stride_wn, stride_gn, FMT: tl.constexpr, BITS: tl.constexpr, EVEN_K: tl.constexpr,
+                   USE_ASM: tl.constexpr, MAGIC_VALUE: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                   SCALE_W: tl.constexpr, DOT_IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   TILE: tl.constexpr):  # fmt: skip
+    """`_weight_tile_dot` for 2-bit INT and 8-bit INT / FP8 words (see `layout`): 8 bits, a K tile in
+    one group, its four bytes in slots o0 o2 o1 o3; 2 bits, a K tile of 1, 2 or 4 groups, field j in
+    slot j (SCALE_W: the fields scaled by their group's scale, one dot for the tile)."""
     dtype = x_ptr.dtype.element_ty
     W: tl.constexpr = TILE * BITS // 32
     GROUPS: tl.constexpr = TILE // GROUP_SIZE if GROUP_SIZE < TILE else 1
@@ -100,8 +120,11 @@ def _wide_tile_dot(acc, words_ptr, scales_ptr, offsets_ptr, x_ptr, offs_m, offs_
     words = tl.load(words_ptr + offs_n[:, None] * stride_wn + offs_w[None, :])  # int32 [BN, W]
     g = k0 // GROUP_SIZE
     if BITS == 8:
-        f0 = tl.load(offsets_ptr + g * stride_gn + offs_n)  # 2^23 + z [BN]
-        o0, o1, o2, o3 = dequant_int8(words, f0, USE_ASM, dtype)
+        if FMT == "int":
+            f0 = tl.load(offsets_ptr + g * stride_gn + offs_n)  # 2^23 + z [BN]
+            o0, o1, o2, o3 = dequant_int8(words, f0, USE_ASM, dtype)
+        else:
+            o0, o1, o2, o3 = dequant_fp8(words, FMT, USE_ASM, dtype)
         w = columns(tl.join(tl.join(o0, o1), tl.join(o2, o3)), BLOCK_N, W, 4)
         acc += _group_dot(w, x_ptr, scales_ptr, offs_m, offs_n, g, k0, M, K, stride_xm, stride_gn, EVEN_K,
                           DOT_IEEE, TILE)  # fmt: skip
@@ -111,20 +134,57 @@ def _wide_tile_dot(acc, words_ptr, scales_ptr, offsets_ptr, x_ptr, offs_m, offs_
         v0, v1, v2, v3 = group_rows(offsets_ptr, g, stride_gn, offs_n, GROUPS)
         o = dequant_int2(words, v0, v2, v1, v3, USE_ASM, MAGIC_VALUE, dtype)
         SLOTS: tl.constexpr = 16 // GROUPS
-        for h in tl.static_range(GROUPS):
-            w = columns(_int2_slots(o, h, SLOTS), BLOCK_N, W, SLOTS)
-            acc += _group_dot(w, x_ptr, scales_ptr, offs_m, offs_n, g + h, k0 + h * (TILE // GROUPS), M, K,
-                              stride_xm, stride_gn, EVEN_K, DOT_IEEE, TILE // GROUPS)  # fmt: skip
+        if SCALE_W:
+            s0, s1, s2, s3 = group_rows(scales_ptr, g, stride_gn, offs_n, GROUPS)
+            o = _scaled16(o, s0, s2, s1, s3, DOT_IEEE)  # fields j // 4 = 0..3, as the offsets
+            x = load_x(x_ptr, None, offs_m, k0 + tl.arange(0, TILE), M, K, stride_xm, False, EVEN_K)
+            acc = dot(columns(_int2_slots(o, 0, 16), BLOCK_N, W, 16), x, DOT_IEEE, acc)
+        else:
+            for h in tl.static_range(GROUPS):
+                w = columns(_int2_slots(o, h, SLOTS), BLOCK_N, W, SLOTS)
+                acc += _group_dot(w, x_ptr, scales_ptr, offs_m, offs_n, g + h, k0 + h * (TILE // GROUPS), M,
+                                  K, stride_xm, stride_gn, EVEN_K, DOT_IEEE, TILE // GROUPS)  # fmt: skip
     return acc
 
 
 @triton.jit
-def _weight_tile_dot(acc, words_ptr, scales_ptr, offsets_ptr, lut_ptr, x_ptr, offs_m, offs_n, k0, M, K,
-                     stride_xm, stride_wn, stride_gn, FMT: tl.constexpr, EVEN_K: tl.constexpr,
+def _words(words_ptr, offs_n, stride_wn, first, W: tl.constexpr):
+    """int32 [BN, W]: words first .. first + W - 1 of rows offs_n (rows of the layout are padded to
+    whole BLOCK_N tiles: no masks)."""
+    return tl.load(words_ptr + offs_n[:, None] * stride_wn + (first + tl.arange(0, W))[None, :])
+
+
+@triton.jit
+def _int3_tile_dot(acc, words_ptr, scales_ptr, offsets_ptr, x_ptr, offs_m, offs_n, k0, M, K, stride_xm,
+                   stride_wn, stride_gn, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
+                   MAGIC_VALUE: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_W: tl.constexpr,
+                   DOT_IEEE: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr):  # fmt: skip
+    """`_weight_tile_dot` for a TILE = 512-column tile of 3-bit words a, b, h (`layout`): its four
+    128-column nibble tiles rebuilt by `int3_nibbles`, each multiplied as a 4-bit tile."""
+    SUB: tl.constexpr = TILE // 4
+    W: tl.constexpr = SUB // 8
+    first = k0 * 3 // 32  # 48 words a tile
+    a = _words(words_ptr, offs_n, stride_wn, first, W)
+    b = _words(words_ptr, offs_n, stride_wn, first + W, W)
+    h = _words(words_ptr, offs_n, stride_wn, first + 2 * W, W)
+    n = int3_nibbles(a, b, h, INT3_SELECT)
+    for q in tl.static_range(4):
+        acc = _weight_tile_dot(
+            acc, n[q], scales_ptr, offsets_ptr, None, x_ptr, offs_m, offs_n, k0 + q * SUB, M, K,
+            stride_xm, stride_gn, "int", EVEN_K, USE_ASM, MAGIC_VALUE, GROUP_SIZE, SCALE_W, DOT_IEEE, BLOCK_N,
+            SUB, 7,
+        )  # fmt: skip
+    return acc
+
+
+@triton.jit
+def _weight_tile_dot(acc, words, scales_ptr, offsets_ptr, lut_ptr, x_ptr, offs_m, offs_n, k0, M, K,
+                     stride_xm, stride_gn, FMT: tl.constexpr, EVEN_K: tl.constexpr,
                      USE_ASM: tl.constexpr, MAGIC_VALUE: tl.constexpr, GROUP_SIZE: tl.constexpr,
                      SCALE_W: tl.constexpr, DOT_IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     TILE: tl.constexpr):  # fmt: skip
-    """acc [BLOCK_N, BLOCK_M] + W[offs_n, k0 : k0 + TILE] @ x[offs_m, k0 : k0 + TILE].T, fp32.
+                     TILE: tl.constexpr, MASK: tl.constexpr = 0xF):  # fmt: skip
+    """acc [BLOCK_N, BLOCK_M] + W[offs_n, k0 : k0 + TILE] @ x[offs_m, k0 : k0 + TILE].T, fp32, for the
+    4-bit words [BLOCK_N, TILE / 8] of the tile (MASK: `dequant_tile`).
 
     SCALE_W: the scales multiply the weights (in x's dtype, one packed multiply per two weights) and
     one dot accumulates the tile; else each group's fp32 partial product is scaled (one FMA per row,
@@ -132,9 +192,6 @@ def _weight_tile_dot(acc, words_ptr, scales_ptr, offsets_ptr, lut_ptr, x_ptr, of
     dtype = x_ptr.dtype.element_ty
     GROUPS: tl.constexpr = TILE // GROUP_SIZE if GROUP_SIZE < TILE else 1
     W: tl.constexpr = TILE // 8
-    offs_w = k0 // 8 + tl.arange(0, W)
-    # rows of the layout are padded to whole BLOCK_N tiles (stride_gn: padded N): no masks
-    words = tl.load(words_ptr + offs_n[:, None] * stride_wn + offs_w[None, :])  # int32 [BN, W]
     g = k0 // GROUP_SIZE
     if FMT == "nf":  # the pair table's address, as a row vector (int64 [BN], see `layout`)
         f0 = tl.load(offsets_ptr.to(tl.pointer_type(tl.int64)) + offs_n)
@@ -144,7 +201,7 @@ def _weight_tile_dot(acc, words_ptr, scales_ptr, offsets_ptr, lut_ptr, x_ptr, of
     else:  # -(MAGIC + z) [BN]
         f0, f1, f2, f3 = group_rows(offsets_ptr, g, stride_gn, offs_n, GROUPS)
     o0, o1, o2, o3, o4, o5, o6, o7 = dequant_tile(
-        words, f0, f1, f2, f3, lut_ptr, FMT, USE_ASM, MAGIC_VALUE, dtype, BLOCK_N, TILE
+        words, f0, f1, f2, f3, lut_ptr, FMT, USE_ASM, MAGIC_VALUE, dtype, BLOCK_N, TILE, MASK
     )
     if SCALE_W:
         s0, s1, s2, s3 = group_rows(scales_ptr, g, stride_gn, offs_n, GROUPS)
@@ -200,9 +257,11 @@ def _decode_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     HAS_PROLOGUE: tl.constexpr = HAS_SMOOTH or HAS_LOWRANK
+    # the prologue's K step: 512-column (3-bit) tiles of x and L2 would hold too many registers
+    PRO_TILE: tl.constexpr = TILE if TILE <= 256 else 256
     pro_progs = prologue(
         x_ptr, inv_smooth_ptr, xs_ptr, l2_ptr, t_ptr, lock_ptr, pid, M, K, R, stride_xm, stride_l2r,
-        HAS_SMOOTH, HAS_LOWRANK, DOT_IEEE, BLOCK_M, BLOCK_R, TILE, T_PROGS, T_BLOCK_K,
+        HAS_SMOOTH, HAS_LOWRANK, DOT_IEEE, BLOCK_M, BLOCK_R, PRO_TILE, T_PROGS, T_BLOCK_K,
     )  # fmt: skip
     if pid < pro_progs:
         return
@@ -212,15 +271,23 @@ def _decode_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
     for k0 in range(k_begin, k_end, TILE):
         if BITS == 4:
+            words = _words(words_ptr, offs_n, stride_wn, k0 // 8, TILE // 8)
             acc = _weight_tile_dot(
-                acc, words_ptr, scales_ptr, offsets_ptr, lut_ptr, x_ptr, offs_m, offs_n, k0, M, K,
-                stride_xm, stride_wn, stride_gn, FMT, EVEN_K, USE_ASM, MAGIC_VALUE, GROUP_SIZE, SCALE_W,
+                acc, words, scales_ptr, offsets_ptr, lut_ptr, x_ptr, offs_m, offs_n, k0, M, K,
+                stride_xm, stride_gn, FMT, EVEN_K, USE_ASM, MAGIC_VALUE, GROUP_SIZE, SCALE_W,
                 DOT_IEEE, BLOCK_N, TILE,
+            )  # fmt: skip
+        elif BITS == 3:
+            acc = _int3_tile_dot(
+                acc, words_ptr, scales_ptr, offsets_ptr, x_ptr, offs_m, offs_n, k0, M, K, stride_xm,
+                stride_wn, stride_gn, EVEN_K, USE_ASM, MAGIC_VALUE, GROUP_SIZE, SCALE_W, DOT_IEEE, BLOCK_N,
+                TILE,
             )  # fmt: skip
         else:
             acc = _wide_tile_dot(
                 acc, words_ptr, scales_ptr, offsets_ptr, x_ptr, offs_m, offs_n, k0, M, K, stride_xm,
-                stride_wn, stride_gn, BITS, EVEN_K, USE_ASM, MAGIC_VALUE, GROUP_SIZE, DOT_IEEE, BLOCK_N, TILE,
+                stride_wn, stride_gn, FMT, BITS, EVEN_K, USE_ASM, MAGIC_VALUE, GROUP_SIZE, SCALE_W, DOT_IEEE,
+                BLOCK_N, TILE,
             )  # fmt: skip
     finish(
         acc, offs_m, offs_n, tile, ws_ptr, t_ptr, l1_ptr, bias_ptr, y_ptr, lock_ptr, M, N, R, stride_l1n,
@@ -231,13 +298,15 @@ def _decode_kernel(
 
 def decode_config(m: int, n: int, k: int, tile: int, group_size: int, rank: int, smooth: bool,
                   sms: int, bits: int = 4) -> dict:  # fmt: skip
-    """Launch constexprs for the row bucket of m rows: `triton_splitk.split_config`, SCALE_W (4-bit
-    words) where scaling the weights (0.5 instructions per weight) costs less than scaling each group's
+    """Launch constexprs for the row bucket of m rows: `triton_splitk.split_config`, SCALE_W (2-, 3- and
+    4-bit words) where scaling the weights (0.5 instructions per weight) costs less than scaling each group's
     partial sums (BLOCK_M * groups per tile / TILE), BLOCK_N and num_warps (`ROW_BLOCKS`), NUM_STAGES."""
     block_n, warps = ROW_BLOCKS.get(row_bucket(m), (BLOCK_N, NUM_WARPS))
     config = split_config(m, n, k, tile, block_n, rank, smooth, sms)
-    groups = tile // group_size if group_size < tile else 1
-    scale_w = bits == 4 and config["BLOCK_M"] * groups > 64
+    sub = MAX_TILE if bits == 3 else tile  # a 3-bit tile is multiplied as four 4-bit ones
+    groups = sub // group_size if group_size < sub else 1
+    # scaling each group's partial sums costs BLOCK_M * groups / sub FMAs per weight, the weights 0.5
+    scale_w = bits in (2, 3, 4) and config["BLOCK_M"] * groups > sub // 2
     return dict(config, SCALE_W=scale_w, BLOCK_N=block_n, num_warps=warps, num_stages=NUM_STAGES)
 
 

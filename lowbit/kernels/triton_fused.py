@@ -3,7 +3,7 @@
     y = x_s @ dequantize(Q).T + (x_s @ L2.T) @ L1.T + bias,   x_s = x / smooth
 
 For the weights the decode layout does not take (`lowbit.kernels.layout.supports`: NF below 4 bits,
-the minifloats, group sizes the decode tiles do not take, fp32 activations), read as the checkpoint
+FP8, group sizes the decode tiles do not take, fp32 activations), read as the checkpoint
 stores them. The grid, the low-rank prologue, the split-K reduction and the epilogue
 are those of `triton_splitk` (one launch: no torch op before or after the kernel). Each weight program
 dequantizes its [BLOCK_N, BLOCK_K] tiles with `triton_common.load_weight_tile` (fp32 s * value, rounded

@@ -6,6 +6,7 @@ runs is checked by `scripts/kernel_sass.py` and the compile test.
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ triton = pytest.importorskip("triton")
 from lowbit.kernels import layout, prepared, reference, triton_decode, triton_large, triton_splitk  # noqa: E402
 from lowbit.kernels.trace import count_launches  # noqa: E402
 from lowbit.quantizers import QuantSpec, dequantize, quantize, unpack_codes  # noqa: E402
+from lowbit.quantizers.fp import FP8_DTYPES  # noqa: E402
 
 N, K = 830, 576  # odd N (padded rows), K not a multiple of the 128-column tile
 # relative error bound (max abs error / max abs value) against a float64 evaluation of the reference:
@@ -72,15 +74,40 @@ def test_packed_words_hold_every_code_where_the_kernel_reads_it(fmt, bits):
         assert torch.equal(got, codes.long())
 
 
+def test_int3_words_rebuild_every_nibble_tile_exactly():
+    """The 3-bit layout (3 words per 32 codes) unpacks, by the kernel's bit select, to the 4-bit words
+    of its four 128-column tiles: every code read back, bit 3 of a nibble ignored; 3 / 8 bytes a code."""
+    q = quantize(torch.randn(N, K), QuantSpec("int3", 64))
+    codes = unpack_codes(q)
+    words = layout.pack_int3(codes).long() & 0xFFFFFFFF
+    Kp = 1024  # K rounded up to 512
+    assert words.shape == (N, Kp * 3 // 32)
+    a, b, h = (words.view(N, Kp // 512, 3, 16)[:, :, i] for i in range(3))
+    sel, rest = layout.INT3_MASK, ~layout.INT3_MASK & 0xFFFFFFFF
+    n = torch.stack([a & sel | h & rest, (a >> 2) & sel | (h >> 1) & rest,
+                     b & sel | (h << 1) & rest, (b >> 2) & sel | (h << 2) & rest], dim=2)  # fmt: skip
+    nibbles = (n.reshape(N, Kp // 8) & 0x77777777)
+    padded = torch.nn.functional.pad(codes, (0, Kp - K))
+    assert torch.equal(nibbles, layout.pack_words(padded, 128).long() & 0xFFFFFFFF)
+    col = torch.arange(K)  # and the 4-bit words hold every code where the 4-bit kernel reads it
+    w, j = col % 16, torch.tensor(layout.code_of_slot(4))[col % 128 // 16]
+    assert torch.equal((nibbles[:, col // 128 * 16 + w] >> (4 * j)) & 7, codes.long())
+
+
 def test_decode_tile_takes_groups_that_tile_k():
     tiles = [layout.decode_tile(g, 4096) for g in (None, 32, 64, 128, 256, 4096)]
     assert tiles == [128] * 6
     assert [layout.decode_tile(g, 4096, 2) for g in (None, 64, 128, 512)] == [256] * 4
     assert [layout.decode_tile(g, 4096, 8) for g in (None, 64, 256)] == [128, 64, 128]
+    assert [layout.decode_tile(g, 4096, 3) for g in (None, 32, 64, 128, 384)] == [512] * 5
+    assert layout.decode_tile(48, 4096, 3) is None
     assert layout.decode_tile(48, 4096) is None and layout.decode_tile(16, 4096) is None
     assert layout.decode_tile(32, 4096, 2) is None and layout.decode_tile(32, 4096, 8) is None
     assert layout.supports(quantize(torch.randn(8, 64), QuantSpec("int3", 32)), torch.bfloat16)
     assert not layout.supports(quantize(torch.randn(8, 64), QuantSpec("nf3", 64)), torch.bfloat16)
+    assert layout.supports(quantize(torch.randn(8, 64), QuantSpec("fp4_e2m1", 32)), torch.float16)
+    assert layout.supports(quantize(torch.randn(8, 64), QuantSpec("fp8_e4m3", None)), torch.float16)
+    assert not layout.supports(quantize(torch.randn(8, 64), QuantSpec("fp8_e5m2", 32)), torch.float16)
     assert not layout.supports(quantize(torch.randn(8, 64), QuantSpec("int4", 32)), torch.float32)
     with pytest.raises(layout.LayoutError, match="int2"):
         layout.prepare_decode(quantize(torch.randn(8, 128), QuantSpec("int2", 32)), torch.bfloat16)
@@ -101,14 +128,29 @@ CASES = [  # (spec, dtype, M, rank, smooth, bias)
     (QuantSpec("nf4", 64, double_quant=True), torch.float16, 5, 0, True, False),
     (QuantSpec("nf4", 128), torch.bfloat16, 32, 0, False, False),
     (QuantSpec("int4", 64), torch.bfloat16, 64, 8, True, True),  # weights scaled (SCALE_W)
-    # 3-bit codes widened to nibbles; 2-bit words (tiles of 256 columns: 4, 2, 1 groups); 8-bit words
+    # 3-bit words (tiles of 512 columns, K = 576 padded to 1024); 2-bit words (tiles of 256 columns: 4,
+    # 2, 1 groups); 8-bit words
     (QuantSpec("int3", 128), torch.bfloat16, 5, 8, False, True),
     (QuantSpec("int3", 32, symmetric=True), torch.float16, 1, 0, True, False),
+    (QuantSpec("int3", None), torch.bfloat16, 32, 70, False, False),
+    (QuantSpec("int3", 64), torch.bfloat16, 64, 0, True, True),  # weights scaled (SCALE_W)
+    (QuantSpec("int3", 256, double_quant=True), torch.float16, 5, 0, False, False),
     (QuantSpec("int2", 64), torch.bfloat16, 32, 4, True, False),
     (QuantSpec("int2", 128, symmetric=True), torch.float16, 1, 0, False, True),
     (QuantSpec("int2", None), torch.bfloat16, 5, 0, False, False),
+    (QuantSpec("int2", 64), torch.bfloat16, 64, 8, False, True),  # weights scaled (SCALE_W)
+    (QuantSpec("int2", 64, symmetric=True), torch.float16, 33, 0, True, False),
     (QuantSpec("int8", None), torch.bfloat16, 1, 8, False, True),
     (QuantSpec("int8", 64, symmetric=True), torch.float16, 32, 0, True, False),
+    # FP4 E2M1 through the pair table of its codebook, as NF4 (4 groups a tile; SCALE_W at 32 rows)
+    (QuantSpec("fp4_e2m1", 32), torch.bfloat16, 1, 8, False, True),
+    (QuantSpec("fp4_e2m1", 32), torch.float16, 32, 0, True, False),
+    (QuantSpec("fp4_e2m1", 64, scale_dtype="bfloat16"), torch.bfloat16, 5, 0, False, False),
+    # FP8 bytes moved into 16-bit floats (E4M3 and E5M2, bf16 and fp16 recipes)
+    (QuantSpec("fp8_e4m3", None), torch.bfloat16, 1, 8, False, True),
+    (QuantSpec("fp8_e4m3", 64), torch.float16, 32, 0, True, False),
+    (QuantSpec("fp8_e5m2", 128, scale_dtype="bfloat16"), torch.bfloat16, 5, 0, False, False),
+    (QuantSpec("fp8_e5m2", None, scale_dtype="float32"), torch.float16, 1, 0, False, True),
     (QuantSpec("nf4", 64), torch.bfloat16, 100, 16, True, True),  # two row tiles, split K
     # five row tiles, one K range (as in the 65-row prepared layer below, on 4 SMs)
     pytest.param(QuantSpec("int4", 128), torch.float16, 300, 8, False, True, marks=pytest.mark.slow),
@@ -124,9 +166,10 @@ def test_decode_matches_the_reference(spec, dtype, m, rank, smooth, bias):
     assert not ws.any() and not t.any() and not lock.any()  # left as found, for the next call
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int3", "int2", "int8"])
-def test_one_hot_rows_read_back_every_int_weight_exactly(fmt):
-    """Row i of x selects column c_i: y[i] = round(s * (c - z)) = dequantize(q, fp16)[:, c_i] bit for bit.
+@pytest.mark.parametrize("fmt", ["int4", "int3", "int2", "int8", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2"])
+def test_one_hot_rows_read_back_every_weight_exactly(fmt):
+    """Row i of x selects column c_i: y[i] = round(s * (c - z)) (FP: round(s * value(c)), its values
+    exact in fp16; not NF's) = dequantize(q, fp16)[:, c_i] bit for bit, subnormal FP8 codes included.
 
     (fp16: the interpreter rounds fp32 to bf16 toward zero, compiled code to nearest.)
     """
@@ -135,6 +178,24 @@ def test_one_hot_rows_read_back_every_int_weight_exactly(fmt):
     x = torch.zeros(7, K, dtype=torch.float16)
     x[torch.arange(7), cols] = 1.0
     assert torch.equal(run_decode(x, q, None, None, None, None), dequantize(q, torch.float16)[:, cols].T)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_every_fp8_code_reads_back_exactly(fmt):
+    """Columns 0..255 hold every finite code, subnormals and both zeros: one-hot rows read back
+    round(s * value(c)) bit for bit in fp16, within one rounding in bf16 (the interpreter rounds fp32
+    to bf16 toward zero, torch to nearest)."""
+    q = quantize(torch.randn(N, K), QuantSpec(fmt, None, scale_dtype="float32"))
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = codes.view(FP8_DTYPES[fmt]).float().isfinite()
+    q = dataclasses.replace(q, codes=q.codes.clone())
+    q.codes[:, :256] = torch.where(finite, codes, 0)
+    x = torch.eye(256, K)
+    got = run_decode(x.half(), q, None, None, None, None)
+    assert torch.equal(got, dequantize(q, torch.float16)[:, :256].T)
+    got = run_decode(x.bfloat16(), q, None, None, None, None).float()
+    want = dequantize(q)[:, :256].T
+    assert ((got - want).abs() <= want.abs() * 2**-7).all()
 
 
 @pytest.mark.parametrize("m", [1, 5, 33, 65])

@@ -362,6 +362,19 @@ compile_kernel(triton_decode._decode_kernel, dict(DECODE, BITS=2, GROUP_SIZE=64,
                DECODE_POINTERS)
 compile_kernel(triton_decode._decode_kernel, dict(DECODE, BITS=8, BLOCK_N=256, BLOCK_M=32), 90, 8,
                dict(DECODE_POINTERS, offsets_ptr="*fp32"))
+FP16 = {f"{name}_ptr": "*fp16" for name in ("x", "xs", "l1", "l2", "bias", "y")}  # fp16 activations
+# 3-bit words (512-column tiles, weights scaled), 2-bit words with weights scaled, FP8 (E4M3 in bf16 and
+# E5M2 in fp16, both architectures) and FP4 E2M1 through the pair table
+compile_kernel(triton_decode._decode_kernel, dict(DECODE, BITS=3, GROUP_SIZE=64, TILE=512, BLOCK_M=64,
+                                                  SCALE_W=True), 90, 4, DECODE_POINTERS)
+compile_kernel(triton_decode._decode_kernel, dict(DECODE, BITS=2, GROUP_SIZE=64, TILE=256, BLOCK_M=64,
+                                                  SCALE_W=True), 90, 4, DECODE_POINTERS)
+for arch in (80, 90):
+    compile_kernel(triton_decode._decode_kernel, dict(DECODE, FMT="fp8_e4m3", BITS=8), arch, 4,
+                   dict(DECODE_POINTERS, offsets_ptr="*fp32"))
+    compile_kernel(triton_decode._decode_kernel, dict(DECODE, FMT="fp8_e5m2", BITS=8), arch, 4,
+                   dict(DECODE_POINTERS, offsets_ptr="*fp32", **FP16))
+compile_kernel(triton_decode._decode_kernel, dict(nf4, GROUP_SIZE=32), 90, 4, NF_POINTERS)
 fold = dict(INT3_DQ, BLOCK_N=64, BLOCK_K=64)
 compile_kernel(triton_large._fold_kernel, fold, 90, 4, dict(POINTERS, inv_smooth_ptr="*fp32"))
 print("compiled")
