@@ -127,7 +127,7 @@ def config_name(c) -> str:
     )
 
 
-def cases() -> list[Case]:
+def cases(arch: int = 90) -> list[Case]:
     """Every kernel, format and configuration a QLinear call may run: the split-K kernel of 4-bit INT /
     NF (`triton_decode`) and of the other formats (`triton_fused`) per M bucket, the fold of the
     two-launch large-M path (behind a measured crossover), the FP8 W8A8 GEMM; then the GEMV / GEMM of the
@@ -136,7 +136,7 @@ def cases() -> list[Case]:
 
     out = []
     for fmt in DECODE_FORMATS:
-        out += decode_cases(fmt)
+        out += decode_cases(fmt, arch)
     for fmt in FUSED_FORMATS:
         out += fused_cases(fmt)
     # the fold (dequantize + L1 L2, times 1 / smooth) has no loop: its whole program is counted
@@ -232,8 +232,9 @@ def fused_cases(fmt: str) -> list[Case]:
     return out
 
 
-def decode_cases(fmt: str) -> list[Case]:
-    """The decode kernel on a 4096 x 4096 layer of `fmt` (bf16 activations), one row per M bucket."""
+def decode_cases(fmt: str, arch: int = 90) -> list[Case]:
+    """The decode kernel on a 4096 x 4096 layer of `fmt` (bf16 activations), one row per M bucket, in
+    the configurations a device of compute capability `arch` runs."""
     from lowbit.kernels import triton_decode
     from lowbit.kernels.layout import MAGIC, decode_tile, layout_bits, layout_fmt
     from lowbit.quantizers import QuantSpec
@@ -250,7 +251,8 @@ def decode_cases(fmt: str) -> list[Case]:
         absent.update(l1_ptr=None, l2_ptr=None, t_ptr=None)
     out = []
     for m, label in DECODE_BUCKETS:
-        config = triton_decode.decode_config(m, n, k, tile, spec.group_size or k, rank, False, 132, bits)
+        config = triton_decode.decode_config(m, n, k, tile, spec.group_size or k, rank, False, 132, bits,
+                                             arch >= 90)  # fmt: skip
         stages, warps = config.pop("num_stages"), config.pop("num_warps")
         consts = dict(absent, **config, FMT=fmt_const, BITS=bits, EVEN_K=True, USE_ASM=True,
                       MAGIC_VALUE=MAGIC[torch.bfloat16], GROUP_SIZE=spec.group_size or k, HAS_SMOOTH=False,
@@ -301,9 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-launches", action="store_true", help="skip the interpreter launch count")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    todo = [c for c in cases() + gemlite_cases() if (not args.kernels or c.kernel in args.kernels)]
-    todo = [c for c in todo if not args.formats or c.format in args.formats]
-    rows = [analyse(c, arch) for arch in args.arch for c in todo]
+    rows = []
+    for arch in args.arch:  # configurations may depend on the architecture
+        todo = [c for c in cases(arch) + gemlite_cases() if (not args.kernels or c.kernel in args.kernels)]
+        rows += [analyse(c, arch) for c in todo if not args.formats or c.format in args.formats]
     if not args.no_launches:
         lc = launch_cases()
         counts = dict(zip([(c[0], c[3]) for c in lc], launches([c[1:] for c in lc], ROOT), strict=True))

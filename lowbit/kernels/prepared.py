@@ -51,6 +51,7 @@ class Prepared:
         self._configs = {}  # (dtype, row bucket) -> split-K launch configuration
         self._rank_fits = rank <= triton_splitk.MAX_RANK
         self._sms = triton_splitk.multiprocessors(q.codes.device)
+        self._hopper = triton_splitk.hopper_or_later(q.codes.device)
 
     def matches(self, codes, scales, l1, l2, smooth, bias) -> bool:
         """Whether these are the tensors this preparation was built from (same objects)."""
@@ -100,7 +101,7 @@ class Prepared:
             (N, K), smooth = self.q.shape, self.smooth is not None
             if dw is not None:
                 config = triton_decode.decode_config(key[1], N, K, dw.tile, dw.group_size, self.rank, smooth,
-                                                     self._sms, dw.bits)  # fmt: skip
+                                                     self._sms, dw.bits, self._hopper)  # fmt: skip
             else:
                 tile = triton_fused.block_k(self.q)
                 config = triton_fused.fused_config(key[1], N, K, tile, self.rank, smooth, self._sms)

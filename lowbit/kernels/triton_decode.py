@@ -297,16 +297,20 @@ def _decode_kernel(
 
 
 def decode_config(m: int, n: int, k: int, tile: int, group_size: int, rank: int, smooth: bool,
-                  sms: int, bits: int = 4) -> dict:  # fmt: skip
-    """Launch constexprs for the row bucket of m rows: `triton_splitk.split_config`, SCALE_W (2-, 3- and
-    4-bit words) where scaling the weights (0.5 instructions per weight) costs less than scaling each group's
-    partial sums (BLOCK_M * groups per tile / TILE), BLOCK_N and num_warps (`ROW_BLOCKS`), NUM_STAGES."""
+                  sms: int, bits: int = 4, hopper: bool = True) -> dict:  # fmt: skip
+    """Launch constexprs for the row bucket of m rows: `triton_splitk.split_config`, SCALE_W (3- and
+    4-bit words; 2-bit ones on Hopper only) where scaling the weights (0.5 instructions per weight)
+    costs less than scaling each group's partial sums (BLOCK_M * groups per tile / TILE), BLOCK_N and
+    num_warps (`ROW_BLOCKS`), NUM_STAGES."""
     block_n, warps = ROW_BLOCKS.get(row_bucket(m), (BLOCK_N, NUM_WARPS))
     config = split_config(m, n, k, tile, block_n, rank, smooth, sms)
     sub = MAX_TILE if bits == 3 else tile  # a 3-bit tile is multiplied as four 4-bit ones
     groups = sub // group_size if group_size < sub else 1
-    # scaling each group's partial sums costs BLOCK_M * groups / sub FMAs per weight, the weights 0.5
-    scale_w = bits in (2, 3, 4) and config["BLOCK_M"] * groups > sub // 2
+    # scaling each group's partial sums costs BLOCK_M * groups / sub FMAs per weight, the weights 0.5;
+    # not for 2-bit words before Hopper (compiled for sm_80, int2-g64 at 64 rows: 7.46 instructions per
+    # weight against 4.91 without)
+    scale_w = bits in (3, 4) or (bits == 2 and hopper)
+    scale_w = scale_w and config["BLOCK_M"] * groups > sub // 2
     return dict(config, SCALE_W=scale_w, BLOCK_N=block_n, num_warps=warps, num_stages=NUM_STAGES)
 
 

@@ -235,6 +235,11 @@ def smoothed_scratch(x: torch.Tensor) -> torch.Tensor:
     return buf
 
 
+def hopper_or_later(device: torch.device) -> bool:
+    """Whether a CUDA device is sm_90 or later (the interpreter counts as one)."""
+    return device.type == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def multiprocessors(device: torch.device) -> int:
     """SM count of a CUDA device; 4 under the interpreter (so small test layers still split K)."""
     return 4 if device.type == "cpu" else torch.cuda.get_device_properties(device).multi_processor_count

@@ -113,6 +113,19 @@ def test_decode_tile_takes_groups_that_tile_k():
         layout.prepare_decode(quantize(torch.randn(8, 128), QuantSpec("int2", 32)), torch.bfloat16)
 
 
+def test_weights_are_scaled_where_that_costs_less():
+    """SCALE_W from BLOCK_M * groups per tile > tile / 2 (3-bit: per 128-column part); 2-bit words on
+    Hopper only (compiled for sm_80 it costs more)."""
+    def scale_w(m, tile, group, bits, hopper=True):
+        return triton_decode.decode_config(m, 4096, 4096, tile, group, 0, False, 132, bits, hopper)["SCALE_W"]
+
+    assert [scale_w(m, 128, 64, 4) for m in (16, 32, 64)] == [False, False, True]
+    assert [scale_w(m, 512, 64, 3) for m in (16, 32, 64)] == [False, False, True]
+    assert [scale_w(m, 256, 64, 2) for m in (16, 32, 64)] == [False, False, True]
+    assert not scale_w(64, 256, 64, 2, hopper=False) and scale_w(64, 128, 64, 4, hopper=False)
+    assert not scale_w(64, 128, 128, 8)
+
+
 def case_id(v) -> str:
     return v.short() if isinstance(v, QuantSpec) else str(v).replace("torch.", "")
 
