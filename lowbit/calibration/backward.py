@@ -72,19 +72,45 @@ class _Output(nn.Module):
         return object.__getattribute__(self, "_out")
 
 
+class _Rows(nn.Module):
+    """Stands in for the lm_head `head` in the model's forward: applies it to the given flat positions of
+    its input [B, L, D] only, returning [1, len(rows), V] (what follows in the forward, such as a logit
+    scale or soft cap, then applies to those logits as it would to all of them)."""
+
+    def __init__(self, head: nn.Module, rows: Tensor) -> None:
+        super().__init__()
+        self.head, self.rows = head, rows
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden.flatten(0, 1)[self.rows])[None]
+
+
 def head_logits(
-    model: nn.Module, blocks: nn.ModuleList, hidden: Tensor, ids: Tensor, as_tuple: bool
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    hidden: Tensor,
+    ids: Tensor,
+    as_tuple: bool,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """The model's logits [B, L, V] on ids [B, L] given the last block's output hidden states [B, L, D]:
     its own forward with every block standing in by that output (as a 1-tuple when `as_tuple`, as the
-    blocks return it), so the final norm, lm_head and what follows compute exactly as in the whole
-    model's forward."""
+    blocks return it), so that the final norm, lm_head and what follows compute exactly as in the whole
+    model's forward. rows: only the logits of these flat positions of [B, L], as [1, len(rows), V] (the
+    lm_head applied to those rows alone, so that the logits of every position never exist at once)."""
     saved = list(blocks)
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    parent, _, attr = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
     try:
         for j, block in enumerate(saved):
             blocks[j] = _Output(block, hidden, as_tuple)
+        if rows is not None:
+            setattr(owner, attr, _Rows(head, rows))
         return model(input_ids=ids, use_cache=False).logits
     finally:
+        setattr(owner, attr, head)
         for j, block in enumerate(saved):
             blocks[j] = block
 
