@@ -89,3 +89,31 @@ def test_block_work_model_grows_with_the_square_of_the_widest_input():
     assert block_work_bytes(rtn, block(2000)) - block_work_bytes(rtn, block(1000)) == 16 * 64 * 1000
     shared = block_work_bytes(gptq, block(1000, ("q_proj", "k_proj", "v_proj")))
     assert shared == small  # k and v read q's input: no Hessian of their own, and no wider W
+
+
+def test_budget_runs_predict_their_passes_through_the_head():
+    """The head term of a budget run: the Fisher's one-sample backward grows with seq_len * vocabulary
+    (FISHER_HEAD_COPIES fp32 [L, V]); the loss passes hold one lm_head chunk, not [BATCH, L, V]."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.compress.losses import HEAD_CHUNK_BYTES
+    from lowbit.compress.preflight import FISHER_HEAD_COPIES, head_pass_bytes
+
+    def net(vocab: int):
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+        with torch.device("meta"):
+            return LlamaForCausalLM(cfg)
+
+    awq = PRESETS["alloc-awq"]
+    assert awq.allocate.metric == "fisher" and awq.allocate.check
+    small, big = net(200_000), net(400_000)
+    for L in (128, 256):
+        r = replace(awq, calibration=replace(awq.calibration, seq_len=L))
+        got = head_pass_bytes(r, big, torch.bfloat16) - head_pass_bytes(r, small, torch.bfloat16)
+        assert got == FISHER_HEAD_COPIES * 4 * L * 200_000
+    losses_only = replace(awq, allocate=replace(awq.allocate, metric="output"))
+    got = head_pass_bytes(losses_only, big, torch.bfloat16)
+    assert 2 * HEAD_CHUNK_BYTES < got < 4 * HEAD_CHUNK_BYTES  # one chunk, whatever the vocabulary
+    neither = replace(losses_only, allocate=replace(losses_only.allocate, probes=0, check=False))
+    assert head_pass_bytes(neither, big, torch.bfloat16) == 0
