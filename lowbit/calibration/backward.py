@@ -51,6 +51,10 @@ from lowbit.calibration.stats import (
 )
 from lowbit.parallel import all_reduce, barrier, world
 
+# fp32 logits of one chunk of token positions through the lm_head ([T, V]: 110 positions at a vocabulary
+# of 151936), here and in the loss passes (`lowbit.compress.losses`)
+HEAD_CHUNK_BYTES = 64 << 20
+
 
 class _Output(nn.Module):
     """Stands in for a decoder block in the model's forward: returns the given block output (a tensor with
@@ -115,11 +119,27 @@ def head_logits(
             blocks[j] = block
 
 
-def _head_loss(model: nn.Module, blocks: nn.ModuleList, out, ids: Tensor) -> Tensor:
-    """L_s: the mean next-token cross-entropy of sample ids [1, L] given the last block's output `out`."""
-    as_tuple = isinstance(out, (tuple, list))
-    logits = head_logits(model, blocks, out[0] if as_tuple else out, ids, as_tuple)  # [1, L, V]
-    return nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+def _head_backward(model: nn.Module, blocks: nn.ModuleList, raw, ids: Tensor) -> None:
+    """Back-propagate L_s, the mean next-token cross-entropy of sample ids [1, L] given the last block's
+    output `raw` (with its autograd graph), into that graph: dL_s/d out [1, L, D] is summed over chunks of
+    `head_tokens(V)` positions (each chunk's logits [T, V] and their gradients alone in memory, never
+    [L, V]), then sent back through the block once."""
+    as_tuple = isinstance(raw, (tuple, list))
+    out = raw[0] if as_tuple else raw
+    leaf = out.detach().requires_grad_(True)  # [1, L, D]
+    n = ids.shape[1] - 1  # positions with a next token
+    labels = ids[0, 1:]
+    step = head_tokens(model.get_output_embeddings().out_features)
+    for s in range(0, n, step):
+        rows = torch.arange(s, min(s + step, n), device=ids.device)
+        logits = head_logits(model, blocks, leaf, ids, as_tuple, rows)[0].float()  # [T, V]
+        (nn.functional.cross_entropy(logits, labels[s : s + step], reduction="sum") / n).backward()
+    out.backward(leaf.grad)
+
+
+def head_tokens(vocab: int) -> int:
+    """Token positions per lm_head chunk: fp32 logits [T, V] of at most HEAD_CHUNK_BYTES."""
+    return max(1, HEAD_CHUNK_BYTES // (4 * vocab))
 
 
 def _save(path: Path, t: Tensor) -> None:
@@ -277,7 +297,7 @@ def _block_fisher(
             raw = block(*args, hidden_states=h, **kwargs) if one.by_name else block(h, *args, **kwargs)
             if grad is None:
                 ids = tokens[s : s + 1].to(h.device)
-                _head_loss(model, blocks, raw, ids).backward()
+                _head_backward(model, blocks, raw, ids)
             else:
                 out = raw[0] if isinstance(raw, (tuple, list)) else raw
                 out.backward(grad[s : s + 1].to(out.device, out.dtype))

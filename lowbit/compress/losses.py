@@ -22,6 +22,11 @@ memory, the rest on disk (`lowbit.calibration.hidden`). Under several processes 
 one owner rank (balanced by the blocks it runs) and the losses are summed over the ranks (each is
 non-zero on one rank only, so the sum is exact).
 
+Both take each micro-batch's loss from the last block's output through `head_loss`: the model's final
+norm, lm_head and what follows run on a chunk of token positions at a time (fp32 logits [T, V] of at
+most `lowbit.calibration.backward.HEAD_CHUNK_BYTES`), so the logits of a micro-batch ([4, L, V]: 0.62 GB
+at L = 256 and Qwen2.5's vocabulary of 151936) never exist at once.
+
 `cached` keeps each measured loss in the work area, so that a resumed job measures nothing twice (nor
 a second budget a plan the first one measured).
 """
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lowbit.calibration.backward import head_logits
+from lowbit.calibration.backward import head_logits, head_tokens
 from lowbit.calibration.hidden import HiddenStates
 from lowbit.calibration.sequential import _run_block, block_kinds, capture_block_inputs
 from lowbit.calibration.stats import find_blocks
@@ -44,8 +49,6 @@ from lowbit.nn.qlinear import set_submodule
 from lowbit.parallel import all_reduce, barrier, owners, world
 
 BATCH = 4  # token blocks per forward: calibration_loss's micro-batch, which the streamed runner keeps
-# fp32 logits of one lm_head chunk of `head_loss` ([T, V]: 110 token positions at a vocabulary of 151936)
-HEAD_CHUNK_BYTES = 64 << 20
 
 
 def _unchanged(index: int | None) -> contextlib.AbstractContextManager:
@@ -144,18 +147,13 @@ def head_loss(model: nn.Module, blocks, hidden: Tensor, ids: Tensor, as_tuple: b
     B, L = ids.shape
     positions = (torch.arange(B)[:, None] * L + torch.arange(L - 1)).flatten()  # every [b, t < L-1]
     labels = ids[:, 1:].flatten()  # [B (L-1)]
-    step = head_tokens(model.get_output_embeddings().weight.shape[0])
+    step = head_tokens(model.get_output_embeddings().out_features)  # a QLinear lm_head has it too
     total = 0.0
     for s in range(0, labels.numel(), step):
         rows = positions[s : s + step].to(ids.device)
         logits = head_logits(model, blocks, hidden, ids, as_tuple, rows)[0].float()  # [T, V]
         total += float(nn.functional.cross_entropy(logits, labels[s : s + step], reduction="sum"))
     return total, labels.numel()
-
-
-def head_tokens(vocab: int) -> int:
-    """Token positions per lm_head chunk of `head_loss`: fp32 logits [T, V] of at most HEAD_CHUNK_BYTES."""
-    return max(1, HEAD_CHUNK_BYTES // (4 * vocab))
 
 
 def in_memory_losses(model: nn.Module, tokens: Tensor, variants: dict[str, Variant]) -> dict[str, float]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lowbit.calibration import find_blocks
+from lowbit.calibration.backward import HEAD_CHUNK_BYTES
 from lowbit.calibration.data import load_text
 from lowbit.calibration.sources import FILE_LIKE_SUFFIXES, FILE_SUFFIXES, DataError
 from lowbit.compress.allocate import (
@@ -39,7 +40,7 @@ from lowbit.compress.allocate import (
 from lowbit.compress.budget import with_budget
 from lowbit.compress.budget_passes import needs_fisher
 from lowbit.compress.budget_stream import streams_budgets
-from lowbit.compress.losses import BATCH, HEAD_CHUNK_BYTES
+from lowbit.compress.losses import BATCH
 from lowbit.compress.plan import allocation_method
 from lowbit.compress.presets import resolve_recipe
 from lowbit.compress.recipe import Recipe

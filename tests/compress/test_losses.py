@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from lowbit.calibration import backward
 from lowbit.compress import losses
 from lowbit.compress.losses import Variant, calibration_loss, head_tokens, in_memory_losses, streamed_losses
 from lowbit.models import load_model
@@ -42,7 +43,7 @@ def lm_head_rows(model) -> list[int]:
 def test_chunked_loss_equals_the_whole_logits_loss(monkeypatch, tokens_per_chunk):
     model = make_tiny_llama(300, tie_word_embeddings=False)
     tokens = torch.randint(0, 300, (6, 20), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(losses, "HEAD_CHUNK_BYTES", 4 * 300 * tokens_per_chunk)
+    monkeypatch.setattr(backward, "HEAD_CHUNK_BYTES", 4 * 300 * tokens_per_chunk)
     assert head_tokens(300) == tokens_per_chunk
     whole = whole_logits_loss(model, tokens)
     seen = lm_head_rows(model)
@@ -56,15 +57,15 @@ def test_chunked_loss_equals_the_whole_logits_loss(monkeypatch, tokens_per_chunk
 
 def test_the_logits_of_a_micro_batch_never_exist_whole():
     """At the default chunk size, a real vocabulary's logits are computed a few hundred positions at a
-    time: fp32 [T, V] of at most losses.HEAD_CHUNK_BYTES."""
+    time: fp32 [T, V] of at most backward.HEAD_CHUNK_BYTES."""
     for vocab in (128256, 151936):
         t = head_tokens(vocab)
-        assert 4 * t * vocab <= losses.HEAD_CHUNK_BYTES < 4 * (t + 1) * vocab
+        assert 4 * t * vocab <= backward.HEAD_CHUNK_BYTES < 4 * (t + 1) * vocab
         assert t < losses.BATCH * 255  # a micro-batch of 4 blocks of 256 tokens takes several chunks
 
 
 def test_streamed_losses_equal_in_memory_with_several_chunks(source, monkeypatch):
-    monkeypatch.setattr(losses, "HEAD_CHUNK_BYTES", 4 * 300 * 5)  # 5 positions per chunk
+    monkeypatch.setattr(backward, "HEAD_CHUNK_BYTES", 4 * 300 * 5)  # 5 positions per chunk
     provider = streamed(source)
     skeleton, (model, _) = provider.model, load_model(str(source))
     run = functools.partial(streamed_losses, skeleton, provider)

@@ -97,7 +97,7 @@ def test_budget_runs_predict_their_passes_through_the_head():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowbit.compress.losses import HEAD_CHUNK_BYTES
+    from lowbit.calibration.backward import HEAD_CHUNK_BYTES
     from lowbit.compress.preflight import FISHER_HEAD_COPIES, head_pass_bytes
 
     def net(vocab: int):
