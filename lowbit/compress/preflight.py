@@ -59,8 +59,7 @@ CALIBRATION_TEXT_RSS = 150 << 20
 HIDDEN_BATCH = 8
 # fp32 [T, V] tensors alive while the block-wise Fisher back-propagates one sample's loss through the
 # final norm and lm_head, T positions at a time (`lowbit.calibration.backward`): the logits (and their copy
-# in the model's dtype), the log-softmax and their gradients. Fitted on the 0.5B shape before the chunks
-# (T = L - 1; docs/benchmarks.md, "Big models").
+# in the model's dtype), the log-softmax and their gradients (counted from the code, not fitted).
 FISHER_HEAD_COPIES = 4
 # Per-file overheads of a checkpoint besides tensors: safetensors header entries, manifest, config.
 HEADER_BYTES_PER_TENSOR = 120
