@@ -1,12 +1,17 @@
 """Peak resident memory of GPTQ on one layer, phase by phase (Llama-3-8B's down_proj by default).
 
 Usage:
-    OMP_NUM_THREADS=1 python scripts/bench_gptq_memory.py [--n 4096] [--k 14336] [--tokens 256] [--json]
+    OMP_NUM_THREADS=1 python scripts/bench_gptq_memory.py [--n 4096] [--k 14336] [--tokens 256]
+        [--alive K2] [--decompose] [--json]
 
 Builds the input Hessian of `--tokens` random input rows (H = X^T X, fp32 [K, K], as
 `lowbit.calibration.stats.LayerStats` sums it), normalises it as the compress path does
 (`LayerStats.hessian_matrix`), then runs `lowbit.quantizers.gptq.gptq` (int4, groups of 128, symmetric)
-on a random W [N, K]. A thread samples the process's resident set size (/proc/self/statm) every 10 ms;
+on a random W [N, K]. `--decompose` runs the compress path's step instead: `lowbit.lowrank.decompose`
+(GPTQ, then the reconstruction errors it reports) on the fp32 copy of a bf16 W, as
+`lowbit.compress.plan.apply_choice` makes it; `--alive K2` holds another fp32 [K2, K2] Hessian meanwhile
+(Llama-3-8B's gate/up_proj, K=4096 N=14336, are built while down_proj's 14336 x 14336 one is alive). A
+thread samples the process's resident set size (/proc/self/statm) every 10 ms;
 each phase prints the largest RSS seen during it, the increase over the RSS before it, and both in
 units of one fp32 [K, K] matrix. The numbers measure memory only: the weights are random.
 """
@@ -23,6 +28,7 @@ import time
 import torch
 
 from lowbit.calibration.stats import LayerStats
+from lowbit.lowrank import decompose
 from lowbit.quantizers import QuantSpec
 from lowbit.quantizers.gptq import gptq
 
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=4096, help="output features N of W [N, K]")
     p.add_argument("--k", type=int, default=14336, help="input features K (the Hessian is [K, K])")
     p.add_argument("--tokens", type=int, default=256, help="calibration rows folded into the Hessian")
+    p.add_argument("--alive", type=int, default=0, help="size of another [K2, K2] Hessian held meanwhile")
+    p.add_argument("--decompose", action="store_true", help="decompose (GPTQ + its errors), as compress does")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
@@ -73,13 +81,19 @@ def main(argv: list[str] | None = None) -> None:
         phases.append(dict(phase=name, seconds=time.perf_counter() - t0, before=before, peak=peak))
         return out
 
+    other = torch.ones(args.alive, args.alive)  # noqa: F841  (held, as the compress path holds it)
     stats = LayerStats()
     x = torch.randn(args.tokens, args.k, generator=gen)  # [tokens, K]
     phase("hessian (X^T X)", functools.partial(stats.update, x, ("hessian",)))
     del x
     H = phase("normalise (2/n X^T X)", stats.hessian_matrix)
     W = torch.randn(args.n, args.k, generator=gen) * 0.02  # [N, K]
-    phase("gptq", lambda: gptq(W, H, QuantSpec("int4", 128, symmetric=True)))
+    spec = QuantSpec("int4", 128, symmetric=True)
+    if args.decompose:
+        W = W.bfloat16()  # the layer's weight; decompose gets its fp32 copy
+        phase("decompose (gptq, errors)", lambda: decompose(W.float(), spec, 0, "none", H=H, rounding="gptq"))
+    else:
+        phase("gptq", lambda: gptq(W, H, spec))
     sampler.stop.set()
     if args.json:
         print(json.dumps(dict(n=args.n, k=args.k, tokens=args.tokens, kk_bytes=unit, phases=phases)))

@@ -51,6 +51,10 @@ from lowbit.calibration.stats import (
 )
 from lowbit.parallel import all_reduce, barrier, world
 
+# fp32 logits of one chunk of token positions through the lm_head ([T, V]: 110 positions at a vocabulary
+# of 151936), here and in the loss passes (`lowbit.compress.losses`)
+HEAD_CHUNK_BYTES = 64 << 20
+
 
 class _Output(nn.Module):
     """Stands in for a decoder block in the model's forward: returns the given block output (a tensor with
@@ -72,28 +76,70 @@ class _Output(nn.Module):
         return object.__getattribute__(self, "_out")
 
 
+class _Rows(nn.Module):
+    """Stands in for the lm_head `head` in the model's forward: applies it to the given flat positions of
+    its input [B, L, D] only, returning [1, len(rows), V] (what follows in the forward, such as a logit
+    scale or soft cap, then applies to those logits as it would to all of them)."""
+
+    def __init__(self, head: nn.Module, rows: Tensor) -> None:
+        super().__init__()
+        self.head, self.rows = head, rows
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden.flatten(0, 1)[self.rows])[None]
+
+
 def head_logits(
-    model: nn.Module, blocks: nn.ModuleList, hidden: Tensor, ids: Tensor, as_tuple: bool
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    hidden: Tensor,
+    ids: Tensor,
+    as_tuple: bool,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """The model's logits [B, L, V] on ids [B, L] given the last block's output hidden states [B, L, D]:
     its own forward with every block standing in by that output (as a 1-tuple when `as_tuple`, as the
-    blocks return it), so the final norm, lm_head and what follows compute exactly as in the whole
-    model's forward."""
+    blocks return it), so that the final norm, lm_head and what follows compute exactly as in the whole
+    model's forward. rows: only the logits of these flat positions of [B, L], as [1, len(rows), V] (the
+    lm_head applied to those rows alone, so that the logits of every position never exist at once)."""
     saved = list(blocks)
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    parent, _, attr = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
     try:
         for j, block in enumerate(saved):
             blocks[j] = _Output(block, hidden, as_tuple)
+        if rows is not None:
+            setattr(owner, attr, _Rows(head, rows))
         return model(input_ids=ids, use_cache=False).logits
     finally:
+        setattr(owner, attr, head)
         for j, block in enumerate(saved):
             blocks[j] = block
 
 
-def _head_loss(model: nn.Module, blocks: nn.ModuleList, out, ids: Tensor) -> Tensor:
-    """L_s: the mean next-token cross-entropy of sample ids [1, L] given the last block's output `out`."""
-    as_tuple = isinstance(out, (tuple, list))
-    logits = head_logits(model, blocks, out[0] if as_tuple else out, ids, as_tuple)  # [1, L, V]
-    return nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+def _head_backward(model: nn.Module, blocks: nn.ModuleList, raw, ids: Tensor) -> None:
+    """Back-propagate L_s, the mean next-token cross-entropy of sample ids [1, L] given the last block's
+    output `raw` (with its autograd graph), into that graph: dL_s/d out [1, L, D] is summed over chunks of
+    `head_tokens(V)` positions (each chunk's logits [T, V] and their gradients alone in memory, never
+    [L, V]), then sent back through the block once."""
+    as_tuple = isinstance(raw, (tuple, list))
+    out = raw[0] if as_tuple else raw
+    leaf = out.detach().requires_grad_(True)  # [1, L, D]
+    n = ids.shape[1] - 1  # positions with a next token
+    labels = ids[0, 1:]
+    step = head_tokens(model.get_output_embeddings().out_features)
+    for s in range(0, n, step):
+        rows = torch.arange(s, min(s + step, n), device=ids.device)
+        logits = head_logits(model, blocks, leaf, ids, as_tuple, rows)[0].float()  # [T, V]
+        (nn.functional.cross_entropy(logits, labels[s : s + step], reduction="sum") / n).backward()
+    out.backward(leaf.grad)
+
+
+def head_tokens(vocab: int) -> int:
+    """Token positions per lm_head chunk: fp32 logits [T, V] of at most HEAD_CHUNK_BYTES."""
+    return max(1, HEAD_CHUNK_BYTES // (4 * vocab))
 
 
 def _save(path: Path, t: Tensor) -> None:
@@ -251,7 +297,7 @@ def _block_fisher(
             raw = block(*args, hidden_states=h, **kwargs) if one.by_name else block(h, *args, **kwargs)
             if grad is None:
                 ids = tokens[s : s + 1].to(h.device)
-                _head_loss(model, blocks, raw, ids).backward()
+                _head_backward(model, blocks, raw, ids)
             else:
                 out = raw[0] if isinstance(raw, (tuple, list)) else raw
                 out.backward(grad[s : s + 1].to(out.device, out.dtype))

@@ -90,7 +90,8 @@ class LayerStats:
 
 def hessians_in_turn(stats: dict[str, LayerStats], order: list[str]) -> Callable[[str], Tensor | None]:
     """take(name) -> the normalised Hessian 2/n X^T X of each layer of `order`, asked for in that order,
-    each distinct input's Hessian held only until the last layer of `order` that reads it was given it.
+    each distinct input's Hessian held only until the last entry of `order` that reads it was given it
+    (a name may come several times: one layer built for several plans).
 
     The first reader's call normalises the sum in place (the values `LayerStats.hessian_matrix` returns,
     bit for bit, without a second [K, K] copy); the last reader's call drops it from every LayerStats
@@ -98,7 +99,10 @@ def hessians_in_turn(stats: dict[str, LayerStats], order: list[str]) -> Callable
     layer (for Llama-3-8B's block, down_proj's 0.82 GB Hessian is then the only one alive while it is
     quantized). The raw sums of `stats` are consumed: read them before, not after.
     """
-    last = {id(stats[n].hessian): n for n in order if stats[n].hessian is not None}
+    left: dict[int, int] = {}  # entries of `order` still to read each distinct Hessian
+    for n in order:
+        if stats[n].hessian is not None:
+            left[id(stats[n].hessian)] = left.get(id(stats[n].hessian), 0) + 1
     ready: dict[int, Tensor] = {}
 
     def take(name: str) -> Tensor | None:
@@ -110,11 +114,13 @@ def hessians_in_turn(stats: dict[str, LayerStats], order: list[str]) -> Callable
         if key not in ready:  # a sum holds tokens > 0
             ready[key] = raw.mul_(2.0 / st.tokens)
         H = ready[key]
-        if last.get(key) == name:
-            del ready[key]
-            for other in stats.values():
-                if other.hessian is raw:
-                    other.hessian = None
+        if key in left:
+            left[key] -= 1
+            if not left[key]:
+                del ready[key], left[key]
+                for other in stats.values():
+                    if other.hessian is raw:
+                        other.hessian = None
         return H
 
     return take

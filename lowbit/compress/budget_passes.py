@@ -33,7 +33,7 @@ from torch import nn
 
 from lowbit.calibration import calibrate_sequential
 from lowbit.calibration.backward import calibrate_backward
-from lowbit.calibration.stats import find_blocks
+from lowbit.calibration.stats import find_blocks, hessians_in_turn
 from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
 from lowbit.compress.awq import activation_scaling, apply_scales
 from lowbit.compress.blocks import InMemory
@@ -118,14 +118,13 @@ def table_pass(model, provider, linears, recipe: Recipe, calib_data, work: WorkA
     keep_fisher = "fisher" in METHODS[info["method"]].needs  # pass 2 reads it again
     rows: dict[str, tuple[dict, dict]] = {}
 
-    def row(name: str, st) -> tuple[dict, dict]:
+    def row(name: str, st, hessian) -> tuple[dict, dict]:
         saved = work.load(f"table/{name}.safetensors")
         if saved is not None:
             return saved
         stats = None
         if st is not None:
-            H = None if st.hessian is None else st.hessian_matrix()
-            stats = Stats(H=H, act_max=st.act_max, fisher=st.fisher)
+            stats = Stats(H=hessian(name), act_max=st.act_max, fisher=st.fisher)
         W = linears[name].weight.detach().float()
         e, z = error_row(W, grid, stats=stats, lowrank_dtype_bits=lowrank_bits, **info)
         return {"errors": torch.from_numpy(e), "sizes": torch.from_numpy(z)}, {}
@@ -136,7 +135,8 @@ def table_pass(model, provider, linears, recipe: Recipe, calib_data, work: WorkA
 
     def block_rows(index: int, block: nn.Module, block_stats: dict) -> None:
         names = _block_names(linears, provider.prefix, index)
-        rows.update(_owned(model, names, lambda n: row(n, block_stats.get(n)), save_row))
+        hessian = hessians_in_turn(block_stats, [n for n in names if n in block_stats])  # freed in turn
+        rows.update(_owned(model, names, lambda n: row(n, block_stats.get(n), hessian), save_row))
         if keep_fisher and world().main:
             for n in names:
                 if work.load(f"fisher/{n}.safetensors") is None:
@@ -153,7 +153,7 @@ def table_pass(model, provider, linears, recipe: Recipe, calib_data, work: WorkA
     rest = [n for n in linears if n not in rows]  # saved rows, and layers outside the blocks
     if rest:
         provider.materialise(None)
-        rows.update(_owned(model, rest, lambda n: row(n, None), save_row))
+        rows.update(_owned(model, rest, lambda n: row(n, None, None), save_row))
         provider.release(None)
     names = list(linears)
     shapes = [tuple(linears[n].weight.shape) for n in names]
@@ -247,6 +247,10 @@ def apply_pass(
 
     def build_block(index, block_stats: dict, names: list[str]) -> None:
         built = {}
+        if method.shares_smoothing:  # the smoothing search of each plan reads the sums again
+            hessian = _normalised_copy(block_stats)
+        else:  # each Hessian normalised in place, freed once the last plan's last reader has it
+            hessian = hessians_in_turn(block_stats, [n for _ in plans for n in names if n in block_stats])
         for tag, plan in plans.items():
             smooth = {}
             if method.shares_smoothing:
@@ -259,8 +263,8 @@ def apply_pass(
                     q.load_state_dict(saved[0], assign=True)
                     return q
                 st = block_stats.get(name)
-                H = None if st is None or st.hessian is None else st.hessian_matrix()
                 F = work.load(f"fisher/{name}.safetensors")[0]["fisher"] if fisher else None
+                H = None if st is None else hessian(name)
                 stats = Stats(H=H, act_max=None if st is None else st.act_max, fisher=F)
                 return apply_choice(
                     lin, allocated_choice(plan[name], recipe), recipe, stats, smooth.get(name)
@@ -302,6 +306,16 @@ def apply_pass(
     provider.materialise(None)  # layers outside the blocks (an lm_head the recipe selects), if any
     build_block(None, {}, [n for n in linears if not n.startswith(prefix + ".")])
     provider.release(None)
+
+
+def _normalised_copy(block_stats: dict):
+    """name -> a new normalised copy of the layer's Hessian (None without one): the sums stay as they are."""
+
+    def hessian(name: str):
+        st = block_stats[name]
+        return None if st.hessian is None else st.hessian_matrix()
+
+    return hessian
 
 
 def _second_pass_calibrates(recipe: Recipe) -> bool:

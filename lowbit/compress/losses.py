@@ -22,6 +22,11 @@ memory, the rest on disk (`lowbit.calibration.hidden`). Under several processes 
 one owner rank (balanced by the blocks it runs) and the losses are summed over the ranks (each is
 non-zero on one rank only, so the sum is exact).
 
+Both take each micro-batch's loss from the last block's output through `head_loss`: the model's final
+norm, lm_head and what follows run on a chunk of token positions at a time (fp32 logits [T, V] of at
+most `lowbit.calibration.backward.HEAD_CHUNK_BYTES`), so the logits of a micro-batch ([4, L, V]: 0.62 GB
+at L = 256 and Qwen2.5's vocabulary of 151936) never exist at once.
+
 `cached` keeps each measured loss in the work area, so that a resumed job measures nothing twice (nor
 a second budget a plan the first one measured).
 """
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lowbit.calibration.backward import head_logits
+from lowbit.calibration.backward import head_logits, head_tokens
 from lowbit.calibration.hidden import HiddenStates
 from lowbit.calibration.sequential import _run_block, block_kinds, capture_block_inputs
 from lowbit.calibration.stats import find_blocks
@@ -96,16 +101,59 @@ def replaced_modules(model: nn.Module, modules: dict[str, nn.Module]):
 
 @torch.no_grad()
 def calibration_loss(model: nn.Module, blocks: Tensor, batch_size: int = BATCH) -> float:
-    """Mean next-token cross-entropy of `model` on token blocks [S, L]."""
+    """Mean next-token cross-entropy of `model` on token blocks [S, L]: each micro-batch's forward runs
+    through its decoder blocks, then `head_loss` takes the last block's output (the same arithmetic as
+    `streamed_losses`)."""
     device = model.get_input_embeddings().weight.device
+    decoder = find_blocks(model)[1]
     total, count = 0.0, 0
     for i in range(0, blocks.shape[0], batch_size):
         ids = blocks[i : i + batch_size].to(device)  # [B, L]
-        logits = model(ids).logits[:, :-1].float()  # [B, L-1, V]
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        total += float(loss)
-        count += ids[:, 1:].numel()
+        out = last_block_output(model, decoder, ids)
+        as_tuple = isinstance(out, (tuple, list))
+        loss, n = head_loss(model, decoder, out[0] if as_tuple else out, ids, as_tuple)
+        total += loss
+        count += n
     return total / count
+
+
+class _Stop(Exception):
+    """Raised by a hook on the last decoder block to end the model's forward with that block's output."""
+
+
+def last_block_output(model: nn.Module, blocks: nn.ModuleList, ids: Tensor):
+    """The output of the last decoder block (as the block returns it) in the model's forward on ids
+    [B, L]; the final norm and lm_head are not run."""
+
+    def stop(module, args, out):
+        raise _Stop(out)
+
+    hook = blocks[-1].register_forward_hook(stop)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop as done:
+        return done.args[0]
+    finally:
+        hook.remove()
+    raise RuntimeError("the model's forward did not run its last decoder block")
+
+
+def head_loss(model: nn.Module, blocks, hidden: Tensor, ids: Tensor, as_tuple: bool) -> tuple[float, int]:
+    """(sum, count) of the next-token cross-entropy on ids [B, L] given the last block's output hidden
+    [B, L, D], through the model's own final norm, lm_head and what follows (`head_logits`), the lm_head
+    applied to `head_tokens(V)` positions at a time: fp32 logits [T, V] of one chunk exist at once, never
+    [B, L, V]. Each chunk's sum is added in float64 (in order), so the result depends on the chunk size
+    only through that summation order (tests/compress/test_losses.py bounds the difference)."""
+    B, L = ids.shape
+    positions = (torch.arange(B)[:, None] * L + torch.arange(L - 1)).flatten()  # every [b, t < L-1]
+    labels = ids[:, 1:].flatten()  # [B (L-1)]
+    step = head_tokens(model.get_output_embeddings().out_features)  # a QLinear lm_head has it too
+    total = 0.0
+    for s in range(0, labels.numel(), step):
+        rows = positions[s : s + step].to(ids.device)
+        logits = head_logits(model, blocks, hidden, ids, as_tuple, rows)[0].float()  # [T, V]
+        total += float(nn.functional.cross_entropy(logits, labels[s : s + step], reduction="sum"))
+    return total, labels.numel()
 
 
 def in_memory_losses(model: nn.Module, tokens: Tensor, variants: dict[str, Variant]) -> dict[str, float]:
@@ -197,10 +245,9 @@ def _head_loss(model, blocks, hidden: HiddenStates, tokens: Tensor, as_tuple: bo
     total, count = 0.0, 0
     for j, start in enumerate(range(0, tokens.shape[0], BATCH)):
         ids = tokens[start : start + BATCH].to(device)  # [B, L]
-        logits = head_logits(model, blocks, hidden[j], ids, as_tuple)[:, :-1].float()  # [B, L-1, V]
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        total += float(loss)
-        count += ids[:, 1:].numel()
+        loss, n = head_loss(model, blocks, hidden[j], ids, as_tuple)
+        total += loss
+        count += n
     return total / count
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lowbit.calibration import find_blocks
+from lowbit.calibration.backward import head_tokens
 from lowbit.calibration.data import load_text
 from lowbit.calibration.sources import FILE_LIKE_SUFFIXES, FILE_SUFFIXES, DataError
 from lowbit.compress.allocate import (
@@ -39,6 +40,7 @@ from lowbit.compress.allocate import (
 from lowbit.compress.budget import with_budget
 from lowbit.compress.budget_passes import needs_fisher
 from lowbit.compress.budget_stream import streams_budgets
+from lowbit.compress.losses import BATCH
 from lowbit.compress.plan import allocation_method
 from lowbit.compress.presets import resolve_recipe
 from lowbit.compress.recipe import Recipe
@@ -55,6 +57,10 @@ BASE_RSS = 485 << 20
 CALIBRATION_TEXT_RSS = 150 << 20
 # Samples per micro-batch of `lowbit.calibration.calibrate_sequential` (its batch_size default).
 HIDDEN_BATCH = 8
+# fp32 [T, V] tensors alive while the block-wise Fisher back-propagates one sample's loss through the
+# final norm and lm_head, T positions at a time (`lowbit.calibration.backward`): the logits (and their copy
+# in the model's dtype), the log-softmax and their gradients (counted from the code, not fitted).
+FISHER_HEAD_COPIES = 4
 # Per-file overheads of a checkpoint besides tensors: safetensors header entries, manifest, config.
 HEADER_BYTES_PER_TENSOR = 120
 MANIFEST_BYTES_PER_LAYER = 400
@@ -297,7 +303,11 @@ def streamed_peak_ram(
               first block's inputs are captured and while they are written at the end (+ with calibration,
               the hidden states [S, L, D])
     block:    one decoder block in `dtype` + with calibration, the hidden states entering and leaving the
-              block (`hidden_bytes`) + what compressing the block holds besides (`block_work_bytes`)
+              block (`hidden_bytes`) + what compressing the block holds besides (`block_work_bytes`; with
+              the block-wise Fisher, + the saved hidden states and the tensors outside the blocks, which
+              the last block's backward from the loss reads and its error-table rows are computed beside)
+    head:     on a budget run, the tensors outside the blocks + the hidden states + what the passes
+              through the final norm and lm_head hold (`head_pass_bytes`)
     plus BASE_RSS (and CALIBRATION_TEXT_RSS with calibration). The work area holds every finished shard
     until the end, the finished blocks' parts until they fill a shard (`DEFAULT_MAX_SHARD_BYTES`), at most
     that much again while a shard is written, and, with calibration, the hidden states of the next block
@@ -315,12 +325,41 @@ def streamed_peak_ram(
     inside = {name: s for name, s in layers.items() if name.startswith(first)} or dict(layers)
     saved, hidden, offloaded = hidden_bytes(recipe, net, size)  # saved: the next block's inputs, for a resume
     work = block_work_bytes(recipe, inside, budget)
-    if budget and needs_fisher(recipe):
-        work += saved
+    if budget and needs_fisher(recipe):  # the last block's rows are computed with the head in memory
+        work += saved + outside
     ram = max(outside + hidden // 2, block + hidden + work)
+    if budget:
+        ram = max(ram, outside + hidden + head_pass_bytes(recipe, net, dtype))
     if recipe.needs_calibration():
         ram += CALIBRATION_TEXT_RSS
     return BASE_RSS + ram, out + min(out, DEFAULT_MAX_SHARD_BYTES) + saved + offloaded
+
+
+def head_pass_bytes(recipe: Recipe, net: nn.Module, dtype: torch.dtype) -> int:
+    """Predicted bytes that a budget run's passes through the final norm and lm_head hold besides the
+    tensors outside the blocks (vocabulary V, hidden size D, L = calibration.seq_len), both running the
+    lm_head on T = min(positions, `head_tokens(V)`) positions at a time (HEAD_CHUNK_BYTES of fp32
+    logits at most): the largest of
+
+    fisher:  with the Fisher diagonal (`needs_fisher`), one sample's backward from its loss (L - 1
+             positions): FISHER_HEAD_COPIES fp32 [T, V] (the logits, their log-softmax, their gradients)
+    losses:  with probes, penalties or the check (`lowbit.compress.losses`), the hidden states of every
+             variant measured in one go ([4, L, D] in `dtype` each: the float model and one per rank-0 spec
+             and probed block), one micro-batch's final-norm output [BATCH, L, D] in fp32, and one chunk
+             of BATCH (L - 1) positions: fp32 logits [T, V], as much again for their log-softmax, and
+             the lm_head's output in `dtype`
+    """
+    a, L = recipe.allocate, recipe.calibration.seq_len
+    V, D = net.config.vocab_size, net.config.hidden_size
+    per_chunk = head_tokens(V)
+    fisher = FISHER_HEAD_COPIES * 4 * min(L - 1, per_chunk) * V if needs_fisher(recipe) else 0
+    losses = 0
+    if a.probes or a.penalties or a.check:
+        grid = candidate_grid(a.formats, a.bits, a.group_sizes, (0,), base=recipe.quantize.spec())
+        variants = 1 + len({c.spec for c in grid}) * max(a.probes, 1)
+        chunk = min(BATCH * (L - 1), per_chunk) * V * (8 + dtype.itemsize)
+        losses = variants * 4 * L * D * dtype.itemsize + 4 * BATCH * L * D + chunk
+    return max(fisher, losses)
 
 
 def block_work_bytes(recipe: Recipe, inside: dict[str, tuple[int, int]], budget: bool = False) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowbit.lowrank.error import errors, output_error
+from lowbit.lowrank.error import delta_errors, output_error
 from lowbit.lowrank.svd import hessian_svd_r
 from lowbit.quantizers import QTensor, QuantSpec, dequantize, quantize
 from lowbit.quantizers.gptq import gptq
@@ -164,7 +164,8 @@ def finish(
     if L1 is not None and L1.shape[1] == 0:
         L1 = L2 = None
     d = Decomposition(q, L1, L2, smooth, {"rank": 0 if L1 is None else int(L1.shape[1]), **info})
-    d.info.update(errors(W, d.weight(), stats.H, stats.fisher))
+    D = W.float() - d.weight()  # [N, K]; the reconstruction is freed before the errors' temporaries exist
+    d.info.update(delta_errors(D, stats.H, stats.fisher))
     return d
 
 

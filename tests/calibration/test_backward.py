@@ -48,3 +48,19 @@ def test_a_resumed_backward_starts_below_the_last_block_it_finished(tmp_path):
     assert seen == [2, 1] and set(again) == {n for n in full if ".layers.2." not in n}
     for name, st in again.items():
         assert torch.equal(st.fisher, full[name].fisher), name
+
+
+def test_the_head_backward_in_chunks_of_positions_gives_the_same_fisher(tmp_path, monkeypatch):
+    """The last block's backward from the loss runs through the lm_head a few positions at a time (3 here):
+    each position's gradient comes from its own chunk alone, so the Fisher is the one-chunk Fisher."""
+    from lowbit.calibration import backward
+
+    model = make_tiny_llama(300, num_hidden_layers=2)
+    whole = block_fisher(model, tmp_path / "a")
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    monkeypatch.setattr(backward, "HEAD_CHUNK_BYTES", 4 * 300 * 3)
+    chunked = block_fisher(model, tmp_path / "b")
+    assert max(seen) == 3 and len(seen) == DATA.shape[0] * 7  # 19 positions: 6 chunks of 3 and one of 1
+    for name, st in chunked.items():
+        torch.testing.assert_close(st.fisher, whole[name].fisher, rtol=1e-5, atol=0)

@@ -262,3 +262,18 @@ def test_hessians_in_turn_equal_hessian_matrix_and_are_dropped_after_their_last_
     assert stats["v"].hessian is H  # v still to come
     assert take("v") is H and all(stats[n].hessian is None for n in "qkv")
     assert torch.equal(take("o"), want["o"]) and stats["o"].hessian is None
+
+
+def test_hessians_in_turn_hold_a_hessian_for_every_entry_of_a_repeated_name():
+    """A layer built for two plans (order q, k, q, k): the Hessian is normalised once and held until the
+    second k."""
+    torch.manual_seed(0)
+    shared = LayerStats()
+    shared.update(torch.randn(6, 16), ("hessian",))
+    want = shared.hessian_matrix()
+    stats = {"q": shared, "k": LayerStats(None, None, shared.hessian, 6)}
+    take = hessians_in_turn(stats, ["q", "k", "q", "k"])
+    H = take("q")
+    assert take("k") is H and take("q") is H and stats["k"].hessian is H
+    assert take("k") is H and stats["q"].hessian is None and stats["k"].hessian is None
+    assert torch.equal(H, want)

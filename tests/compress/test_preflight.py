@@ -89,3 +89,38 @@ def test_block_work_model_grows_with_the_square_of_the_widest_input():
     assert block_work_bytes(rtn, block(2000)) - block_work_bytes(rtn, block(1000)) == 16 * 64 * 1000
     shared = block_work_bytes(gptq, block(1000, ("q_proj", "k_proj", "v_proj")))
     assert shared == small  # k and v read q's input: no Hessian of their own, and no wider W
+
+
+def test_budget_runs_predict_their_passes_through_the_head():
+    """The head term of a budget run grows with seq_len * vocabulary while one sample's positions fit in
+    one lm_head chunk (the Fisher's backward: FISHER_HEAD_COPIES fp32 [L - 1, V]), and stops growing with
+    seq_len past it (chunks of HEAD_CHUNK_BYTES); the loss passes never hold [BATCH, L, V]."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.calibration.backward import HEAD_CHUNK_BYTES
+    from lowbit.compress.preflight import FISHER_HEAD_COPIES, head_pass_bytes
+
+    def net(vocab: int):
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+        with torch.device("meta"):
+            return LlamaForCausalLM(cfg)
+
+    def with_len(recipe, L: int):
+        return replace(recipe, calibration=replace(recipe.calibration, seq_len=L))
+
+    awq = PRESETS["alloc-awq"]
+    assert awq.allocate.metric == "fisher" and awq.allocate.check
+    fisher = replace(awq, allocate=replace(awq.allocate, probes=0, check=False))
+    losses = replace(awq, allocate=replace(awq.allocate, metric="output"))
+    small, big, real = net(20_000), net(40_000), net(151_936)  # real: 110 positions per chunk
+    for L in (33, 65):  # [L - 1, V] fp32 below one chunk
+        got = head_pass_bytes(with_len(fisher, L), big, torch.bfloat16)
+        got -= head_pass_bytes(with_len(fisher, L), small, torch.bfloat16)
+        assert got == FISHER_HEAD_COPIES * 4 * (L - 1) * 20_000
+    long, longer = (head_pass_bytes(with_len(fisher, L), real, torch.bfloat16) for L in (512, 2048))
+    assert long == longer <= FISHER_HEAD_COPIES * HEAD_CHUNK_BYTES
+    got = head_pass_bytes(with_len(losses, 512), real, torch.bfloat16)
+    assert 2 * HEAD_CHUNK_BYTES < got < 4 * HEAD_CHUNK_BYTES  # one chunk, not 4 x 511 x V x 4 bytes
+    neither = replace(losses, allocate=replace(losses.allocate, probes=0, check=False))
+    assert head_pass_bytes(neither, real, torch.bfloat16) == 0

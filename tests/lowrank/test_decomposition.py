@@ -13,7 +13,7 @@ from lowbit.lowrank import (
     frobenius_error,
     output_error,
 )
-from lowbit.lowrank.error import ErrorShapeError
+from lowbit.lowrank.error import ErrorShapeError, delta_errors
 from lowbit.quantizers import QuantSpec, dequantize, quantize
 
 N, K = 48, 96
@@ -41,6 +41,20 @@ def test_errors_match_their_definitions():
         output_error(W, W_hat, torch.eye(K + 1))
     with pytest.raises(ErrorShapeError):
         frobenius_error(W, W_hat[:, 1:])
+
+
+def test_errors_of_the_difference_equal_the_whole_expressions_bit_for_bit():
+    """delta_errors (the product taken in place) gives the expressions' values exactly."""
+    W, X, F = data(1)
+    W_hat = dequantize(quantize(W, QuantSpec("int3", group_size=32)))
+    H = X.T @ X
+    D = W - W_hat
+    want = {
+        "frobenius_error": float(D.square().sum()),
+        "output_error": float(((D @ H) * D).sum()),
+        "fisher_error": float((F * D.square()).sum()),
+    }
+    assert delta_errors(W - W_hat, H, F) == want == errors(W, W_hat, H, F)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -118,3 +118,22 @@ def test_sqnr_on_gaussian(gauss, fmt, symmetric, gs, floor):
     # roughly 6 dB per bit; smaller groups gain from a tighter range
     got = sqnr_db(gauss, dequantize(quantize(gauss, QuantSpec(fmt, gs, symmetric))))
     assert floor <= got <= floor + 1.0, got
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 48, None])  # 48: a ragged last group of K = 200
+def test_decode_in_place_equals_the_expression_bit_for_bit(symmetric, group_size):
+    """decode forms s * (c - offset) in place: the same float32 products as the expression."""
+    from lowbit.quantizers.groups import effective_group_size, expand_groups
+    from lowbit.quantizers.integer import decode
+    from lowbit.quantizers.quantize import decode_scales
+
+    spec = QuantSpec("int4", group_size, symmetric=symmetric)
+    q = quantize(torch.randn(16, 200, generator=torch.Generator().manual_seed(0)), spec)
+    c, (s, z) = unpack_codes(q), decode_scales(q)
+    gs = effective_group_size(spec, 200)
+    offset = 8 if symmetric else expand_groups(z, 200, gs)
+    assert torch.equal(decode(c, s, z, spec), expand_groups(s, 200, gs) * (c.float() - offset))
+    s = s.clone().requires_grad_(True)  # a trained scale keeps its gradient
+    decode(c, s, z, spec).sum().backward()
+    assert s.grad is not None and s.grad.shape == s.shape
