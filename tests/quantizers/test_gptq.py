@@ -1,6 +1,8 @@
 """GPTQ rounding (lowbit.quantizers.gptq): error feedback beats round-to-nearest on the output error it
 minimises, reduces to round-to-nearest when H = I, and keeps the group layout for every format."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -175,3 +177,35 @@ def test_gptq_leaves_its_hessian_unchanged():
     for act_order in (False, True):
         gptq(weight(), H, QuantSpec("int4", 64), act_order=act_order)
         assert torch.equal(H, before)
+
+
+def test_inverse_cholesky_gathers_the_order_and_dead_channels_in_slabs(monkeypatch):
+    """perm and dead factor H' = H[perm][:, perm] with unit dead diagonals bit for bit, whatever the slab."""
+    G = importlib.import_module("lowbit.quantizers.gptq")  # the package binds the name to the function
+    X = correlated_inputs()
+    X[:, [3, 77]] = 0
+    H = X.T @ X
+    dead = torch.diag(H) <= 0
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(3))
+    Hp = H.clone()
+    Hp[dead, dead] = 1.0
+    base = float(torch.diag(Hp).mean())
+    want = inverse_cholesky(Hp[perm][:, perm].contiguous(), 0.01, base)
+    monkeypatch.setattr(G, "GATHER_COLUMNS", 7)  # slabs that do not divide K
+    before = H.clone()
+    assert torch.equal(inverse_cholesky(H, 0.01, perm=perm, dead=dead), want)
+    assert torch.equal(H, before)
+
+
+def test_act_order_rounds_the_largest_input_channel_to_nearest():
+    """The column with the largest H_jj is visited first: it receives no error, so its codes are the
+    nearest codes under the static scales; the natural order visits it late and changes some of them."""
+    W, X = weight(), correlated_inputs()
+    X[:, 200] *= 8  # channel 200 dominates the diagonal
+    H = X.T @ X
+    spec = QuantSpec("int3", 32)
+    s, z = fit_scales(W, spec)
+    g = slice(200 // 32, 200 // 32 + 1)
+    nearest = encode(W[:, 200:201], s[:, g], z[:, g], spec)[:, 0]
+    assert torch.equal(unpack_codes(gptq(W, H, spec))[:, 200], nearest)
+    assert not torch.equal(unpack_codes(gptq(W, H, spec, act_order=False))[:, 200], nearest)
