@@ -13,6 +13,12 @@ reference code's `--static-groups`), so the stored groups stay contiguous and th
 not depend on the order. On SmolLM2-135M at int3 g64 it lowers held-out perplexity from 61.8 to 39.4 out
 of domain and from 71.7 to 55.4 in domain (docs/benchmarks.md, "GPTQ's column order").
 
+The static scales are fitted on W with each group's range shrunk where that lowers the group's output
+error under round to nearest (AWQ's clipping search against the same H, `lowbit.quantizers.clip`): GPTQ
+then rounds the unclipped W under them, the clipped-off tails being codes at the ends of the range whose
+error the later columns absorb. On the same model and spec this lowers held-out perplexity further, to
+28.5 out of domain and 44.5 in domain.
+
 With `act_order=False` columns are visited in their own order and each group's scales (and zeros) are
 fitted when the loop reaches the group's first column, from the current error-updated weights, as the
 reference implementation does without its flags; double quantization keeps static groups either way (the
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.quantizers.clip import clip_search
 from lowbit.quantizers.qtensor import QTensor
 from lowbit.quantizers.quantize import decode, encode, fit_scales, pack_qtensor
 from lowbit.quantizers.spec import QuantInputError, QuantSpec
@@ -135,12 +142,15 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    clip: bool = True,
 ) -> QTensor:
     """Quantize W [N, K] with GPTQ error feedback against the input Hessian H [K, K] (X^T X, fp32).
 
     Dead input channels (H_jj = 0) get H_jj = 1: they are decoupled from the others, rounded to
     nearest, and pass no error on. act_order: visit the columns by descending H_jj with static groups
-    (module docstring); False: in their own order. With H = identity the result equals `quantize`.
+    (module docstring); False: in their own order. clip: fit static scales on W with each group's range
+    shrunk by AWQ's clipping search against H (`lowbit.quantizers.clip.clip_search`; module docstring).
+    With H = identity and clip=False the result equals `quantize`.
     """
     _check_inputs(W, H, block_size, damp)
     W = W.detach().float().clone()  # [N, K]
@@ -149,7 +159,8 @@ def gptq(
     dead = torch.diag(H) <= 0  # [K]
     dead = dead if bool(dead.any()) else None
     static = act_order or spec.double_quant
-    s, z = fit_scales(W, spec)  # [N, G]; refitted per group below unless static
+    # [N, G]; refitted per group below unless static
+    s, z = fit_scales(clip_search(W, H, spec) if static and clip else W, spec)
     perm = None
     if act_order:
         perm = torch.argsort(_diagonal(H, None, dead), descending=True, stable=True)
