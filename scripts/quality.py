@@ -77,6 +77,13 @@ ROWS = [
     ),
     ("gptq", {"format": "int3", "group_size": 64, "rounding": "gptq"}, {}),
     ("gptq", {"format": "int3", "group_size": 32, "rounding": "gptq"}, {}),
+    # GPTQ's ablations (lowbit.lowrank.ROUNDINGS): without the clipped static scales, and the reference
+    # algorithm without act-order
+    *(
+        (rounding, {"format": "int3", "group_size": g, "rounding": rounding}, {})
+        for rounding in ("gptq-noclip", "gptq-plain")
+        for g in (128, 64)
+    ),
     ("awq", {"format": "int4", "group_size": 128}, {}, AWQ),
     ("awq+gptq", {"format": "int4", "group_size": 128, "rounding": "gptq"}, {}, AWQ),
     ("awq", {"format": "int3", "group_size": 128}, {}, AWQ),

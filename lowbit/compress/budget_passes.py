@@ -42,7 +42,7 @@ from lowbit.compress.ranks import build_owned
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups
 from lowbit.compress.workarea import WorkArea
-from lowbit.lowrank import METHODS, Stats
+from lowbit.lowrank import METHODS, Stats, uses_gptq
 from lowbit.lowrank.svdquant import shared_smoothing
 from lowbit.nn.qlinear import QLinear
 from lowbit.parallel import barrier, broadcast_tensors, owners, share, world
@@ -322,7 +322,7 @@ def _second_pass_calibrates(recipe: Recipe) -> bool:
     """Whether the allocated layers read input statistics: GPTQ rounding, or a method that does."""
     roundings = {recipe.quantize.rounding} | {o.quantize.rounding for o in recipe.overrides}
     needs = set(METHODS[allocation_method(recipe)].needs) - {"fisher"}  # the Fisher is read from disk
-    return "gptq" in roundings or bool(needs)
+    return any(uses_gptq(r) for r in roundings) or bool(needs)
 
 
 def _smoothing(model, readers, linears, names, plan, block_stats, work: WorkArea, tag: str) -> dict:

@@ -2,7 +2,7 @@
 
 A `LayerChoice` says how W [N, K] becomes Q + L1 L2: the format of Q (a QuantSpec), the rank r of the
 low-rank part, the decomposition method (a key of `lowbit.lowrank.METHODS`) and the rounding of Q
-("nearest" or "gptq"). A uniform recipe is a plan with the recipe's one choice per layer
+("nearest" or a GPTQ variant). A uniform recipe is a plan with the recipe's one choice per layer
 (`uniform_choice`); a budget run's plan is the allocation's candidate per layer with the method and
 rounding of the recipe (`allocated_choice`). Both paths build every layer with `apply_choice`, given the
 layer's calibration statistics and, for SVDQuant layers whose smoothing is shared by the readers of a
@@ -30,7 +30,7 @@ class LayerChoice:
     """How one layer is compressed.
 
     spec: the format of Q; rank: r of L1 [N, r] L2 [r, K] (0: none); method: a key of METHODS;
-    rounding: "nearest" or "gptq".
+    rounding: "nearest" or a GPTQ variant (`lowbit.lowrank.ROUNDINGS`).
     """
 
     spec: QuantSpec

@@ -3,7 +3,7 @@
 A recipe file looks like this (every key optional; defaults shown)::
 
     version: 1
-    quantize:            # rounding: nearest | gptq
+    quantize:            # rounding: nearest | gptq | gptq-noclip | gptq-plain
       {format: int4, group_size: 128, symmetric: false, scale_dtype: float16, double_quant: false,
        rounding: nearest}
     decompose:           # method: none | lorc | lqlora | lqlora-fisher | svdquant
@@ -39,7 +39,7 @@ import yaml
 from lowbit.compress.allocate.candidates import candidate_grid
 from lowbit.compress.allocate.solve import SOLVERS
 from lowbit.compress.allocate.table import METRICS
-from lowbit.lowrank import METHODS, ROUNDINGS
+from lowbit.lowrank import METHODS, ROUNDINGS, uses_gptq
 from lowbit.nn.manifest import CheckpointError
 from lowbit.nn.shards import parse_size
 from lowbit.quantizers import SCALE_DTYPES, QuantSpec, SpecError
@@ -326,7 +326,7 @@ class Recipe:
         roundings = {self.quantize.rounding} | {o.quantize.rounding for o in self.overrides}
         allocating = self.allocate.budget is not None and self.allocate.metric != "frobenius"
         stats = bool(METHODS[self.decompose.method].needs) or self.scaling.method != "none"
-        return "gptq" in roundings or stats or allocating
+        return any(uses_gptq(r) for r in roundings) or stats or allocating
 
     def layer_config(self, name: str) -> QuantizeConfig | None:
         """The quantize settings for one linear layer, or None when the layer stays as it is."""

@@ -6,7 +6,7 @@
 
 Methods (METHODS): "none" (Q only), "lorc" (ZeroQuant-V2), "lqlora" and "lqlora-fisher" (LQ-LoRA),
 "svdquant" (SVDQuant; `shared_smoothing` picks one smoothing vector for layers that read one input).
-Every Q step rounds to nearest or, with rounding="gptq", by GPTQ.
+Every Q step rounds to nearest or, with rounding="gptq" (or another GPTQ variant of ROUNDINGS), by GPTQ.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from lowbit.lowrank.decomposition import (
     quantize_only,
     quantized,
     reconstruct,
+    uses_gptq,
 )
 from lowbit.lowrank.error import errors, fisher_error, frobenius_error, output_error
 from lowbit.lowrank.lorc import lorc
@@ -79,8 +80,8 @@ def decompose(
 
     H: [K, K] input Hessian X^T X (GPTQ rounding, SVDQuant's alpha search, output_error);
     act_max: [K] per-input-channel max |x| (SVDQuant); fisher: [N, K] diagonal Fisher (lqlora-fisher).
-    rounding: "nearest" or "gptq"; iterations: LQ-LoRA's cap; alpha: SVDQuant's migration strength
-    (None: searched when H is given, else 0.5).
+    rounding: "nearest" or a GPTQ variant ("gptq", ...: ROUNDINGS); iterations: LQ-LoRA's cap; alpha:
+    SVDQuant's migration strength (None: searched when H is given, else 0.5).
     """
     if method not in METHODS:
         raise DecomposeError(f"unknown decompose method {method!r}; choose one of {', '.join(METHODS)}")
@@ -96,6 +97,7 @@ __all__ = [
     "METHODS",
     "Method",
     "ROUNDINGS",
+    "uses_gptq",
     "DecomposeError",
     "DecomposeOptions",
     "Decomposition",

@@ -17,7 +17,16 @@ from lowbit.lowrank.svd import hessian_svd_r
 from lowbit.quantizers import QTensor, QuantSpec, dequantize, quantize
 from lowbit.quantizers.gptq import gptq
 
-ROUNDINGS = ("nearest", "gptq")
+# How a Q step rounds: name -> keyword arguments of `lowbit.quantizers.gptq.gptq` (None: round to nearest).
+# "gptq" is the best variant measured (act-order, static groups fitted on the clip-searched weights);
+# "gptq-noclip" fits them on W itself; "gptq-plain" is the reference algorithm without its flags (columns
+# in their own order, each group fitted when the loop reaches it), kept as the ablation.
+ROUNDINGS: dict[str, dict | None] = {
+    "nearest": None,
+    "gptq": {},
+    "gptq-noclip": {"clip": False},
+    "gptq-plain": {"act_order": False, "clip": False},
+}
 GPTQ_ROUNDS = 2  # LQ-LoRA's (Q <- GPTQ, L <- H-weighted SVD) rounds after its nearest-rounding alternation
 
 
@@ -42,8 +51,9 @@ class Stats:
 class DecomposeOptions:
     """How a decomposition runs.
 
-    rounding: "nearest" (round to nearest) or "gptq" (GPTQ error feedback, needs H) for the final Q
-        step (LQ-LoRA's alternating steps and SVDQuant's alpha search round to nearest). With "gptq" the
+    rounding: "nearest" (round to nearest) or a GPTQ variant (`ROUNDINGS`; GPTQ error feedback, needs H)
+        for the final Q step (LQ-LoRA's alternating steps and SVDQuant's alpha search round to nearest).
+        With GPTQ the
         low-rank part of LoRC, LQ-LoRA and SVDQuant is then refit to the output error (`gptq_lowrank`).
     iterations: cap on LQ-LoRA's alternating steps. tol: LQ-LoRA stops when an iterate improves the
     error by less than this fraction. alpha: SVDQuant migration strength; None searches ALPHAS when H
@@ -98,12 +108,17 @@ def reconstruct(
     return W_hat if smooth is None else W_hat / smooth[None, :]
 
 
+def uses_gptq(rounding: str) -> bool:
+    """Whether `rounding` (a ROUNDINGS name) is a GPTQ variant, which reads the input Hessian."""
+    return ROUNDINGS[rounding] is not None
+
+
 def quantize_step(W: torch.Tensor, spec: QuantSpec, rounding: str, H: torch.Tensor | None) -> QTensor:
     """The Q step of every method: round-to-nearest, or GPTQ against the Hessian H [K, K] of the inputs."""
-    if rounding == "gptq":
+    if uses_gptq(rounding):
         if H is None:
-            raise DecomposeError("rounding='gptq' needs the input Hessian H")
-        return gptq(W, H, spec)
+            raise DecomposeError(f"rounding={rounding!r} needs the input Hessian H")
+        return gptq(W, H, spec, **ROUNDINGS[rounding])
     return quantize(W, spec)
 
 
@@ -115,6 +130,7 @@ def gptq_lowrank(
     L1: torch.Tensor,
     L2: torch.Tensor,
     rounds: int,
+    rounding: str = "gptq",
 ) -> tuple[QTensor, torch.Tensor, torch.Tensor]:
     """Output-aware Q + L1 L2 of W [N, K] from a start L1 [N, r], L2 [r, K], alternating as CALDERA does
     (Saha et al. 2024, Alg. 1, with GPTQ for its LDLQ step): `rounds` times Q <- GPTQ(W - L1 L2) then
@@ -122,10 +138,10 @@ def gptq_lowrank(
     output error. Each L step is optimal for its Q, so the result is never worse than GPTQ(W - L_start)
     with the starting factors."""
     if H is None:
-        raise DecomposeError("rounding='gptq' needs the input Hessian H")
+        raise DecomposeError(f"rounding={rounding!r} needs the input Hessian H")
     best = None
     for _ in range(rounds):
-        q = gptq(W - L1 @ L2, H, spec)
+        q = quantize_step(W - L1 @ L2, spec, rounding, H)
         Qd = dequantize(q)
         L1, L2 = hessian_svd_r(W - Qd, rank, H)
         err = output_error(W, Qd + L1 @ L2, H)
@@ -146,8 +162,8 @@ def final_q(
     """The final Q of W [N, K] for the low-rank part L1 [N, r] L2 [r, K]: Q = W - L1 L2 rounded to nearest or
     by GPTQ; with GPTQ and r > 0, `rounds` rounds of GPTQ and the output-optimal refit of L1 L2
     (`gptq_lowrank`) instead (rounds=0: L1 L2 kept). Returns (Q, L1, L2)."""
-    if rounding == "gptq" and rounds and L1.shape[1]:
-        return gptq_lowrank(W, spec, L1.shape[1], H, L1, L2, rounds)
+    if uses_gptq(rounding) and rounds and L1.shape[1]:
+        return gptq_lowrank(W, spec, L1.shape[1], H, L1, L2, rounds, rounding)
     return quantize_step(W - L1 @ L2, spec, rounding, H), L1, L2
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.lowrank.decomposition import DecomposeOptions, Decomposition, Stats, final_q, finish
+from lowbit.lowrank.decomposition import DecomposeOptions, Decomposition, Stats, final_q, finish, uses_gptq
 from lowbit.lowrank.svd import svd_r
 from lowbit.quantizers import QuantSpec, dequantize
 
@@ -22,6 +22,6 @@ def lorc(W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats, opts: Decomp
     output-optimal L1 L2."""
     L1, L2 = W.new_zeros(W.shape[0], rank), W.new_zeros(rank, W.shape[1])
     q, L1, L2 = final_q(W, spec, L1, L2, stats.H, opts.rounding)  # Q of W; GPTQ: with the refit of L1 L2
-    if opts.rounding != "gptq":
+    if not uses_gptq(opts.rounding):
         L1, L2 = svd_r(W - dequantize(q), rank)  # [N, r], [r, K]
     return finish(W, q, L1, L2, stats, method="lorc")

@@ -6,15 +6,18 @@ import torch
 
 from lowbit.lowrank import (
     METHODS,
+    ROUNDINGS,
     DecomposeError,
     decompose,
     errors,
     fisher_error,
     frobenius_error,
     output_error,
+    uses_gptq,
 )
+from lowbit.lowrank.decomposition import quantize_step
 from lowbit.lowrank.error import ErrorShapeError, delta_errors
-from lowbit.quantizers import QuantSpec, dequantize, quantize
+from lowbit.quantizers import QuantSpec, dequantize, gptq, quantize
 
 N, K = 48, 96
 
@@ -58,7 +61,7 @@ def test_errors_of_the_difference_equal_the_whole_expressions_bit_for_bit():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+@pytest.mark.parametrize("rounding", ["nearest", "gptq", "gptq-plain"])
 def test_every_method_runs_and_reports_the_error_of_what_it_returns(method, rounding):
     W, X, F = data()
     H = X.T @ X
@@ -93,7 +96,6 @@ def test_gptq_rounding_refits_the_lowrank_part_to_the_output_error(method):
     """With GPTQ, L1 L2 is refit to the output error after Q: below the same Q-then-L scheme with the
     plain (Frobenius) low-rank part of each method."""
     from lowbit.lowrank.svd import svd_r
-    from lowbit.quantizers.gptq import gptq
 
     W, X, _ = data(1)
     H, spec, r = X.T @ X, QuantSpec("int3", 32), 6
@@ -148,3 +150,16 @@ def test_bad_weight_raises():
             decompose(W, spec, 0, "lorc")
     with pytest.raises(DecomposeError, match="QuantSpec"):
         decompose(torch.randn(N, K), "int4", 0, "lorc")
+
+
+@pytest.mark.parametrize("rounding", [r for r in ROUNDINGS if uses_gptq(r)])
+def test_each_gptq_variant_is_gptq_with_its_flags(rounding):
+    """A rounding name selects GPTQ with its keyword arguments (act-order, clipped static scales)."""
+    W, X, _ = data()
+    H = X.T @ X
+    spec = QuantSpec("int3", 32)
+    want = gptq(W, H, spec, **ROUNDINGS[rounding])
+    got = quantize_step(W, spec, rounding, H)
+    assert torch.equal(dequantize(got), dequantize(want))
+    others = [gptq(W, H, spec, **kw) for r, kw in ROUNDINGS.items() if uses_gptq(r) and r != rounding]
+    assert all(not torch.equal(dequantize(got), dequantize(q)) for q in others)

@@ -1,6 +1,8 @@
 """GPTQ rounding (lowbit.quantizers.gptq): error feedback beats round-to-nearest on the output error it
 minimises, reduces to round-to-nearest when H = I, and keeps the group layout for every format."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from lowbit.quantizers import (
     quantize,
     unpack_codes,
 )
+from lowbit.quantizers.clip import clip_search
 from lowbit.quantizers.gptq import GPTQError, gptq, inverse_cholesky
 
 N, K = 64, 256
@@ -75,16 +78,32 @@ def test_gptq_beats_nearest_on_output_error(spec, act_order):
 )
 def test_identity_hessian_equals_nearest_rounding(spec):
     W = weight(k=200)  # K = 200: a ragged last group for group sizes that do not divide it
-    assert same_qtensor(gptq(W, torch.eye(200), spec), quantize(W, spec))
+    assert same_qtensor(gptq(W, torch.eye(200), spec, clip=False), quantize(W, spec))
+    assert same_qtensor(gptq(W, torch.eye(200), spec, clip=False, act_order=False), quantize(W, spec))
 
 
-def test_act_order_uses_static_groups_fitted_on_w():
+@pytest.mark.parametrize("clip", [False, True])
+def test_act_order_uses_static_groups_fitted_on_w(clip):
+    """The static scales are those of W, or of W clipped by the search against H (clip)."""
     W, X = weight(), correlated_inputs()
+    H = X.T @ X
     spec = QuantSpec("int4", 32)
-    q = gptq(W, X.T @ X, spec, act_order=True)
-    s, z = fit_scales(W, spec)
+    q = gptq(W, H, spec, act_order=True, clip=clip)
+    s, z = fit_scales(clip_search(W, H, spec) if clip else W, spec)
     s_q, z_q = decode_scales(q)
     assert torch.equal(s_q, s) and torch.equal(z_q, z)
+
+
+def test_clipped_scales_lower_the_output_error_where_ranges_have_outliers():
+    """Weights with a few large entries per group: GPTQ under the clip-searched scales ends at a lower
+    output error than under the min-max ones (the property the default relies on)."""
+    W, X = weight(), correlated_inputs()
+    g = torch.Generator().manual_seed(5)
+    W[torch.rand(W.shape, generator=g) < 0.01] *= 6  # about one outlier in each group of 128
+    H = X.T @ X
+    spec = QuantSpec("int3", 128)
+    clipped = out_err(W, dequantize(gptq(W, H, spec)), H)
+    assert clipped < out_err(W, dequantize(gptq(W, H, spec, clip=False)), H)
 
 
 @pytest.mark.parametrize("block_size", [8, 48, 128, 1000])
@@ -175,3 +194,35 @@ def test_gptq_leaves_its_hessian_unchanged():
     for act_order in (False, True):
         gptq(weight(), H, QuantSpec("int4", 64), act_order=act_order)
         assert torch.equal(H, before)
+
+
+def test_inverse_cholesky_gathers_the_order_and_dead_channels_in_slabs(monkeypatch):
+    """perm and dead factor H' = H[perm][:, perm] with unit dead diagonals bit for bit, whatever the slab."""
+    G = importlib.import_module("lowbit.quantizers.gptq")  # the package binds the name to the function
+    X = correlated_inputs()
+    X[:, [3, 77]] = 0
+    H = X.T @ X
+    dead = torch.diag(H) <= 0
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(3))
+    Hp = H.clone()
+    Hp[dead, dead] = 1.0
+    base = float(torch.diag(Hp).mean())
+    want = inverse_cholesky(Hp[perm][:, perm].contiguous(), 0.01, base)
+    monkeypatch.setattr(G, "GATHER_COLUMNS", 7)  # slabs that do not divide K
+    before = H.clone()
+    assert torch.equal(inverse_cholesky(H, 0.01, perm=perm, dead=dead), want)
+    assert torch.equal(H, before)
+
+
+def test_act_order_rounds_the_largest_input_channel_to_nearest():
+    """The column with the largest H_jj is visited first: it receives no error, so its codes are the
+    nearest codes under the static scales; the natural order visits it late and changes some of them."""
+    W, X = weight(), correlated_inputs()
+    X[:, 200] *= 8  # channel 200 dominates the diagonal
+    H = X.T @ X
+    spec = QuantSpec("int3", 32)
+    s, z = fit_scales(W, spec)
+    g = slice(200 // 32, 200 // 32 + 1)
+    nearest = encode(W[:, 200:201], s[:, g], z[:, g], spec)[:, 0]
+    assert torch.equal(unpack_codes(gptq(W, H, spec, clip=False))[:, 200], nearest)
+    assert not torch.equal(unpack_codes(gptq(W, H, spec, act_order=False, clip=False))[:, 200], nearest)
