@@ -11,7 +11,8 @@ Column order: by default columns are visited by descending H_jj ("act-order", th
 still absorb their error. Its scales are fitted on the original W before the loop ("static groups", the
 reference code's `--static-groups`), so the stored groups stay contiguous and the checkpoint layout does
 not depend on the order. On SmolLM2-135M at int3 g64 it lowers held-out perplexity from 61.8 to 39.4 out
-of domain and from 71.7 to 55.4 in domain (docs/benchmarks.md, "GPTQ's column order").
+of domain and from 71.7 to 55.4 in domain (docs/benchmarks.md, "GPTQ's column order and
+clipped scales").
 
 The static scales are fitted on W with each group's range shrunk where that lowers the group's output
 error under round to nearest (AWQ's clipping search against the same H, `lowbit.quantizers.clip`): GPTQ
