@@ -50,10 +50,11 @@ def _group_errors(E: torch.Tensor, Hg: torch.Tensor, gs: int) -> torch.Tensor:
 def _diagonal_blocks(H: torch.Tensor, gs: int) -> torch.Tensor:
     """The G diagonal blocks [G, gs, gs] of H [K, K] (zero-padded past K)."""
     K = H.shape[0]
-    G = -(-K // gs)
-    Hp = torch.nn.functional.pad(H, (0, G * gs - K, 0, G * gs - K))
-    idx = torch.arange(G, device=H.device)
-    return Hp.view(G, gs, G, gs)[idx, :, idx, :]
+    Hg = H.new_zeros(-(-K // gs), gs, gs)  # copied block by block: no padded copy of the whole H
+    for g, a in enumerate(range(0, K, gs)):
+        b = min(a + gs, K)
+        Hg[g, : b - a, : b - a] = H[a:b, a:b]
+    return Hg
 
 
 @torch.no_grad()
