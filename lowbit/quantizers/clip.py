@@ -50,10 +50,11 @@ def _group_errors(E: torch.Tensor, Hg: torch.Tensor, gs: int) -> torch.Tensor:
 def _diagonal_blocks(H: torch.Tensor, gs: int) -> torch.Tensor:
     """The G diagonal blocks [G, gs, gs] of H [K, K] (zero-padded past K)."""
     K = H.shape[0]
-    G = -(-K // gs)
-    Hp = torch.nn.functional.pad(H, (0, G * gs - K, 0, G * gs - K))
-    idx = torch.arange(G, device=H.device)
-    return Hp.view(G, gs, G, gs)[idx, :, idx, :]
+    Hg = H.new_zeros(-(-K // gs), gs, gs)  # copied block by block: no padded copy of the whole H
+    for g, a in enumerate(range(0, K, gs)):
+        b = min(a + gs, K)
+        Hg[g, : b - a, : b - a] = H[a:b, a:b]
+    return Hg
 
 
 @torch.no_grad()
@@ -86,6 +87,12 @@ def clip_search(
         best = torch.where(better, r, best)
     clipped = clip_groups(W, best, spec)
     # the per-group choice ignores cross-group terms: keep a row's clipping only where e H e^T does not rise
-    E0, E1 = W - nearest(W, spec), W - nearest(clipped, spec)  # [N, K]
-    keep = ((E1 @ H) * E1).sum(1) <= ((E0 @ H) * E0).sum(1)  # [N]
-    return torch.where(keep[:, None], clipped, W)
+    keep = _output_errors(W - nearest(clipped, spec), H) <= _output_errors(W - nearest(W, spec), H)  # [N]
+    clipped[~keep] = W[~keep]  # in place: the rows whose clipping is dropped
+    return clipped
+
+
+def _output_errors(E: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """e H e^T of every row e of E [N, K] -> [N], with one [N, K] product beside E."""
+    EH = E @ H  # [N, K]
+    return EH.mul_(E).sum(1)

@@ -154,7 +154,7 @@ def gptq(
     With H = identity and clip=False the result equals `quantize`.
     """
     _check_inputs(W, H, block_size, damp)
-    W = W.detach().float().clone()  # [N, K]
+    W = W.detach().float()  # [N, K], only read: the loop works on its own copy below
     H = H.detach().float()  # [K, K], only read (dead channels and the order are applied to U's buffer)
     N, K = W.shape
     dead = torch.diag(H) <= 0  # [K]
@@ -165,7 +165,8 @@ def gptq(
     perm = None
     if act_order:
         perm = torch.argsort(_diagonal(H, None, dead), descending=True, stable=True)
-        W = W[:, perm]
+    # the one [N, K] working copy, in the visiting order (the gather is the copy: W is never cloned too)
+    W = W[:, perm] if act_order else W.clone()
     order = perm.tolist() if act_order else list(range(K))  # order[j]: original column quantized j-th
     U = inverse_cholesky(H, damp, perm=perm, dead=dead)  # [K, K] upper, in the visiting order
     gs = min(spec.group_size or K, K)
@@ -193,5 +194,5 @@ def gptq(
             codes[:, col] = c[:, 0]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)  # in place: no [N, K - i2] product
     return pack_qtensor(codes, s, z, spec)
