@@ -17,9 +17,17 @@ output error e H e^T is not above round-to-nearest's: the search never raises th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from lowbit.quantizers.groups import effective_group_size, expand_groups, group_minmax, group_view
+from lowbit.quantizers.groups import (
+    DQ_BLOCK,
+    effective_group_size,
+    expand_groups,
+    group_minmax,
+    group_view,
+)
 from lowbit.quantizers.quantize import fit_scales
 from lowbit.quantizers.spec import QuantInputError, QuantSpec
 
@@ -57,6 +65,20 @@ def _diagonal_blocks(H: torch.Tensor, gs: int) -> torch.Tensor:
     return Hg
 
 
+CHUNK_BYTES = 8 << 20  # rows searched at once: fp32 [rows, K] temporaries of at most this size
+
+
+def _row_step(N: int, K: int, spec: QuantSpec) -> int:
+    """Rows per chunk of the search: about CHUNK_BYTES of fp32 [rows, K], and with double-quantized
+    scales a multiple of the rows whose scales fill whole DQ_BLOCK blocks (the blocks stay as whole-W's)."""
+    rows = max(1, CHUNK_BYTES // (4 * K))
+    if spec.double_quant:
+        G = spec.groups(K)
+        align = DQ_BLOCK // math.gcd(G, DQ_BLOCK)
+        rows = max(align, rows // align * align)
+    return min(rows, N)
+
+
 @torch.no_grad()
 def clip_search(
     W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, grid: int = 20, max_shrink: float = 0.5
@@ -65,7 +87,9 @@ def clip_search(
     group's output error e H_gg e^T under round-to-nearest; H [K, K] is the layer's input Hessian X^T X.
 
     Ratios 1 - i / grid for i = 0 .. int(max_shrink * grid) - 1 (AWQ: grid 20, max_shrink 0.5). Rows whose
-    clipped output error e H e^T would exceed round-to-nearest's are returned unclipped. float32.
+    clipped output error e H e^T would exceed round-to-nearest's are returned unclipped. float32. Rows are
+    independent: they are searched a chunk at a time (`CHUNK_BYTES`), so the temporaries stay a few
+    [rows, K] whatever N is (a 4096 x 14336 weight would otherwise hold several [N, K] copies at once).
     """
     W = W.detach().float()
     N, K = W.shape
@@ -76,18 +100,31 @@ def clip_search(
     H = H.detach().float().to(W.device)
     gs = effective_group_size(spec, K)
     Hg = _diagonal_blocks(H, gs)
+    out = torch.empty_like(W)
+    step = _row_step(N, K, spec)
+    for a in range(0, N, step):
+        out[a : a + step] = _clip_rows(W[a : a + step], H, Hg, spec, grid, max_shrink)
+    return out
+
+
+def _clip_rows(
+    W: torch.Tensor, H: torch.Tensor, Hg: torch.Tensor, spec: QuantSpec, grid: int, max_shrink: float
+) -> torch.Tensor:
+    """`clip_search` of the rows W [R, K]; Hg: H's diagonal blocks [G, gs, gs]."""
+    R, K = W.shape
+    gs = effective_group_size(spec, K)
     G = Hg.shape[0]
-    best_err = torch.full((N, G), float("inf"), device=W.device)
-    best = torch.ones(N, G, device=W.device)
+    best_err = torch.full((R, G), float("inf"), device=W.device)
+    best = torch.ones(R, G, device=W.device)
     for i in range(max(1, int(max_shrink * grid))):
-        r = torch.full((N, G), 1.0 - i / grid, device=W.device)
-        err = _group_errors(W - nearest(clip_groups(W, r, spec), spec), Hg, gs)  # [N, G]
+        r = torch.full((R, G), 1.0 - i / grid, device=W.device)
+        err = _group_errors(W - nearest(clip_groups(W, r, spec), spec), Hg, gs)  # [R, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, r, best)
     clipped = clip_groups(W, best, spec)
     # the per-group choice ignores cross-group terms: keep a row's clipping only where e H e^T does not rise
-    keep = _output_errors(W - nearest(clipped, spec), H) <= _output_errors(W - nearest(W, spec), H)  # [N]
+    keep = _output_errors(W - nearest(clipped, spec), H) <= _output_errors(W - nearest(W, spec), H)  # [R]
     clipped[~keep] = W[~keep]  # in place: the rows whose clipping is dropped
     return clipped
 

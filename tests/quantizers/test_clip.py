@@ -69,3 +69,18 @@ def test_clip_search_rejects_bad_inputs():
 def test_nearest_is_quantize_then_dequantize(spec):
     W, _ = layer(K=200 if spec.group_size == 48 else 256)
     assert torch.equal(nearest(W, spec), dequantize(quantize(W, spec)))
+
+
+@pytest.mark.parametrize(
+    "spec", [QuantSpec("int3", 128), QuantSpec("int4", 48, double_quant=True)], ids=lambda s: s.short()
+)
+def test_search_in_row_chunks_equals_one_chunk(spec, monkeypatch):
+    """Rows are independent: any chunk size gives the same clipped W bit for bit (with double-quantized
+    scales the chunks hold whole blocks of scales, here 5 groups per row against blocks of 256)."""
+    import lowbit.quantizers.clip as clip
+
+    W, H = layer(K=240, N=300)
+    whole = clip_search(W, H, spec)
+    monkeypatch.setattr(clip, "CHUNK_BYTES", 4 * 240 * 7)  # 7 rows (256 with double quantization)
+    assert clip._row_step(300, 240, spec) == (256 if spec.double_quant else 7)
+    assert torch.equal(clip_search(W, H, spec), whole)
