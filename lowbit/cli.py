@@ -123,7 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--eval", action="store_true", help="reload the checkpoint and compare perplexity with the original"
     )
-    c.add_argument("--eval-tokens", type=_positive(2), default=None, help="cap on held-out tokens for --eval")
+    c.add_argument(
+        "--eval-data",
+        help="evaluate (implies --eval) on these texts instead, comma-separated: "
+        "e.g. builtin:lee-news,builtin:bible (in and out of domain)",
+    )
+    c.add_argument(
+        "--eval-tokens", type=_positive(2), default=None, help="cap on held-out tokens of each --eval text"
+    )
     c.add_argument(
         "--no-baselines", action="store_true", help="evaluate without the round-to-nearest baselines"
     )
@@ -190,15 +197,16 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
 
 def calibration_args(args: argparse.Namespace, recipe: Recipe, budgets: list[float] | None) -> dict:
     """compress()'s data / samples / seq_len from --data, --samples, --seq-len; refused when unused."""
-    evaluates = args.eval or len(budgets or []) > 1
+    evaluates = args.eval or args.eval_data is not None or len(budgets or []) > 1
     uses = calibrates(with_budget(recipe, budgets[0]) if budgets else recipe)
     name = f"--recipe {args.recipe}" if args.recipe else f"--preset {preset_name(args)}"
     unused = "reads no calibration data (no GPTQ, SVDQuant, Fisher weights or fine-tuning)"
     for flag, value in (("--samples", args.samples), ("--seq-len", args.seq_len)):
         if value is not None and not uses:
             raise ValueError(f"{flag} is not used: {name} {unused}")
-    if args.data and not (uses or evaluates):
-        raise ValueError(f"--data is not used: {name} {unused}; drop it, or add --eval to evaluate on it")
+    if args.data and not uses and (args.eval_data is not None or not evaluates):
+        hint = "add --eval" if args.eval_data is None else "list it in --eval-data"
+        raise ValueError(f"--data is not used: {name} {unused}; drop it, or {hint} to evaluate on it")
     if args.no_baselines and not evaluates:
         raise ValueError("--no-baselines needs --eval or several --budgets")
     if args.data:
@@ -206,10 +214,25 @@ def calibration_args(args: argparse.Namespace, recipe: Recipe, budgets: list[flo
     return {"data": args.data if uses else None, "samples": args.samples, "seq_len": args.seq_len}
 
 
+def eval_texts(args: argparse.Namespace) -> list[str]:
+    """--eval-data's text sources, each checked now (before any weight is read); [] without it."""
+    if args.eval_data is None:
+        return []
+    if args.dry_run:
+        raise ValueError("--eval-data evaluates the written checkpoint; --dry-run writes none")
+    texts = [t.strip() for t in args.eval_data.split(",")]
+    if not all(texts) or len(set(texts)) < len(texts):
+        raise ValueError(f"--eval-data must be distinct comma-separated text sources, got {args.eval_data!r}")
+    for text in texts:
+        check_source(text)
+    return texts
+
+
 def cmd_compress(args: argparse.Namespace) -> dict:
     from lowbit.compress.api import compress
 
     recipe = resolve_recipe(args)
+    texts = eval_texts(args)
     if args.target is not None:
         recipe = replace(recipe, target=args.target)
     if args.max_hidden_memory is not None:
@@ -249,13 +272,18 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     if report.budgets:
         keys = ("budget", "bits_per_weight", "out", "error", "solver_status", "solve_seconds", "work_bytes")
         result["budgets"] = [{k: b[k] for k in keys} for b in report.budgets]
-    if args.eval or len(report.budgets) > 1:
+    if args.eval or texts or len(report.budgets) > 1:
         shapes = [tuple(e["shape"]) for e in report.layers.values()]
         baselines = None if args.no_baselines else shapes
         job = dict(
             tokens=args.eval_tokens, device=args.device, dtype=check_dtype(args.dtype), progress=progress
         )
-        result.update(compare(args.model, result, args.data or recipe.calibration.data, baselines, **job))
+        compared = compare(
+            args.model, result, texts or [args.data or recipe.calibration.data], baselines, **job
+        )
+        if not texts:  # without --eval-data: only the one text's keys
+            del compared["eval"]
+        result.update(compared)
     return result
 
 
@@ -335,10 +363,19 @@ def print_text(command: str, r: dict) -> None:
             f"wrote {r['out']}: {r['bits_per_weight']:.3f} bits per weight over {r['quantized_params']} "
             f"quantized weights, {r['size_bytes'] / 2**20:.1f} MiB on disk, {r['seconds']} s"
         )
-    for p in r.get("points", []):
-        print(f"  {p['label']:<12} {p['perplexity']:9.3f}  ({p['bits_per_weight']:.2f} bits per weight)")
+    for block in r.get("eval", [r]):
+        _print_perplexities(block, heading="eval" in r)
     if r.get("report"):
         print("wrote " + ", ".join(r["report"]))
+
+
+def _print_perplexities(r: dict, heading: bool) -> None:
+    """One text's perplexities: several budgets' points (headed with `heading`), or original, compressed
+    and baselines."""
+    if heading and "points" in r:
+        print(f"perplexity on {r['points'][0]['tokens']} held-out tokens of {r['data']}:")
+    for p in r.get("points", []):
+        print(f"  {p['label']:<12} {p['perplexity']:9.3f}  ({p['bits_per_weight']:.2f} bits per weight)")
     if "compressed" in r:
         o, c = r["original"], r["compressed"]
         print(f"perplexity on {c['tokens']} held-out tokens of {c['data']}:")

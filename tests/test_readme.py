@@ -79,7 +79,7 @@ def run_commands(commands: list[str], cwd: Path, swap: dict[str, str], model: st
             argv[argv.index("--nproc") + 1] = "2"
         if model and argv[1] == "compress" and "--model" not in argv:
             argv[2:2] = ["--model", model]
-        if model and argv[1] == "compress" and ("--eval" in argv or "--budgets" in argv):
+        if model and argv[1] == "compress" and {"--eval", "--eval-data", "--budgets"} & set(argv):
             argv += ["--eval-tokens", "2048"]
         if model and argv[1] == "eval" and "--tokens" not in argv:
             argv += ["--tokens", "2048"]

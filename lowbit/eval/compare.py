@@ -1,5 +1,5 @@
 """The original model, the checkpoints a compress run wrote and round-to-nearest baselines of similar
-size, evaluated side by side on one held-out text (`lowbit compress --eval`)."""
+size, evaluated side by side on held-out texts (`lowbit compress --eval`, `--eval-data`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from lowbit.eval.baselines import RTN_BASELINES, nearest_baseline
 def compare(
     model: str,
     result: dict,
-    data: str,
+    texts: list[str],
     baselines: list[tuple[int, int]] | None,
     *,
     tokens: int | None = None,
@@ -25,29 +25,53 @@ def compare(
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> dict:
-    """Perplexity of the original `model`, of every checkpoint of a compress `result` (its report as a
-    dict) and, unless baselines is None, of round-to-nearest baselines (the one nearest in size to the
-    quantized layers' shapes `baselines`, or all of them for several budgets); several budgets also get
-    report.json + pareto.png beside them."""
+    """Perplexity on each of `texts` of the original `model`, of every checkpoint of a compress `result`
+    (its report as a dict) and, unless baselines is None, of round-to-nearest baselines (the one nearest in
+    size to the quantized layers' shapes `baselines`, or all of them for several budgets), each baseline
+    compressed once. The first text's numbers are returned at the top level (`original`, `compressed`,
+    `rtn`; several budgets: `points`, with report.json + pareto.png beside them), every text's under
+    "eval": [{"data", ...}]."""
     run = {"progress": progress, "device": device}
-    evaluated = {"original": evaluate(model, data, tokens, dtype=dtype, **run)}
     budgets = result.get("budgets") or [{"out": result["out"], "budget": None}]
-    for b in budgets:
-        evaluated[b["out"]] = evaluate(b["out"], data, tokens, **run)
+    # per text: the original, each budget's checkpoint (in budgets' order), each baseline by name
+    on = {
+        d: {
+            "original": evaluate(model, d, tokens, dtype=dtype, **run),
+            "checkpoints": [evaluate(b["out"], d, tokens, **run) for b in budgets],
+            "rtn": {},
+        }
+        for d in texts
+    }
     if baselines is None:
         wanted = []
     elif len(budgets) > 1:
         wanted = RTN_BASELINES
     else:
         wanted = [nearest_baseline(result["bits_per_weight"], baselines)]
-    rtn = {}
-    for name in wanted:
+    for name in wanted:  # one baseline in memory at a time, evaluated on every text
         rtn_model, _ = compress(model, preset(name), dtype=dtype, **run)
-        rtn[name] = evaluate(model, data, tokens, model=rtn_model, **run)
+        for d in texts:
+            on[d]["rtn"][name] = evaluate(model, d, tokens, model=rtn_model, **run)
     if len(budgets) == 1:
-        return {"original": evaluated["original"], "compressed": evaluated[result["out"]], "rtn": rtn}
-    points = [{"label": "original", "kind": "original", **evaluated["original"]}]
-    points += [{"label": f"budget {b['budget']:g}", "kind": "budget", **evaluated[b["out"]]} for b in budgets]
-    points += [{"label": name, "kind": "rtn", **r} for name, r in rtn.items()]
-    files = write_report(Path(result["out"]), points, {"model": model, "data": data})
-    return {"points": points, "report": [str(f) for f in files]}
+        each = [
+            {"original": e["original"], "compressed": e["checkpoints"][0], "rtn": e["rtn"]}
+            for e in on.values()
+        ]
+        return {**each[0], "eval": [{"data": d, **e} for d, e in zip(texts, each, strict=True)]}
+    each = [_points(budgets, **e) for e in on.values()]
+    files = write_report(Path(result["out"]), each[0], {"model": model, "data": texts[0]})
+    return {
+        "points": each[0],
+        "report": [str(f) for f in files],
+        "eval": [{"data": d, "points": p} for d, p in zip(texts, each, strict=True)],
+    }
+
+
+def _points(budgets: list[dict], original: dict, checkpoints: list[dict], rtn: dict) -> list[dict]:
+    """One text's points for the Pareto report: the original, each budget's checkpoint, each baseline."""
+    points = [{"label": "original", "kind": "original", **original}]
+    points += [
+        {"label": f"budget {b['budget']:g}", "kind": "budget", **c}
+        for b, c in zip(budgets, checkpoints, strict=True)
+    ]
+    return points + [{"label": name, "kind": "rtn", **r} for name, r in rtn.items()]
