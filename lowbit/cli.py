@@ -21,10 +21,18 @@ from lowbit import __version__
 from lowbit.compress.budget import with_budget
 from lowbit.compress.checks import DTYPES as MODEL_DTYPES
 from lowbit.compress.checks import calibrates, check_budgets, check_device, check_dtype, check_source
-from lowbit.compress.presets import PRESETS, preset
+from lowbit.compress.presets import (
+    BUDGET_PRESET,
+    BUDGET_PRESET_FT,
+    FINETUNE_BELOW,
+    PRESETS,
+    budget_preset,
+    preset,
+)
 from lowbit.compress.recipe import Recipe, load_recipe
 from lowbit.eval.compare import compare
 from lowbit.export import DTYPES, EMBEDDING_TYPES, TARGETS
+from lowbit.models.source import streams_folder
 from lowbit.nn.shards import parse_size
 from lowbit.parallel import launched_size
 from lowbit.quantizers.engines import ENGINES
@@ -32,7 +40,6 @@ from lowbit.quantizers.engines import ENGINES
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "builtin:lee-news"
 DEFAULT_PRESET = "int4-g128"
-BUDGET_PRESET = "alloc-awq"  # the best budget recipe measured (docs/benchmarks.md)
 
 
 def _positive(minimum: int):
@@ -79,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", help="recipe file (.yaml/.json); see lowbit.compress.recipe")
     c.add_argument(
         "--preset",
-        help=f"named recipe: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; {BUDGET_PRESET} with a budget)",
+        help=f"named recipe: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; with a budget {BUDGET_PRESET}, "
+        f"below {FINETUNE_BELOW:g} bits {BUDGET_PRESET_FT} unless the model is streamed)",
     )
     c.add_argument(
         "--data", help=f"calibration (and --eval) text source (default: the recipe's, {DEFAULT_DATA})"
@@ -184,9 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def preset_name(args: argparse.Namespace) -> str:
-    """--preset, or the default: the best measured budget recipe with --budget(s), int4-g128 without."""
-    budget = getattr(args, "budget", None) is not None or getattr(args, "budgets", None)
-    return args.preset or (BUDGET_PRESET if budget else DEFAULT_PRESET)
+    """--preset, or the default: the best measured budget recipe with --budget(s)
+    (`lowbit.compress.presets.budget_preset`), int4-g128 without."""
+    if args.preset:
+        return args.preset
+    budgets = parse_budgets(args)
+    if not budgets:
+        return DEFAULT_PRESET
+    return budget_preset(budgets, streamed=streams_folder(args.model, args.out))
 
 
 def resolve_recipe(args: argparse.Namespace) -> Recipe:

@@ -59,6 +59,9 @@ from lowbit.calibration.sources import DataError, first_line, read_parts
 PARTS = ("calib", "eval")
 EVAL_FRACTION = 0.2
 SEPARATOR = "\n\n"
+# A recipe's calibration source when the job was given token blocks instead of a text: this prefix and
+# their digest (never a text source, so nothing can read them again but the job holding them).
+TOKENS_PREFIX = "tokens:"
 # Windows are drawn from at most this many calibration tokens (or samples * seq_len if larger), so a
 # large shard (c4: ~350k documents) is not tokenized whole to draw a few hundred windows.
 CALIB_POOL_TOKENS = 1 << 22

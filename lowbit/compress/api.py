@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.calibration.data import calibration_blocks
+from lowbit.calibration.data import TOKENS_PREFIX, calibration_blocks
 from lowbit.compress.blocks import StreamedFolder
 from lowbit.compress.budget import budget_outs, compress_to_budgets, with_budget, work_area
 from lowbit.compress.budget_stream import compress_streamed_budgets, streams_budgets
@@ -40,7 +40,7 @@ from lowbit.compress.stream import StreamedJob, stream_work_area
 from lowbit.compress.uniform import finetune_stage, quantize_model, selected_names
 from lowbit.lowrank import METHODS
 from lowbit.models import check_model, load_model
-from lowbit.models.source import open_folder
+from lowbit.models.source import open_folder, streams_folder
 from lowbit.nn.atomic import OWNED_MARKERS, atomic_folder, check_output, hold_lock, is_owned
 from lowbit.nn.checkpoint import finish_checkpoint, plan_bits, save
 from lowbit.nn.manifest import CheckpointError, read_manifest
@@ -145,10 +145,10 @@ def compress(
     to the others, and rank 0 writes (`lowbit.parallel`); every process returns the same model.
     """
     t0 = time.perf_counter()
-    recipe = resolve_recipe(recipe)
+    budgets = check_budgets(list(budgets or ([budget] if budget is not None else [])))
+    recipe = resolve_recipe(recipe, budgets, streams_folder(model_or_id, out))
     if target is not None:
         recipe = replace(recipe, target=target)  # validated by the recipe
-    budgets = check_budgets(list(budgets or ([budget] if budget is not None else [])))
     if not budgets and recipe.allocate.budget is not None:
         budgets = [recipe.allocate.budget]
     recipe, calib_data = _calibration(recipe, budgets, data, calib_data, samples, seq_len)
@@ -315,7 +315,7 @@ def _calibration(recipe, budgets, data, calib_data, samples, seq_len) -> tuple[R
 def _tokens_name(blocks: torch.Tensor) -> str:
     """The recipe's name for in-memory token blocks: a digest, so the work area never mixes two."""
     digest = hashlib.sha256(blocks.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-    return f"tokens:{digest}"
+    return f"{TOKENS_PREFIX}{digest}"
 
 
 def _outputs(out, recipe: Recipe, budgets: list[float], overwrite: bool) -> tuple[list, set]:

@@ -48,6 +48,21 @@ ALLOC_AWQ = Recipe(
     decompose=DecomposeConfig("lorc"),
 )
 
+# Below FINETUNE_BELOW bits per weight the allocation alone loses much (docs/benchmarks.md, "Fine-tuning the
+# default budget recipe"): alloc-awq-ft adds L4Q fine-tuning, distilled from the original model on the
+# calibration text (64 blocks of 256 tokens; batches of 2).
+FINETUNE = {
+    "mode": "l4q",
+    "objective": "distill",
+    "steps": 50,
+    "batch_size": 2,
+    "seq_len": 256,
+    "data": "calibration",
+    "samples": 64,
+}
+FINETUNE_BELOW = 3.0
+BUDGET_PRESET, BUDGET_PRESET_FT = "alloc-awq", "alloc-awq-ft"
+
 PRESETS: dict[str, Recipe] = {
     "int8": _preset("int8", None, symmetric=True),
     "int4-g128": _preset("int4", 128, symmetric=True),
@@ -83,6 +98,7 @@ PRESETS: dict[str, Recipe] = {
         decompose=DecomposeConfig("lorc"),
     ),
     "alloc-awq": ALLOC_AWQ,
+    "alloc-awq-ft": replace(ALLOC_AWQ, finetune=FINETUNE),
     "alloc-int-nf": Recipe(
         quantize=ALLOC_QUANTIZE,
         allocate=replace(ALLOCATE_INT, formats=("int", "nf")),
@@ -98,10 +114,21 @@ def preset(name: str) -> Recipe:
     return PRESETS[name]
 
 
-def resolve_recipe(recipe: Recipe | str | Path | None) -> Recipe:
-    """A Recipe from a Recipe, a preset name, a recipe file path, or None (the default, int4-g128)."""
+def budget_preset(budgets: list[float], streamed: bool = False) -> str:
+    """The default recipe of a budget job (`lowbit compress --budget B` or `compress(model, budget=B)` without
+    a recipe): alloc-awq, or alloc-awq-ft when a budget is below FINETUNE_BELOW and the model is compressed
+    in memory. Fine-tuning holds the whole model and the original as its teacher, so a model streamed block
+    by block (`streamed`: a local folder compressed into an output folder) keeps alloc-awq."""
+    return BUDGET_PRESET_FT if min(budgets) < FINETUNE_BELOW and not streamed else BUDGET_PRESET
+
+
+def resolve_recipe(
+    recipe: Recipe | str | Path | None, budgets: list[float] | None = None, streamed: bool = False
+) -> Recipe:
+    """A Recipe from a Recipe, a preset name, a recipe file path, or None: the default, int4-g128, or with
+    budgets `budget_preset(budgets, streamed)`."""
     if recipe is None:
-        return PRESETS["int4-g128"]
+        return PRESETS[budget_preset(budgets, streamed) if budgets else "int4-g128"]
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, str) and recipe in PRESETS:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calibration import calibrate_sequential, fisher_diagonal
-from lowbit.calibration.data import calibration_blocks
+from lowbit.calibration.data import TOKENS_PREFIX, calibration_blocks
 from lowbit.calibration.hidden import HiddenStates
 from lowbit.calibration.sequential import BlockProvider
 from lowbit.calibration.stats import find_blocks, hessians_in_turn
@@ -289,9 +290,9 @@ def finetune_stage(
     """Quantization-aware fine-tuning of the compressed model against the original (the teacher);
     returns the new per-layer plan (L4Q merges its low-rank factors). With `state_dir` the run saves
     its state there and a repeated call resumes from it."""
-    from lowbit.compress.finetune import FinetuneConfig, finetune
+    from lowbit.compress.finetune import finetune
 
-    config = FinetuneConfig.from_dict(recipe.finetune)
+    config = finetune_config(recipe)
     if calib_data is None and config.data is None:
         calib_data = calibration_data(recipe, tokenizer)
     report = finetune(
@@ -304,6 +305,21 @@ def finetune_stage(
         progress=progress,
     )
     return report.plan
+
+
+def finetune_config(recipe: Recipe):
+    """The recipe's FinetuneConfig, its data "calibration" resolved: the calibration text source (read at
+    fine-tuning's own samples and seq_len), or None (the calibration blocks) when the job was given tokens."""
+    from lowbit.compress.finetune import FinetuneConfig
+    from lowbit.compress.finetune.config import CALIBRATION
+
+    config = FinetuneConfig.from_dict(recipe.finetune)
+    if config.data != CALIBRATION:
+        return config
+    source = recipe.calibration.data
+    text = isinstance(source, str) and not source.startswith(TOKENS_PREFIX)
+    # the objective "calibration" implies (distill unless set), kept once the source is filled in
+    return replace(config, data=source if text else None, objective=config.resolved_objective())
 
 
 def calibration_data(recipe: Recipe, tokenizer) -> torch.Tensor:

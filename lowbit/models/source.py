@@ -118,6 +118,12 @@ def check_model(model: str) -> str:
     return locate(model)[0]
 
 
+def streams_folder(model, out) -> bool:
+    """Whether a compress job can read `model` block by block: a local model folder compressed into an
+    output folder `out` (recipes that need the whole model still load it)."""
+    return isinstance(model, str) and out is not None and locate(model)[0] == "folder"
+
+
 def _locate_in_folder(path: Path, model: str) -> tuple[str, Path]:
     if (path / CHECKPOINT_MANIFEST).is_file():
         raise ModelError(f"{model!r} is a lowbit checkpoint; load it with lowbit.load")

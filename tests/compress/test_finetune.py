@@ -403,3 +403,21 @@ def test_bf16_model_trains_fp32_tensors_and_keeps_its_dtypes(teacher, mode):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert all(e["rank"] == 0 for e in report.plan.values()) == (mode == "l4q")
     assert torch.isfinite(logits(model)).all()
+
+
+def test_data_calibration_reads_the_jobs_calibration_text_or_its_tokens():
+    """finetune data "calibration": the job's calibration text at fine-tuning's own samples and seq_len
+    (so `--data` reaches fine-tuning too), or the given token blocks when the job was given tokens."""
+    from lowbit.calibration.data import TOKENS_PREFIX
+    from lowbit.compress.recipe import CalibrationConfig, Recipe
+    from lowbit.compress.uniform import finetune_config
+
+    ft = {"mode": "l4q", "data": "calibration", "samples": 64, "seq_len": 256}
+    text = Recipe(finetune=ft, calibration=CalibrationConfig(data="builtin:bible"))
+    config = finetune_config(text)
+    assert (config.data, config.samples, config.seq_len) == ("builtin:bible", 64, 256)
+    assert config.resolved_objective() == "distill"
+    tokens = Recipe(finetune=ft, calibration=CalibrationConfig(data=f"{TOKENS_PREFIX}0123456789abcdef"))
+    assert finetune_config(tokens).data is None
+    other = Recipe(finetune={**ft, "data": "builtin:lee-news"})
+    assert finetune_config(other).data == "builtin:lee-news"

@@ -2,6 +2,7 @@
 lowbit.compress.probes), on a tiny random Llama whose norms make a few input channels outliers."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,14 +10,15 @@ import torch
 from torch import nn
 
 from lowbit.calibration import calibrate
-from lowbit.cli import BUDGET_PRESET, build_parser, resolve_recipe
+from lowbit.cli import build_parser, resolve_recipe
 from lowbit.compress import budget
 from lowbit.compress.allocate import Candidate, ErrorTable, allocate, budget_bits, error_table
 from lowbit.compress.blocks import InMemory
 from lowbit.compress.budget import compress_to_budgets, readers_of, table_stage
 from lowbit.compress.budget_passes import ScaledBlocks
 from lowbit.compress.losses import calibration_loss, replaced_modules
-from lowbit.compress.presets import preset
+from lowbit.compress.presets import BUDGET_PRESET, preset
+from lowbit.compress.presets import resolve_recipe as resolve_presets
 from lowbit.compress.probes import (
     best_uniform,
     corrected,
@@ -239,11 +241,18 @@ def test_recipe_allows_scaling_with_a_budget_without_clip():
         Recipe.from_dict({"allocate": {"penalties": [0.5]}})
 
 
-def test_cli_budget_without_a_preset_takes_the_budget_recipe():
+def test_cli_budget_without_a_preset_takes_the_budget_recipe(tiny_llama_dir):
     def recipe(*argv):
         return resolve_recipe(build_parser().parse_args(["compress", "--out", "x", *argv]))
 
-    assert recipe("--budget", "3") == preset(BUDGET_PRESET)
+    assert recipe("--budget", "3") == preset(BUDGET_PRESET) == resolve_presets(None, [3.0])
     assert recipe("--budgets", "3,3.5") == preset(BUDGET_PRESET)
-    assert recipe() == preset("int4-g128")
+    assert recipe() == preset("int4-g128") == resolve_presets(None)
     assert recipe("--budget", "3", "--preset", "alloc-int") == preset("alloc-int")
+    # below 3 bits the default fine-tunes, unless the model is streamed from a folder
+    assert recipe("--budget", "2.5") == preset("alloc-awq-ft") == resolve_presets(None, [2.5])
+    assert recipe("--budgets", "2.5,3.5") == preset("alloc-awq-ft")
+    assert recipe("--budget", "2.5", "--model", str(tiny_llama_dir)) == preset(BUDGET_PRESET)
+    assert resolve_presets(None, [2.5], streamed=True) == preset(BUDGET_PRESET)
+    assert preset("alloc-awq-ft") == replace(preset(BUDGET_PRESET), finetune=preset("alloc-awq-ft").finetune)
+    assert preset("alloc-awq-ft").finetune["data"] == "calibration"

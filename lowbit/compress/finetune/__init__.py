@@ -27,7 +27,8 @@ packed QTensor again and its `layer_plan()` tells its rank; `FinetuneReport.plan
 Objectives: `lm`, next-token cross-entropy on the blocks; `distill`, KL(teacher || student) of the
 next-token distributions at temperature 1, plus `hidden_weight` times the mean over blocks of the MSE
 between hidden states. Without training data (`data` None) the default is `distill` on the given blocks
-(the calibration blocks); `data="teacher"` samples the training text from the teacher itself.
+(the calibration blocks); `data="teacher"` samples the training text from the teacher itself, and in a
+compress recipe `data="calibration"` reads the job's calibration text at the section's samples and seq_len.
 
 The last `eval_blocks` blocks are held out: evaluated every `eval_every` steps; with `patience` > 0 the
 run stops after that many evaluations without improvement and the best tensors are restored. AdamW on

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from lowbit.compress.finetune.fakequant import LATENTS
 
 MODES = ("lora", "peqa", "l4q", "lsq")
+CALIBRATION = "calibration"  # `data`: the job's calibration text, at fine-tuning's samples and seq_len
 OBJECTIVES = ("lm", "distill")
 SCHEDULES = ("cosine", "constant")
 
@@ -20,9 +21,11 @@ class FinetuneError(ValueError):
 class FinetuneConfig:
     """One fine-tuning run. `lr` is for low-rank factors, `scale_lr` for scales and zero points.
 
-    objective: "lm", "distill" or None (distill when `data` is None or "teacher", else lm).
-    data: a text source (see lowbit.calibration.data), "teacher" (sampled from the teacher), or None
-        (the blocks passed to `finetune`). samples: blocks drawn from `data`.
+    objective: "lm", "distill" or None (distill when `data` is None, "teacher" or "calibration", else lm).
+    data: a text source (see lowbit.calibration.data), "teacher" (sampled from the teacher), "calibration"
+        (the compress job's calibration text, with this section's samples and seq_len; its token blocks
+        when it was given as tokens), or None (the blocks passed to `finetune`). samples: blocks drawn
+        from `data`.
     eval_every: steps between held-out evaluations (0: only at the start and the end); patience:
         evaluations without improvement before stopping (0: never stop early).
     latent: how l4q and lsq start from the teacher's weight W0 (`FakeQuantLinear`): "compressed" (the
@@ -80,7 +83,7 @@ class FinetuneConfig:
             raise FinetuneError("finetune lr and scale_lr must be positive")
 
     def resolved_objective(self) -> str:
-        return self.objective or ("distill" if self.data in (None, "teacher") else "lm")
+        return self.objective or ("distill" if self.data in (None, "teacher", CALIBRATION) else "lm")
 
     def to_dict(self) -> dict:
         return asdict(self)
