@@ -70,6 +70,7 @@ ROWS = [
     ),
     ("rtn", {"format": "int2", "group_size": 64}, {}),
     ("gptq", {"format": "int2", "group_size": 64, "rounding": "gptq"}, {}),
+    ("gptq", {"format": "int2", "group_size": 32, "rounding": "gptq"}, {}),
     (
         "lqlora+gptq",
         {"format": "int2", "group_size": 64, "rounding": "gptq"},

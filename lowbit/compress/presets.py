@@ -98,7 +98,7 @@ PRESETS: dict[str, Recipe] = {
         decompose=DecomposeConfig("lorc"),
     ),
     "alloc-awq": ALLOC_AWQ,
-    "alloc-awq-ft": replace(ALLOC_AWQ, finetune=FINETUNE),
+    "alloc-awq-ft": Recipe.from_dict({**ALLOC_AWQ.to_dict(), "finetune": FINETUNE}),  # the section completed
     "alloc-int-nf": Recipe(
         quantize=ALLOC_QUANTIZE,
         allocate=replace(ALLOCATE_INT, formats=("int", "nf")),
