@@ -295,10 +295,6 @@ class Recipe:
             raise RecipeError(
                 f"target {self.target} has no online Hadamard transform: set rotate.online_down false"
             )
-        if self.rotate.online_down and self.finetune:
-            raise RecipeError(
-                "rotate.online_down cannot be fine-tuned: the training layers lack the transform"
-            )
 
     def check_target(self) -> None:
         """Refuse a recipe whose formats the target engine does not serve at any group size: the

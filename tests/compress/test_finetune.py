@@ -21,6 +21,7 @@ from lowbit.compress.finetune import (
     trainable_tensors,
 )
 from lowbit.compress.finetune.fakequant import FakeQuantLinear
+from lowbit.compress.rotation import rotate_down
 from lowbit.lowrank import decompose
 from lowbit.nn.checkpoint import load, model_plan, save
 from lowbit.nn.qlinear import QLinear, QLinearError, set_submodule
@@ -421,3 +422,34 @@ def test_data_calibration_reads_the_jobs_calibration_text_or_its_tokens():
     assert finetune_config(tokens).data is None
     other = Recipe(finetune={**ft, "data": "builtin:lee-news"})
     assert finetune_config(other).data == "builtin:lee-news"
+
+
+@pytest.mark.parametrize("mode", ["peqa", "l4q", "lsq"])
+def test_online_hadamard_layers_train_with_their_transform(teacher, mode, tmp_path):
+    """QuaRot's online Hadamard before down_proj (rotate.online_down): the training form rotates its input
+    as the QLinear does, so it starts at the compressed model, learns, and exports a layer that still
+    rotates and computes what was trained."""
+    rotated = copy.deepcopy(teacher)
+    downs = {f"model.layers.{i}.mlp.down_proj" for i in range(len(rotated.model.layers))}
+    assert sorted(rotate_down(rotated, seed=0, layers=downs)) == sorted(downs)
+    student = compress(copy.deepcopy(rotated), ranks=[0])
+    assert all(student.get_submodule(n).hadamard for n in downs)
+    model = fresh(student)
+    layers = prepare_layers(model, mode, rotated, rank=4)
+    assert all(layers[n][1].hadamard for n in downs)
+    start = logits(model)
+    torch.testing.assert_close(start, logits(student), rtol=1e-4, atol=1e-4)
+    opt = torch.optim.AdamW(trainable_tensors(layers).values(), lr=1e-2)
+    for step in range(3):
+        opt.zero_grad()
+        objective_loss(model, rotated, BLOCKS[2 * step : 2 * step + 2], "distill").backward()
+        for n in downs:
+            assert any(p.grad.abs().sum() > 0 for p in layers[n][1].parameters() if p.requires_grad), n
+        opt.step()
+    trained = logits(model)
+    assert not torch.allclose(trained, start)
+    plan = export_layers(model, layers, {})
+    assert all(plan[n].get("hadamard") for n in downs)
+    torch.testing.assert_close(logits(model), trained, rtol=1e-4, atol=1e-4)
+    save(model, tmp_path / mode, plan=plan)
+    torch.testing.assert_close(logits(load(tmp_path / mode)), trained, rtol=1e-4, atol=1e-4)

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from lowbit.kernels.reference import hadamard_transform
 from lowbit.nn.qlinear import QLinear, QLinearError
 from lowbit.quantizers import (
     QTensor,
@@ -39,7 +40,8 @@ LATENT_INSET = {"lsq": 0.5, "l4q": 0.0}
 
 
 class FakeQuantLinear(nn.Module):
-    """The training form of a QLinear: y = x_s @ W_hat.T (+ (x_s @ l2.T) @ l1.T) + bias, x_s = x / smooth.
+    """The training form of a QLinear: y = x_s @ W_hat.T (+ (x_s @ l2.T) @ l1.T) + bias, x_s = x / smooth,
+    with x first rotated, x R, where the QLinear has an online Hadamard transform (QuaRot's online_down).
 
     W_hat [N, K] is differentiable in what the mode trains (see `lowbit.quantizers.fake`):
 
@@ -80,12 +82,11 @@ class FakeQuantLinear(nn.Module):
             raise QLinearError(f"unknown training mode {mode!r}; choose one of {', '.join(TRAIN_MODES)}")
         if latent not in LATENTS:
             raise QLinearError(f"unknown latent {latent!r}; choose one of {', '.join(LATENTS)}")
-        if layer.hadamard:
-            raise QLinearError("a layer with an online Hadamard transform cannot be fine-tuned")
         N, K = layer.out_features, layer.in_features
         if W0 is not None and tuple(W0.shape) != (N, K):
             raise QLinearError(f"dense weight has shape {tuple(W0.shape)}, the layer is {(N, K)}")
         self.in_features, self.out_features, self.spec, self.mode = K, N, layer.spec, mode
+        self.hadamard = layer.hadamard
         self.factor_dtype = torch.float32 if layer.l1 is None else layer.l1.dtype
         self.g = lsq_grad_scale(layer.spec, K)
         device = layer.codes.device
@@ -139,6 +140,8 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         dtype = x.dtype
+        if self.hadamard:
+            x = hadamard_transform(x)  # x R, as the QLinear computes it (differentiable)
         x_s = x if self.smooth is None else x / self.smooth.to(dtype)  # x_s: [..., K]
         y = x_s @ self.weight().to(dtype).T
         if self.l1 is not None:
@@ -167,5 +170,5 @@ class FakeQuantLinear(nn.Module):
         rank = 0 if self.l1 is None else self.l1.shape[1]
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.short()}, "
-            f"mode={self.mode}, rank={rank}{lora}"
+            f"mode={self.mode}, rank={rank}{lora}" + (", hadamard=True" if self.hadamard else "")
         )
