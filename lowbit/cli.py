@@ -24,6 +24,7 @@ from lowbit.compress.checks import calibrates, check_budgets, check_device, chec
 from lowbit.compress.presets import (
     BUDGET_PRESET,
     BUDGET_PRESET_FT,
+    ENGINE_PRESETS,
     FINETUNE_BELOW,
     PRESETS,
     budget_preset,
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--preset",
         help=f"named recipe: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; with a budget {BUDGET_PRESET}, "
-        f"below {FINETUNE_BELOW:g} bits {BUDGET_PRESET_FT} unless the model is streamed)",
+        f"below {FINETUNE_BELOW:g} bits {BUDGET_PRESET_FT} unless the model is streamed; with --target other than "
+        f"lowbit {' / '.join(ENGINE_PRESETS)})",
     )
     c.add_argument(
         "--data", help=f"calibration (and --eval) text source (default: the recipe's, {DEFAULT_DATA})"
@@ -199,7 +201,7 @@ def preset_name(args: argparse.Namespace) -> str:
     budgets = parse_budgets(args)
     if not budgets:
         return DEFAULT_PRESET
-    return budget_preset(budgets, streamed=streams_folder(args.model, args.out))
+    return budget_preset(budgets, streams_folder(args.model, args.out), args.target or "lowbit")
 
 
 def resolve_recipe(args: argparse.Namespace) -> Recipe:

@@ -146,7 +146,7 @@ def compress(
     """
     t0 = time.perf_counter()
     budgets = check_budgets(list(budgets or ([budget] if budget is not None else [])))
-    recipe = resolve_recipe(recipe, budgets, streams_folder(model_or_id, out))
+    recipe = resolve_recipe(recipe, budgets, streams_folder(model_or_id, out), target)
     if target is not None:
         recipe = replace(recipe, target=target)  # validated by the recipe
     if not budgets and recipe.allocate.budget is not None:

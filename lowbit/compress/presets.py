@@ -13,6 +13,7 @@ from lowbit.compress.recipe import (
     QuantizeConfig,
     Recipe,
     RecipeError,
+    RotateConfig,
     ScalingConfig,
     load_recipe,
 )
@@ -47,6 +48,15 @@ ALLOC_AWQ = Recipe(
     calibration=CalibrationConfig(samples=16),
     decompose=DecomposeConfig("lorc"),
 )
+# The same allocation on rotated weights instead of scaled ones (QuaRot's randomized Hadamard rotations of
+# the residual stream and of each value head, folded into the weights, and an online Hadamard transform
+# before down_proj): the best budget recipe measured for the lowbit target (docs/benchmarks.md, "The
+# default budget recipe"). Engines other than lowbit have no online transform: they keep alloc-awq.
+ALLOC_ROT = replace(
+    ALLOC_AWQ,
+    scaling=replace(ALLOC_AWQ.scaling, method="none"),
+    rotate=RotateConfig(method="hadamard", heads=True, online_down=True),
+)
 
 # Below FINETUNE_BELOW bits per weight the allocation alone loses much (docs/benchmarks.md, "Fine-tuning the
 # default budget recipe"): alloc-awq-ft adds L4Q fine-tuning, distilled from the original model on the
@@ -61,7 +71,8 @@ FINETUNE = {
     "samples": 64,
 }
 FINETUNE_BELOW = 3.0
-BUDGET_PRESET, BUDGET_PRESET_FT = "alloc-awq", "alloc-awq-ft"
+BUDGET_PRESET, BUDGET_PRESET_FT = "alloc-rot", "alloc-rot-ft"
+ENGINE_PRESETS = ("alloc-awq", "alloc-awq-ft")  # the budget defaults for targets other than lowbit
 
 PRESETS: dict[str, Recipe] = {
     "int8": _preset("int8", None, symmetric=True),
@@ -99,6 +110,8 @@ PRESETS: dict[str, Recipe] = {
     ),
     "alloc-awq": ALLOC_AWQ,
     "alloc-awq-ft": Recipe.from_dict({**ALLOC_AWQ.to_dict(), "finetune": FINETUNE}),  # the section completed
+    "alloc-rot": ALLOC_ROT,
+    "alloc-rot-ft": Recipe.from_dict({**ALLOC_ROT.to_dict(), "finetune": FINETUNE}),
     "alloc-int-nf": Recipe(
         quantize=ALLOC_QUANTIZE,
         allocate=replace(ALLOCATE_INT, formats=("int", "nf")),
@@ -114,21 +127,26 @@ def preset(name: str) -> Recipe:
     return PRESETS[name]
 
 
-def budget_preset(budgets: list[float], streamed: bool = False) -> str:
+def budget_preset(budgets: list[float], streamed: bool = False, target: str = "lowbit") -> str:
     """The default recipe of a budget job (`lowbit compress --budget B` or `compress(model, budget=B)` without
-    a recipe): alloc-awq, or alloc-awq-ft when a budget is below FINETUNE_BELOW and the model is compressed
+    a recipe): alloc-rot, or alloc-rot-ft when a budget is below FINETUNE_BELOW and the model is compressed
     in memory. Fine-tuning holds the whole model and the original as its teacher, so a model streamed block
-    by block (`streamed`: a local folder compressed into an output folder) keeps alloc-awq."""
-    return BUDGET_PRESET_FT if min(budgets) < FINETUNE_BELOW and not streamed else BUDGET_PRESET
+    by block (`streamed`: a local folder compressed into an output folder) is not fine-tuned. A checkpoint
+    for another engine (`target`) takes alloc-awq (-ft) instead: they have no online Hadamard transform."""
+    plain, tuned = (BUDGET_PRESET, BUDGET_PRESET_FT) if target == "lowbit" else ENGINE_PRESETS
+    return tuned if min(budgets) < FINETUNE_BELOW and not streamed else plain
 
 
 def resolve_recipe(
-    recipe: Recipe | str | Path | None, budgets: list[float] | None = None, streamed: bool = False
+    recipe: Recipe | str | Path | None,
+    budgets: list[float] | None = None,
+    streamed: bool = False,
+    target: str | None = None,
 ) -> Recipe:
     """A Recipe from a Recipe, a preset name, a recipe file path, or None: the default, int4-g128, or with
-    budgets `budget_preset(budgets, streamed)`."""
+    budgets `budget_preset(budgets, streamed, target)`."""
     if recipe is None:
-        return PRESETS[budget_preset(budgets, streamed) if budgets else "int4-g128"]
+        return PRESETS[budget_preset(budgets, streamed, target or "lowbit") if budgets else "int4-g128"]
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, str) and recipe in PRESETS:

@@ -250,9 +250,19 @@ def test_cli_budget_without_a_preset_takes_the_budget_recipe(tiny_llama_dir):
     assert recipe() == preset("int4-g128") == resolve_presets(None)
     assert recipe("--budget", "3", "--preset", "alloc-int") == preset("alloc-int")
     # below 3 bits the default fine-tunes, unless the model is streamed from a folder
-    assert recipe("--budget", "2.5") == preset("alloc-awq-ft") == resolve_presets(None, [2.5])
-    assert recipe("--budgets", "2.5,3.5") == preset("alloc-awq-ft")
+    assert recipe("--budget", "2.5") == preset("alloc-rot-ft") == resolve_presets(None, [2.5])
+    assert recipe("--budgets", "2.5,3.5") == preset("alloc-rot-ft")
     assert recipe("--budget", "2.5", "--model", str(tiny_llama_dir)) == preset(BUDGET_PRESET)
     assert resolve_presets(None, [2.5], streamed=True) == preset(BUDGET_PRESET)
-    assert preset("alloc-awq-ft") == replace(preset(BUDGET_PRESET), finetune=preset("alloc-awq-ft").finetune)
-    assert preset("alloc-awq-ft").finetune["data"] == "calibration"
+    for name in ("alloc-awq", "alloc-rot"):
+        tuned = preset(f"{name}-ft")
+        assert tuned == replace(preset(name), finetune=tuned.finetune) and tuned.finetune["data"] == "calibration"
+    # the lowbit target's default rotates with an online transform that other engines lack: they get AWQ
+    assert preset(BUDGET_PRESET).rotate.online_down and preset(BUDGET_PRESET).scaling.method == "none"
+    assert preset("alloc-rot") == replace(preset("alloc-awq"), scaling=preset("alloc-rot").scaling,
+                                          rotate=preset("alloc-rot").rotate)
+    for target in ("vllm", "llama.cpp"):
+        assert recipe("--budget", "3", "--target", target) == preset("alloc-awq")
+        assert recipe("--budget", "2.5", "--target", target) == preset("alloc-awq-ft")
+        assert resolve_presets(None, [3.0], target=target) == preset("alloc-awq")
+    assert recipe("--budget", "3", "--target", "lowbit") == preset(BUDGET_PRESET)
