@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--preset",
         help=f"named recipe: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; with a budget {BUDGET_PRESET}, "
-        f"below {FINETUNE_BELOW:g} bits {BUDGET_PRESET_FT} unless the model is streamed; with --target other than "
-        f"lowbit {' / '.join(ENGINE_PRESETS)})",
+        f"below {FINETUNE_BELOW:g} bits {BUDGET_PRESET_FT} unless the model is streamed; with a --target "
+        f"other than lowbit {' / '.join(ENGINE_PRESETS)})",
     )
     c.add_argument(
         "--data", help=f"calibration (and --eval) text source (default: the recipe's, {DEFAULT_DATA})"

@@ -17,7 +17,8 @@ its name suffixed "+rot". --skip-original leaves out the uncompressed model's ro
 model
 is loaded once and deep-copied for every row; one set of calibration blocks is shared by every row that
 needs calibration. --budgets adds a row per budget and budget preset (`--budget-recipes`, default
-alloc-awq; `--only` with no method row runs them alone), sharing one work area per preset so that the
+the lowbit target's budget default above 3 bits, alloc-rot; `--only` with no method row runs them
+alone), sharing one work area per preset so that the
 budgets reuse one calibration and error table; each budget row's time is its own share (the first
 includes the calibration and the table; --work-dir keeps the work areas there, reused by a later run).
 """
@@ -35,6 +36,7 @@ import yaml
 
 from lowbit.calibration.data import calibration_blocks, eval_tokens
 from lowbit.compress.api import compress
+from lowbit.compress.presets import BUDGET_PRESET
 from lowbit.compress.recipe import Recipe
 from lowbit.eval.perplexity import dense_bits_per_weight, perplexity
 from lowbit.models import load_model
@@ -108,7 +110,7 @@ def main() -> None:
         "--only", default=None, help="comma-separated rows to run: method, or method:spec (gptq:int2-g64)"
     )
     p.add_argument("--budgets", default="", help="comma-separated bits-per-weight budgets")
-    p.add_argument("--budget-recipes", default="alloc-awq", help="comma-separated budget presets")
+    p.add_argument("--budget-recipes", default=BUDGET_PRESET, help="comma-separated budget presets")
     p.add_argument("--work-dir", default=None, help="work areas of the budget rows (default: temporary)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()

@@ -111,7 +111,7 @@ PRESETS: dict[str, Recipe] = {
     "alloc-awq": ALLOC_AWQ,
     "alloc-awq-ft": Recipe.from_dict({**ALLOC_AWQ.to_dict(), "finetune": FINETUNE}),  # the section completed
     "alloc-rot": ALLOC_ROT,
-    "alloc-rot-ft": Recipe.from_dict({**ALLOC_ROT.to_dict(), "finetune": FINETUNE}),
+    "alloc-rot-ft": Recipe.from_dict({**ALLOC_ROT.to_dict(), "finetune": {**FINETUNE, "latent_inset": 0.5}}),
     "alloc-int-nf": Recipe(
         quantize=ALLOC_QUANTIZE,
         allocate=replace(ALLOCATE_INT, formats=("int", "nf")),

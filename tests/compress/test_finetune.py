@@ -192,18 +192,27 @@ def test_compressed_latent_starts_from_the_compressed_model(teacher, student, mo
     for m in other.modules():
         if isinstance(m, nn.Linear):
             m.weight.data += 0.5 * m.weight.std() * torch.randn(m.weight.shape, generator=g)
-    for latent in ("compressed", "original"):
+    # (latent, inset): l4q starts on the cell's edge by default, where a small step of B A flips the codes
+    # moved into the cell back to round-to-nearest; halfway (latent_inset 0.5, lsq's default) it keeps them
+    starts = [("compressed", None), ("original", None)] + ([("compressed", 0.5)] if mode == "l4q" else [])
+    for latent, inset in starts:
         model = fresh(student)
-        layers = prepare_layers(model, mode, other, rank=4, latent=latent)
+        layers = prepare_layers(model, mode, other, rank=4, latent=latent, inset=inset)
+        flipped = []
         for n, (q, fake) in layers.items():
             if mode == "l4q" and q.rank:
                 continue
             grid = dequantize(q.qtensor())
             assert torch.equal(fake.weight(), grid) == (latent == "compressed"), (n, latent)
             assert (fake.w0 != grid).float().mean() > 0.3, n
-            if mode == "lsq" and latent == "compressed":  # a small step of the scales keeps the codes
-                moved = unpack_codes(requantize(fake.w0, fake.s * 1.002, fake.z, fake.spec))
-                assert (moved != unpack_codes(q.qtensor())).float().mean() < 0.01, n
+            if latent == "compressed":  # a small step of the scales (lsq) or of B A (l4q)
+                nudge = 1 + 2e-3 * torch.randn(fake.w0.shape, generator=g)  # relative: FP cells are too
+                w, s = (fake.w0, fake.s * 1.002) if mode == "lsq" else (fake.w0 * nudge, fake.s)
+                moved = unpack_codes(requantize(w, s, fake.z, fake.spec))
+                flipped.append((moved != unpack_codes(q.qtensor())).float().mean())
+        if latent == "compressed":
+            halfway = mode == "lsq" or inset == 0.5
+            assert (max(flipped) < 0.01) if halfway else (max(flipped) > 0.05), (mode, inset, flipped)
         if mode == "lsq" and latent == "compressed":
             torch.testing.assert_close(logits(model), logits(student), rtol=1e-4, atol=1e-4)
             objective_loss(model, other, BLOCKS[:4], "distill").backward()
@@ -211,6 +220,9 @@ def test_compressed_latent_starts_from_the_compressed_model(teacher, student, mo
                 assert fake.s.grad.abs().sum() > 0, n
     with pytest.raises(FinetuneError, match="latent"):
         FinetuneConfig(latent="teacher")
+    for bad in (1.0, -0.1, True, "half"):
+        with pytest.raises(FinetuneError, match="latent_inset"):
+            FinetuneConfig(latent_inset=bad)
 
 
 def test_l4q_export_has_no_low_rank_part_and_reloads_to_the_fake_quant_model(teacher, student, tmp_path):

@@ -256,11 +256,16 @@ def test_cli_budget_without_a_preset_takes_the_budget_recipe(tiny_llama_dir):
     assert resolve_presets(None, [2.5], streamed=True) == preset(BUDGET_PRESET)
     for name in ("alloc-awq", "alloc-rot"):
         tuned = preset(f"{name}-ft")
-        assert tuned == replace(preset(name), finetune=tuned.finetune) and tuned.finetune["data"] == "calibration"
+        assert tuned == replace(preset(name), finetune=tuned.finetune)
+        assert tuned.finetune["data"] == "calibration" and tuned.finetune["mode"] == "l4q"
+    # on rotated weights l4q's latent starts halfway inside its cell (docs/benchmarks.md)
+    assert preset("alloc-rot-ft").finetune["latent_inset"] == 0.5
+    assert preset("alloc-awq-ft").finetune["latent_inset"] is None
     # the lowbit target's default rotates with an online transform that other engines lack: they get AWQ
     assert preset(BUDGET_PRESET).rotate.online_down and preset(BUDGET_PRESET).scaling.method == "none"
-    assert preset("alloc-rot") == replace(preset("alloc-awq"), scaling=preset("alloc-rot").scaling,
-                                          rotate=preset("alloc-rot").rotate)
+    assert preset("alloc-rot") == replace(
+        preset("alloc-awq"), scaling=preset("alloc-rot").scaling, rotate=preset("alloc-rot").rotate
+    )
     for target in ("vllm", "llama.cpp"):
         assert recipe("--budget", "3", "--target", target) == preset("alloc-awq")
         assert recipe("--budget", "2.5", "--target", target) == preset("alloc-awq-ft")

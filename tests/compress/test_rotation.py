@@ -165,7 +165,8 @@ def test_recipe_rotate_round_trips_and_refuses_online_down_outside_lowbit():
     assert Recipe.from_dict(r.to_dict()) == r and r.to_dict()["rotate"]["seed"] == 3
     with pytest.raises(RecipeError, match="target vllm has no online Hadamard"):
         Recipe.from_dict({"rotate": {"method": "hadamard", "online_down": True}, "target": "vllm"})
-    tuned = Recipe.from_dict({"rotate": {"method": "hadamard", "online_down": True}, "finetune": {"mode": "l4q"}})
+    both = {"rotate": {"method": "hadamard", "online_down": True}, "finetune": {"mode": "l4q"}}
+    tuned = Recipe.from_dict(both)
     assert tuned.rotate.online_down and tuned.finetune["mode"] == "l4q"
 
 

@@ -31,7 +31,9 @@ class FinetuneConfig:
     latent: how l4q and lsq start from the teacher's weight W0 (`FakeQuantLinear`): "compressed" (the
         stored codes and scales, W0 clipped into the codes' rounding cells: training starts from the
         compressed model, GPTQ's codes included) or "original" (codes restarted by round-to-nearest of
-        W0, as in L4Q; l4q also refits the scales).
+        W0, as in L4Q; l4q also refits the scales). latent_inset: with "compressed", where the weights
+        moved into a code's cell stop, as a fraction of the way from the cell's edge to its grid point
+        (None: the mode's default, `lowbit.compress.finetune.fakequant.LATENT_INSET`).
     rank: LoRA rank of l4q. adapter_rank: lora gives the layers without low-rank factors new ones of this
         rank (QLoRA); 0 leaves them untrained. save_every: steps between saved states (0: only at the end).
     """
@@ -54,6 +56,7 @@ class FinetuneConfig:
     rank: int = 16
     adapter_rank: int = 0
     latent: str = "compressed"
+    latent_inset: float | None = None
     hidden_weight: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -79,6 +82,11 @@ class FinetuneConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise FinetuneError(f"finetune {name} must be a non-negative number, got {v!r}")
+        inset = self.latent_inset
+        if inset is not None and (
+            not isinstance(inset, (int, float)) or isinstance(inset, bool) or not 0 <= inset < 1
+        ):
+            raise FinetuneError(f"finetune latent_inset must be a number in [0, 1) or null, got {inset!r}")
         if self.lr <= 0 or self.scale_lr <= 0:
             raise FinetuneError("finetune lr and scale_lr must be positive")
 

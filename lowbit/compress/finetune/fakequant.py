@@ -33,9 +33,13 @@ from lowbit.quantizers.fake import (
 
 TRAIN_MODES = ("peqa", "l4q", "lsq")
 LATENTS = ("compressed", "original")
-# latent "compressed": where moved weights stop, as a fraction of the way back from the cell's edge to the
-# grid point (lsq: halfway, its frozen latent would flip back at the first step of the scales; l4q: on the
-# edge, B A moves its latent anyway and starting nearer the original weight trains better)
+# latent "compressed": where moved weights stop by default, as a fraction of the way back from the cell's
+# edge to the grid point (FinetuneConfig.latent_inset overrides it). lsq: halfway, its frozen latent would
+# flip back at the first step of the scales; l4q: on the edge, B A moves its latent anyway and starting
+# nearer the original weight trains better on scaled weights (docs/benchmarks.md, "Fine-tuning the
+# allocated model"); on rotated weights at 2.5 bits per weight the edge start threw GPTQ's codes back to
+# round-to-nearest at the first step and halfway trains (alloc-rot-ft sets 0.5; "The default budget
+# recipe").
 LATENT_INSET = {"lsq": 0.5, "l4q": 0.0}
 
 
@@ -58,8 +62,9 @@ class FakeQuantLinear(nn.Module):
     the stored scales, and the latent moved into the rounding cells of the stored codes
     (`project_to_codes`; lsq: of R, l4q: of W0 - L1 L2, the factors then added back), so codes that are
     not round-to-nearest of W0 (GPTQ's) survive while the latent keeps where W0 lies inside each cell;
-    for lsq, weights that had to move stop halfway from the cell's edge (LATENT_INSET), or the first
-    small change of a scale would flip them back to round-to-nearest.
+    weights that had to move stop `inset` of the way from the cell's edge to its grid point (None: the
+    mode's LATENT_INSET; for lsq halfway, or the first small change of a scale would flip them back to
+    round-to-nearest).
     With "original" the codes restart from round-to-nearest of the latent (L4Q's initialisation): against
     the stored scales (lsq) or against round-to-nearest scales of W0 (l4q). Without W0 the latent is the
     layer's reconstruction dequantize(Q) (+ L1 L2 for l4q), on the grid, where LSQ's gradient of the
@@ -76,6 +81,7 @@ class FakeQuantLinear(nn.Module):
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
         latent: str = "compressed",
+        inset: float | None = None,
     ) -> None:
         super().__init__()
         if mode not in TRAIN_MODES:
@@ -110,7 +116,8 @@ class FakeQuantLinear(nn.Module):
         else:
             W0 = W0.to(device, torch.float32) - (0 if lowrank is None else lowrank)
             if latent == "compressed":
-                W0 = project_to_codes(W0, unpack_codes(q), s, z, layer.spec, dtype, LATENT_INSET[mode])
+                inset = LATENT_INSET[mode] if inset is None else inset
+                W0 = project_to_codes(W0, unpack_codes(q), s, z, layer.spec, dtype, inset)
         if mode == "l4q" and lowrank is not None:
             W0 = W0 + lowrank
         self.register_buffer("w0", W0.to(dtype).contiguous())

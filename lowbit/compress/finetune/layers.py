@@ -48,13 +48,14 @@ def prepare_layers(
     seed: int = 0,
     adapter_rank: int = 0,
     latent: str = "compressed",
+    inset: float | None = None,
 ) -> dict[str, tuple[QLinear, nn.Module]]:
     """Put every QLinear of `model` in its training form for `mode`; return {fqn: (QLinear, trained)}.
 
     lora: the QLinear itself with fp32 factors, and new ones of `adapter_rank` (`new_adapter`) where it
     has none; other modes: a FakeQuantLinear swapped in by name (the latent of l4q and lsq: the teacher's
-    weight, started from as `latent` says). Every parameter of the model is frozen except the trained
-    ones (`trainable_tensors`).
+    weight, started from as `latent` and `inset` say). Every parameter of the model is frozen except the
+    trained ones (`trainable_tensors`).
     """
     if mode not in MODES:
         raise FinetuneError(f"unknown finetune mode {mode!r}; choose one of {MODES}")
@@ -70,8 +71,9 @@ def prepare_layers(
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = torch.float32 if first is None else first.dtype
     if mode != "lora":  # every training form is built before the first swap: a failure changes nothing
+        options = (rank, generator, dtype, latent, inset)
         layers = {
-            fqn: (m, FakeQuantLinear(m, mode, _dense_weight(teacher, fqn, m), rank, generator, dtype, latent))
+            fqn: (m, FakeQuantLinear(m, mode, _dense_weight(teacher, fqn, m), *options))
             for fqn, m in qlinears.items()
         }
         for fqn, (_, fake) in layers.items():

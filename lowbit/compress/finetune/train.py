@@ -213,7 +213,14 @@ def finetune(
     layers, exported = {}, False
     try:
         layers = prepare_layers(
-            model, config.mode, teacher, config.rank, config.seed, config.adapter_rank, config.latent
+            model,
+            config.mode,
+            teacher,
+            config.rank,
+            config.seed,
+            config.adapter_rank,
+            config.latent,
+            config.latent_inset,
         )
         params = trainable_tensors(layers)
         opt = _optimizer(params, config)
