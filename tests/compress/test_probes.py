@@ -259,7 +259,8 @@ def test_cli_budget_without_a_preset_takes_the_budget_recipe(tiny_llama_dir):
         assert tuned == replace(preset(name), finetune=tuned.finetune)
         assert tuned.finetune["data"] == "calibration" and tuned.finetune["mode"] == "l4q"
     # on rotated weights l4q's latent starts halfway inside its cell (docs/benchmarks.md)
-    assert preset("alloc-rot-ft").finetune["latent_inset"] == 0.5
+    rot_ft = preset("alloc-rot-ft").finetune
+    assert rot_ft["latent_inset"] == 0.5 and rot_ft["steps"] == 100
     assert preset("alloc-awq-ft").finetune["latent_inset"] is None
     # the lowbit target's default rotates with an online transform that other engines lack: they get AWQ
     assert preset(BUDGET_PRESET).rotate.online_down and preset(BUDGET_PRESET).scaling.method == "none"
