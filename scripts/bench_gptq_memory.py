@@ -8,11 +8,10 @@ Builds the input Hessian of `--tokens` random input rows (H = X^T X, fp32 [K, K]
 `lowbit.calibration.stats.LayerStats` sums it), normalises it as the compress path does
 (`LayerStats.hessian_matrix`), then runs `lowbit.quantizers.gptq.gptq` (int4, groups of 128, symmetric)
 on a random W [N, K]. `--decompose` runs the compress path's step instead: `lowbit.lowrank.decompose`
-(GPTQ, then the reconstruction errors it reports) on the fp32 copy of a bf16 W, as
-`lowbit.compress.plan.apply_choice` makes it; `--alive K2` holds another fp32 [K2, K2] Hessian meanwhile
-(Llama-3-8B's gate/up_proj, K=4096 N=14336, are built while down_proj's 14336 x 14336 one is alive). A
-thread samples the process's resident set size (/proc/self/statm) every 10 ms;
-each phase prints the largest RSS seen during it, the increase over the RSS before it, and both in
+(GPTQ, then the reconstruction errors it reports) on a bf16 W, as `lowbit.compress.plan.apply_choice`
+passes the layer's weight; `--alive K2` holds another fp32 [K2, K2] Hessian meanwhile (Llama-3-8B's
+gate/up_proj, K=4096 N=14336, are built while down_proj's 14336 x 14336 one is alive). A thread samples
+the process's resident set size (/proc/self/statm) every 10 ms; each phase prints the largest RSS seen during it, the increase over the RSS before it, and both in
 units of one fp32 [K, K] matrix. The numbers measure memory only: the weights are random.
 """
 
@@ -90,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     W = torch.randn(args.n, args.k, generator=gen) * 0.02  # [N, K]
     spec = QuantSpec("int4", 128, symmetric=True)
     if args.decompose:
-        W = W.bfloat16()  # the layer's weight; decompose gets its fp32 copy
-        phase("decompose (gptq, errors)", lambda: decompose(W.float(), spec, 0, "none", H=H, rounding="gptq"))
+        W = W.bfloat16()  # the layer's weight, passed as `apply_choice` passes it
+        phase("decompose (gptq, errors)", lambda: decompose(W, spec, 0, "none", H=H, rounding="gptq"))
     else:
         phase("gptq", lambda: gptq(W, H, spec))
     sampler.stop.set()

@@ -91,10 +91,10 @@ def apply_choice(
     smoothing), and stores lambda unless it was folded into the norm.
     """
     stats = stats or Stats()
-    W = linear.weight.detach().float()
+    W = linear.weight.detach()  # its own dtype: decompose converts what it needs to float32
     if shared is not None:
         lam, folded = shared
-        d = svdquant_smoothed(W, choice.spec, choice.rank, lam, stats, choice.rounding)
+        d = svdquant_smoothed(W.float(), choice.spec, choice.rank, lam, stats, choice.rounding)
         return qlinear_of(linear, d, recipe, keep_smooth=not folded)
     method = choice.method if choice.rank or METHODS[choice.method].at_rank_zero else "none"
     d = decompose(

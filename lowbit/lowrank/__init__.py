@@ -87,10 +87,10 @@ def decompose(
         raise DecomposeError(f"unknown decompose method {method!r}; choose one of {', '.join(METHODS)}")
     opts = DecomposeOptions(rounding=rounding, iterations=iterations, alpha=alpha)
     stats = Stats(H=H, act_max=act_max, fisher=fisher)
-    W = check_inputs(W, spec, rank, stats)
+    check_inputs(W, spec, rank, stats)
     if rank == 0 and not METHODS[method].at_rank_zero:
-        return quantized(W, spec, stats, opts, method)
-    return METHODS[method].fn(W, spec, rank, stats, opts)
+        return quantized(W.detach(), spec, stats, opts, method)  # in W's dtype: no float32 copy held
+    return METHODS[method].fn(W.detach().float(), spec, rank, stats, opts)
 
 
 __all__ = [

@@ -195,8 +195,9 @@ def _check_stat(t: torch.Tensor | None, shape: tuple[int, ...], name: str) -> No
         raise DecomposeError(f"{name} contains NaN/Inf")
 
 
-def check_inputs(W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats) -> torch.Tensor:
-    """Validate a decomposition's inputs; returns W as float32 [N, K]."""
+def check_inputs(W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats) -> None:
+    """Validate a decomposition's inputs: W a finite float matrix [N, K] of any float dtype, and its
+    statistics of matching shapes."""
     if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.numel() == 0 or not W.is_floating_point():
         raise DecomposeError(
             f"W must be a non-empty float matrix [N, K], got {getattr(W, 'shape', type(W).__name__)}"
@@ -213,13 +214,15 @@ def check_inputs(W: torch.Tensor, spec: QuantSpec, rank: int, stats: Stats) -> t
     _check_stat(stats.H, (K, K), "H")
     _check_stat(stats.act_max, (K,), "act_max")
     _check_stat(stats.fisher, (N, K), "fisher")
-    return W.detach().float()
 
 
 def quantized(
     W: torch.Tensor, spec: QuantSpec, stats: Stats, opts: DecomposeOptions, method: str
 ) -> Decomposition:
-    """W ~ Q alone by the Q step of `opts.rounding`: what every method but SVDQuant computes at rank 0."""
+    """W ~ Q alone by the Q step of `opts.rounding`: what every method but SVDQuant computes at rank 0.
+
+    W [N, K] may be in any float dtype: the Q step and the errors each convert it to float32 themselves, so
+    a bfloat16 W is never held as a float32 copy beside GPTQ's working copy and its inverse factor."""
     return finish(W, quantize_step(W, spec, opts.rounding, stats.H), None, None, stats, method=method)
 
 

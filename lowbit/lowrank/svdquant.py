@@ -117,7 +117,9 @@ def shared_smoothing(
             f"need one spec and one rank per weight, got {len(Ws)}, {len(specs)}, {len(ranks)}"
         )
     stats = Stats(H=stats.H, act_max=stats.act_max)
-    Ws = [check_inputs(W, spec, r, stats) for W, spec, r in zip(Ws, specs, ranks, strict=True)]
+    for W, spec, r in zip(Ws, specs, ranks, strict=True):
+        check_inputs(W, spec, r, stats)
+    Ws = [W.detach().float() for W in Ws]
     amax, W_all = act_magnitude(stats), torch.cat(Ws)  # [K], [sum N_i, K]
     if opts.alpha is not None or stats.H is None:
         alpha = DEFAULT_ALPHA if opts.alpha is None else opts.alpha

@@ -114,6 +114,19 @@ def test_gptq_rounding_refits_the_lowrank_part_to_the_output_error(method):
     assert d.info["output_error"] < 0.9 * plain
 
 
+@pytest.mark.parametrize("method, rank", [("none", 0), ("lorc", 0), ("lorc", 4), ("svdquant", 4)])
+@pytest.mark.parametrize("rounding", ["nearest", "gptq", "gptq-plain"])
+def test_a_bfloat16_weight_decomposes_as_its_float32_copy_bit_for_bit(method, rank, rounding):
+    """The compress path passes a layer's weight in its own dtype (no float32 copy held during GPTQ):
+    every result equals the float32 copy's."""
+    W, X, F = data(2)
+    Wb, H = W.bfloat16(), X.T @ X
+    kw = dict(H=H, act_max=X.abs().amax(0), fisher=F, rounding=rounding, iterations=3)
+    a, b = (decompose(w, QuantSpec("int3", 32), rank, method, **kw) for w in (Wb, Wb.float()))
+    assert torch.equal(a.q.codes, b.q.codes) and torch.equal(a.q.scales, b.q.scales)
+    assert torch.equal(a.weight(), b.weight()) and a.info == b.info
+
+
 def test_none_is_quantize():
     W, _, _ = data()
     spec = QuantSpec("int4", 32)
