@@ -11,8 +11,9 @@ on a random W [N, K]. `--decompose` runs the compress path's step instead: `lowb
 (GPTQ, then the reconstruction errors it reports) on a bf16 W, as `lowbit.compress.plan.apply_choice`
 passes the layer's weight; `--alive K2` holds another fp32 [K2, K2] Hessian meanwhile (Llama-3-8B's
 gate/up_proj, K=4096 N=14336, are built while down_proj's 14336 x 14336 one is alive). A thread samples
-the process's resident set size (/proc/self/statm) every 10 ms; each phase prints the largest RSS seen during it, the increase over the RSS before it, and both in
-units of one fp32 [K, K] matrix. The numbers measure memory only: the weights are random.
+the process's resident set size (/proc/self/statm) every 10 ms; each phase prints the largest RSS seen
+during it, the increase over the RSS before it, and both in units of one fp32 [K, K] matrix. The
+numbers measure memory only: the weights are random.
 """
 
 from __future__ import annotations
