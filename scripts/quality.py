@@ -21,6 +21,8 @@ the lowbit target's budget default above 3 bits, alloc-rot; `--only` with no met
 alone), sharing one work area per preset so that the
 budgets reuse one calibration and error table; each budget row's time is its own share (the first
 includes the calibration and the table; --work-dir keeps the work areas there, reused by a later run).
+A budget row calibrates on the first `calibration.samples` of the shared blocks (its recipe's count,
+at most --samples): the windows its own recipe would draw.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import yaml
 
 from lowbit.calibration.data import calibration_blocks, eval_tokens
 from lowbit.compress.api import compress
-from lowbit.compress.presets import BUDGET_PRESET
+from lowbit.compress.presets import BUDGET_PRESET, resolve_recipe
 from lowbit.compress.recipe import Recipe
 from lowbit.eval.perplexity import dense_bits_per_weight, perplexity
 from lowbit.models import load_model
@@ -174,6 +176,9 @@ def main() -> None:
         print(f"{name:<16} {spec:<14} {row['rank']:>4} {row['bpw']:>6.2f} {cells} {row['seconds']:>7}")
         del model
     for name in args.budget_recipes.split(",") if args.budgets else ():
+        samples = resolve_recipe(name).calibration.samples
+        if samples > len(blocks):
+            p.error(f"{name} calibrates on {samples} samples: give --samples {samples} or more")
         with (
             contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory() as work
         ):
@@ -184,7 +189,7 @@ def main() -> None:
                     name,
                     budget=b,
                     tokenizer=tok,
-                    calib_data=blocks[:16],
+                    calib_data=blocks[:samples],
                     work_dir=work,
                     keep_work=True,  # the next budget reuses the calibration and error table
                     progress=False,
