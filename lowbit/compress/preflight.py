@@ -373,8 +373,10 @@ def block_work_bytes(recipe: Recipe, inside: dict[str, tuple[int, int]], budget:
              share one) + one micro-batch's widest input X [B L, K] in fp32 and its X^T X [K, K], being
              summed in
     rounding: for each input group in turn, the Hessians still alive (its own and the later groups';
-             the earlier ones are freed once their layers are built) + one working [K, K] (GPTQ's inverse
-             Cholesky factor) + the group's 4 fp32 copies of W; a budget run (`budget`) builds each
+             the earlier ones are freed once their layers are built) + the larger of GPTQ's loop (its
+             inverse Cholesky factor [K, K] and 2 fp32 copies of W: its working copy and the one it
+             was gathered from) and the errors after it (3 fp32 copies: W, the reconstruction and
+             their difference); a budget run (`budget`) builds each
              layer from a normalised copy of its Hessian (one more [K, K]) and, when it reads the Fisher
              diagonal, holds the block's fp32 Fisher [N, K] per layer
     """
@@ -393,7 +395,8 @@ def block_work_bytes(recipe: Recipe, inside: dict[str, tuple[int, int]], budget:
     stats = sum(hessians) + 4 * widest * widest + 4 * rows * widest  # + its X^T X and its fp32 X
     extra = 4 if budget else 0  # the normalised copy
     rounding = max(
-        sum(hessians[i:]) + (4 + extra) * k * k + 16 * n * k for i, (n, k) in enumerate(groups.values())
+        sum(hessians[i:]) + extra * k * k + max(4 * k * k + 8 * n * k, 12 * n * k)
+        for i, (n, k) in enumerate(groups.values())
     )
     fisher = sum(4 * n * k for n, k in inside.values()) if budget and needs_fisher(recipe) else 0
     return max(copies, stats, rounding) + fisher
