@@ -257,6 +257,8 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     if args.dry_run:
         from lowbit.compress import dry_run
 
+        given = {k: v for k, v in calibration_args(args, recipe, budgets).items() if v is not None}
+        recipe = replace(recipe, calibration=replace(recipe.calibration, **given))  # the job as it would run
         return {"dry_run": dry_run(args.model, recipe, budgets=budgets).to_dict()}
     out = Path(args.out)
     progress = not args.json

@@ -214,3 +214,19 @@ def test_dry_run_reads_no_weight_and_prints_the_plan(tiny_llama_dir, tmp_path, c
     infeasible = ["compress", "--model", str(tiny_llama_dir), "--preset", "alloc-int", "--budget", "0.5"]
     assert main([*infeasible, "--out", str(out), "--dry-run"]) == 2  # refused before any weight is read
     assert "budget" in capsys.readouterr().err
+
+
+def test_dry_run_plans_the_calibration_the_job_would_run(tiny_llama_dir, tmp_path, capsys):
+    """--samples and --seq-len reach the dry run: the plan is the API's for the recipe with them."""
+    from dataclasses import replace
+
+    from lowbit.compress import dry_run
+    from lowbit.compress.presets import preset
+
+    argv = ["compress", "--model", str(tiny_llama_dir), "--preset", "int4-g128-gptq", "--out", str(tmp_path)]
+    assert main([*argv, "--samples", "3", "--seq-len", "4096", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["dry_run"]
+    recipe = preset("int4-g128-gptq")
+    given = replace(recipe, calibration=replace(recipe.calibration, samples=3, seq_len=4096))
+    want, default = (dry_run(str(tiny_llama_dir), r).peak_ram_bytes for r in (given, recipe))
+    assert plan["peak_ram_bytes"] == want != default
