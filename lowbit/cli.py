@@ -259,7 +259,7 @@ def cmd_compress(args: argparse.Namespace) -> dict:
 
         given = {k: v for k, v in calibration_args(args, recipe, budgets).items() if v is not None}
         recipe = replace(recipe, calibration=replace(recipe.calibration, **given))  # the job as it would run
-        return {"dry_run": dry_run(args.model, recipe, budgets=budgets).to_dict()}
+        return {"dry_run": dry_run(args.model, recipe, budgets=budgets, dtype=args.dtype).to_dict()}
     out = Path(args.out)
     progress = not args.json
     _, report = compress(

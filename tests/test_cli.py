@@ -230,3 +230,14 @@ def test_dry_run_plans_the_calibration_the_job_would_run(tiny_llama_dir, tmp_pat
     given = replace(recipe, calibration=replace(recipe.calibration, samples=3, seq_len=4096))
     want, default = (dry_run(str(tiny_llama_dir), r).peak_ram_bytes for r in (given, recipe))
     assert plan["peak_ram_bytes"] == want != default
+
+
+def test_dry_run_plans_the_dtype_the_job_would_load(tiny_llama_dir, tmp_path, capsys):
+    """--dtype reaches the dry run: the unquantized tensors are written in it (the test model is fp32)."""
+    argv = ["compress", "--model", str(tiny_llama_dir), "--preset", "int4-g128", "--out", str(tmp_path)]
+    plans = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main([*argv, "--dtype", dtype, "--dry-run", "--json"]) == 0
+        plans[dtype] = json.loads(capsys.readouterr().out)["dry_run"]
+    assert plans["bfloat16"]["dtype"] == "bfloat16" and plans["float32"]["dtype"] == "float32"
+    assert plans["bfloat16"]["output_bytes"][0] < plans["float32"]["output_bytes"][0]

@@ -40,6 +40,7 @@ from lowbit.compress.allocate import (
 from lowbit.compress.budget import with_budget
 from lowbit.compress.budget_passes import needs_fisher
 from lowbit.compress.budget_stream import streams_budgets
+from lowbit.compress.checks import check_dtype
 from lowbit.compress.losses import BATCH
 from lowbit.compress.plan import allocation_method
 from lowbit.compress.presets import resolve_recipe
@@ -106,10 +107,12 @@ def dry_run(
     *,
     budget: float | None = None,
     budgets: list[float] | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> DryRun:
-    """The plan of `lowbit.compress(model, recipe, budget=..., budgets=...)`, reading no weight.
+    """The plan of `lowbit.compress(model, recipe, budget=..., budgets=..., dtype=...)`, reading no weight.
 
     model: a name or path as `compress` takes it, or an nn.Module (its shapes are used as they are).
+    dtype: the dtype the job loads the model in and keeps its unquantized tensors in (None: the source's).
     Raises RecipeError, ModelError, CompressError, DataError or AllocationError on what the job would
     fail on later (see the module docstring).
     """
@@ -117,6 +120,7 @@ def dry_run(
     budgets = tuple(budgets or ([budget] if budget is not None else []))
     if not budgets and recipe.allocate.budget is not None:
         budgets = (recipe.allocate.budget,)
+    given = check_dtype(dtype)
     if isinstance(model, str):
         src = source_shapes(model)
         net, dtype, source, tokenizer = src.skeleton, src.dtype, src.stored_bytes, src.tokenizer_bytes
@@ -124,6 +128,7 @@ def dry_run(
     else:
         net, source, tokenizer, mapped = model, 0, 0, 0
         dtype = next(net.parameters()).dtype
+    dtype = given or dtype
     layers = selected_shapes(net, recipe)
     if recipe.needs_calibration() or budgets:
         check_text_source(recipe.calibration.data)
