@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lowbit.calibration.stats import find_blocks
+from lowbit.compress.memory import release_freed_memory
 from lowbit.models.folder import read_tensors
 
 
@@ -94,7 +95,8 @@ class StreamedFolder:
             fold(index)
 
     def release(self, index: int | None) -> None:
-        """Put every state tensor of block `index` (None: outside the blocks) back on the meta device."""
+        """Put every state tensor of block `index` (None: outside the blocks) back on the meta device, and
+        hand the freed memory back to the system."""
         for name in self._names(index):
             owner, _, leaf = name.rpartition(".")
             m = self.model.get_submodule(owner)
@@ -106,6 +108,7 @@ class StreamedFolder:
         if index is None:
             self.model.tie_weights()
         self.live.discard(index)
+        release_freed_memory()  # the block's tensors, and whatever its pass freed with them
 
     @contextlib.contextmanager
     def on_demand(self) -> Iterator[None]:

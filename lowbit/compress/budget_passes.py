@@ -37,6 +37,7 @@ from lowbit.calibration.stats import find_blocks, hessians_in_turn
 from lowbit.compress.allocate import ErrorTable, candidate_grid, error_row
 from lowbit.compress.awq import activation_scaling, apply_scales
 from lowbit.compress.blocks import InMemory
+from lowbit.compress.memory import release_freed_memory
 from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
 from lowbit.compress.ranks import build_owned
 from lowbit.compress.recipe import Recipe
@@ -141,6 +142,7 @@ def table_pass(model, provider, linears, recipe: Recipe, calib_data, work: WorkA
             for n in names:
                 if work.load(f"fisher/{n}.safetensors") is None:
                     work.save(f"fisher/{n}.safetensors", {"fisher": block_stats[n].fisher}, {})
+        release_freed_memory()  # the block's Hessians and Fisher, freed in turn
 
     missing = [n for n in linears if work.load(f"table/{n}.safetensors") is None]
     if missing and recipe.needs_calibration():
@@ -278,6 +280,7 @@ def apply_pass(
                 built[tag][name] = q
         if done is not None:
             done(index, built)
+        release_freed_memory()
 
     names = [n for n in linears if n.startswith(prefix + ".")]
     missing = {n for tag in plans for n in pending(tag, names)}

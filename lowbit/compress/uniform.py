@@ -18,8 +18,6 @@ from disk before its turn, and the job writes and frees it once it is compressed
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +34,7 @@ from lowbit.calibration.sequential import BlockProvider
 from lowbit.calibration.stats import find_blocks, hessians_in_turn
 from lowbit.compress.awq import activation_scaling
 from lowbit.compress.blocks import InMemory
+from lowbit.compress.memory import release_freed_memory
 from lowbit.compress.plan import apply_choice, uniform_choice
 from lowbit.compress.ranks import build_owned
 from lowbit.compress.recipe import Recipe
@@ -261,27 +260,6 @@ def _calibrated(model, recipe, tokenizer, calib_data, progress, teacher, stream,
             offload_bytes=recipe.calibration.max_hidden_memory,
             offload_dir=None if stream is None else stream.work,
         )
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none."""
-    try:
-        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
-    except OSError:
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory freed so far back to the system (glibc's malloc_trim; a no-op elsewhere).
-
-    A freed layer's memory otherwise stays in the allocator's free lists, fragmented across the threads'
-    arenas: on the 0.5B shape of `scripts/bench_scale.py` the peak RSS of round to nearest varied from
-    1.6 to 2.4 GB between identical runs without it, and stayed at 1.58 GB with it after every layer.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def finetune_stage(
