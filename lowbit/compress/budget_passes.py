@@ -18,9 +18,10 @@ block, 2.5 GB over the 24 blocks, 2.5x the bf16 model (computed for the 1.5B sha
 area of the uniform GPTQ path holds about 2x its output. Only the Fisher of a method that reads it (lqlora-
 fisher) is kept on disk from pass 1, its only source.
 
-Several processes: each calibrates on its share of the samples (statistics all-reduced); each layer's
-row and each allocated layer is computed by one owner rank (`owners`, balanced by weight size) and
-broadcast, rank 0 writes.
+Several processes: each calibrates on its share of the samples (statistics all-reduced); the table's
+rows are measured in units of one layer and one spec, each allocated layer is built whole, each unit
+or layer by one owner rank (`owners`, balanced by `lowbit.compress.ranks.layer_cost`) and broadcast;
+rank 0 writes.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from lowbit.compress.awq import activation_scaling, apply_scales
 from lowbit.compress.blocks import InMemory
 from lowbit.compress.memory import release_freed_memory
 from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
-from lowbit.compress.ranks import build_owned
+from lowbit.compress.ranks import build_owned, layer_cost
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups
 from lowbit.compress.workarea import WorkArea
@@ -90,15 +91,41 @@ def _block_names(names, prefix: str, index: int) -> list[str]:
     return [n for n in names if n.startswith(f"{prefix}.{index}.")]
 
 
-def _owned(model: nn.Module, names: list[str], compute, save) -> dict[str, tuple[dict, dict]]:
-    """{name: (tensors, meta)} for `names`, each from compute(name) on its owner rank (balanced by weight
-    size), broadcast to every rank in order; rank 0 passes each to save(name, result)."""
+def _spec_parts(grid) -> list[list[int]]:
+    """The grid's candidate indices grouped by quantization spec, in grid order: `error_row` measures each
+    spec on its own (one quantization, one SVD for all its ranks), so these are the table's units of work."""
+    parts: dict = {}
+    for i, c in enumerate(grid):
+        parts.setdefault(c.spec, []).append(i)
+    return list(parts.values())
+
+
+def _unit_owners(linears: dict, names: list[str], parts: list[list[int]], size: int) -> dict:
+    """{(name, p): rank}: the owner of each unit of the table's work (layer `name`, spec part p), balanced
+    over `size` processes by `layer_cost`."""
+    units = [(n, p) for n in names for p in range(len(parts))]
+    return owners({u: layer_cost(linears[u[0]].weight.shape) for u in units}, size)
+
+
+def _owned_rows(names: list[str], parts: list[list[int]], own: dict[str, int], compute, save) -> dict:
+    """{name: ({"errors", "sizes"}, {})}: the table rows of `names`, split into one unit per layer and
+    spec (`_spec_parts`), each unit computed by compute(name, indices) -> (errors, sizes) of those
+    candidates on its owner rank (`_unit_owners`), broadcast to every rank in order and put in place;
+    a row so assembled equals the row `error_row` measures whole, bit for bit. Rank 0 passes each row
+    to save(name, row). Several units per layer keep the processes busy where one layer's row costs
+    more than all the others of its block (the 0.5B shape's down_proj)."""
     w = world()
-    own = owners({n: float(model.get_submodule(n).weight.numel()) for n in names}, w.size)
-    mine = {n: compute(n) for n in names if own[n] == w.rank}
+    mine = {(n, p): compute(n, parts[p]) for (n, p), rank in own.items() if rank == w.rank}
+    size = sum(len(part) for part in parts)
     out = {}
     for n in names:
-        out[n] = broadcast_tensors(*mine.pop(n, (None, None)), own[n], w)
+        errors, sizes = torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.int64)
+        for p, part in enumerate(parts):
+            sent = mine.pop((n, p), None)
+            sent = (None, None) if sent is None else ({"errors": sent[0], "sizes": sent[1]}, {})
+            got = broadcast_tensors(*sent, own[n, p], w)[0]
+            errors[part], sizes[part] = got["errors"], got["sizes"]
+        out[n] = {"errors": errors, "sizes": sizes}, {}
         if w.main:
             save(n, out[n])
     return out
@@ -119,25 +146,35 @@ def table_pass(model, provider, linears, recipe: Recipe, calib_data, work: WorkA
     keep_fisher = "fisher" in METHODS[info["method"]].needs  # pass 2 reads it again
     rows: dict[str, tuple[dict, dict]] = {}
 
-    def row(name: str, st, hessian) -> tuple[dict, dict]:
-        saved = work.load(f"table/{name}.safetensors")
-        if saved is not None:
-            return saved
+    parts = _spec_parts(grid)
+
+    def part(name: str, st, hessian, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         stats = None
         if st is not None:
             stats = Stats(H=hessian(name), act_max=st.act_max, fisher=st.fisher)
         W = linears[name].weight.detach().float()
-        e, z = error_row(W, grid, stats=stats, lowrank_dtype_bits=lowrank_bits, **info)
-        return {"errors": torch.from_numpy(e), "sizes": torch.from_numpy(z)}, {}
+        e, z = error_row(W, [grid[i] for i in indices], stats=stats, lowrank_dtype_bits=lowrank_bits, **info)
+        return torch.from_numpy(e), torch.from_numpy(z)
 
     def save_row(name: str, result) -> None:
-        if work.load(f"table/{name}.safetensors") is None:
-            work.save(f"table/{name}.safetensors", *result)
+        work.save(f"table/{name}.safetensors", *result)
+
+    def measure(names: list[str], block_stats: dict) -> None:
+        """The rows of `names` not saved yet, measured; the saved ones read back."""
+        for n in names:
+            saved = work.load(f"table/{n}.safetensors")
+            if saved is not None:
+                rows[n] = saved
+        todo = [n for n in names if n not in rows]
+        rank, own = world().rank, _unit_owners(linears, todo, parts, world().size)
+        order = [n for (n, _), r in own.items() if r == rank]  # the units this process measures, in turn
+        hessian = hessians_in_turn(block_stats, [n for n in order if n in block_stats])  # freed in turn
+        compute = lambda n, indices: part(n, block_stats.get(n), hessian, indices)  # noqa: E731
+        rows.update(_owned_rows(todo, parts, own, compute, save_row))
 
     def block_rows(index: int, block: nn.Module, block_stats: dict) -> None:
         names = _block_names(linears, provider.prefix, index)
-        hessian = hessians_in_turn(block_stats, [n for n in names if n in block_stats])  # freed in turn
-        rows.update(_owned(model, names, lambda n: row(n, block_stats.get(n), hessian), save_row))
+        measure(names, block_stats)
         if keep_fisher and world().main:
             for n in names:
                 if work.load(f"fisher/{n}.safetensors") is None:
@@ -155,7 +192,7 @@ def table_pass(model, provider, linears, recipe: Recipe, calib_data, work: WorkA
     rest = [n for n in linears if n not in rows]  # saved rows, and layers outside the blocks
     if rest:
         provider.materialise(None)
-        rows.update(_owned(model, rest, lambda n: row(n, None, None), save_row))
+        measure(rest, {})
         provider.release(None)
     names = list(linears)
     shapes = [tuple(linears[n].weight.shape) for n in names]

@@ -210,3 +210,32 @@ def test_table_rounding_is_separate_from_the_final_rounding(monkeypatch):
     blocks = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
     compress(make_tiny_llama(300), recipe, budget=3.0, calib_data=blocks, progress=False)
     assert seen == {"table": {"nearest"}, "final": {"gptq"}}
+
+
+@pytest.mark.parametrize("method", ["lorc", "lqlora"])
+def test_table_rows_split_by_spec_equal_the_whole_row(method):
+    """Several processes measure a layer's row in parts, one per spec (`_spec_parts`); put back in place
+    they are the row measured whole, bit for bit, with and without the layer's statistics."""
+    from lowbit.compress.allocate import candidate_grid, error_row
+    from lowbit.lowrank import Stats
+
+    gen = torch.Generator().manual_seed(0)
+    W, X = torch.randn(24, 48, generator=gen), torch.randn(96, 48, generator=gen)
+    grid = candidate_grid(("int", "nf"), (2, 3, 4), (16, 32), (0, 4))
+    parts = budget_passes._spec_parts(grid)
+    assert len(parts) > 1 and sorted(i for p in parts for i in p) == list(range(len(grid)))
+    for stats, metric in ((None, "frobenius"), (Stats(H=X.T @ X / 96, fisher=W.abs()), "output")):
+        kw = dict(stats=stats, metric=metric, iterations=2)
+        errors, sizes = error_row(W, grid, method, **kw)
+        for part in parts:
+            e, z = error_row(W, [grid[i] for i in part], method, **kw)
+            assert (e == errors[part]).all() and (z == sizes[part]).all()
+
+
+def test_layer_cost_weighs_the_input_width():
+    """down_proj [896, 4864] costs more than up_proj [4864, 896] (measured: 3.4x its table rows), which
+    weight size alone (N K) made equal; a layer twice as tall costs twice as much."""
+    from lowbit.compress.ranks import layer_cost
+
+    assert layer_cost((896, 4864)) / layer_cost((4864, 896)) == pytest.approx(3.21, rel=0.01)
+    assert layer_cost((2 * 896, 896)) == 2 * layer_cost((896, 896))

@@ -85,9 +85,9 @@ def test_streamed_budgets_equal_in_memory_with_one_block_at_a_time(source, tmp_p
 
 
 def test_at_most_one_blocks_hessians_are_alive(source, tmp_path, monkeypatch):
-    """Counted whenever a row of the table or an allocated layer is computed: the Hessians alive are
-    those of one block (q/k/v, o, gate/up and down read 4 distinct inputs), never the model's 12, and
-    each is dropped from the statistics once its last reader has it (`hessians_in_turn`)."""
+    """Counted whenever a part of the table (one layer, one spec) or an allocated layer is computed: the
+    Hessians alive are those of one block (q/k/v, o, gate/up and down read 4 distinct inputs), never the
+    model's 12, and each is dropped from the statistics once its last reader has it (`hessians_in_turn`)."""
     alive = []
 
     def count(fn):
@@ -106,7 +106,12 @@ def test_at_most_one_blocks_hessians_are_alive(source, tmp_path, monkeypatch):
     model, tok = load_model(str(source))
     recipe = Recipe.from_dict({**ALLOC, "allocate": {**GRID, "metric": "output"}})
     api.compress(model, recipe, tmp_path / "m", tokenizer=tok, data=BLOCKS, budget=3.0, progress=False)
-    assert alive == [4, 4, 3, 2, 2, 1, 0] * 2 * 3  # q k v o gate up down, two passes of 3 blocks
+    units = 7 * 6  # the table's: each of the 7 layers under each of the grid's 6 specs, costliest first
+    table, built = alive[: 3 * units], alive[3 * units :]
+    for b in range(3):
+        calls = table[b * units : (b + 1) * units]
+        assert calls[0] == 4 and calls[-1] == 0 and calls == sorted(calls, reverse=True)
+    assert built == [4, 4, 3, 2, 2, 1, 0] * 3  # q k v o gate up down, 3 blocks
 
 
 def run_killed(source: Path, out: Path, block: int) -> subprocess.CompletedProcess:
