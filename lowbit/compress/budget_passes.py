@@ -165,12 +165,12 @@ def table_pass(model, provider, linears, recipe: Recipe, calib_data, work: WorkA
             saved = work.load(f"table/{n}.safetensors")
             if saved is not None:
                 rows[n] = saved
-        todo = [n for n in names if n not in rows]
-        rank, own = world().rank, _unit_owners(linears, todo, parts, world().size)
+        unmeasured = [n for n in names if n not in rows]
+        rank, own = world().rank, _unit_owners(linears, unmeasured, parts, world().size)
         order = [n for (n, _), r in own.items() if r == rank]  # the units this process measures, in turn
         hessian = hessians_in_turn(block_stats, [n for n in order if n in block_stats])  # freed in turn
         compute = lambda n, indices: part(n, block_stats.get(n), hessian, indices)  # noqa: E731
-        rows.update(_owned_rows(todo, parts, own, compute, save_row))
+        rows.update(_owned_rows(unmeasured, parts, own, compute, save_row))
 
     def block_rows(index: int, block: nn.Module, block_stats: dict) -> None:
         names = _block_names(linears, provider.prefix, index)
