@@ -21,11 +21,12 @@ fisher) is kept on disk from pass 1, its only source.
 Several processes: each calibrates on its share of the samples (statistics all-reduced); the table's
 rows are measured in units of one layer and one spec, each allocated layer is built whole, each unit
 or layer by one owner rank (`owners`, balanced by `lowbit.compress.ranks.layer_cost`) and broadcast;
-rank 0 writes.
+rank 0 writes. The second pass builds as many blocks at once as there are processes (`blocks_at_once`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import numpy as np
@@ -40,7 +41,7 @@ from lowbit.compress.awq import activation_scaling, apply_scales
 from lowbit.compress.blocks import InMemory
 from lowbit.compress.memory import release_freed_memory
 from lowbit.compress.plan import allocated_choice, allocation_method, apply_choice
-from lowbit.compress.ranks import build_owned, layer_cost
+from lowbit.compress.ranks import layer_cost, layer_owners, shared
 from lowbit.compress.recipe import Recipe
 from lowbit.compress.smoothing import fold_group, norm_groups
 from lowbit.compress.workarea import WorkArea
@@ -284,53 +285,99 @@ def apply_pass(
     def pending(tag: str, names) -> list[str]:
         return [n for n in names if work.load(f"{tag}/{n}.safetensors") is None]
 
-    def build_block(index, block_stats: dict, names: list[str]) -> None:
-        built = {}
-        if method.shares_smoothing:  # the smoothing search of each plan reads the sums again
-            hessian = _normalised_copy(block_stats)
-        else:  # each Hessian normalised in place, freed once the last plan's last reader has it
-            hessian = hessians_in_turn(block_stats, [n for _ in plans for n in names if n in block_stats])
-        for tag, plan in plans.items():
-            smooth = {}
-            if method.shares_smoothing:
-                smooth = _smoothing(model, readers, linears, names, plan, block_stats, work, tag)
+    rank = world()
 
-            def build(name: str, tag=tag, plan=plan, smooth=smooth) -> QLinear:
-                lin, saved = linears[name], work.load(f"{tag}/{name}.safetensors")
-                if saved is not None:
-                    q = QLinear.from_plan(saved[1], lin.weight.dtype, device=lin.weight.device)
-                    q.load_state_dict(saved[0], assign=True)
-                    return q
-                st = block_stats.get(name)
-                F = work.load(f"fisher/{name}.safetensors")[0]["fisher"] if fisher else None
-                H = None if st is None else hessian(name)
-                stats = Stats(H=H, act_max=None if st is None else st.act_max, fisher=F)
-                return apply_choice(
-                    lin, allocated_choice(plan[name], recipe), recipe, stats, smooth.get(name)
-                )
+    def build_window(window: list[tuple[int | None, dict]], own: dict[str, int], current) -> None:
+        """The layers of the blocks in `window` ([(index, statistics this rank keeps)]) built, each by its
+        owner own[name], then shared block by block and handed to done(index, ...) in turn. Every block but
+        `current` (materialised by the caller) is read again for its turn and released after."""
 
-            new = set(pending(tag, names))
-            built[tag] = {}
-            for name, q in build_owned(model, names, build, world()):
-                if name in new and world().main:
-                    work.save(f"{tag}/{name}.safetensors", q.state_dict(), q.layer_plan())
-                built[tag][name] = q
-        if done is not None:
-            done(index, built)
+        @contextlib.contextmanager
+        def visit(index):
+            if index != current:
+                provider.materialise(index)
+            yield
+            if index != current:
+                provider.release(index)
+
+        mine = {tag: {} for tag in plans}
+        for index, block_stats in window:
+            with visit(index):
+                names = _block_names(linears, prefix, index) if index is not None else outside
+                if method.shares_smoothing:  # the smoothing search of each plan reads the sums again
+                    hessian = _normalised_copy(block_stats)
+                else:  # each Hessian normalised in place, freed once the last plan's last reader has it
+                    order = [n for _ in plans for n in names if n in block_stats]
+                    hessian = hessians_in_turn(block_stats, order)
+                for tag, plan in plans.items():
+                    smooth = {}
+                    if method.shares_smoothing:
+                        smooth = _smoothing(model, readers, linears, names, plan, block_stats, work, tag)
+                    new = set(pending(tag, names))
+                    for name in names:
+                        if own[name] != rank.rank:
+                            continue
+                        q = build(name, tag, plan, block_stats, hessian, smooth)
+                        if name in new and rank.main:
+                            work.save(f"{tag}/{name}.safetensors", q.state_dict(), q.layer_plan())
+                        mine[tag][name] = q
+        for index, _ in window:
+            with visit(index):
+                names = _block_names(linears, prefix, index) if index is not None else outside
+                built = {}
+                for tag in plans:
+                    new = set(pending(tag, names)) if rank.main else set()  # built by the other ranks
+                    built[tag] = {}
+                    for name, q in shared(model, names, own, mine[tag], rank):
+                        if name in new:
+                            work.save(f"{tag}/{name}.safetensors", q.state_dict(), q.layer_plan())
+                        built[tag][name] = q
+                if done is not None:
+                    done(index, built)
         release_freed_memory()
+
+    def build(name: str, tag: str, plan: dict, block_stats: dict, hessian, smooth: dict) -> QLinear:
+        lin, saved = linears[name], work.load(f"{tag}/{name}.safetensors")
+        if saved is not None:
+            q = QLinear.from_plan(saved[1], lin.weight.dtype, device=lin.weight.device)
+            q.load_state_dict(saved[0], assign=True)
+            return q
+        st = block_stats.get(name)
+        F = work.load(f"fisher/{name}.safetensors")[0]["fisher"] if fisher else None
+        H = None if st is None else hessian(name)
+        stats = Stats(H=H, act_max=None if st is None else st.act_max, fisher=F)
+        return apply_choice(lin, allocated_choice(plan[name], recipe), recipe, stats, smooth.get(name))
+
+    n_blocks = len(provider.blocks)
+    size = blocks_at_once(rank)
+    outside = [n for n in linears if not n.startswith(prefix + ".")]
+    window: list[tuple[int, dict]] = []  # blocks whose layers are still to build, with the kept statistics
+    owned: dict[str, int] = {}
+
+    def add_block(index: int, block_stats: dict) -> None:
+        """Block `index` (materialised) into its window, keeping only the statistics of the layers this
+        rank owns; the window built once its last block is in."""
+        start = index - index % size
+        if index == start:  # owners balanced over the whole window
+            blocks = range(start, min(start + size, n_blocks))
+            names = [n for i in blocks for n in _block_names(linears, prefix, i)]
+            owned.clear()
+            owned.update(layer_owners(model, names, rank))
+        if not method.shares_smoothing:  # the smoothing search reads every reader's statistics
+            block_stats = {n: st for n, st in block_stats.items() if owned.get(n) == rank.rank}
+        window.append((index, block_stats))
+        if index == min(start + size, n_blocks) - 1:
+            build_window(window, owned, index)
+            window.clear()
 
     names = [n for n in linears if n.startswith(prefix + ".")]
     missing = {n for tag in plans for n in pending(tag, names)}
     if _second_pass_calibrates(recipe) and missing:
-
-        def on_block(index: int, block: nn.Module, block_stats: dict) -> None:
-            build_block(index, block_stats, _block_names(linears, prefix, index))
-
         calibrate_sequential(
             model,
             calib_data,
             layers=[n for n in names if n in missing],
-            on_block=on_block,
+            on_block=lambda index, block, block_stats: add_block(index, block_stats),
             propagate="original",
             keep=False,
             progress=progress,
@@ -341,11 +388,22 @@ def apply_pass(
     else:
         for i in range(len(provider.blocks)):
             provider.materialise(i)
-            build_block(i, {}, _block_names(linears, prefix, i))
+            add_block(i, {})
             provider.release(i)
     provider.materialise(None)  # layers outside the blocks (an lm_head the recipe selects), if any
-    build_block(None, {}, [n for n in linears if not n.startswith(prefix + ".")])
+    build_window([(None, {})], layer_owners(model, outside, rank), None)
     provider.release(None)
+
+
+def blocks_at_once(w) -> int:
+    """How many blocks the second pass builds together: one per process. Each layer is built whole by
+    one owner, and a block's down_proj can be most of the block's work (GPTQ's inverse Cholesky factor of
+    the [K, K] Hessian of the intermediate size K: 134 s of 218 over the 0.5B shape's 24 blocks, measured,
+    docs/benchmarks.md "Big models"); one block at a time, its owner sets the pace while the others wait.
+    Over as many blocks as processes the owners balance (about one down_proj each). Each process keeps
+    the statistics of its own layers only until the window is built, about one block's worth, and reads
+    the earlier blocks of the window again when their turn comes. One process: one block at a time."""
+    return w.size
 
 
 def _normalised_copy(block_stats: dict):

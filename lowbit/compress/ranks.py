@@ -21,6 +21,11 @@ def layer_cost(shape) -> float:
     return float(n * k * (k + min(n, k)))
 
 
+def layer_owners(model: nn.Module, names: list[str], w: World) -> dict[str, int]:
+    """{name: rank}: the owner of each dense layer `names` of `model`, balanced by `layer_cost`."""
+    return owners({name: layer_cost(model.get_submodule(name).weight.shape) for name in names}, w.size)
+
+
 def build_owned(
     model: nn.Module, names: list[str], build: Callable[[str], QLinear], w: World
 ) -> Iterator[tuple[str, QLinear]]:
@@ -32,8 +37,15 @@ def build_owned(
     if w.size == 1:
         yield from ((name, build(name)) for name in names)
         return
-    own = owners({name: layer_cost(model.get_submodule(name).weight.shape) for name in names}, w.size)
-    mine = {name: build(name) for name in names if own[name] == w.rank}
+    own = layer_owners(model, names, w)
+    yield from shared(model, names, own, {name: build(name) for name in names if own[name] == w.rank}, w)
+
+
+def shared(
+    model: nn.Module, names: list[str], own: dict[str, int], mine: dict[str, QLinear], w: World
+) -> Iterator[tuple[str, QLinear]]:
+    """(name, layer) for the dense layers `names` of `model` in order, each broadcast from its owner
+    own[name]; `mine` holds the layers this rank built (each taken out of it once sent)."""
     for name in names:
         q = mine.pop(name, None)
         sent = (None, None) if q is None else (dict(q.state_dict()), {**q.layer_plan(), "backend": q.backend})

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from lowbit.cli import main
 from lowbit.compress import budget_passes
@@ -17,6 +18,7 @@ from lowbit.compress.allocate import AllocationError
 from lowbit.compress.api import compress
 from lowbit.compress.recipe import Recipe
 from lowbit.nn.checkpoint import checkpoint_info
+from tests.conftest import make_tiny_llama
 
 GRID = {"formats": ["int"], "bits": [2, 3, 4], "group_sizes": [32, 64], "ranks": [0, 4]}
 
@@ -92,8 +94,6 @@ def test_infeasible_budget_names_the_achievable_range(tiny_llama_dir, news_file,
 
 
 def test_python_api_budget(tmp_path):
-    from tests.conftest import make_tiny_llama
-
     recipe = Recipe.from_dict({"allocate": {**GRID, "metric": "frobenius"}})
     model, report = compress(make_tiny_llama(300), recipe, budget=3.0, progress=False)
     assert report.bits_per_weight <= 3.0
@@ -103,8 +103,6 @@ def test_python_api_budget(tmp_path):
 
 
 def test_budget_path_fine_tunes_each_budget_and_resumes(tmp_path):
-    from tests.conftest import make_tiny_llama
-
     blocks = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
     ft = {"mode": "l4q", "objective": "distill", "steps": 3, "batch_size": 2, "seq_len": 16, "rank": 2}
     ft |= {"lr": 1e-2, "scale_lr": 1e-2, "warmup": 0, "eval_blocks": 1, "patience": 0}
@@ -183,8 +181,6 @@ def test_resume_after_kill_is_bit_identical(tiny_llama_dir, news_file, tmp_path)
 
 def test_table_rounding_is_separate_from_the_final_rounding(monkeypatch):
     from lowbit.compress.recipe import RecipeError
-    from tests.conftest import make_tiny_llama
-
     with pytest.raises(RecipeError, match="allocate.rounding"):
         Recipe.from_dict({"allocate": {"rounding": "stochastic"}})
     seen = {"table": set(), "final": set()}
@@ -239,3 +235,24 @@ def test_layer_cost_weighs_the_input_width():
 
     assert layer_cost((896, 4864)) / layer_cost((4864, 896)) == pytest.approx(3.21, rel=0.01)
     assert layer_cost((2 * 896, 896)) == 2 * layer_cost((896, 896))
+
+
+def test_second_pass_balances_the_processes_over_a_window_of_blocks():
+    """With the 0.5B shape's proportions (intermediate 5.4x hidden), a block's down_proj costs more than
+    the rest of its block: one block at a time its owner works while the other waits. Over
+    `blocks_at_once` blocks each of two processes owns one down_proj and the loads are within 5%."""
+    from lowbit.compress.ranks import layer_cost, layer_owners
+    from lowbit.parallel import World
+
+    model = make_tiny_llama(300, intermediate_size=348)
+    w = World(0, 2)
+    assert budget_passes.blocks_at_once(w) == 2 and budget_passes.blocks_at_once(World()) == 1
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    block = [n for n in names if ".layers.0." in n]
+    cost = {n: layer_cost(model.get_submodule(n).weight.shape) for n in names}
+    down = "model.layers.0.mlp.down_proj"
+    assert cost[down] > sum(cost[n] for n in block) - cost[down]
+    own = layer_owners(model, names, w)
+    assert {own[n] for n in names if n.endswith("down_proj")} == {0, 1}
+    loads = [sum(c for n, c in cost.items() if own[n] == r) for r in range(2)]
+    assert max(loads) / min(loads) < 1.05

@@ -47,9 +47,10 @@ def _on_rank(rank: int, root, folder) -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """The tiny Llama saved as a folder, which the streamed runs read one block at a time."""
+    """The tiny Llama, with three blocks, saved as a folder, which the streamed runs read one block at a
+    time: two processes build its layers in windows of two blocks and one (`blocks_at_once`)."""
     path = tmp_path_factory.mktemp("source")
-    make_tiny_llama(300).save_pretrained(path)
+    make_tiny_llama(300, num_hidden_layers=3).save_pretrained(path)
     make_tokenizer(NEWS).save_pretrained(path)
     return path
 
