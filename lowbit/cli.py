@@ -21,6 +21,7 @@ from lowbit import __version__
 from lowbit.compress.budget import with_budget
 from lowbit.compress.checks import DTYPES as MODEL_DTYPES
 from lowbit.compress.checks import calibrates, check_budgets, check_device, check_dtype, check_source
+from lowbit.compress.memory import release_freed_memory
 from lowbit.compress.presets import (
     BUDGET_PRESET,
     BUDGET_PRESET_FT,
@@ -262,7 +263,7 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         return {"dry_run": dry_run(args.model, recipe, budgets=budgets, dtype=args.dtype).to_dict()}
     out = Path(args.out)
     progress = not args.json
-    _, report = compress(
+    report = compress(  # the model it returns is not kept: the evaluations below load what they read
         args.model,
         recipe,
         out,
@@ -277,7 +278,8 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         max_shard_size=args.max_shard_size,
         keep_work=args.keep_work,
         max_work_size=args.max_work_size,
-    )
+    )[1]
+    release_freed_memory()  # the compressed model's, before the evaluations load theirs
     result = {
         "out": str(out),
         "model": args.model,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from lowbit.compress.api import compress
+from lowbit.compress.memory import release_freed_memory
 from lowbit.compress.presets import preset
 from lowbit.compress.report import write_report
 from lowbit.eval import evaluate
@@ -36,8 +37,8 @@ def compare(
     # per text: the original, each budget's checkpoint (in budgets' order), each baseline by name
     on = {
         d: {
-            "original": evaluate(model, d, tokens, dtype=dtype, **run),
-            "checkpoints": [evaluate(b["out"], d, tokens, **run) for b in budgets],
+            "original": _evaluated(model, d, tokens, dtype=dtype, **run),
+            "checkpoints": [_evaluated(b["out"], d, tokens, **run) for b in budgets],
             "rtn": {},
         }
         for d in texts
@@ -52,6 +53,8 @@ def compare(
         rtn_model, _ = compress(model, preset(name), dtype=dtype, **run)
         for d in texts:
             on[d]["rtn"][name] = evaluate(model, d, tokens, model=rtn_model, **run)
+        del rtn_model
+        release_freed_memory()
     if len(budgets) == 1:
         each = [
             {"original": e["original"], "compressed": e["checkpoints"][0], "rtn": e["rtn"]}
@@ -65,6 +68,14 @@ def compare(
         "report": [str(f) for f in files],
         "eval": [{"data": d, "points": p} for d, p in zip(texts, each, strict=True)],
     }
+
+
+def _evaluated(*args, **kwargs) -> dict:
+    """`evaluate`, then the memory of the model it loaded (freed on return) handed back to the system
+    before the next model is loaded (`lowbit.compress.memory.release_freed_memory`)."""
+    result = evaluate(*args, **kwargs)
+    release_freed_memory()
+    return result
 
 
 def _points(budgets: list[dict], original: dict, checkpoints: list[dict], rtn: dict) -> list[dict]:
