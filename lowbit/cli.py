@@ -25,8 +25,10 @@ from lowbit.compress.memory import release_freed_memory
 from lowbit.compress.presets import (
     BUDGET_PRESET,
     BUDGET_PRESET_FT,
+    BUDGET_PRESET_NF4,
     ENGINE_PRESETS,
     FINETUNE_BELOW,
+    NF4_FROM,
     PRESETS,
     budget_preset,
     preset,
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--preset",
         help=f"named recipe: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; with a budget {BUDGET_PRESET}, "
-        f"below {FINETUNE_BELOW:g} bits {BUDGET_PRESET_FT} unless the model is streamed; with a --target "
+        f"below {FINETUNE_BELOW:g} bits {BUDGET_PRESET_FT} unless the model is streamed, from {NF4_FROM:g} "
+        f"bits {BUDGET_PRESET_NF4}; with a --target "
         f"other than lowbit {' / '.join(ENGINE_PRESETS)})",
     )
     c.add_argument(

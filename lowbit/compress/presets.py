@@ -57,6 +57,11 @@ ALLOC_ROT = replace(
     scaling=replace(ALLOC_AWQ.scaling, method="none"),
     rotate=RotateConfig(method="hadamard", heads=True, online_down=True),
 )
+# From NF4_FROM bits per weight up, NF4 joins the grid (at groups 32, 64, 128): on the rotated weights its
+# normal-quantile levels fit better than int4's evenly spaced ones. At 4.25 on the built-in model,
+# 17.572 out of domain against 18.245 for alloc-rot (docs/benchmarks.md, "The rotation recipe").
+ALLOC_ROT_NF4 = replace(ALLOC_ROT, allocate=replace(ALLOC_ROT.allocate, formats=("int", "nf3", "nf4")))
+NF4_FROM = 4.0
 
 # Below FINETUNE_BELOW bits per weight the allocation alone loses much (docs/benchmarks.md, "Fine-tuning the
 # default budget recipe"): alloc-awq-ft adds L4Q fine-tuning, distilled from the original model on the
@@ -74,7 +79,7 @@ FINETUNE = {
 # on rotated weights), and 100 steps (at 2.5 bits per weight 46.908 out of domain against 48.886 at 50)
 FINETUNE_ROT = {**FINETUNE, "steps": 100, "latent_inset": 0.5}
 FINETUNE_BELOW = 3.0
-BUDGET_PRESET, BUDGET_PRESET_FT = "alloc-rot", "alloc-rot-ft"
+BUDGET_PRESET, BUDGET_PRESET_FT, BUDGET_PRESET_NF4 = "alloc-rot", "alloc-rot-ft", "alloc-rot-nf4"
 ENGINE_PRESETS = ("alloc-awq", "alloc-awq-ft")  # the budget defaults for targets other than lowbit
 
 PRESETS: dict[str, Recipe] = {
@@ -115,6 +120,7 @@ PRESETS: dict[str, Recipe] = {
     "alloc-awq-ft": Recipe.from_dict({**ALLOC_AWQ.to_dict(), "finetune": FINETUNE}),  # the section completed
     "alloc-rot": ALLOC_ROT,
     "alloc-rot-ft": Recipe.from_dict({**ALLOC_ROT.to_dict(), "finetune": FINETUNE_ROT}),
+    "alloc-rot-nf4": ALLOC_ROT_NF4,
     "alloc-int-nf": Recipe(
         quantize=ALLOC_QUANTIZE,
         allocate=replace(ALLOCATE_INT, formats=("int", "nf")),
@@ -132,12 +138,15 @@ def preset(name: str) -> Recipe:
 
 def budget_preset(budgets: list[float], streamed: bool = False, target: str = "lowbit") -> str:
     """The default recipe of a budget job (`lowbit compress --budget B` or `compress(model, budget=B)` without
-    a recipe): alloc-rot, or alloc-rot-ft when a budget is below FINETUNE_BELOW and the model is compressed
-    in memory. Fine-tuning holds the whole model and the original as its teacher, so a model streamed block
-    by block (`streamed`: a local folder compressed into an output folder) is not fine-tuned. A checkpoint
-    for another engine (`target`) takes alloc-awq (-ft) instead: they have no online Hadamard transform."""
+    a recipe): alloc-rot; alloc-rot-ft when a budget is below FINETUNE_BELOW and the model is compressed
+    in memory; alloc-rot-nf4 when every budget is at least NF4_FROM. Fine-tuning holds the whole model and
+    the original as its teacher, so a model streamed block by block (`streamed`: a local folder compressed
+    into an output folder) is not fine-tuned. A checkpoint for another engine (`target`) takes alloc-awq
+    (-ft) instead: they have no online Hadamard transform."""
     plain, tuned = (BUDGET_PRESET, BUDGET_PRESET_FT) if target == "lowbit" else ENGINE_PRESETS
-    return tuned if min(budgets) < FINETUNE_BELOW and not streamed else plain
+    if min(budgets) < FINETUNE_BELOW and not streamed:
+        return tuned
+    return BUDGET_PRESET_NF4 if target == "lowbit" and min(budgets) >= NF4_FROM else plain
 
 
 def resolve_recipe(

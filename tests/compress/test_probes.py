@@ -272,3 +272,11 @@ def test_cli_budget_without_a_preset_takes_the_budget_recipe(tiny_llama_dir):
         assert recipe("--budget", "2.5", "--target", target) == preset("alloc-awq-ft")
         assert resolve_presets(None, [3.0], target=target) == preset("alloc-awq")
     assert recipe("--budget", "3", "--target", "lowbit") == preset(BUDGET_PRESET)
+    # from 4 bits NF4 joins the grid (every budget at least 4), for the lowbit target only
+    assert recipe("--budget", "4.25") == preset("alloc-rot-nf4")
+    assert resolve_presets(None, [4.25], streamed=True) == preset("alloc-rot-nf4")
+    assert recipe("--budgets", "3.25,4.25") == preset(BUDGET_PRESET)
+    assert recipe("--budget", "4.25", "--target", "vllm") == preset("alloc-awq")
+    assert preset("alloc-rot-nf4") == replace(
+        preset("alloc-rot"), allocate=replace(preset("alloc-rot").allocate, formats=("int", "nf3", "nf4"))
+    )
