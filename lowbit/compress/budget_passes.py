@@ -326,7 +326,8 @@ def apply_pass(
                 names = _block_names(linears, prefix, index) if index is not None else outside
                 built = {}
                 for tag in plans:
-                    new = set(pending(tag, names)) if rank.main else set()  # built by the other ranks
+                    # the layers the other ranks built (one process saved all of its own above)
+                    new = set(pending(tag, names)) if rank.main and rank.size > 1 else set()
                     built[tag] = {}
                     for name, q in shared(model, names, own, mine[tag], rank):
                         if name in new:
