@@ -52,14 +52,19 @@ ALLOC_AWQ = Recipe(
 # the residual stream and of each value head, folded into the weights, and an online Hadamard transform
 # before down_proj): the best budget recipe measured for the lowbit target (docs/benchmarks.md, "The
 # default budget recipe"). Engines other than lowbit have no online transform: they keep alloc-awq.
+# Every candidate's scales are double-quantized (QLoRA's 8-bit scale codes, one fp32 factor per 256
+# scales): half the bits of fp16 scales, which the allocation spends on smaller groups; on the built-in
+# model 24.203 out of domain at 3.25 against 24.623 with fp16 scales, 17.342 at 4.25 (alloc-rot-nf4)
+# against 17.572 (docs/benchmarks.md, "Double-quantized scales").
 ALLOC_ROT = replace(
     ALLOC_AWQ,
+    quantize=replace(ALLOC_AWQ.quantize, double_quant=True),
     scaling=replace(ALLOC_AWQ.scaling, method="none"),
     rotate=RotateConfig(method="hadamard", heads=True, online_down=True),
 )
 # From NF4_FROM bits per weight up, NF4 joins the grid (at groups 32, 64, 128): on the rotated weights its
-# normal-quantile levels fit better than int4's evenly spaced ones. At 4.25 on the built-in model,
-# 17.572 out of domain against 18.245 for alloc-rot (docs/benchmarks.md, "The rotation recipe").
+# normal-quantile levels fit better than int4's evenly spaced ones. At 4.25 on the built-in model (fp16
+# scales), 17.572 out of domain against 18.245 for alloc-rot (docs/benchmarks.md, "The rotation recipe").
 ALLOC_ROT_NF4 = replace(ALLOC_ROT, allocate=replace(ALLOC_ROT.allocate, formats=("int", "nf3", "nf4")))
 NF4_FROM = 4.0
 
@@ -76,7 +81,8 @@ FINETUNE = {
     "samples": 64,
 }
 # alloc-rot-ft: l4q's latent starts halfway inside its cell (on the edge, the first step undid GPTQ's codes
-# on rotated weights), and 100 steps (at 2.5 bits per weight 46.908 out of domain against 48.886 at 50)
+# on rotated weights), and 100 steps (at 2.5 bits per weight with fp16 scales 46.908 out of domain against
+# 48.886 at 50; with alloc-rot's double-quantized scales 43.842, and 44.919 with other seeds)
 FINETUNE_ROT = {**FINETUNE, "steps": 100, "latent_inset": 0.5}
 FINETUNE_BELOW = 3.0
 BUDGET_PRESET, BUDGET_PRESET_FT, BUDGET_PRESET_NF4 = "alloc-rot", "alloc-rot-ft", "alloc-rot-nf4"

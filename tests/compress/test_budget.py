@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import lowbit
 from lowbit.cli import main
 from lowbit.compress import budget_passes
 from lowbit.compress.allocate import AllocationError
@@ -256,3 +257,28 @@ def test_second_pass_balances_the_processes_over_a_window_of_blocks():
     assert {own[n] for n in names if n.endswith("down_proj")} == {0, 1}
     loads = [sum(c for n, c in cost.items() if own[n] == r) for r in range(2)]
     assert max(loads) / min(loads) < 1.05
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_double_quantized_scales_are_counted_saved_and_reloaded(tmp_path, finetune):
+    # the budget recipes' scales are double-quantized: the ILP's count must be what the files hold, and
+    # the checkpoint (after l4q's merge too) must reload into the model that was compressed
+    blocks = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
+    ft = {"mode": "l4q", "objective": "distill", "steps": 2, "batch_size": 2, "seq_len": 16, "rank": 2}
+    ft |= {"warmup": 0, "eval_blocks": 1, "patience": 0}
+    recipe = Recipe.from_dict(
+        {
+            "quantize": {"format": "int3", "group_size": 32, "double_quant": True, "rounding": "gptq"},
+            "allocate": {**GRID, "formats": ["int", "nf4"], "metric": "frobenius"},
+            "finetune": ft if finetune else None,
+        }
+    )
+    out = tmp_path / "dq"
+    model, report = compress(make_tiny_llama(300), recipe, out, budget=3.5, calib_data=blocks, progress=False)
+    info = checkpoint_info(out)  # recounted from the files
+    assert info["totals"]["bits_per_weight"] == pytest.approx(report.bits_per_weight)
+    assert report.bits_per_weight <= 3.5
+    assert all(layer["double_quant"] for layer in info["layers"].values())
+    ids = blocks[:2]
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(out)(input_ids=ids).logits, model(input_ids=ids).logits)
