@@ -90,3 +90,33 @@ def compress_recipes(root: Path, tokenizer, recipes: dict) -> Path:
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits.float()
+
+
+def as_format_1(src: Path, dst: Path) -> Path:
+    """A copy of checkpoint `src` at `dst` as format_version 1 wrote it: a byte per zero point ([N, G]),
+    format_version 1 in the manifest and config.json, hashes updated."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.nn.manifest import MANIFEST, WEIGHTS, sha256
+    from lowbit.quantizers import QuantSpec, unpack
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    state = load_file(str(dst / WEIGHTS))
+    for fqn, e in manifest["layers"].items():
+        spec = QuantSpec.from_dict(e["spec"])
+        if spec.has_zeros:
+            n, groups = e["shape"][0], spec.groups(e["shape"][1])
+            state[f"{fqn}.zeros"] = unpack(state[f"{fqn}.zeros"][None], spec.bits, n * groups).view(n, groups)
+    save_file(state, str(dst / WEIGHTS), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    manifest["format_version"] = 1
+    for name in (WEIGHTS, "config.json"):
+        manifest["files"][name] = sha256(dst / name)
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return dst

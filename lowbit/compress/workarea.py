@@ -21,13 +21,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lowbit.nn.atomic import write_atomic
+from lowbit.nn.manifest import FORMAT_VERSION
 
 JOB_FILE = "job.json"
 
 
 def job_key(description: dict) -> str:
-    """A short stable hash of a JSON-able job description."""
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    """A short stable hash of a JSON-able job description and the checkpoint format its layers are saved
+    in (a work area of another format is not resumed)."""
+    keyed = {**description, "checkpoint_format": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class WorkAreaFull(ValueError):

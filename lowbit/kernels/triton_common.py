@@ -10,7 +10,9 @@ every value they produce. A weight tile is read as `BLOCK_N` rows x `BLOCK_K` co
   [j * bits, (j + 1) * bits).
 - scales [N, G] (G groups per row), fp16 / bf16 / fp32, or double-quantized (QLoRA): uint8 codes
   with s = dq_absmax[(n * G + g) // DQ_BLOCK] * (code / 255), computed in fp32 exactly as
-  `lowbit.quantizers.groups.dq_decode` does. zeros [N, G] uint8 for asymmetric INT.
+  `lowbit.quantizers.groups.dq_decode` does. Asymmetric INT's zero points z [N, G] are packed at the
+  codes' width as one row of N * G codes (ceil(N * G / 8) * bits bytes); z[n, g] is read from the one
+  or two bytes holding bits [i * bits, (i + 1) * bits), i = n * G + g.
 - values: INT s * (c - z) or s * (c - 2^(b-1)); NF s * codebook[c] (a 2^b-entry table in global
   memory); FP8 / FP4 by moving the bits into a float16 and rescaling by a power of two (exact for every
   finite code; FP8 E4M3's NaN patterns, which `quantize` never produces, read as +-480).
@@ -185,6 +187,21 @@ def load_group_scales(scales_ptr, dq_absmax_ptr, offs_n, k0, N, K, G, DOUBLE_QUA
 
 
 @triton.jit
+def load_zeros(zeros_ptr, idx, NG, mask, BITS: tl.constexpr):
+    """Zero points int32 z at flat indices idx = n * G + g of NG = N * G BITS-bit fields packed as one
+    row of codes: field i sits at bits [i * BITS, (i + 1) * BITS) of the little-endian bit stream."""
+    n_bytes = (NG + 7) // 8 * BITS
+    bit = idx * BITS
+    ptrs = zeros_ptr + bit // 8
+    field = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+    if 8 % BITS != 0:  # 3, 5, 6, 7 bits: a field may continue into the next byte
+        # a field in the last byte ends there: it re-reads that byte, whose bits the mask drops
+        nxt = ptrs + (bit // 8 + 1 < n_bytes).to(tl.int32)
+        field = field | (tl.load(nxt, mask=mask, other=0).to(tl.int32) << 8)
+    return (field >> (bit % 8)) & ((1 << BITS) - 1)
+
+
+@triton.jit
 def load_weight_tile(codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, offs_n, k0, N, K, G,
                      stride_cn, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
                      DOUBLE_QUANT: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_SIZE: tl.constexpr,
@@ -198,7 +215,8 @@ def load_weight_tile(codes_ptr, scales_ptr, zeros_ptr, dq_absmax_ptr, lut_ptr, o
     # unscaled values: c - z (INT), codebook[c] (NF), the minifloat's value (FP)
     if FMT == "int":
         if HAS_ZEROS:
-            v = codes.to(tl.float32) - tl.load(zeros_ptr + idx, mask=mask, other=0).to(tl.float32)
+            z = load_zeros(zeros_ptr, idx, N * G, mask, BITS)
+            v = codes.to(tl.float32) - z.to(tl.float32)
         else:
             v = (codes - (1 << (BITS - 1))).to(tl.float32)
     elif FMT == "nf":

@@ -24,6 +24,7 @@ from lowbit.nn.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     WEIGHTS,
+    ZEROS_PACKED_FROM,
     CheckpointError,
     check_finite,
     check_folder,
@@ -45,7 +46,7 @@ from lowbit.nn.shards import (
     weight_files,
     write_safetensors,
 )
-from lowbit.quantizers import TENSOR_FIELDS, QuantSpec, stored_layout
+from lowbit.quantizers import TENSOR_FIELDS, QuantInputError, QuantSpec, pack_side, stored_layout
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
@@ -205,15 +206,34 @@ def _skeleton(path: Path, plan: dict, backend: str) -> nn.Module:
     return replace_linears(model, plan, device="meta", backend=backend)
 
 
-def _read_state(path: Path, plan: dict, device: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Tensors of the checkpoint's shards on `device`; floating ones other than quantized fields cast to
-    dtype."""
+def pack_v1_zeros(state: dict[str, torch.Tensor], plan: dict) -> None:
+    """Format 1's zero points, a byte each ([N, G]), packed in place at the codes' width as format 2
+    stores them (`pack_side`); tensors of another shape are left for the layout check to report."""
+    for fqn, e in plan.items():
+        spec, key = QuantSpec.from_dict(e["spec"]), f"{fqn}.zeros"
+        t = state.get(key)
+        groups = (e["shape"][0], spec.groups(e["shape"][1]))
+        if not spec.has_zeros or t is None or t.dtype != torch.uint8 or tuple(t.shape) != groups:
+            continue
+        try:
+            state[key] = pack_side(t, spec)
+        except QuantInputError as err:
+            raise CheckpointError(f"tensor {key}: {err}") from None
+
+
+def _read_state(
+    path: Path, plan: dict, device: str, dtype: torch.dtype | None, version: int = FORMAT_VERSION
+) -> dict[str, torch.Tensor]:
+    """Tensors of the checkpoint's shards on `device` as format `FORMAT_VERSION` holds them (a format 1
+    checkpoint's zero points packed); floating ones other than quantized fields cast to dtype."""
     state = {}
     for f in weight_files(path):
         try:
             state.update(load_file(str(f), device=device))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"checkpoint file {f.name} cannot be read ({e})") from None
+    if version < ZEROS_PACKED_FROM:
+        pack_v1_zeros(state, plan)
     quantized = set()
     for fqn, e in plan.items():
         layout = stored_layout(QuantSpec.from_dict(e["spec"]), *e["shape"])
@@ -242,6 +262,7 @@ def load(
     """The model stored in checkpoint folder `path`, in eval mode, its QLinears running on `backend`.
 
     dtype: cast every floating tensor except quantized codes, scales, zeros (None keeps stored dtypes).
+    A format 1 checkpoint loads too (its zero points are packed as it loads; `save` writes format 2).
     Raises CheckpointError on a bad manifest, a missing, truncated or altered file, or a layout mismatch.
     """
     path = Path(path)
@@ -250,7 +271,7 @@ def load(
     device = str(torch.device(device))
     plan = manifest["layers"]
     model = _skeleton(path, plan, backend)
-    state = _read_state(path, plan, device, dtype)
+    state = _read_state(path, plan, device, dtype, manifest["format_version"])
     retie = _fill_tied(state, _alias_groups(model))
     expected = set(model.state_dict())
     missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -58,7 +58,8 @@ def add_quantization_config(config_json: str | Path, plan: dict) -> None:
 
 
 def _check_plan(layers: object, format_version: object) -> None:
-    from lowbit.nn.manifest import FORMAT_VERSION, CheckpointError, check_layer_entry
+    from lowbit.nn.manifest import FORMAT_VERSION, ZEROS_PACKED_FROM, CheckpointError, check_layer_entry
+    from lowbit.quantizers import QuantSpec
 
     if not isinstance(format_version, int) or not 1 <= format_version <= FORMAT_VERSION:
         raise HfIntegrationError(
@@ -72,6 +73,11 @@ def _check_plan(layers: object, format_version: object) -> None:
             check_layer_entry(fqn, entry)
         except CheckpointError as e:
             raise HfIntegrationError(f"lowbit quantization_config: {e}") from None
+        if format_version < ZEROS_PACKED_FROM and QuantSpec.from_dict(entry["spec"]).has_zeros:
+            raise HfIntegrationError(
+                f"this checkpoint (format_version {format_version}) stores a byte per zero point; "
+                "lowbit.load(path) reads it, and lowbit.save(model, new_path) rewrites it for transformers"
+            )
 
 
 @functools.cache

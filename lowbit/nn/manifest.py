@@ -19,7 +19,10 @@ from pathlib import Path, PurePosixPath
 from lowbit.nn.qlinear import OPTIONAL_PLAN_KEYS, PLAN_KEYS
 from lowbit.quantizers import QuantSpec, SpecError
 
-FORMAT_VERSION = 1
+# 2: asymmetric INT zero points packed at the codes' width ([N, ceil(G / 8) * b]); 1 stored a byte each
+# ([N, G]), which `lowbit.nn.checkpoint.load` still reads
+FORMAT_VERSION = 2
+ZEROS_PACKED_FROM = 2
 MANIFEST = "lowbit_config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # the index of a sharded checkpoint (`lowbit.nn.shards`)
@@ -78,7 +81,7 @@ def _is_int(v: object) -> bool:
 def validate_manifest(d: dict) -> dict:
     """Check a manifest's keys, types and format version; return it unchanged or raise CheckpointError.
 
-    Schema (format_version 1): {"format_version": int, "lowbit_version": str, "recipe": object | null,
+    Schema (format_version 1 and 2): {"format_version": int, "lowbit_version": str, "recipe": object | null,
     "layers": {fqn: {"spec": QuantSpec dict, "shape": [N, K], "rank": int, "bias": bool, "smooth": bool,
     optional "hadamard": bool (only written when true: the layer multiplies its input by R first)}},
     "files": {relative path: sha256 hex}}; "files" names config.json and model.safetensors, or the

@@ -34,6 +34,7 @@ from lowbit.quantizers.quantize import (
     encode,
     fit_scales,
     pack_qtensor,
+    pack_side,
     quantize,
     unpack_codes,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "group_view",
     "pack",
     "pack_qtensor",
+    "pack_side",
     "packed_row_bytes",
     "quantize",
     "round_scales",

@@ -3,7 +3,8 @@
 For W [N, K] with G = spec.groups(K) groups per row and b-bit codes:
   codes   N * ceil(K / 8) * b * 8                      (rows packed independently, see packing)
   scales  N * G * bits(scale_dtype), or with double quantization N * G * 8 + 32 * ceil(N * G / DQ_BLOCK)
-  side    the family's side parameters when the spec has them (asymmetric INT: zeros, N * G * 8)
+  side    the family's side parameters when the spec has them (asymmetric INT: b-bit zero points packed
+          like codes, ceil(N * G / 8) * b * 8)
 The ragged last group of a row counts as one whole group. `storage_bits` sums `stored_layout` and equals
 8 * QTensor.nbytes().
 """

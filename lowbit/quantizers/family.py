@@ -37,6 +37,10 @@ class Side:
     dtype: its storage dtype.
     stored: (z float32, spec) -> float32 z exactly as stored (rounded and clamped to the storage).
     rule: what a stored z must be, for messages ("integers in [0, 2^bits - 1]").
+    packed: z [N, G] of integers below 2^bits stored at the codes' width: flattened row-major and
+        packed as one row of N * G codes is (`lowbit.quantizers.packing`), uint8 [ceil(N * G / 8) * bits]
+        (GPTQ's `qzeros` also packs zero points at the weights' bit width); `dtype` is then uint8 and
+        `entries` ().
     """
 
     field: str
@@ -45,6 +49,7 @@ class Side:
     dtype: torch.dtype
     stored: Callable[[torch.Tensor, QuantSpec], torch.Tensor]
     rule: str
+    packed: bool = False
 
 
 @dataclass(frozen=True)

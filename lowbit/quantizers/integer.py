@@ -93,13 +93,16 @@ def side_gradient(codes: torch.Tensor, z: torch.Tensor, inside: torch.Tensor, sp
 
 
 def stored_zeros(z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """z [N, G] rounded to integers in [0, 2^b - 1], as a uint8 zero point stores it."""
+    """z [N, G] rounded to integers in [0, 2^b - 1], as a b-bit zero point stores it."""
     return torch.round(z).clamp(0, _levels(spec)[0])
 
 
+# b-bit zero points, packed like codes: int4-g32 with double-quantized scales costs
+# 4 + 8.125 / 32 + 4 / 32 = 4.379 bits per weight, not 4.504 as with a byte per zero point
 ZERO_POINTS = Side(
-    "zeros", "zero points", lambda spec: (), torch.uint8, stored_zeros, "integers in [0, 2^b - 1]"
-)
+    "zeros", "zero points", lambda spec: (), torch.uint8, stored_zeros, "integers in [0, 2^b - 1]",
+    packed=True,
+)  # fmt: skip
 
 INTEGER = Family(
     "int", fit_scales, encode, decode, inside, positive_levels, ZERO_POINTS,

@@ -24,7 +24,8 @@ class QTensor:
         s = dq_absmax[b] * (code / 255) for the block b = (n * G + g) // DQ_BLOCK of the flattened
         scales (scales are positive, so an unsigned code spends all 8 bits; re-quantizing
         dequantized scales is exact).
-    zeros: uint8 [N, G] integer zero points (asymmetric INT only), else None.
+    zeros: integer zero points z [N, G] in [0, 2^bits - 1] (asymmetric INT only), flattened row-major and
+        packed at the codes' width as one row of codes: uint8 [ceil(N * G / 8) * bits]; else None.
     dq_absmax: float32 [ceil(N * G / DQ_BLOCK)] per-block max of the scales (double
         quantization only), else None.
     spec: the QuantSpec that produced it.

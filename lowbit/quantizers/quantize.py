@@ -106,6 +106,12 @@ def decode(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: Q
     return family.decode(codes, s.float(), None if z is None else z.float(), spec)
 
 
+def pack_side(z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Side parameters z [N, G] (integers below 2^bits) as a packed side stores them: flattened row-major
+    and packed as one row of codes, uint8 [ceil(N * G / 8) * bits]."""
+    return pack(z.to(torch.uint8).reshape(1, -1), spec.bits).view(-1)
+
+
 def pack_qtensor(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec) -> QTensor:
     """Bundle codes uint8 [N, K], scales s [N, G] and side parameters z (zero points [N, G]) into a QTensor.
 
@@ -117,8 +123,9 @@ def pack_qtensor(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, s
     _check_scales(s, z, spec, shape)
     scales, dq_absmax = store_scales(s.float(), spec)
     tensors = {"codes": pack(codes, spec.bits), "scales": scales, "dq_absmax": dq_absmax}
-    if spec.side is not None:
-        tensors[spec.side.field] = z.to(spec.side.dtype)
+    side = spec.side
+    if side is not None:
+        tensors[side.field] = pack_side(z, spec) if side.packed else z.to(side.dtype)
     return QTensor.from_tensors(tensors, spec, shape)
 
 
@@ -145,7 +152,10 @@ def decode_scales(q: QTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check_qtensor(q)
     s = load_scales(q.scales, q.dq_absmax, q.spec)
     side = q.spec.side
-    return s, None if side is None else q.tensors()[side.field].float()
+    if side is None:
+        return s, None
+    z = q.tensors()[side.field]
+    return s, (unpack(z[None], q.spec.bits, s.numel()).view(s.shape) if side.packed else z).float()
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec) -> QTensor:

@@ -247,8 +247,8 @@ def test_lowbit_eval_on_an_asymmetric_export(ckpts, news_file, tmp_path, capsys)
     assert exported["perplexity"] == pytest.approx(ckpt["perplexity"], rel=1e-4)
     # per weight: a 4-bit code, a float32 scale per 32 weights (1 bit) and a 4-bit zero point per 32 weights
     # packed in int32 words (0.125 bits; every N is a multiple of 8, so no padding); the checkpoint stores
-    # float16 scales and uint8 zero points: 4 + 0.5 + 0.25
-    assert exported["bits_per_weight"] == 4 + 1 + 0.125 and ckpt["bits_per_weight"] == 4.75
+    # float16 scales and the same 4-bit zero points packed in bytes: 4 + 0.5 + 0.125
+    assert exported["bits_per_weight"] == 4 + 1 + 0.125 and ckpt["bits_per_weight"] == 4 + 0.5 + 0.125
 
 
 def test_mixed_asymmetric_export_loads_layer_by_layer(ckpts, ids, tmp_path):

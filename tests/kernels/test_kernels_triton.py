@@ -84,9 +84,11 @@ SPECS = [
     QuantSpec("int2", 32, symmetric=True),
     QuantSpec("int3", 128),
     QuantSpec("int3", 48, symmetric=True),
+    QuantSpec("int3", 32),  # 19 packed 3-bit zero points a row, some across two bytes; 2 groups a tile
     QuantSpec("int4", 128),
     QuantSpec("int4", 40, symmetric=True, scale_dtype="bfloat16"),
     QuantSpec("int4", 128, double_quant=True),
+    QuantSpec("int4", 32, double_quant=True),
     QuantSpec("int8", None),
     QuantSpec("int8", 64, symmetric=True, scale_dtype="float32"),
     QuantSpec("nf2", 64),

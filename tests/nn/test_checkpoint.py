@@ -10,9 +10,10 @@ from safetensors import safe_open
 from lowbit.nn import checkpoint as ckpt
 from lowbit.nn.atomic import OutputExistsError
 from lowbit.nn.checkpoint import checkpoint_info, load, load_tokenizer, save
-from lowbit.nn.manifest import CheckpointError, is_checkpoint, read_manifest, validate_manifest
+from lowbit.nn.manifest import CheckpointError, is_checkpoint, read_manifest, sha256, validate_manifest
 from lowbit.nn.qlinear import QLinear, set_submodule
 from lowbit.quantizers import QuantSpec, bits_per_weight, quantize
+from tests.conftest import as_format_1
 
 VOCAB = 96
 # one layer per case: int4 asym g32, nf4 double-quant, int3 ragged group (K = 160, g64), fp8 per-channel,
@@ -104,7 +105,7 @@ def test_files_and_manifest(saved):
     model, plan, out = saved
     assert is_checkpoint(out) and not is_checkpoint(out.parent)
     m = read_manifest(out)
-    assert m["format_version"] == ckpt.FORMAT_VERSION == 1 and m["layers"] == plan
+    assert m["format_version"] == ckpt.FORMAT_VERSION == 2 and m["layers"] == plan
     assert m["recipe"] == {"version": 1, "quantize": {"format": "int4"}}
     on_disk = {p.name for p in out.iterdir()} - {ckpt.MANIFEST}
     assert set(m["files"]) == on_disk and {"model.safetensors", "config.json", "tokenizer.json"} <= on_disk
@@ -203,11 +204,39 @@ def test_hash_mismatch(copy_of):
 
 def test_newer_format_version(copy_of):
     m = json.loads((copy_of / ckpt.MANIFEST).read_text())
-    m["format_version"] = 2
+    m["format_version"] = 3
     (copy_of / ckpt.MANIFEST).write_text(json.dumps(m))
-    msg = "checkpoint format_version 2 is newer than this lowbit (supports 1); upgrade lowbit"
+    msg = "checkpoint format_version 3 is newer than this lowbit (supports 2); upgrade lowbit"
     with pytest.raises(CheckpointError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         load(copy_of)
+
+
+def test_format_1_with_a_byte_per_zero_point_loads_and_saves_as_format_2(saved, tmp_path):
+    model, plan, out = saved
+    old = as_format_1(out, tmp_path / "v1")
+    with safe_open(str(old / "model.safetensors"), "pt") as f:  # int4 g32 on K = 64: [N, 2] bytes
+        assert f.get_slice("model.layers.0.self_attn.q_proj.zeros").get_shape() == [64, 2]
+    loaded = load(old)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    save(loaded, tmp_path / "v2")
+    assert read_manifest(tmp_path / "v2")["format_version"] == 2
+    with safe_open(str(tmp_path / "v2" / "model.safetensors"), "pt") as f:  # 128 4-bit zero points
+        assert f.get_slice("model.layers.0.self_attn.q_proj.zeros").get_shape() == [64]
+
+
+def test_format_1_zero_points_out_of_range_are_a_clear_error(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    old = as_format_1(saved[2], tmp_path / "v1")
+    state = load_file(str(old / "model.safetensors"))
+    state["model.layers.0.mlp.down_proj.zeros"][0, 0] = 9  # int3: at most 7
+    save_file(state, str(old / "model.safetensors"), metadata={"format": "pt"})
+    m = json.loads((old / ckpt.MANIFEST).read_text())
+    m["files"]["model.safetensors"] = sha256(old / "model.safetensors")
+    (old / ckpt.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="down_proj.zeros: codes must be < 2\\^3"):
+        load(old)
 
 
 def test_not_a_checkpoint_and_bad_json(tmp_path, copy_of):

@@ -22,7 +22,7 @@ from lowbit.nn.hf_quantizer import (
 )
 from lowbit.nn.manifest import read_manifest, sha256
 from lowbit.nn.qlinear import QLinear
-from tests.conftest import NEWS, make_tiny_llama, make_tokenizer
+from tests.conftest import NEWS, as_format_1, make_tiny_llama, make_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,7 +57,7 @@ def logits(model, ids):
 
 def test_config_json_carries_the_plan(ckpt):
     qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == QUANT_METHOD and qc["format_version"] == 1
+    assert qc["quant_method"] == QUANT_METHOD and qc["format_version"] == 2
     assert qc["layers"] == read_manifest(ckpt)["layers"]
 
 
@@ -157,6 +157,15 @@ def test_transformers_without_lowbit_refuses_and_says_to_import_lowbit(ckpt):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("REFUSED") and "import lowbit before loading" in r.stdout, r.stdout
+
+
+def test_format_1_with_asymmetric_int_is_refused_with_the_way_to_rewrite_it(ckpt, ids, tmp_path):
+    old = as_format_1(ckpt, tmp_path / "v1")
+    with pytest.raises(HfIntegrationError, match=r"format_version 1\) stores a byte per zero point"):
+        transformers.AutoModelForCausalLM.from_pretrained(old)
+    save(load(old), tmp_path / "v2")  # what the message says
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "v2")
+    assert torch.equal(logits(model, ids), logits(load(ckpt), ids))
 
 
 def test_register_is_idempotent():

@@ -28,14 +28,21 @@ def test_storage_bits_equal_qtensor_bytes(shape):
 
 
 def test_known_values():
-    assert bits_per_weight(QuantSpec("int4", 128), (4096, 4096)) == 4 + 16 / 128 + 8 / 128
+    # asymmetric: b-bit zero points, packed like codes (GPTQ's qzeros), not a byte each
+    assert bits_per_weight(QuantSpec("int4", 128), (4096, 4096)) == 4 + 16 / 128 + 4 / 128
+    assert bits_per_weight(QuantSpec("int4", 32, double_quant=True), (4096, 4096)) == (
+        4 + 8 / 32 + 4 / 32 + 32 / (32 * 256)
+    )
     assert bits_per_weight(QuantSpec("int4", 128, symmetric=True), (4096, 4096)) == 4 + 16 / 128
     assert bits_per_weight(QuantSpec("nf4", 64, double_quant=True), (4096, 4096)) == 4 + 8 / 64 + 32 / (
         64 * 256
     )
     assert bits_per_weight(QuantSpec("fp8_e4m3", None, scale_dtype="float32"), (10, 64)) == 8 + 32 / 64
-    # ragged: K = 576, gs = 128 -> 5 groups per row, the short last group counts whole
-    assert storage_bits(QuantSpec("int3", 128), (2, 576)) == 2 * (576 * 3 + 5 * 16 + 5 * 8)
+    # ragged: K = 576, gs = 128 -> 5 groups per row, the short last group counts whole; the 2 * 5 3-bit
+    # zero points packed as one row, padded to 16 fields (6 bytes)
+    assert storage_bits(QuantSpec("int3", 128), (2, 576)) == 2 * (576 * 3 + 5 * 16) + 16 * 3
+    # per channel: N zero points, not a padded row each
+    assert storage_bits(QuantSpec("int8", None), (16, 64)) == 16 * (64 * 8 + 16 + 8)
     # double quant: one fp32 max per started block of 256 scales
     assert storage_bits(QuantSpec("int8", 8, symmetric=True, double_quant=True), (1, 8 * 257)) == (
         8 * 257 * 8 + 257 * 8 + 2 * 32
