@@ -19,8 +19,8 @@ from pathlib import Path, PurePosixPath
 from lowbit.nn.qlinear import OPTIONAL_PLAN_KEYS, PLAN_KEYS
 from lowbit.quantizers import QuantSpec, SpecError
 
-# 2: asymmetric INT zero points packed at the codes' width ([N, ceil(G / 8) * b]); 1 stored a byte each
-# ([N, G]), which `lowbit.nn.checkpoint.load` still reads
+# 2: asymmetric INT zero points packed at the codes' width (flattened: [ceil(N * G / 8) * b]); 1 stored
+# a byte each ([N, G]), which `lowbit.nn.checkpoint.load` still reads
 FORMAT_VERSION = 2
 ZEROS_PACKED_FROM = 2
 MANIFEST = "lowbit_config.json"

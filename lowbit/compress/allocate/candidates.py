@@ -70,7 +70,7 @@ def candidate_grid(
     formats: families ("int" -> int{b}, "nf" -> nf{b}, "fp" -> fp{b}_*, only where FORMATS has that
     width) or exact FORMATS names (taken when their width is in `bits`). group_sizes may hold None
     (per-channel). base: the other spec fields (symmetric, scale_dtype, double_quant); default QuantSpec().
-    symmetric: the variants of formats that have both (INT: without zero points, 8 bits per group less);
+    symmetric: the variants of formats that have both (INT: without zero points, b bits per group less);
     empty: base's. A format without the variant (NF, FP) appears once. Ranks above min(N, K) of a matrix
     are marked inapplicable by `error_row`, not dropped here.
     """
