@@ -55,7 +55,8 @@ ALLOC_AWQ = Recipe(
 # Every candidate's scales are double-quantized (QLoRA's 8-bit scale codes, one fp32 factor per 256
 # scales): half the bits of fp16 scales, which the allocation spends on smaller groups; on the built-in
 # model 24.203 out of domain at 3.25 against 24.623 with fp16 scales, 17.342 at 4.25 (alloc-rot-nf4)
-# against 17.572 (docs/benchmarks.md, "Double-quantized scales").
+# against 17.572 (docs/benchmarks.md, "Double-quantized scales"); with zero points at the codes' width
+# (checkpoint format 2) 23.934 and 17.307 ("Zero points at the codes' width").
 ALLOC_ROT = replace(
     ALLOC_AWQ,
     quantize=replace(ALLOC_AWQ.quantize, double_quant=True),
