@@ -7,8 +7,11 @@ Sylvester's H_2 = [[1, 1], [1, -1]] and Paley's construction I for an order p + 
 skew-symmetric because -1 is a non-residue). The product of Hadamard matrices is one (H_a (x) H_b). Orders
 like 576 = 12 * 12 * 4 are covered; an order with no such factorisation is refused.
 
-The randomized rotation is R = H_n diag(d) / sqrt(n) with d a seeded random +-1 vector (eq. 2 of QuaRot:
-the random signs make the rotation incoherent with any fixed weight); R R^T = I.
+The randomized rotation is R = diag(d) H_n / sqrt(n) with d a seeded random +-1 vector (QuaRot sec. 3; QuIP
+sec. 4): a row vector x becomes x R = (x * d) H_n / sqrt(n), its signs drawn before the Hadamard mixes its
+entries, so which entries add and which cancel depends on the draw and the rotation is incoherent with any
+fixed weight or activation (with the signs applied after the mixing, |x R| would be the same for every
+draw); R R^T = I.
 """
 
 from __future__ import annotations
@@ -68,10 +71,10 @@ def hadamard(n: int) -> torch.Tensor:
 
 
 def random_hadamard(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The orthogonal rotation R = H_n diag(d) / sqrt(n) [n, n], d random +-1 from `seed` (R R^T = I)."""
+    """The orthogonal rotation R = diag(d) H_n / sqrt(n) [n, n], d random +-1 from `seed` (R R^T = I)."""
     g = torch.Generator().manual_seed(seed)
     d = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-    return (hadamard(n) * d[None, :] / n**0.5).to(dtype)
+    return (d[:, None] * hadamard(n) / n**0.5).to(dtype)
 
 
 def online_orders(n: int) -> tuple[int, int]:

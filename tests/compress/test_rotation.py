@@ -35,6 +35,17 @@ def test_random_hadamard_is_orthogonal_and_seeded():
         hadamard(36)
 
 
+def test_random_hadamard_draws_signs_before_mixing():
+    """QuaRot's R = diag(d) H / sqrt(n): the draw decides which entries of x add and which cancel, so |x R|
+    differs between seeds (with the signs after the mixing, H diag(d), it would be the same for all)."""
+    x = torch.zeros(1, 64, dtype=torch.float64)
+    x[0, 3], x[0, 40] = 5.0, 2.0  # two outlier channels
+    mags = [(x @ random_hadamard(64, seed=s, dtype=torch.float64)).abs() for s in range(4)]
+    assert any(not torch.allclose(mags[0], m) for m in mags[1:])
+    d = torch.sign(random_hadamard(64, seed=2, dtype=torch.float64)[:, 0])  # H's first column is all ones
+    assert torch.allclose(random_hadamard(64, seed=2, dtype=torch.float64), d[:, None] * hadamard(64) / 8)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_rotation_leaves_float_logits_unchanged(tied):
     model = with_outlier_norms(make_tiny_llama(300, tie_word_embeddings=tied))
