@@ -8,8 +8,13 @@ recipe whose table or decomposition needs the Fisher diagonal runs the block-wis
 (`lowbit.calibration.backward`): the same statistics and rows, blocks in reverse order.
 
 Pass 2 (`apply_pass`): after the ILP, the blocks again in order; each block's statistics are computed
-again from the float model's inputs (as in pass 1) and its layers built with their allocated candidate
-(GPTQ etc.) for every plan at once (one per budget), each layer saved in the work area as it is built.
+again and its layers built with their allocated candidate (GPTQ etc.), each layer saved in the work area
+as it is built. With `allocate.propagate` "quantized" (the default) each plan (one per budget, and the
+check's uniform plan) is a pass of its own in which the blocks already built run quantized, so a layer's
+statistics hold the errors of the layers before it (GPTQ's sequential protocol, the uniform path's; on
+the built-in model uniform GPTQ nf4-g64 reads 0.8% lower out of domain and 2.1% in domain than on the
+float inputs: docs/benchmarks.md, "QuaRot's sign order, and quantized inputs for the allocated
+layers"). With "original" one pass builds every plan from the float model's inputs (as in pass 1).
 Recomputing was chosen over keeping the statistics on disk, for the disk bound. Measured on one block of the
 0.5B shape (`scripts/bench_scale.py`; `scripts/bench_budget_stats.py`, 16 x 512 tokens, one thread,
 docs/benchmarks.md "Big models"): the statistics take 85 s to recompute against 2.4 s to write and read
@@ -21,7 +26,9 @@ fisher) is kept on disk from pass 1, its only source.
 Several processes: each calibrates on its share of the samples (statistics all-reduced); the table's
 rows are measured in units of one layer and one spec, each allocated layer is built whole, each unit
 or layer by one owner rank (`owners`, balanced by `lowbit.compress.ranks.layer_cost`) and broadcast;
-rank 0 writes. The second pass builds as many blocks at once as there are processes (`blocks_at_once`).
+rank 0 writes. On the float inputs the second pass builds as many blocks at once as there are processes
+(`blocks_at_once`); with quantized inputs a block's layers must be built before the next block's
+statistics, so the processes share one block at a time.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from lowbit.compress.smoothing import fold_group, norm_groups
 from lowbit.compress.workarea import WorkArea
 from lowbit.lowrank import METHODS, Stats, uses_gptq
 from lowbit.lowrank.svdquant import shared_smoothing
-from lowbit.nn.qlinear import QLinear
+from lowbit.nn.qlinear import QLinear, set_submodule
 from lowbit.parallel import barrier, broadcast_tensors, owners, share, world
 from lowbit.quantizers import SCALE_DTYPES
 
@@ -275,22 +282,29 @@ def apply_pass(
     """Pass 2 (module docstring): every layer of `linears` built with its candidate in each plan
     ({tag: {name: Candidate}}), saved as `<tag>/<name>.safetensors` (layers already saved are reused).
     SVDQuant's shared smoothing: each norm's lambda saved as `<tag>/smoothing/<norm>.safetensors`.
+    With `propagates_quantized(recipe)` each plan is a pass of its own, whose blocks run with the plan's
+    layers once they are built (GPTQ's protocol); otherwise one pass on the float model's inputs builds
+    every plan.
 
     done(index, {tag: {name: QLinear}}): called with each block's layers while the block is in memory.
     """
     prefix = provider.prefix
     method = METHODS[allocation_method(recipe)]
     fisher = "fisher" in method.needs
+    quantized = propagates_quantized(recipe)
 
     def pending(tag: str, names) -> list[str]:
         return [n for n in names if work.load(f"{tag}/{n}.safetensors") is None]
 
     rank = world()
 
-    def build_window(window: list[tuple[int | None, dict]], own: dict[str, int], current) -> None:
-        """The layers of the blocks in `window` ([(index, statistics this rank keeps)]) built, each by its
-        owner own[name], then shared block by block and handed to done(index, ...) in turn. Every block but
-        `current` (materialised by the caller) is read again for its turn and released after."""
+    def build_window(
+        window: list[tuple[int | None, dict]], own: dict[str, int], current, these, done
+    ) -> None:
+        """The layers of the blocks in `window` ([(index, statistics this rank keeps)]) for the plans
+        `these`, built, each by its owner own[name], then shared block by block and handed to done(index,
+        ...) in turn. Every block but `current` (materialised by the caller) is read again for its turn
+        and released after."""
 
         @contextlib.contextmanager
         def visit(index):
@@ -300,16 +314,16 @@ def apply_pass(
             if index != current:
                 provider.release(index)
 
-        mine = {tag: {} for tag in plans}
+        mine = {tag: {} for tag in these}
         for index, block_stats in window:
             with visit(index):
                 names = _block_names(linears, prefix, index) if index is not None else outside
                 if method.shares_smoothing:  # the smoothing search of each plan reads the sums again
                     hessian = _normalised_copy(block_stats)
                 else:  # each Hessian normalised in place, freed once the last plan's last reader has it
-                    order = [n for _ in plans for n in names if n in block_stats]
+                    order = [n for _ in these for n in names if n in block_stats]
                     hessian = hessians_in_turn(block_stats, order)
-                for tag, plan in plans.items():
+                for tag, plan in these.items():
                     smooth = {}
                     if method.shares_smoothing:
                         smooth = _smoothing(model, readers, linears, names, plan, block_stats, work, tag)
@@ -325,7 +339,7 @@ def apply_pass(
             with visit(index):
                 names = _block_names(linears, prefix, index) if index is not None else outside
                 built = {}
-                for tag in plans:
+                for tag in these:
                     # the layers the other ranks built (one process saved all of its own above)
                     new = set(pending(tag, names)) if rank.main and rank.size > 1 else set()
                     built[tag] = {}
@@ -350,14 +364,14 @@ def apply_pass(
         return apply_choice(lin, allocated_choice(plan[name], recipe), recipe, stats, smooth.get(name))
 
     n_blocks = len(provider.blocks)
-    size = blocks_at_once(rank)
+    size = 1 if quantized else blocks_at_once(rank)
     outside = [n for n in linears if not n.startswith(prefix + ".")]
     window: list[tuple[int, dict]] = []  # blocks whose layers are still to build, with the kept statistics
     owned: dict[str, int] = {}
 
-    def add_block(index: int, block_stats: dict) -> None:
+    def add_block(index: int, block_stats: dict, these: dict, done) -> None:
         """Block `index` (materialised) into its window, keeping only the statistics of the layers this
-        rank owns; the window built once its last block is in."""
+        rank owns; the window built for the plans `these` once its last block is in."""
         start = index - index % size
         if index == start:  # owners balanced over the whole window
             blocks = range(start, min(start + size, n_blocks))
@@ -368,32 +382,63 @@ def apply_pass(
             block_stats = {n: st for n, st in block_stats.items() if owned.get(n) == rank.rank}
         window.append((index, block_stats))
         if index == min(start + size, n_blocks) - 1:
-            build_window(window, owned, index)
+            build_window(window, owned, index, these, done)
             window.clear()
 
-    names = [n for n in linears if n.startswith(prefix + ".")]
-    missing = {n for tag in plans for n in pending(tag, names)}
-    if _second_pass_calibrates(recipe) and missing:
+    def swap_in(index: int, built: dict) -> None:
+        """The block's layers of its one plan put in its place, so that the block runs quantized."""
+        for q in built.values():
+            for name, layer in q.items():
+                set_submodule(model, name, layer)
+
+    def swap_out(index: int, states) -> None:
+        """The block's float layers back, before the block is released or the next plan reads it."""
+        for name in _block_names(linears, prefix, index):
+            set_submodule(model, name, linears[name])
+
+    def calibrated_pass(these: dict, layers: list[str], propagate: str, done) -> None:
         calibrate_sequential(
             model,
             calib_data,
-            layers=[n for n in names if n in missing],
-            on_block=lambda index, block, block_stats: add_block(index, block_stats),
-            propagate="original",
+            layers=layers,
+            on_block=lambda index, block, block_stats: add_block(index, block_stats, these, done),
+            propagate=propagate,
             keep=False,
             progress=progress,
             provider=provider,
+            after_block=swap_out if propagate == "quantized" else None,
             offload_bytes=recipe.calibration.max_hidden_memory,
             offload_dir=work.dir,
         )
-    else:
+
+    names = [n for n in linears if n.startswith(prefix + ".")]
+    missing = {n for tag in plans for n in pending(tag, names)}
+    calibrates = _second_pass_calibrates(recipe) and missing
+    if calibrates and quantized:
+        for tag, plan in plans.items():
+            if pending(tag, names):
+                calibrated_pass({tag: plan}, pending(tag, names), "quantized", swap_in)
+    elif calibrates:
+        calibrated_pass(plans, [n for n in names if n in missing], "original", done)
+    if not calibrates or (quantized and done is not None):  # the saved layers, block by block
         for i in range(len(provider.blocks)):
             provider.materialise(i)
-            add_block(i, {})
+            add_block(i, {}, plans, done)
             provider.release(i)
     provider.materialise(None)  # layers outside the blocks (an lm_head the recipe selects), if any
-    build_window([(None, {})], layer_owners(model, outside, rank), None)
+    build_window([(None, {})], layer_owners(model, outside, rank), None, plans, done)
     provider.release(None)
+
+
+def propagates_quantized(recipe: Recipe) -> bool:
+    """Whether the second pass runs each plan on its own, the blocks it has built quantized as the later
+    blocks' statistics are collected (`allocate.propagate` "quantized", GPTQ's sequential protocol), or
+    builds every plan in one pass on the float model's inputs ("original"; windows of `blocks_at_once`
+    blocks over several processes). SVDQuant's shared smoothing folds into norms and is always built on
+    the float inputs."""
+    return (
+        recipe.allocate.propagate == "quantized" and not METHODS[allocation_method(recipe)].shares_smoothing
+    )
 
 
 def blocks_at_once(w) -> int:

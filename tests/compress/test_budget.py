@@ -1,5 +1,6 @@
 """Compressing to a bits-per-weight budget: ILP allocation, resumable stages, cached error table."""
 
+import copy
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from lowbit.compress.allocate import AllocationError
 from lowbit.compress.api import compress
 from lowbit.compress.recipe import Recipe
 from lowbit.nn.checkpoint import checkpoint_info
-from tests.conftest import make_tiny_llama
+from tests.conftest import NEWS, make_tiny_llama, make_tokenizer
 
 GRID = {"formats": ["int"], "bits": [2, 3, 4], "group_sizes": [32, 64], "ranks": [0, 4]}
 
@@ -282,3 +283,41 @@ def test_double_quantized_scales_are_counted_saved_and_reloaded(tmp_path, finetu
     ids = blocks[:2]
     with torch.no_grad():
         assert torch.equal(lowbit.load(out)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _codes(model) -> dict:
+    return {n: m.codes.clone() for n, m in model.named_modules() if hasattr(m, "codes")}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_allocated_layers_see_the_quantized_blocks_before_them(tmp_path, streamed):
+    """With allocate.propagate "quantized" a budget whose grid holds one spec builds the layers GPTQ's
+    sequential protocol builds: the uniform recipe's codes, bit for bit; on the float model's inputs
+    ("original") the later blocks' codes differ. Streamed from a folder (without the check: the layers
+    handed to the writer block by block), the same codes are written."""
+    one = {"formats": ["int"], "bits": [3], "group_sizes": [32], "ranks": [0]}
+    quantize = {"format": "int3", "group_size": 32, "rounding": "gptq"}
+    common = {"quantize": quantize, "decompose": {"method": "lorc"}}
+    blocks = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    source = make_tiny_llama(300, num_hidden_layers=3)
+    uniform, _ = compress(copy.deepcopy(source), Recipe.from_dict(common), calib_data=blocks, progress=False)
+    want = _codes(uniform)
+    got = {}
+    for propagate in ("quantized", "original"):
+        allocate = {**one, "propagate": propagate, "check": not streamed}
+        recipe = Recipe.from_dict({**common, "allocate": allocate})
+        if streamed:
+            folder, out = tmp_path / "src", tmp_path / propagate
+            source.save_pretrained(folder)
+            make_tokenizer(NEWS).save_pretrained(folder)
+            compress(str(folder), recipe, out, budget=4.0, calib_data=blocks, progress=False)
+            tensors = load_file(out / "model.safetensors")
+            got[propagate] = {k.removesuffix(".codes"): v for k, v in tensors.items() if k.endswith(".codes")}
+        else:
+            model, _ = compress(copy.deepcopy(source), recipe, budget=4.0, calib_data=blocks, progress=False)
+            got[propagate] = _codes(model)
+    assert got["quantized"].keys() == want.keys()
+    assert all(torch.equal(got["quantized"][n], want[n]) for n in want)
+    first = [n for n in want if ".layers.0." in n]
+    assert all(torch.equal(got["original"][n], want[n]) for n in first)  # block 0 reads the same inputs
+    assert not all(torch.equal(got["original"][n], want[n]) for n in want)

@@ -1,7 +1,9 @@
 """The budget path under two gloo processes equals the one-process run: the statistics and the Fisher
 summed over the processes' samples, each layer's table row and allocated layer computed by one owner and
 broadcast, rank 0 solving the allocation and writing; for a model in memory and for a streamed folder
-(with probes and the check: each measured model by one process)."""
+(with probes and the check: each measured model by one process), the allocated layers built on the
+quantized blocks' outputs one block at a time, and for the streamed folder also on the float inputs in
+windows of blocks."""
 
 import pytest
 import torch
@@ -27,6 +29,8 @@ RECIPE = {
 }
 # probes and the check measured block by block, each model measured by one process
 LOSSES = {**RECIPE, "allocate": {**RECIPE["allocate"], "probes": 2, "check": True}}
+# the allocated layers built on the float inputs: two processes build windows of two blocks
+ORIGINAL = {**RECIPE, "allocate": {**RECIPE["allocate"], "propagate": "original"}}
 SOURCES = ("memory", "streamed", "streamed-losses")
 
 
@@ -36,7 +40,7 @@ def _blocks() -> torch.Tensor:
 
 def _run(name: str, folder, out) -> None:
     source = make_tiny_llama(300) if name == "memory" else str(folder)
-    recipe = Recipe.from_dict(LOSSES if name == "streamed-losses" else RECIPE)
+    recipe = Recipe.from_dict({"streamed-losses": LOSSES, "streamed": ORIGINAL}.get(name, RECIPE))
     compress(source, recipe, out, calib_data=_blocks(), budget=3.0, progress=False)
 
 
