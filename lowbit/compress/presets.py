@@ -56,7 +56,9 @@ ALLOC_AWQ = Recipe(
 # scales): half the bits of fp16 scales, which the allocation spends on smaller groups; on the built-in
 # model 24.203 out of domain at 3.25 against 24.623 with fp16 scales, 17.342 at 4.25 (alloc-rot-nf4)
 # against 17.572 (docs/benchmarks.md, "Double-quantized scales"); with zero points at the codes' width
-# (checkpoint format 2) 23.934 and 17.307 ("Zero points at the codes' width").
+# (checkpoint format 2) 23.934 and 17.307 ("Zero points at the codes' width"); with QuaRot's sign order
+# and the allocated layers rounded on quantized inputs 24.485 and 17.800 (one draw each; "QuaRot's sign
+# order, and quantized inputs for the allocated layers").
 ALLOC_ROT = replace(
     ALLOC_AWQ,
     quantize=replace(ALLOC_AWQ.quantize, double_quant=True),
