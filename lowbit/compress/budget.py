@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lowbit.calibration.stats import find_blocks
-from lowbit.compress.allocate import ErrorTable, engine_constraints
+from lowbit.compress.allocate import ErrorTable, engine_constraints, merge_groups, type_groups
 from lowbit.compress.blocks import InMemory
 from lowbit.compress.budget_passes import ScaledBlocks, apply_pass, table_pass
 from lowbit.compress.losses import Runner, Variant, block_layers, cached, in_memory_losses, replaced_modules
@@ -179,10 +179,13 @@ def search_stage(model, linears, recipe: Recipe, calib_data, run: Runner):
 
 def allowed_mask(table: ErrorTable, recipe: Recipe) -> tuple[np.ndarray, list[list[int]]]:
     """(allowed bool [M, C], tied groups of rows): the recipe's pins, forbids and minimum bits, among the
-    candidates the recipe's target engine serves, each fused group of layers it runs as one matrix."""
+    candidates the recipe's target engine serves; tied: each fused group of layers the engine runs as one
+    matrix, and with `allocate.tie: type` the layers of each type (joined where the two overlap)."""
     a = recipe.allocate
     forbid = [(f["match"], {k: v for k, v in f.items() if k != "match"}) for f in a.forbid]
     served, tied = engine_constraints(table.names, table.shapes, table.candidates, recipe.target)
+    if a.tie == "type":
+        tied = merge_groups([*tied, *type_groups(table.names)])
     return table.mask(pins=a.pins, forbid=forbid, min_bits=a.min_bits) & served, tied
 
 

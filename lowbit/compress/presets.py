@@ -68,7 +68,13 @@ ALLOC_ROT = replace(
 # From NF4_FROM bits per weight up, NF4 joins the grid (at groups 32, 64, 128): on the rotated weights its
 # normal-quantile levels fit better than int4's evenly spaced ones. At 4.25 on the built-in model (fp16
 # scales), 17.572 out of domain against 18.245 for alloc-rot (docs/benchmarks.md, "The rotation recipe").
-ALLOC_ROT_NF4 = replace(ALLOC_ROT, allocate=replace(ALLOC_ROT.allocate, formats=("int", "nf3", "nf4")))
+# INT8 joins it too, and every layer of one type takes one spec (`allocate.tie: type`): the value
+# projections go to 8 bits; at 4.25, 17.761 and 17.500 out of domain (seeds 0 and 1) against 17.800 and
+# 17.973 with a spec per layer and no INT8 (docs/benchmarks.md, "One spec per layer type").
+ALLOC_ROT_NF4 = replace(
+    ALLOC_ROT,
+    allocate=replace(ALLOC_ROT.allocate, formats=("int", "nf3", "nf4"), bits=(2, 3, 4, 8), tie="type"),
+)
 NF4_FROM = 4.0
 
 # Below FINETUNE_BELOW bits per weight the allocation alone loses much (docs/benchmarks.md, "Fine-tuning the

@@ -15,7 +15,7 @@ A recipe file looks like this (every key optional; defaults shown)::
       {budget: null, formats: [int, nf], bits: [2, 3, 4, 8], group_sizes: [32, 64, 128],
        ranks: [0, 8, 16, 32, 64], metric: fisher, rounding: null, solver: ilp,
        pins: {}, forbid: [], min_bits: {}, probes: 0, check: false,
-       propagate: quantized}  # e.g. min_bits: {"*.down_proj": 4}
+       propagate: quantized, tie: none}  # e.g. min_bits: {"*.down_proj": 4}
     rotate:              # incoherence processing (lowbit.compress.rotation); method: none | hadamard
       {method: none, seed: 0, residual: true, heads: false, online_down: false}
     finetune:            # optional: lora | peqa | l4q | lsq, lm or distill (see lowbit.compress.finetune)
@@ -39,6 +39,7 @@ import yaml
 
 from lowbit.calibration.sequential import PROPAGATE
 from lowbit.compress.allocate.candidates import candidate_grid
+from lowbit.compress.allocate.constraints import TIES
 from lowbit.compress.allocate.solve import SOLVERS
 from lowbit.compress.allocate.table import METRICS
 from lowbit.lowrank import METHODS, ROUNDINGS, uses_gptq
@@ -225,6 +226,10 @@ class AllocateConfig:
     GPTQ nf4-g64 on the built-in model reads 0.8% higher out of domain and 2.1% in domain this way:
     docs/benchmarks.md, "QuaRot's sign order, and quantized inputs for the allocated layers"). SVDQuant's
     shared smoothing, folded into the norms, is always built on the float inputs.
+    tie: "none" (default): every layer takes its own candidate; "type": every layer of one type (its name
+    without the block number, `lowbit.compress.allocate.layer_type`) takes the same one, so the ILP
+    chooses a spec per type (v_proj, down_proj, ...) with the type's errors and sizes summed: fewer
+    choices fitted to the calibration text.
     With a `scaling` section the AWQ scales are searched once, for quantize's spec, and folded before the
     table is measured, so every candidate is measured on the scaled weights.
     """
@@ -245,6 +250,7 @@ class AllocateConfig:
     penalties: tuple[float, ...] = ()
     check: bool = False
     propagate: str = "quantized"
+    tie: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("formats", "bits", "group_sizes", "ranks", "symmetric", "penalties", "forbid"):
@@ -265,6 +271,8 @@ class AllocateConfig:
             raise RecipeError(
                 f"unknown allocate.propagate {self.propagate!r}; choose one of {', '.join(PROPAGATE)}"
             )
+        if self.tie not in TIES:
+            raise RecipeError(f"unknown allocate.tie {self.tie!r}; choose one of {', '.join(TIES)}")
         if self.probes < 0:
             raise RecipeError(f"allocate.probes must be >= 0, got {self.probes}")
         if not all(isinstance(p, (int, float)) and p >= 1 for p in self.penalties):

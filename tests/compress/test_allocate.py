@@ -22,6 +22,9 @@ from lowbit.compress.allocate import (
     constraint_mask,
     error_row,
     error_table,
+    layer_type,
+    merge_groups,
+    type_groups,
 )
 from lowbit.lowrank import Stats, decompose
 from lowbit.quantizers import QuantSpec, storage_bits
@@ -239,6 +242,42 @@ def test_forbid_lists_and_rank():
     mask = constraint_mask(NAMES, GRID, forbid=[("*", {"bits": [2, 3], "rank": 0})])
     ok = [not (c.spec.bits in (2, 3) and c.rank == 0) for c in GRID]
     assert (mask == np.array(ok)[None, :]).all()
+
+
+def test_layer_types_and_merged_groups():
+    names = [f"model.layers.{i}.{leaf}" for i in (0, 1, 12) for leaf in ("self_attn.q_proj", "mlp.down_proj")]
+    assert layer_type("model.layers.12.mlp.down_proj") == "model.layers.mlp.down_proj"
+    assert layer_type("model.layers.3.experts.7.w1") == "model.layers.experts.w1"
+    assert layer_type("model.layers2.q_proj") == "model.layers2.q_proj"  # a number inside a name stays
+    assert type_groups(names) == [[0, 2, 4], [1, 3, 5]]
+    assert type_groups(["lm_head", *names[:1]]) == []  # a type of one layer is no tie
+    assert merge_groups([[0, 1], [2, 3], [5, 6], [3, 0]]) == [[0, 1, 2, 3], [5, 6]]
+    assert merge_groups([[4, 1], [7]]) == [[1, 4]]
+
+
+def test_type_tie_chooses_one_candidate_per_type_and_equals_brute_force():
+    from lowbit.compress.budget import allowed_mask
+    from lowbit.compress.recipe import AllocateConfig, Recipe, RecipeError
+
+    leaves = ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")
+    names = [f"model.layers.{i}.{leaf}" for i in range(2) for leaf in leaves]
+    grid = candidate_grid(("int",), (2, 3, 4, 8), (32,), (0,), symmetric=(True,))  # vLLM: int4, int8
+    rng = np.random.default_rng(0)
+    E = rng.random((len(names), len(grid))) * np.array([8.0, 4.0, 2.0, 1.0])  # fewer bits, larger error
+    S = np.tile([200, 300, 400, 800], (len(names), 1)) + rng.integers(0, 3, (len(names), 1)) * 100
+    table = ErrorTable(names, [(64, 64)] * len(names), grid, E, S)
+    assert allowed_mask(table, Recipe())[1] == []  # untied by default
+    for target in ("lowbit", "vllm"):
+        allowed, tied = allowed_mask(table, Recipe(target=target, allocate=AllocateConfig(tie="type")))
+        # vLLM runs q and k of a block as one matrix: with the types tied, all q and k take one candidate
+        assert tied == ([[0, 1, 3, 4], [2, 5]] if target == "vllm" else [[0, 3], [1, 4], [2, 5]])
+        lo, hi = int(np.where(allowed, S, 10**9).min(1).sum()), int(np.where(allowed, S, 0).max(1).sum())
+        for budget in (lo, (lo + hi) // 2, hi - 150):
+            a = allocate(E, S, budget, allowed=allowed, tied=tied)
+            assert all(len(set(a.choice[g].tolist())) == 1 for g in tied)
+            assert a.error == pytest.approx(brute_force(E, S, budget, allowed, tied), rel=1e-9)
+    with pytest.raises(RecipeError, match="unknown allocate.tie 'block'"):
+        AllocateConfig(tie="block")
 
 
 def small_weights(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from torch import nn
 import lowbit
 from lowbit.cli import main
 from lowbit.compress import budget_passes
-from lowbit.compress.allocate import AllocationError
+from lowbit.compress.allocate import AllocationError, layer_type
 from lowbit.compress.api import compress
 from lowbit.compress.recipe import Recipe
 from lowbit.nn.checkpoint import checkpoint_info
@@ -102,6 +102,17 @@ def test_python_api_budget(tmp_path):
     assert report.budgets[0]["solver_status"] in ("optimal", "feasible")
     with pytest.raises(AllocationError):
         compress(make_tiny_llama(300), recipe, budget=1.0, progress=False)
+
+
+def test_type_tie_gives_every_layer_of_a_type_one_spec():
+    recipe = Recipe.from_dict({"allocate": {**GRID, "metric": "frobenius", "tie": "type"}})
+    model, report = compress(make_tiny_llama(300), recipe, budget=3.0, progress=False)
+    assert report.bits_per_weight <= 3.0
+    specs: dict[str, set] = {}
+    for name, entry in report.budgets[0]["plan"].items():
+        specs.setdefault(layer_type(name), set()).add(json.dumps([entry["spec"], entry["rank"]]))
+    assert len(specs) == 7 and all(len(s) == 1 for s in specs.values())
+    assert len({next(iter(s)) for s in specs.values()}) > 1  # the types still differ: a real allocation
 
 
 def test_budget_path_fine_tunes_each_budget_and_resumes(tmp_path):

@@ -278,6 +278,6 @@ def test_cli_budget_without_a_preset_takes_the_budget_recipe(tiny_llama_dir):
     assert resolve_presets(None, [4.25], streamed=True) == preset("alloc-rot-nf4")
     assert recipe("--budgets", "3.25,4.25") == preset(BUDGET_PRESET)
     assert recipe("--budget", "4.25", "--target", "vllm") == preset("alloc-awq")
-    assert preset("alloc-rot-nf4") == replace(
-        preset("alloc-rot"), allocate=replace(preset("alloc-rot").allocate, formats=("int", "nf3", "nf4"))
-    )
+    # ... with int8 too, one spec per layer type (docs/benchmarks.md, "One spec per layer type")
+    nf4 = replace(preset("alloc-rot").allocate, formats=("int", "nf3", "nf4"), bits=(2, 3, 4, 8), tie="type")
+    assert preset("alloc-rot-nf4") == replace(preset("alloc-rot"), allocate=nf4)

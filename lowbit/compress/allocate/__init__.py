@@ -17,8 +17,8 @@ solved exactly by PuLP's bundled CBC, with B = round(budget_bpw * number of quan
     plan = table.plan(alloc)                                           # {layer name: Candidate}
 
 Where things are: `candidates` (Candidate, candidate_grid, candidate_bits, budget_bits), `table`
-(error_row, ErrorTable, error_table), `constraints` (constraint_mask, engine_constraints), `solve`
-(allocate: the ILP; allocate_greedy: the greedy baseline; Allocation).
+(error_row, ErrorTable, error_table), `constraints` (constraint_mask, engine_constraints, type_groups,
+merge_groups), `solve` (allocate: the ILP; allocate_greedy: the greedy baseline; Allocation).
 """
 
 from lowbit.compress.allocate.candidates import (
@@ -29,7 +29,14 @@ from lowbit.compress.allocate.candidates import (
     candidate_bits,
     candidate_grid,
 )
-from lowbit.compress.allocate.constraints import constraint_mask, engine_constraints
+from lowbit.compress.allocate.constraints import (
+    TIES,
+    constraint_mask,
+    engine_constraints,
+    layer_type,
+    merge_groups,
+    type_groups,
+)
 from lowbit.compress.allocate.solve import SOLVERS, Allocation, allocate, allocate_greedy
 from lowbit.compress.allocate.table import METRICS, ErrorTable, error_row, error_table
 
@@ -37,6 +44,7 @@ __all__ = [
     "METRICS",
     "PREDICATE_KEYS",
     "SOLVERS",
+    "TIES",
     "Allocation",
     "AllocationError",
     "Candidate",
@@ -50,4 +58,7 @@ __all__ = [
     "engine_constraints",
     "error_row",
     "error_table",
+    "layer_type",
+    "merge_groups",
+    "type_groups",
 ]

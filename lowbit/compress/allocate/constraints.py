@@ -1,10 +1,12 @@
 """Per-layer constraints on the allocation: pins, forbidden candidates and minimum bits as a bool mask,
-and what a serving engine needs (the candidates it serves on each layer, one candidate per fused group)."""
+what a serving engine needs (the candidates it serves on each layer, one candidate per fused group), and
+ties of every layer of one type to one candidate (`type_groups`, `merge_groups`)."""
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 
 import numpy as np
 
@@ -12,6 +14,8 @@ from lowbit.compress.allocate.candidates import AllocationError, Candidate
 from lowbit.quantizers.engines import ENGINES, fused_groups
 
 logger = logging.getLogger(__name__)
+
+TIES = ("none", "type")  # allocate.tie: each layer alone, or one candidate per layer type
 
 
 def constraint_mask(names, candidates, *, pins=None, forbid=(), min_bits=None) -> np.ndarray:
@@ -80,3 +84,39 @@ def engine_constraints(names, shapes, candidates, target: str) -> tuple[np.ndarr
     index = {n: m for m, n in enumerate(names)}
     tied = [[index[n] for n in group] for group in fused_groups(names)] if engine.fused else []
     return mask, tied
+
+
+def layer_type(name: str) -> str:
+    """A layer's type: its name without the numbers between dots (model.layers.3.mlp.down_proj and
+    model.layers.17.mlp.down_proj are both model.layers.mlp.down_proj)."""
+    return re.sub(r"\.\d+(?=\.|$)", "", name)
+
+
+def type_groups(names) -> list[list[int]]:
+    """Row indices of the layers of each type (`layer_type`) that has two or more, in the order of names."""
+    groups: dict[str, list[int]] = {}
+    for m, n in enumerate(names):
+        groups.setdefault(layer_type(n), []).append(m)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def merge_groups(groups) -> list[list[int]]:
+    """Overlapping groups of row indices joined (union-find): the ties of two constraints at once, each
+    row in at most one group, groups in the order of their smallest row and rows sorted."""
+    parent: dict[int, int] = {}
+
+    def root(i: int) -> int:
+        while parent.setdefault(i, i) != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for g in groups:
+        for i in g[1:]:
+            parent[root(int(i))] = root(int(g[0]))
+        if g:
+            root(int(g[0]))
+    merged: dict[int, list[int]] = {}
+    for i in sorted(parent):
+        merged.setdefault(root(i), []).append(i)
+    return sorted((g for g in merged.values() if len(g) > 1), key=lambda g: g[0])
