@@ -26,6 +26,7 @@ from lowbit.compress.presets import (
     BUDGET_PRESET,
     BUDGET_PRESET_FT,
     BUDGET_PRESET_NF4,
+    BUDGET_PRESET_NF4_FT,
     ENGINE_PRESETS,
     FINETUNE_BELOW,
     NF4_FROM,
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         help=f"named recipe: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; with a budget {BUDGET_PRESET}, "
         f"below {FINETUNE_BELOW:g} bits {BUDGET_PRESET_FT} unless the model is streamed, from {NF4_FROM:g} "
-        f"bits {BUDGET_PRESET_NF4}; with a --target "
+        f"bits {BUDGET_PRESET_NF4_FT} ({BUDGET_PRESET_NF4} if streamed); with a --target "
         f"other than lowbit {' / '.join(ENGINE_PRESETS)})",
     )
     c.add_argument(

@@ -273,11 +273,18 @@ def test_cli_budget_without_a_preset_takes_the_budget_recipe(tiny_llama_dir):
         assert recipe("--budget", "2.5", "--target", target) == preset("alloc-awq-ft")
         assert resolve_presets(None, [3.0], target=target) == preset("alloc-awq")
     assert recipe("--budget", "3", "--target", "lowbit") == preset(BUDGET_PRESET)
-    # from 4 bits NF4 joins the grid (every budget at least 4), for the lowbit target only
-    assert recipe("--budget", "4.25") == preset("alloc-rot-nf4")
+    # from 4 bits NF4 joins the grid (every budget at least 4), for the lowbit target only, fine-tuned
+    # unless streamed
+    assert recipe("--budget", "4.25") == preset("alloc-rot-nf4-ft")
     assert resolve_presets(None, [4.25], streamed=True) == preset("alloc-rot-nf4")
+    assert resolve_presets(None, [4.0, 4.25]) == preset("alloc-rot-nf4-ft")
     assert recipe("--budgets", "3.25,4.25") == preset(BUDGET_PRESET)
     assert recipe("--budget", "4.25", "--target", "vllm") == preset("alloc-awq")
     # ... with int8 too, one spec per layer type (docs/benchmarks.md, "One spec per layer type")
     nf4 = replace(preset("alloc-rot").allocate, formats=("int", "nf3", "nf4"), bits=(2, 3, 4, 8), tie="type")
     assert preset("alloc-rot-nf4") == replace(preset("alloc-rot"), allocate=nf4)
+    # ... fine-tuned as alloc-rot-ft, at a fifth of its learning rates ("Fine-tuning at 4 bits")
+    nf4_ft = preset("alloc-rot-nf4-ft")
+    assert nf4_ft == replace(preset("alloc-rot-nf4"), finetune=nf4_ft.finetune)
+    assert (rot_ft["lr"], rot_ft["scale_lr"]) == (1e-4, 1e-5)
+    assert nf4_ft.finetune == {**rot_ft, "lr": 2e-5, "scale_lr": 2e-6}
