@@ -101,7 +101,7 @@ FINETUNE_BELOW = 3.0
 # projections 17.465 -> 17.305 and 17.584 -> 17.495 (docs/benchmarks.md, "Fine-tuning at 4 bits: a fifth
 # of the learning rates"). The default from NF4_FROM bits per weight up, unless the model is streamed.
 # Twice the steps and text (200 steps on 128 blocks, or 60 steps of 8 blocks) gain 0.2% to 0.5% more out
-# of domain for about twice the fine-tuning time, less than the draws' spread ("more steps, more text").
+# of domain for about 1.6x the fine-tuning time, less than the draws' spread ("more steps, more text").
 FINETUNE_NF4 = {**FINETUNE_ROT, "lr": 2e-5, "scale_lr": 2e-6}
 BUDGET_PRESET, BUDGET_PRESET_FT = "alloc-rot", "alloc-rot-ft"
 BUDGET_PRESET_NF4, BUDGET_PRESET_NF4_FT = "alloc-rot-nf4", "alloc-rot-nf4-ft"
